@@ -1,0 +1,218 @@
+// The one Hono app that both runtimes serve. It knows the HTTP contract (contract.ts) and nothing
+// of where messages go: the caller hands it a Deliverer (LMTP on the host, a streamed fetch to the
+// host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun, node or
+// cloudflare imports.
+
+import { Hono, type Context } from "hono";
+import { requestId } from "hono/request-id";
+import {
+  DEFAULT_MAX_MESSAGE_BYTES,
+  EnvelopeHeaders,
+  INBOUND_PATH,
+  InboundJsonBody,
+  describeIssues,
+  statusForReplies,
+  type InboundEnvelope,
+  type InboundResponse,
+  type RecipientResult,
+} from "./contract.ts";
+import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine, type LogWriter } from "./middleware/access-log.ts";
+import { apiKey } from "./middleware/api-key.ts";
+import { countBytes, readAtMost } from "./body-limit.ts";
+
+export interface InboundMessage {
+  envelope: InboundEnvelope;
+  /** The message's exact bytes: streamed from the request, or decoded from JSON. */
+  body: ReadableStream<Uint8Array> | Uint8Array;
+  /** Its size in bytes when known before reading (Content-Length, or a decoded JSON body). */
+  size: number | null;
+  requestId: string;
+}
+
+/** Delivers one message; answers one result per recipient, in envelope order. */
+export type Deliverer = (message: InboundMessage) => Promise<RecipientResult[]>;
+
+/** Thrown by a Deliverer when nothing was delivered and a later attempt may succeed (503). */
+export class TemporaryFailure extends Error {
+  override name = "TemporaryFailure";
+}
+
+/** A request refused before delivery: the status, a short code, and what was wrong. */
+export class Refusal extends Error {
+  constructor(
+    readonly status: 400 | 401 | 413 | 415 | 422 | 503,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+export interface AppOptions {
+  apiKeys: readonly string[];
+  deliver: Deliverer;
+  maxMessageBytes?: number;
+  /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. */
+  ready?: () => Promise<LogLine>;
+  log?: LogWriter;
+  /** Seconds a 503 asks the client to wait. */
+  retryAfterSeconds?: number;
+}
+
+export function createApp(opts: AppOptions) {
+  const maxMessage = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
+  // A JSON body carries the message escaped (CRLF as \r\n) or in base64 (4/3): allow for that.
+  const maxJson = maxJsonBytes(maxMessage);
+  const retryAfter = String(opts.retryAfterSeconds ?? 30);
+  const log = opts.log ?? jsonLines;
+
+  const app = new Hono<AccessLogEnv>();
+  app.use(requestId(), accessLog(log));
+
+  app.onError((err, c) => {
+    if (err instanceof Refusal) {
+      logFields(c, { error: err.code });
+      if (err.status === 503) c.header("Retry-After", retryAfter);
+      return answer(c, err.status, { status: err.status === 503 ? "deferred" : "error", error: err.code, message: err.message });
+    }
+    // Anything unexpected is temporary for the sender (500: the edge retries). Details go to the log only.
+    logFields(c, { error: "internal_error", detail: String(err?.stack ?? err).slice(0, 2000) });
+    return answer(c, 500, { status: "error", error: "internal_error", message: "internal error; the message was not delivered" });
+  });
+
+  app.notFound((c) => answer(c, 404, { status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }));
+
+  // The runbook's shape; no authentication (the container health check calls it).
+  app.get("/health", async (c) => {
+    if (c.req.query("deep") === undefined) return c.json({ status: "healthy", timestamp: new Date().toISOString() });
+    return readiness(c);
+  });
+  app.get("/ready", (c) => readiness(c));
+
+  async function readiness(c: Context<AccessLogEnv>) {
+    try {
+      const detail = (await opts.ready?.()) ?? {};
+      return c.json({ status: "ready", timestamp: new Date().toISOString(), ...detail });
+    } catch (e) {
+      c.header("Retry-After", retryAfter);
+      return c.json({ status: "unavailable", timestamp: new Date().toISOString(), error: (e as Error).message }, 503);
+    }
+  }
+
+  const refuseKey = (c: Context, message: string) => answer(c, 401, { status: "error", error: "unauthorized", message });
+
+  app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
+    const type = mediaType(c.req.header("content-type"));
+    const parsed =
+      type === "message/rfc822"
+        ? rawMessage(c, maxMessage)
+        : type === "application/json"
+          ? await jsonMessage(c.req.raw, maxMessage, maxJson)
+          : unsupported(type);
+    const { envelope, body, size, overLimit } = parsed;
+    logFields(c, { from: envelope.from, to: envelope.to, size, body: type });
+
+    let results: RecipientResult[];
+    try {
+      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId") });
+    } catch (e) {
+      if (overLimit?.()) throw tooLarge(maxMessage);
+      if (e instanceof TemporaryFailure) throw new Refusal(503, "lmtp_unavailable", `temporary failure, not delivered: ${e.message}`);
+      throw e;
+    }
+    logFields(c, { replies: results.map((r) => r.reply) });
+
+    const status = statusForReplies(results);
+    const one = envelope.to.length === 1 ? { recipient: envelope.to[0] } : {};
+    if (status === 200) return answer(c, 200, { status: "success", message: "Email delivered to LMTP", ...one, recipients: results });
+    if (status === 422) {
+      const refused = results.filter((r) => r.code >= 500).map((r) => r.reply);
+      return answer(c, 422, { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results });
+    }
+    c.header("Retry-After", retryAfter);
+    const deferred = results.filter((r) => r.code < 200 || r.code >= 300).map((r) => r.reply);
+    return answer(c, 503, { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results });
+  });
+
+  return app;
+}
+
+export function maxJsonBytes(maxMessage: number): number {
+  return 2 * maxMessage + 1024 * 1024;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+interface ParsedRequest {
+  envelope: InboundEnvelope;
+  body: ReadableStream<Uint8Array> | Uint8Array;
+  size: number | null;
+  /** For a streamed body of unknown size: whether the limit cut it off. */
+  overLimit?: () => boolean;
+}
+
+/** message/rfc822: the body is the message; the envelope is in X-Envelope-From / X-Envelope-To. */
+function rawMessage(c: Context, max: number): ParsedRequest {
+  const env = EnvelopeHeaders.safeParse({
+    "x-envelope-from": c.req.header("x-envelope-from"),
+    "x-envelope-to": c.req.header("x-envelope-to"),
+  });
+  if (!env.success) throw new Refusal(400, "invalid_envelope", describeIssues(env.error));
+  const envelope = { from: env.data["x-envelope-from"], to: env.data["x-envelope-to"] };
+
+  const length = c.req.header("content-length");
+  const size = length !== undefined && /^\d+$/.test(length) ? Number(length) : null;
+  if (size !== null && size > max) throw tooLarge(max);
+  if (size === 0 || !c.req.raw.body) throw new Refusal(400, "empty_message", "the request body (the message) is empty");
+  if (size !== null) return { envelope, body: c.req.raw.body, size };
+  // No Content-Length (chunked): count while streaming; the stream fails past the limit and the
+  // LMTP transaction is abandoned before its final dot.
+  const counted = countBytes(c.req.raw.body, max);
+  return { envelope, body: counted.stream, size: null, overLimit: counted.exceeded };
+}
+
+/** application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact bytes. */
+async function jsonMessage(req: Request, maxMessage: number, maxJson: number): Promise<ParsedRequest> {
+  const bytes = await readAtMost(req, maxJson);
+  if (bytes === null) throw tooLarge(maxMessage);
+  let json: unknown;
+  try {
+    json = JSON.parse(new TextDecoder().decode(bytes));
+  } catch (e) {
+    throw new Refusal(400, "malformed_json", `the request body is not valid JSON: ${(e as Error).message}`);
+  }
+  const parsed = InboundJsonBody.safeParse(json);
+  if (!parsed.success) throw new Refusal(400, "invalid_request", describeIssues(parsed.error));
+  const { from, to, raw, raw_base64 } = parsed.data;
+  const body = raw !== undefined ? new TextEncoder().encode(raw) : decodeBase64(raw_base64 ?? "");
+  if (body.length === 0) throw new Refusal(400, "empty_message", "the message (raw) is empty");
+  if (body.length > maxMessage) throw tooLarge(maxMessage);
+  return { envelope: { from, to }, body, size: body.length };
+}
+
+function unsupported(type: string): never {
+  throw new Refusal(
+    415,
+    "unsupported_media_type",
+    `Content-Type ${type ? JSON.stringify(type) : "is missing"}: send message/rfc822 (the message as the body) or application/json`,
+  );
+}
+
+function tooLarge(max: number): Refusal {
+  return new Refusal(413, "payload_too_large", `the message is larger than ${max} bytes`);
+}
+
+function mediaType(header: string | undefined): string {
+  return (header ?? "").split(";")[0]!.trim().toLowerCase();
+}
+
+function decodeBase64(b64: string): Uint8Array {
+  const bin = atob(b64.replace(/\s+/g, ""));
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function answer(c: Context, status: number, body: InboundResponse): Response {
+  return c.json({ ...body, request_id: c.get("requestId" as never) as string | undefined }, status as 200);
+}

@@ -1,0 +1,61 @@
+// Configuration from the environment, validated with zod. A bad or missing value stops start-up
+// with one line that names it; key values never appear in that line.
+
+import { z } from "zod";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "./contract.ts";
+
+export const MIN_KEY_LENGTH = 32;
+
+const port = (fallback: number) =>
+  z.coerce.number({ error: "must be a port number" }).int("must be a whole number").min(1, "must be 1-65535").max(65535, "must be 1-65535").default(fallback);
+
+const positiveInt = (fallback: number) =>
+  z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").default(fallback);
+
+/** API_KEYS (comma-separated, all accepted at once, for rotation without a window) plus API_KEY. */
+function keysOf(env: { API_KEY?: string; API_KEYS?: string }): string[] {
+  return [...(env.API_KEYS ?? "").split(","), env.API_KEY ?? ""].map((k) => k.trim()).filter(Boolean);
+}
+
+export const ServerEnv = z
+  .object({
+    API_KEY: z.string().optional(),
+    API_KEYS: z.string().optional(),
+    LMTP_HOST: z.string().trim().min(1, "is empty").default("dovecot"),
+    LMTP_PORT: port(2525),
+    PORT: port(8080),
+    HOST: z.string().trim().min(1, "is empty").default("127.0.0.1"),
+    MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
+  })
+  .superRefine((env, ctx) => {
+    const keys = keysOf(env);
+    if (keys.length === 0) ctx.addIssue({ code: "custom", path: ["API_KEY"], message: "is not set (set API_KEY, or API_KEYS as a comma-separated list)" });
+    keys.forEach((k, i) => {
+      const name = env.API_KEYS ? `API_KEYS (key ${i + 1})` : "API_KEY";
+      if (k.length < MIN_KEY_LENGTH) ctx.addIssue({ code: "custom", path: [name], message: `is shorter than ${MIN_KEY_LENGTH} characters (bun run keygen makes one)` });
+      else if (/\s/.test(k)) ctx.addIssue({ code: "custom", path: [name], message: "contains whitespace" });
+    });
+  })
+  .transform((env) => ({
+    apiKeys: [...new Set(keysOf(env))],
+    lmtpHost: env.LMTP_HOST,
+    lmtpPort: env.LMTP_PORT,
+    port: env.PORT,
+    host: env.HOST,
+    maxMessageBytes: env.MAX_MESSAGE_BYTES,
+  }));
+export type ServerConfig = z.output<typeof ServerEnv>;
+
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** Parses a schema from the environment; the first problem becomes one line naming the setting. */
+export function fromEnv<T extends z.ZodType>(schema: T, env: Record<string, string | undefined>): z.output<T> {
+  // An empty variable means "not set": fall back to the default rather than fail on "".
+  const set = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ""));
+  const r = schema.safeParse(set);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0]!;
+  throw new ConfigError(`configuration: ${issue.path.map(String).join(".") || "environment"} ${issue.message}`);
+}

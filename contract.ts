@@ -1,0 +1,158 @@
+// The inbound contract, shared by the host (server.ts) and the edge (worker.ts): the envelope and
+// request schemas, the JSON answer, and what each HTTP status means for the sender.
+// Runtime-neutral: zod only.
+
+import { z } from "zod";
+
+export const INBOUND_PATH = "/api/v1/inbound-mail";
+/** Cloudflare Email Routing's own message size limit. */
+export const DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024;
+/** RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; more is not a real message. */
+export const MAX_RECIPIENTS = 100;
+
+// ---------------------------------------------------------------------------------------------
+// Envelope
+
+/**
+ * Why an envelope address cannot be used, or null if it can. The address goes verbatim into
+ * "MAIL FROM:<...>" / "RCPT TO:<...>", so anything that could end or split that command line (CR,
+ * LF, NUL, other controls, space, angle brackets) is refused, and so is the list separator ",".
+ * Lengths follow RFC 5321 4.5.3.1: local part 64, domain 255, whole path 256 with its brackets.
+ */
+export function addressProblem(address: string): string | null {
+  if (address.length === 0) return "is empty";
+  if (address.length > 254) return `is ${address.length} characters long (at most 254)`;
+  // eslint-disable-next-line no-control-regex
+  const bad = /[\x00-\x20\x7f<>,]/.exec(address);
+  if (bad) return `contains a forbidden character (${JSON.stringify(bad[0])})`;
+  const at = address.lastIndexOf("@");
+  if (at <= 0 || at === address.length - 1) return "is not of the form local@domain";
+  if (at > 64) return `has a local part of ${at} characters (at most 64)`;
+  return null;
+}
+
+/** Removes one pair of surrounding angle brackets: "<a@b>" and "a@b" mean the same. */
+function unbracket(s: string): string {
+  const t = s.trim();
+  return t.startsWith("<") && t.endsWith(">") ? t.slice(1, -1) : t;
+}
+
+const required = (what: string) => ({
+  error: (iss: { input: unknown }) => (iss.input === undefined ? "is required" : `must be ${what}`),
+});
+
+const recipient = z
+  .string(required("a string"))
+  .transform(unbracket)
+  .superRefine((a, ctx) => {
+    const p = addressProblem(a);
+    if (p) ctx.addIssue({ code: "custom", message: `${JSON.stringify(a.slice(0, 80))} ${p}` });
+  });
+
+/** The envelope sender: "" or "<>" is the null sender of bounces and is allowed. */
+const sender = z
+  .string(required("a string"))
+  .transform(unbracket)
+  .superRefine((a, ctx) => {
+    const p = a === "" ? null : addressProblem(a);
+    if (p) ctx.addIssue({ code: "custom", message: `${JSON.stringify(a.slice(0, 80))} ${p}` });
+  });
+
+/** "a@x, b@y" or ["a@x", "b@y"] -> ["a@x", "b@y"]; duplicates dropped (one copy per mailbox). */
+const recipientList = z
+  .union([z.string(), z.array(z.string())], required("an address or a list of addresses"))
+  .transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter((s, i, all) => s !== "" || all.length === 1))
+  .pipe(z.array(recipient).min(1, "needs at least one recipient").max(MAX_RECIPIENTS, `has more than ${MAX_RECIPIENTS} recipients`))
+  .transform((list) => [...new Set(list)]);
+
+export const InboundEnvelope = z.object({ from: sender, to: recipientList });
+export type InboundEnvelope = z.output<typeof InboundEnvelope>;
+
+/** The envelope of a message/rfc822 request, from its headers. */
+export const EnvelopeHeaders = z.object({
+  "x-envelope-from": sender,
+  "x-envelope-to": recipientList,
+});
+
+// ---------------------------------------------------------------------------------------------
+// The JSON body (the original runbook's format)
+
+export const InboundJsonBody = z
+  .object({
+    from: sender,
+    to: recipientList,
+    subject: z.string(required("a string")).optional(),
+    raw: z.string(required("a string")).optional(),
+    raw_base64: z.string(required("a base64 string")).regex(/^[A-Za-z0-9+/\s]*={0,2}\s*$/, "is not base64").optional(),
+    timestamp: z.string(required("a string")).optional(),
+  })
+  .superRefine((b, ctx) => {
+    if ((b.raw === undefined) === (b.raw_base64 === undefined)) {
+      ctx.addIssue({ code: "custom", path: ["raw"], message: "exactly one of raw and raw_base64 is required" });
+    }
+  });
+export type InboundJsonBody = z.output<typeof InboundJsonBody>;
+
+/** "to: is required; from: ... contains a forbidden character" - zod's issues in one line. */
+export function describeIssues(error: z.ZodError, prefix = ""): string {
+  return error.issues
+    .map((i) => {
+      const path = i.path.length ? `${prefix}${i.path.map(String).join(".")}: ` : prefix ? `${prefix.replace(/\.$/, "")}: ` : "";
+      return path + i.message;
+    })
+    .join("; ");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The answer
+
+/** One recipient's outcome, as the LMTP server gave it. */
+export const RecipientResult = z.object({
+  address: z.string(),
+  code: z.number().int(),
+  enhanced: z.string().nullable(),
+  /** The whole reply on one line, e.g. "550 5.1.1 <x@y> User doesn't exist". */
+  reply: z.string(),
+});
+export type RecipientResult = z.output<typeof RecipientResult>;
+
+export const InboundStatus = z.enum(["success", "queued", "duplicate", "rejected", "deferred", "error"]);
+export type InboundStatus = z.output<typeof InboundStatus>;
+
+export const InboundResponse = z.object({
+  status: InboundStatus,
+  message: z.string(),
+  request_id: z.string().optional(),
+  /** The runbook's field: the recipient, when there is exactly one. */
+  recipient: z.string().optional(),
+  recipients: z.array(RecipientResult).optional(),
+  /** A short machine-readable reason for errors ("invalid_envelope", "payload_too_large", ...). */
+  error: z.string().optional(),
+});
+export type InboundResponse = z.output<typeof InboundResponse>;
+
+// ---------------------------------------------------------------------------------------------
+// What a status means to the sender
+
+export type SmtpOutcome = "accept" | "reject" | "retry";
+
+/**
+ * The edge turns the host's status into the SMTP outcome. Only statuses that mean "this message
+ * can never be delivered as sent" bounce; everything else, unknown statuses included, is a
+ * temporary failure that the sending MTA retries (a bounce cannot be taken back, a retry can).
+ */
+export function outcomeForStatus(status: number): SmtpOutcome {
+  if (status >= 200 && status < 300) return "accept";
+  if (status === 400 || status === 413 || status === 415 || status === 422) return "reject";
+  return "retry";
+}
+
+/** The HTTP status for a set of per-recipient LMTP replies. */
+export function statusForReplies(replies: readonly { code: number }[]): 200 | 422 | 503 {
+  const ok = (c: number) => c >= 200 && c < 300;
+  if (replies.every((r) => ok(r.code))) return 200;
+  // Only permanent refusals besides deliveries: the sender gets the bounce.
+  if (replies.every((r) => ok(r.code) || r.code >= 500)) return 422;
+  // Any temporary failure: the message must be offered again (a duplicate beats a loss).
+  return 503;
+}

@@ -1,0 +1,649 @@
+// LMTP client (RFC 2033) over Bun sockets, TCP or unix.
+//
+// One LmtpConnection owns one socket and walks the protocol in order:
+//   connect -> greeting (220) -> LHLO (capabilities) -> [RSET] MAIL FROM -> RCPT TO x N -> DATA (354)
+//   -> message bytes, dot-stuffed, CRLF line ends -> "." -> one reply per accepted recipient.
+// Every phase has its own timeout. Any fault (timeout, closed socket, unparseable reply) ends the
+// connection: a half-finished LMTP transaction is never reused. LmtpPool keeps a few idle
+// connections and reuses them through RSET.
+//
+// The message body is streamed: one chunk at a time is stuffed and written, and the next chunk is
+// read only once the socket has taken the previous one, so a 25 MiB message is never held whole
+// and a slow reader on the other side slows us down instead of filling memory.
+
+import type { Socket } from "bun";
+
+export type LmtpTarget = { kind: "tcp"; host: string; port: number } | { kind: "unix"; path: string };
+
+/** LMTP_HOST starting with "/" names a unix socket; anything else is a TCP host. */
+export function lmtpTarget(host: string, port: number): LmtpTarget {
+  return host.startsWith("/") ? { kind: "unix", path: host } : { kind: "tcp", host, port };
+}
+
+export function describeTarget(t: LmtpTarget): string {
+  return t.kind === "unix" ? `unix:${t.path}` : `${t.host}:${t.port}`;
+}
+
+export interface LmtpEnvelope {
+  /** Envelope sender; "" is the null sender of bounces (sent as MAIL FROM:<>). */
+  from: string;
+  to: string[];
+}
+
+/** One server reply, possibly multi-line. `text` is every line's text (after code and separator) joined by "\n". */
+export interface LmtpReply {
+  code: number;
+  /** RFC 3463 enhanced status code ("5.1.1") when the reply carries one. */
+  enhanced: string | null;
+  text: string;
+}
+
+export interface RecipientReply extends LmtpReply {
+  recipient: string;
+}
+
+export type LmtpPhase =
+  | "connect"
+  | "greeting"
+  | "lhlo"
+  | "rset"
+  | "mail"
+  | "rcpt"
+  | "data"
+  | "body"
+  | "data-end"
+  | "noop"
+  | "quit";
+
+export interface LmtpTimeouts {
+  connect: number;
+  greeting: number;
+  /** LHLO, RSET, MAIL, RCPT, DATA, NOOP, QUIT replies. */
+  command: number;
+  /** Longest wait for the socket to take the next chunk of the message. */
+  body: number;
+  /** Wait for the replies after the final dot (Dovecot writes and fsyncs here). */
+  dataEnd: number;
+}
+
+// Short enough that the host still answers well inside the Worker's 25 s, long enough for a busy disk.
+export const DEFAULT_TIMEOUTS: LmtpTimeouts = {
+  connect: 5_000,
+  greeting: 10_000,
+  command: 10_000,
+  body: 10_000,
+  dataEnd: 15_000,
+};
+
+/** A fault of the connection itself: the outcome for the message is temporary (retry later). */
+export class LmtpFault extends Error {
+  constructor(
+    readonly kind: "timeout" | "connect" | "closed" | "protocol",
+    readonly phase: LmtpPhase,
+    message: string,
+  ) {
+    super(message);
+    this.name = "LmtpFault";
+  }
+}
+
+/** Thrown by the body stream's reader, it means "abort the transaction": no final dot is sent. */
+export class BodyAborted extends Error {}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+
+const REPLY_LINE = /^([2-5]\d\d)([ -])(.*)$/s;
+const ENHANCED = /^([245])\.(\d{1,3})\.(\d{1,3})(?= |$)/;
+
+/**
+ * Turns the byte stream from the server into whole replies. Lines end in CRLF (a bare LF is
+ * tolerated); continuation lines are "250-..." and the last line "250 ...". A line that is not a
+ * reply line, or a continuation whose code changes, is a protocol error.
+ */
+export class ReplyParser {
+  private pending = "";
+  private lines: string[] = [];
+  private code = 0;
+  private readonly decoder = new TextDecoder("utf-8", { fatal: false });
+
+  /** Feed bytes; returns every reply completed by them. Throws LmtpFault("protocol") on garbage. */
+  push(chunk: Uint8Array | string): LmtpReply[] {
+    this.pending += typeof chunk === "string" ? chunk : this.decoder.decode(chunk, { stream: true });
+    const replies: LmtpReply[] = [];
+    let nl: number;
+    while ((nl = this.pending.indexOf("\n")) !== -1) {
+      let line = this.pending.slice(0, nl);
+      this.pending = this.pending.slice(nl + 1);
+      if (line.endsWith("\r")) line = line.slice(0, -1);
+      const reply = this.line(line);
+      if (reply) replies.push(reply);
+    }
+    // A reply line is short (RFC 5321: 512 octets); a flood without line ends is not a server.
+    if (this.pending.length > 4096) throw new LmtpFault("protocol", "data", "reply line too long");
+    return replies;
+  }
+
+  private line(line: string): LmtpReply | null {
+    const m = REPLY_LINE.exec(line) ?? (/^[2-5]\d\d$/.test(line) ? [line, line, " ", ""] : null);
+    if (!m) throw new LmtpFault("protocol", "data", `not an LMTP reply line: ${JSON.stringify(line.slice(0, 80))}`);
+    const code = Number(m[1]);
+    if (this.lines.length > 0 && code !== this.code) {
+      throw new LmtpFault("protocol", "data", `reply code changed inside a multi-line reply (${this.code} then ${code})`);
+    }
+    this.code = code;
+    this.lines.push(m[3] ?? "");
+    if (m[2] === "-") return null;
+    const lines = this.lines;
+    this.lines = [];
+    return toReply(code, lines);
+  }
+}
+
+function toReply(code: number, lines: string[]): LmtpReply {
+  // The enhanced code is taken from the first line; its class must agree with the basic code.
+  const first = lines[0] ?? "";
+  const em = ENHANCED.exec(first);
+  const enhanced = em && em[1] === String(code)[0] ? `${em[1]}.${Number(em[2])}.${Number(em[3])}` : null;
+  const strip = (l: string) => (enhanced ? l.replace(ENHANCED, "").trimStart() : l);
+  return { code, enhanced, text: lines.map(strip).join("\n") };
+}
+
+/** "550 5.1.1 <x@y> User doesn't exist" - the reply as one line, for logs and bounce texts. */
+export function formatReply(r: LmtpReply): string {
+  return [String(r.code), r.enhanced, r.text.replace(/\n/g, " ")].filter(Boolean).join(" ");
+}
+
+// ---------------------------------------------------------------------------------------------
+// DATA encoding
+
+const LF = 0x0a;
+const CR = 0x0d;
+const DOT = 0x2e;
+
+/**
+ * Encodes message bytes for DATA: a bare LF becomes CRLF, a line starting with "." gets another
+ * "." (RFC 5321 4.5.2), and end() closes with CRLF "." CRLF. It keeps two bits of state across
+ * chunks (previous byte, start of line) so chunk boundaries change nothing. A chunk that needs no
+ * change is passed through as is, without a copy.
+ */
+export class DotStuffer {
+  private prev = LF; // the message starts at the start of a line
+  bytesIn = 0;
+
+  push(chunk: Uint8Array): Uint8Array {
+    if (chunk.length === 0) return chunk;
+    this.bytesIn += chunk.length;
+    let extra = 0;
+    if (chunk[0] === DOT && this.prev === LF) extra++;
+    if (chunk[0] === LF && this.prev !== CR) extra++;
+    for (let i = chunk.indexOf(LF, 1); i !== -1; i = chunk.indexOf(LF, i + 1)) {
+      if (chunk[i - 1] !== CR) extra++;
+      if (chunk[i + 1] === DOT) extra++;
+    }
+    if (extra === 0) {
+      this.prev = chunk[chunk.length - 1]!;
+      return chunk;
+    }
+    const out = new Uint8Array(chunk.length + extra);
+    let o = 0;
+    let prev = this.prev;
+    for (let i = 0; i < chunk.length; i++) {
+      const b = chunk[i]!;
+      if (b === LF && prev !== CR) out[o++] = CR;
+      else if (b === DOT && prev === LF) out[o++] = DOT;
+      out[o++] = b;
+      prev = b;
+    }
+    this.prev = prev;
+    return out;
+  }
+
+  /** The terminator; a message without a final line end gets one (the protocol needs it). */
+  end(): Uint8Array {
+    return new TextEncoder().encode(this.prev === LF ? ".\r\n" : "\r\n.\r\n");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One connection
+
+export interface LmtpConnectionOptions {
+  timeouts?: Partial<LmtpTimeouts>;
+  /** Name sent in LHLO. */
+  lhloName?: string;
+}
+
+type Waiter = { resolve: (r: LmtpReply) => void; reject: (e: Error) => void };
+
+/** A body is either bytes already in memory or a stream read chunk by chunk. */
+export type MessageBody = Uint8Array | ReadableStream<Uint8Array>;
+
+const encoder = new TextEncoder();
+
+export class LmtpConnection {
+  readonly capabilities = new Map<string, string>();
+  /** Set once the connection can no longer be trusted; the pool drops it. */
+  broken: Error | null = null;
+  /** A transaction has run on this connection, so the next one starts with RSET. */
+  used = false;
+
+  private socket!: Socket<undefined>;
+  private readonly parser = new ReplyParser();
+  private readonly replies: LmtpReply[] = [];
+  private readonly waiters: Waiter[] = [];
+  private drainWaiter: (() => void) | null = null;
+  private readonly timeouts: LmtpTimeouts;
+
+  private constructor(
+    readonly target: LmtpTarget,
+    opts: LmtpConnectionOptions,
+  ) {
+    this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
+  }
+
+  /** Connects, reads the greeting and sends LHLO. */
+  static async open(target: LmtpTarget, opts: LmtpConnectionOptions = {}): Promise<LmtpConnection> {
+    const c = new LmtpConnection(target, opts);
+    await c.connect();
+    try {
+      const greeting = await c.read("greeting", c.timeouts.greeting);
+      if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `LMTP greeting was ${formatReply(greeting)}`);
+      c.send(`LHLO ${opts.lhloName ?? "mail-relay"}\r\n`);
+      const lhlo = await c.read("lhlo", c.timeouts.command);
+      if (lhlo.code !== 250) throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
+      for (const line of lhlo.text.split("\n").slice(1)) {
+        const [kw, ...rest] = line.trim().split(/\s+/);
+        if (kw) c.capabilities.set(kw.toUpperCase(), rest.join(" "));
+      }
+      return c;
+    } catch (e) {
+      c.close(e as Error);
+      throw e;
+    }
+  }
+
+  get pipelining(): boolean {
+    return this.capabilities.has("PIPELINING");
+  }
+
+  /**
+   * Runs one transaction. Returns one reply per recipient, in envelope order: the RCPT reply for
+   * a recipient refused there, otherwise the reply after the final dot (or the MAIL/DATA reply
+   * that ended the transaction early). Throws LmtpFault when the connection fails; the outcome
+   * for every recipient is then temporary.
+   */
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
+    if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+    const wasUsed = this.used;
+    this.used = true;
+    const t = this.timeouts.command;
+
+    let params = "";
+    if (size !== null && this.capabilities.has("SIZE")) params += ` SIZE=${size}`;
+    if (this.capabilities.has("8BITMIME")) params += " BODY=8BITMIME";
+    // eslint-disable-next-line no-control-regex
+    const utf8 = [envelope.from, ...envelope.to].some((a) => /[^\x00-\x7f]/.test(a));
+    if (utf8 && this.capabilities.has("SMTPUTF8")) params += " SMTPUTF8";
+    const mail = `MAIL FROM:<${envelope.from}>${params}\r\n`;
+    const rcpts = envelope.to.map((r) => `RCPT TO:<${r}>\r\n`);
+    const rset = wasUsed ? "RSET\r\n" : "";
+
+    let mailReply: LmtpReply;
+    const rcptReplies: LmtpReply[] = [];
+    let dataReply: LmtpReply | null = null;
+
+    if (this.pipelining) {
+      // One write for the whole envelope; replies come back in order (RFC 2920).
+      this.send(rset + mail + rcpts.join("") + "DATA\r\n");
+      if (rset) await this.expect2xx("rset", t);
+      mailReply = await this.read("mail", t);
+      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.read("rcpt", t));
+      dataReply = await this.read("data", t);
+    } else {
+      if (rset) {
+        this.send(rset);
+        await this.expect2xx("rset", t);
+      }
+      this.send(mail);
+      mailReply = await this.read("mail", t);
+      if (mailReply.code === 250) {
+        for (const r of rcpts) {
+          this.send(r);
+          rcptReplies.push(await this.read("rcpt", t));
+        }
+        if (rcptReplies.some((r) => r.code === 250)) {
+          this.send("DATA\r\n");
+          dataReply = await this.read("data", t);
+        }
+      }
+    }
+
+    // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
+    if (mailReply.code !== 250) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
+
+    const accepted = envelope.to.filter((_, i) => rcptReplies[i]?.code === 250);
+    const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
+    if (accepted.length === 0) return result;
+    if (!dataReply || dataReply.code !== 354) {
+      const reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
+      return result.map((r) => (r.code === 250 ? { ...r, ...reply } : r));
+    }
+
+    await this.writeBody(body);
+
+    // RFC 2033 4.2: after the final dot, one reply for each recipient accepted at RCPT, in order.
+    const finals = new Map<number, LmtpReply>();
+    for (let i = 0; i < envelope.to.length; i++) {
+      if (rcptReplies[i]?.code === 250) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
+    }
+    return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)! } : r));
+  }
+
+  private async writeBody(body: MessageBody): Promise<void> {
+    const stuffer = new DotStuffer();
+    if (body instanceof Uint8Array) {
+      await this.write(stuffer.push(body));
+    } else {
+      const reader = body.getReader();
+      try {
+        for (;;) {
+          let next: Awaited<ReturnType<typeof reader.read>>;
+          try {
+            next = await reader.read();
+          } catch (e) {
+            // The sender's stream failed (client gone, size limit): drop the connection without
+            // the final dot, so the server discards the partial message.
+            const err = new BodyAborted(`message stream failed: ${(e as Error).message}`, { cause: e });
+            this.close(err);
+            throw err;
+          }
+          if (next.done) break;
+          await this.write(stuffer.push(next.value));
+        }
+      } finally {
+        reader.releaseLock();
+      }
+    }
+    await this.write(stuffer.end());
+  }
+
+  async noop(): Promise<LmtpReply> {
+    this.send("NOOP\r\n");
+    return this.expect2xx("noop", this.timeouts.command);
+  }
+
+  /** Polite goodbye; never throws. */
+  async quit(): Promise<void> {
+    if (this.broken) return;
+    try {
+      this.send("QUIT\r\n");
+      await this.read("quit", Math.min(this.timeouts.command, 2_000));
+    } catch {
+      // The server may close first; either way we are done.
+    }
+    this.close(new Error("closed after QUIT"));
+  }
+
+  close(reason: Error = new Error("closed")): void {
+    if (!this.broken) this.broken = reason;
+    for (const w of this.waiters.splice(0)) w.reject(reason);
+    this.drainWaiter?.();
+    this.socket?.terminate();
+  }
+
+  // --- socket plumbing ------------------------------------------------------------------------
+
+  private async connect(): Promise<void> {
+    const fail = (e: Error) => this.fail(e instanceof LmtpFault ? e : new LmtpFault("closed", "data", e.message));
+    const handlers = {
+      data: (_s: Socket<undefined>, chunk: Uint8Array) => {
+        try {
+          for (const r of this.parser.push(chunk)) this.replies.push(r);
+        } catch (e) {
+          return fail(e as Error);
+        }
+        while (this.waiters.length && this.replies.length) this.waiters.shift()!.resolve(this.replies.shift()!);
+      },
+      drain: () => {
+        const w = this.drainWaiter;
+        this.drainWaiter = null;
+        w?.();
+      },
+      close: () => this.fail(new LmtpFault("closed", "data", "LMTP server closed the connection")),
+      end: () => this.fail(new LmtpFault("closed", "data", "LMTP server closed the connection")),
+      error: (_s: Socket<undefined>, e: Error) => fail(e),
+    };
+    const where = describeTarget(this.target);
+    const connecting =
+      this.target.kind === "unix"
+        ? Bun.connect({ unix: this.target.path, socket: handlers })
+        : Bun.connect({ hostname: this.target.host, port: this.target.port, socket: handlers });
+    let timer: Timer | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${this.timeouts.connect} ms`)),
+        this.timeouts.connect,
+      );
+    });
+    try {
+      this.socket = await Promise.race([connecting, timeout]);
+    } catch (e) {
+      // A connect that completes after the timeout must not leak a socket.
+      connecting.then((s) => s.terminate(), () => {});
+      if (e instanceof LmtpFault) throw e;
+      throw new LmtpFault("connect", "connect", `LMTP connect to ${where} failed: ${(e as Error).message}`);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Marks the connection broken and wakes everyone waiting on it. */
+  private fail(e: Error): void {
+    if (this.broken) return;
+    this.close(e);
+  }
+
+  private send(line: string): void {
+    // Commands are short; they fit the socket buffer unless the server stopped reading, in which
+    // case the next read times out and the connection is dropped.
+    const bytes = encoder.encode(line);
+    const n = this.socket.write(bytes);
+    if (n < bytes.length) void this.write(bytes.subarray(Math.max(n, 0))).catch(() => {});
+  }
+
+  private async write(bytes: Uint8Array): Promise<void> {
+    let off = 0;
+    while (off < bytes.length) {
+      if (this.broken) throw this.faultFrom(this.broken, "body");
+      const n = this.socket.write(bytes.subarray(off));
+      if (n < 0) throw new LmtpFault("closed", "body", "LMTP socket closed while writing");
+      off += n;
+      if (off < bytes.length) await this.waitDrain();
+    }
+  }
+
+  private waitDrain(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${this.timeouts.body} ms`);
+        this.close(e);
+        reject(e);
+      }, this.timeouts.body);
+      this.drainWaiter = () => {
+        clearTimeout(timer);
+        this.broken ? reject(this.faultFrom(this.broken, "body")) : resolve();
+      };
+    });
+  }
+
+  private read(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
+    const queued = this.replies.shift();
+    if (queued) return Promise.resolve(queued);
+    if (this.broken) return Promise.reject(this.faultFrom(this.broken, phase));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        const e = new LmtpFault("timeout", phase, `no LMTP reply to ${phase.toUpperCase()} within ${ms} ms`);
+        this.close(e);
+        reject(e);
+      }, ms);
+      this.waiters.push({
+        resolve: (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(this.faultFrom(e, phase));
+        },
+      });
+    });
+  }
+
+  private async expect2xx(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
+    const r = await this.read(phase, ms);
+    if (r.code >= 300) {
+      const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
+      this.close(e);
+      throw e;
+    }
+    return r;
+  }
+
+  /** Re-labels a connection-level error with the phase that was waiting on it. */
+  private faultFrom(e: Error, phase: LmtpPhase): Error {
+    if (e instanceof LmtpFault) return e.phase === phase || e.kind === "timeout" ? e : new LmtpFault(e.kind, phase, e.message);
+    if (e instanceof BodyAborted) return e;
+    return new LmtpFault("closed", phase, e.message);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pool
+
+export interface LmtpPoolOptions extends LmtpConnectionOptions {
+  /** Most connections open at once; further deliveries wait for one. */
+  maxConnections?: number;
+  /** Idle connections kept for reuse. */
+  maxIdle?: number;
+  /** An idle connection older than this is closed with QUIT. */
+  idleMs?: number;
+}
+
+/**
+ * A few LMTP connections for reuse. At most `maxConnections` deliveries run at once (a slot
+ * each); the rest wait their turn. A connection goes back to the idle list only after a
+ * transaction that ran to its end; any fault drops it. A reused connection may have been closed
+ * by the server while idle: if it fails before the server answered RSET or MAIL, nothing of the
+ * message was sent, so the delivery is tried once more on a fresh connection.
+ */
+export class LmtpPool {
+  private readonly idle: { conn: LmtpConnection; since: number }[] = [];
+  private busy = 0;
+  private readonly waiting: (() => void)[] = [];
+  private readonly maxConnections: number;
+  private readonly maxIdle: number;
+  private readonly idleMs: number;
+  private closed = false;
+  private readonly sweeper: Timer;
+
+  constructor(
+    readonly target: LmtpTarget,
+    private readonly opts: LmtpPoolOptions = {},
+  ) {
+    this.maxConnections = opts.maxConnections ?? 16;
+    this.maxIdle = opts.maxIdle ?? 8;
+    this.idleMs = opts.idleMs ?? 30_000;
+    this.sweeper = setInterval(() => this.sweep(), Math.max(1_000, this.idleMs / 2));
+    this.sweeper.unref?.();
+  }
+
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
+    return this.withConnection(async (conn, reused) => {
+      try {
+        return await conn.deliver(envelope, body, size);
+      } catch (e) {
+        const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "rset" || e.phase === "mail");
+        if (!stale) throw e;
+        return this.withFresh((fresh) => fresh.deliver(envelope, body, size));
+      }
+    });
+  }
+
+  /** Readiness: a new connection that greets, answers LHLO and NOOP. Returns the capabilities. */
+  async check(): Promise<string[]> {
+    return this.withFresh(async (conn) => {
+      await conn.noop();
+      return [...conn.capabilities.keys()];
+    });
+  }
+
+  /** Sends QUIT on every idle connection and refuses new deliveries. */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearInterval(this.sweeper);
+    await Promise.all(this.idle.splice(0).map(({ conn }) => conn.quit()));
+  }
+
+  get stats() {
+    return { busy: this.busy, idle: this.idle.length, waiting: this.waiting.length };
+  }
+
+  private async withConnection<T>(fn: (conn: LmtpConnection, reused: boolean) => Promise<T>): Promise<T> {
+    await this.takeSlot();
+    try {
+      let entry = this.idle.pop(); // most recently used first: the likeliest to be alive
+      while (entry?.conn.broken) entry = this.idle.pop();
+      const conn = entry?.conn ?? (await LmtpConnection.open(this.target, this.opts));
+      return await this.settle(conn, () => fn(conn, entry !== undefined));
+    } finally {
+      this.giveSlot();
+    }
+  }
+
+  private async withFresh<T>(fn: (conn: LmtpConnection) => Promise<T>): Promise<T> {
+    const conn = await LmtpConnection.open(this.target, this.opts);
+    return this.settle(conn, () => fn(conn));
+  }
+
+  /** Runs fn on conn; afterwards the connection is kept idle if healthy, otherwise closed. */
+  private async settle<T>(conn: LmtpConnection, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      conn.close(e as Error);
+      throw e;
+    } finally {
+      if (!conn.broken) {
+        if (this.closed || this.idle.length >= this.maxIdle) void conn.quit();
+        else this.idle.push({ conn, since: Date.now() });
+      }
+    }
+  }
+
+  private async takeSlot(): Promise<void> {
+    if (this.closed) throw new LmtpFault("closed", "connect", "LMTP pool is shut down");
+    if (this.busy < this.maxConnections) {
+      this.busy++;
+      return;
+    }
+    await new Promise<void>((r) => this.waiting.push(r)); // the slot is handed over as is
+  }
+
+  private giveSlot(): void {
+    const next = this.waiting.shift();
+    if (next) next();
+    else this.busy--;
+  }
+
+  private sweep(): void {
+    const now = Date.now();
+    for (let i = this.idle.length - 1; i >= 0; i--) {
+      const e = this.idle[i]!;
+      if (e.conn.broken || now - e.since > this.idleMs) {
+        this.idle.splice(i, 1);
+        void e.conn.quit();
+      }
+    }
+  }
+}

@@ -1,0 +1,338 @@
+// Throwaway Dovecot (LMTP only) for integration tests.
+//
+// Everything lives in one short temp dir under /tmp: config, passwd-file, base_dir (sockets,
+// master.pid), state_dir, logs and the Maildirs. Nothing is read from /etc/dovecot and nothing
+// is written outside the temp dir, so several instances can run side by side.
+import { existsSync, readFileSync, rmSync } from "node:fs";
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import net from "node:net";
+import { join } from "node:path";
+import type { Subprocess } from "bun";
+
+export interface DovecotInstance {
+  host: string;
+  port: number;
+  socketPath: string;
+  dir: string;
+  users: string[];
+  maildir(user: string): string;
+  messages(user: string): Promise<Uint8Array[]>;
+  clear(): Promise<void>;
+  stop(): Promise<void>;
+  start(): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+const INSTALL_HINT = "apt-get install -y dovecot-core dovecot-lmtpd";
+const DEFAULT_USERS = ["user@kuma8088.com", "alice@example.test", "bob@example.test"];
+const HOST = "127.0.0.1";
+const READY_TIMEOUT_MS = 10_000;
+const STOP_TIMEOUT_MS = 5_000;
+
+/** /usr/sbin is often missing from a non-login PATH, hence the fallback. */
+function dovecotBinary(): string | null {
+  const found = Bun.which("dovecot");
+  if (found) return found;
+  return existsSync("/usr/sbin/dovecot") ? "/usr/sbin/dovecot" : null;
+}
+
+export function dovecotAvailable(): boolean {
+  return dovecotBinary() !== null;
+}
+
+// --- Process-exit safety net -------------------------------------------------------------
+// If a test file forgets dispose() (or the runner exits on a failure), the dovecot master
+// would outlive us. 'exit' handlers must be synchronous, so SIGKILL the master (its children
+// notice the master is gone and exit on their own) and remove the temp dir.
+const live = new Map<Subprocess, string>();
+let exitHookInstalled = false;
+function trackForExit(proc: Subprocess, dir: string): void {
+  live.set(proc, dir);
+  if (exitHookInstalled) return;
+  exitHookInstalled = true;
+  process.on("exit", () => {
+    for (const [p, d] of live) {
+      try {
+        p.kill("SIGKILL");
+      } catch {}
+      try {
+        rmSync(d, { recursive: true, force: true });
+      } catch {}
+    }
+  });
+}
+
+// --- Small helpers -----------------------------------------------------------------------
+
+/** uid/gid of a user from /etc/passwd (good enough for the local system accounts we need). */
+function lookupUser(name: string): { uid: number; gid: number } | null {
+  for (const line of readFileSync("/etc/passwd", "utf8").split("\n")) {
+    const [user, , uid, gid] = line.split(":");
+    if (user === name && uid && gid) return { uid: Number(uid), gid: Number(gid) };
+  }
+  return null;
+}
+
+/** Let the OS pick a free port. There is a tiny race until dovecot binds it; startDovecot retries. */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once("error", reject);
+    srv.listen(0, HOST, () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** Connect, and resolve with the first line the server sends (or reject on refuse/timeout). */
+function greeting(port: number, timeoutMs = 1_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect({ host: HOST, port });
+    let buf = "";
+    const done = (err: Error | null, line?: string) => {
+      sock.destroy();
+      err ? reject(err) : resolve(line!);
+    };
+    sock.setTimeout(timeoutMs, () => done(new Error("timeout waiting for greeting")));
+    sock.on("error", (e) => done(e));
+    sock.on("data", (d) => {
+      buf += d.toString("latin1");
+      const nl = buf.indexOf("\n");
+      if (nl >= 0) done(null, buf.slice(0, nl).trimEnd());
+    });
+    sock.on("close", () => done(new Error("closed before greeting")));
+  });
+}
+
+function portRefuses(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: HOST, port });
+    sock.once("connect", () => {
+      sock.destroy();
+      resolve(false);
+    });
+    sock.once("error", (e: NodeJS.ErrnoException) => resolve(e.code === "ECONNREFUSED"));
+  });
+}
+
+function tail(path: string, lines = 30): string {
+  try {
+    return readFileSync(path, "utf8").trimEnd().split("\n").slice(-lines).join("\n");
+  } catch {
+    return "";
+  }
+}
+
+/** Maildir files are named "<secs>.M<usecs>P<pid>...": numeric-aware compare keeps delivery order. */
+function byFileName(a: string, b: string): number {
+  return a.localeCompare(b, "en", { numeric: true });
+}
+
+// --- Config ------------------------------------------------------------------------------
+
+function renderConfig(o: {
+  dir: string;
+  port: number;
+  mailUid: number;
+  mailGid: number;
+  systemUser: string;
+  systemGroup: string;
+}): string {
+  const { dir } = o;
+  return `# Generated by tests/support/dovecot.ts: self-contained, includes nothing from /etc/dovecot.
+base_dir = ${dir}/run
+# state_dir would otherwise be /var/lib/dovecot (master registers itself in "instances" there).
+state_dir = ${dir}/state
+instance_name = dv-test-${o.port}
+log_path = ${dir}/dovecot.log
+protocols = lmtp
+ssl = no
+listen = ${HOST}
+
+# The stock accounts (dovecot/dovenull) may not exist everywhere; nobody always does.
+default_internal_user = ${o.systemUser}
+default_internal_group = ${o.systemGroup}
+default_login_user = ${o.systemUser}
+
+# Mail is written as nobody, never as root.
+mail_uid = ${o.mailUid}
+mail_gid = ${o.mailGid}
+mail_location = maildir:${dir}/mail/%d/%n
+
+# Without this LMTP also prepends its own Received: header. Tests compare stored bytes, so keep
+# the stored form to the original message plus Return-Path and Delivered-To only.
+lmtp_add_received_header = no
+
+# passwd-file userdb: unknown recipients fail the lookup -> "550 5.1.1" at RCPT TO.
+passdb {
+  driver = passwd-file
+  args = ${dir}/users
+}
+userdb {
+  driver = passwd-file
+  args = ${dir}/users
+}
+
+service lmtp {
+  inet_listener lmtp {
+    address = ${HOST}
+    port = ${o.port}
+  }
+  # Relative name: the socket is <base_dir>/lmtp, kept short for the sun_path limit.
+  unix_listener lmtp {
+    mode = 0666
+  }
+}
+`;
+}
+
+// --- Instance ----------------------------------------------------------------------------
+
+export async function startDovecot(opts: { users?: string[] } = {}): Promise<DovecotInstance> {
+  const bin = dovecotBinary();
+  if (!bin) {
+    throw new Error(`Dovecot is not installed (no "dovecot" binary found). Install it with: ${INSTALL_HINT}`);
+  }
+  // The port is picked before dovecot binds it, so another process may grab it in between.
+  // That shows up as a bind failure; retry with a fresh port a couple of times.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await launch(bin, opts.users ?? DEFAULT_USERS);
+    } catch (e) {
+      if (attempt >= 3 || !String(e).includes("Address already in use")) throw e;
+    }
+  }
+}
+
+async function launch(bin: string, userList: string[]): Promise<DovecotInstance> {
+  const users = userList.map((u) => u.toLowerCase());
+  const nobody = lookupUser("nobody");
+  if (!nobody) throw new Error("startDovecot: no 'nobody' user in /etc/passwd");
+  const systemGroup = existsSync("/etc/group") && /^nogroup:/m.test(readFileSync("/etc/group", "utf8")) ? "nogroup" : "nobody";
+
+  // Short dir: socket paths under it must fit in sun_path (~108 bytes).
+  const dir = await mkdtemp("/tmp/dv-");
+  const port = await freePort();
+  const baseDir = join(dir, "run");
+  const mailRoot = join(dir, "mail");
+  const conf = join(dir, "dovecot.conf");
+  const logPath = join(dir, "dovecot.log");
+  // Config errors are printed to stderr before log_path takes over, so keep them too.
+  const stderrPath = join(dir, "stderr.log");
+
+  // mkdtemp makes the dir 0700; the auth process and mail deliveries run as nobody and must traverse it.
+  await chmod(dir, 0o755);
+  await mkdir(mailRoot);
+  await chown(mailRoot, nobody.uid, nobody.gid);
+  // passwd-file line: user:password:uid:gid:gecos:home:shell. Empty uid/gid -> mail_uid/mail_gid.
+  await writeFile(join(dir, "users"), users.map((u) => `${u}:{PLAIN}test::::::\n`).join(""), { mode: 0o644 });
+  await writeFile(
+    conf,
+    renderConfig({ dir, port, mailUid: nobody.uid, mailGid: nobody.gid, systemUser: "nobody", systemGroup }),
+  );
+
+  let proc: Subprocess | null = null;
+  const maildir = (user: string) => {
+    const [local, domain = ""] = user.toLowerCase().split("@");
+    return join(mailRoot, domain, local!);
+  };
+  const logTail = () => [tail(stderrPath), tail(logPath)].filter(Boolean).join("\n");
+
+  async function start(): Promise<void> {
+    if (proc && proc.exitCode === null) return;
+    // -F keeps the master in the foreground as our child, so we own its lifetime.
+    const p = Bun.spawn([bin, "-F", "-c", conf], {
+      stdin: "ignore",
+      stdout: Bun.file(join(dir, "stdout.log")),
+      stderr: Bun.file(stderrPath),
+    });
+    proc = p;
+    // Don't let a forgotten instance keep the runner alive; the exit hook then kills it.
+    p.unref();
+    trackForExit(p, dir);
+
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    let last = "";
+    while (Date.now() < deadline) {
+      if (p.exitCode !== null) break; // dovecot died (bad config, port taken, ...): no point waiting.
+      try {
+        const line = await greeting(port);
+        if (line.startsWith("220")) return;
+        last = line;
+      } catch (e) {
+        last = String(e);
+      }
+      await Bun.sleep(50);
+    }
+    const why = p.exitCode !== null ? `dovecot exited with code ${p.exitCode}` : `no 220 greeting within ${READY_TIMEOUT_MS} ms (last: ${last})`;
+    await killMaster();
+    throw new Error(`Dovecot failed to start on ${HOST}:${port}: ${why}\n--- dovecot log (${dir}) ---\n${logTail()}\n(if the lmtp binary is missing: ${INSTALL_HINT})`);
+  }
+
+  async function killMaster(): Promise<void> {
+    const p = proc;
+    proc = null;
+    if (!p) return;
+    live.delete(p);
+    if (p.exitCode !== null || p.signalCode !== null) return;
+    // SIGTERM makes the master shut down its services (shutdown_clients=yes kills the lmtp children).
+    p.kill("SIGTERM");
+    const exited = await Promise.race([p.exited.then(() => true), Bun.sleep(STOP_TIMEOUT_MS).then(() => false)]);
+    if (!exited) {
+      p.kill("SIGKILL");
+      await p.exited;
+    }
+  }
+
+  async function stop(): Promise<void> {
+    await killMaster();
+    // Children may still hold the inherited listening socket for a moment after the master exits.
+    const deadline = Date.now() + STOP_TIMEOUT_MS;
+    while (!(await portRefuses(port))) {
+      if (Date.now() > deadline) throw new Error(`Dovecot stopped but ${HOST}:${port} still accepts connections`);
+      await Bun.sleep(50);
+    }
+  }
+
+  const instance: DovecotInstance = {
+    host: HOST,
+    port,
+    socketPath: join(baseDir, "lmtp"),
+    dir,
+    users,
+    maildir,
+    async messages(user) {
+      const root = maildir(user);
+      const files: { name: string; path: string }[] = [];
+      for (const sub of ["new", "cur"]) {
+        const names = await readdir(join(root, sub)).catch(() => [] as string[]);
+        for (const name of names) files.push({ name, path: join(root, sub, name) });
+      }
+      files.sort((a, b) => byFileName(a.name, b.name));
+      return Promise.all(files.map(async (f) => new Uint8Array(await readFile(f.path))));
+    },
+    async clear() {
+      // Removing the whole Maildir (with its index/uidlist) is cleaner than deleting only the
+      // message files; Dovecot recreates INBOX on the next delivery.
+      await Promise.all(users.map((u) => rm(maildir(u), { recursive: true, force: true })));
+    },
+    start,
+    stop,
+    async dispose() {
+      try {
+        await stop();
+      } finally {
+        await rm(dir, { recursive: true, force: true });
+      }
+    },
+  };
+
+  try {
+    await start();
+  } catch (e) {
+    await rm(dir, { recursive: true, force: true });
+    throw e;
+  }
+  return instance;
+}
