@@ -1,0 +1,51 @@
+// `bun run dev`: the host server with an embedded fake LMTP that writes a Maildir under .dev/
+// (unless LMTP_HOST points at a real Dovecot), a dev key, and a curl that delivers a test message.
+
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { ServerEnv, fromEnv } from "../config.ts";
+import { INBOUND_PATH } from "../contract.ts";
+import { startFakeLmtp } from "../fake-lmtp.ts";
+import { startServer } from "../server.ts";
+import { newApiKey } from "./keygen.ts";
+
+const root = join(import.meta.dir, "..");
+const devDir = join(root, ".dev");
+mkdirSync(devDir, { recursive: true });
+
+// One dev key, kept across runs so pasted commands keep working.
+const keyFile = join(devDir, "api-key");
+if (!process.env.API_KEY && !process.env.API_KEYS) {
+  if (!existsSync(keyFile)) writeFileSync(keyFile, newApiKey() + "\n", { mode: 0o600 });
+  process.env.API_KEY = readFileSync(keyFile, "utf8").trim();
+}
+
+let maildir: string | null = null;
+if (!process.env.LMTP_HOST) {
+  maildir = join(devDir, "maildir");
+  const fake = await startFakeLmtp({ maildir });
+  process.env.LMTP_HOST = fake.host;
+  process.env.LMTP_PORT = String(fake.port);
+}
+
+const config = fromEnv(ServerEnv, process.env);
+const server = startServer(config);
+const endpoint = `${server.url}${INBOUND_PATH}`;
+
+const sample = "From: test@example.com\\r\\nTo: user@kuma8088.com\\r\\nSubject: Test Email\\r\\n\\r\\nThis is a test message.";
+console.log(`
+relay host on ${server.url}  (LMTP: ${config.lmtpHost}:${config.lmtpPort}${maildir ? `, fake LMTP writing ${maildir}` : ""})
+dev key in .dev/api-key
+
+deliver a test message:
+
+  curl -sS -X POST ${endpoint} \\
+    -H "Content-Type: application/json" \\
+    -H "X-API-Key: $(cat .dev/api-key)" \\
+    -d '{"from":"test@example.com","to":"user@kuma8088.com","subject":"Test Email","raw":"${sample}","timestamp":"2025-11-12T10:00:00Z"}'
+${maildir ? `\nthen: ls ${join(".dev", "maildir", "user@kuma8088.com", "new")}\n` : ""}`);
+
+process.on("SIGINT", async () => {
+  await server.stop();
+  process.exit(0);
+});

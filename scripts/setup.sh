@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs besides Bun and the npm packages: Dovecot's LMTP server
+# from Debian's packages (the integration tests start a private instance of it) and curl (the
+# runbook's own test commands are run as written).
+set -euo pipefail
+
+need=()
+command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+
+if [ ${#need[@]} -eq 0 ]; then
+  echo "setup: dovecot and curl already installed"
+  exit 0
+fi
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "setup: installing ${need[*]} from Debian's packages"
+$sudo apt-get update -qq
+# The packages' own start scripts are not needed (tests run private instances), and may be refused.
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+echo "setup: done"
