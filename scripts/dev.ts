@@ -1,5 +1,6 @@
-// `bun run dev`: the host server with an embedded fake LMTP that writes a Maildir under .dev/
-// (unless LMTP_HOST points at a real Dovecot), a dev key, and a curl that delivers a test message.
+// `bun run dev`: the whole chain on one machine. The Worker in local workerd (wrangler dev),
+// pointed at the host server, which delivers to an embedded fake LMTP writing a Maildir under
+// .dev/ (unless LMTP_HOST points at a real Dovecot). Prints curls for both entry points.
 
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -8,6 +9,7 @@ import { INBOUND_PATH } from "../contract.ts";
 import { startFakeLmtp } from "../fake-lmtp.ts";
 import { startServer } from "../server.ts";
 import { newApiKey } from "./keygen.ts";
+import { startWranglerDev } from "./wrangler-dev.ts";
 
 const root = join(import.meta.dir, "..");
 const devDir = join(root, ".dev");
@@ -31,13 +33,25 @@ if (!process.env.LMTP_HOST) {
 const config = fromEnv(ServerEnv, process.env);
 const server = startServer(config);
 const endpoint = `${server.url}${INBOUND_PATH}`;
+const workerPort = Number(process.env.WORKER_PORT ?? 8787);
+const worker = await startWranglerDev({ port: workerPort, vars: { API_KEY: config.apiKeys[0]!, DELL_API_ENDPOINT: endpoint } });
+const sampleFile = join(devDir, "sample.eml");
+writeFileSync(
+  sampleFile,
+  "From: sender@example.com\r\nTo: user@kuma8088.com\r\nMessage-ID: <dev-sample@example.com>\r\nSubject: Hello from the edge\r\n\r\nThrough workerd, the host and LMTP.\r\n",
+);
 
 const sample = "From: test@example.com\\r\\nTo: user@kuma8088.com\\r\\nSubject: Test Email\\r\\n\\r\\nThis is a test message.";
 console.log(`
-relay host on ${server.url}  (LMTP: ${config.lmtpHost}:${config.lmtpPort}${maildir ? `, fake LMTP writing ${maildir}` : ""})
+Worker (workerd) on ${worker.url}  ->  host on ${server.url}  (LMTP: ${config.lmtpHost}:${config.lmtpPort}${maildir ? `, fake LMTP writing ${maildir}` : ""})
 dev key in .dev/api-key
 
-deliver a test message:
+a message through the Worker's email() (as Email Routing would hand it over):
+
+  curl -sS -X POST "${worker.url}/cdn-cgi/handler/email?from=sender@example.com&to=user@kuma8088.com" \\
+    --data-binary @.dev/sample.eml
+
+straight to the host, in the runbook's JSON format:
 
   curl -sS -X POST ${endpoint} \\
     -H "Content-Type: application/json" \\
@@ -46,6 +60,7 @@ deliver a test message:
 ${maildir ? `\nthen: ls ${join(".dev", "maildir", "user@kuma8088.com", "new")}\n` : ""}`);
 
 process.on("SIGINT", async () => {
+  await worker.stop();
   await server.stop();
   process.exit(0);
 });
