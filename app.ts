@@ -76,7 +76,7 @@ export function createApp(opts: AppOptions) {
       return answer(c, err.status, { status: err.status === 503 ? "deferred" : "error", error: err.code, message: err.message });
     }
     // Anything unexpected is temporary for the sender (500: the edge retries). Details go to the log only.
-    logFields(c, { error: "internal_error", detail: String(err?.stack ?? err).slice(0, 2000) });
+    logFields(c, { error: "internal_error", detail: errorDetail(err) });
     return answer(c, 500, { status: "error", error: "internal_error", message: "internal error; the message was not delivered" });
   });
 
@@ -118,7 +118,9 @@ export function createApp(opts: AppOptions) {
     } catch (e) {
       if (overLimit?.()) throw tooLarge(maxMessage);
       if (e instanceof TemporaryFailure) throw new Refusal(503, "lmtp_unavailable", `temporary failure, not delivered: ${e.message}`);
-      throw e;
+      // Hono hands only Error instances to onError; anything else would reach the runtime's own
+      // error page (which shows the thrown value in development) instead of our 500.
+      throw e instanceof Error ? e : new Error(`deliverer threw a non-Error: ${String(e)}`);
     }
     logFields(c, { replies: results.map((r) => r.reply) });
 
@@ -206,11 +208,24 @@ function mediaType(header: string | undefined): string {
   return (header ?? "").split(";")[0]!.trim().toLowerCase();
 }
 
+/** raw_base64 to bytes; what atob cannot decode (e.g. a length of 4n+1) is the client's error: 400. */
 function decodeBase64(b64: string): Uint8Array {
-  const bin = atob(b64.replace(/\s+/g, ""));
+  let bin: string;
+  try {
+    bin = atob(b64.replace(/\s+/g, ""));
+  } catch {
+    throw new Refusal(400, "invalid_request", "raw_base64: is not valid base64");
+  }
   const out = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
   return out;
+}
+
+/** An error for the log. Bun's stack of some errors (a DOMException from atob) lacks the message. */
+function errorDetail(err: Error): string {
+  const head = `${err.name}: ${err.message}`;
+  const stack = err.stack ?? "";
+  return (stack.startsWith(head) ? stack : `${head}\n${stack}`).slice(0, 2000);
 }
 
 function answer(c: Context, status: number, body: InboundResponse): Response {

@@ -14,7 +14,18 @@ const positiveInt = (fallback: number) =>
 
 /** API_KEYS (comma-separated, all accepted at once, for rotation without a window) plus API_KEY. */
 function keysOf(env: { API_KEY?: string; API_KEYS?: string }): string[] {
-  return [...(env.API_KEYS ?? "").split(","), env.API_KEY ?? ""].map((k) => k.trim()).filter(Boolean);
+  return namedKeys(env).map(([, k]) => k);
+}
+
+/**
+ * Each key with the setting it came from ("API_KEY", "API_KEYS (key 2)"), so a problem names the
+ * variable the operator has to fix, not a position in a merged list.
+ */
+function namedKeys(env: { API_KEY?: string; API_KEYS?: string }): [string, string][] {
+  const listed = (env.API_KEYS ?? "").split(",").map((k) => k.trim());
+  const named = listed.map((k, i): [string, string] => [`API_KEYS (key ${i + 1})`, k]);
+  named.push(["API_KEY", (env.API_KEY ?? "").trim()]);
+  return named.filter(([, k]) => k !== "");
 }
 
 export const ServerEnv = z
@@ -30,11 +41,10 @@ export const ServerEnv = z
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
     if (keys.length === 0) ctx.addIssue({ code: "custom", path: ["API_KEY"], message: "is not set (set API_KEY, or API_KEYS as a comma-separated list)" });
-    keys.forEach((k, i) => {
-      const name = env.API_KEYS ? `API_KEYS (key ${i + 1})` : "API_KEY";
+    for (const [name, k] of namedKeys(env)) {
       if (k.length < MIN_KEY_LENGTH) ctx.addIssue({ code: "custom", path: [name], message: `is shorter than ${MIN_KEY_LENGTH} characters (bun run keygen makes one)` });
       else if (/\s/.test(k)) ctx.addIssue({ code: "custom", path: [name], message: "contains whitespace" });
-    });
+    }
   })
   .transform((env) => ({
     apiKeys: [...new Set(keysOf(env))],

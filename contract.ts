@@ -31,9 +31,17 @@ export function addressProblem(address: string): string | null {
   return null;
 }
 
+/**
+ * Strips blanks (space, tab) at both ends. Not String.trim(): that also eats CR, LF and other
+ * line ends, so "a@b\r\n" would pass as "a@b"; a control character anywhere is refused instead.
+ */
+function trimBlanks(s: string): string {
+  return s.replace(/^[ \t]+|[ \t]+$/g, "");
+}
+
 /** Removes one pair of surrounding angle brackets: "<a@b>" and "a@b" mean the same. */
 function unbracket(s: string): string {
-  const t = s.trim();
+  const t = trimBlanks(s);
   return t.startsWith("<") && t.endsWith(">") ? t.slice(1, -1) : t;
 }
 
@@ -61,7 +69,7 @@ const sender = z
 /** "a@x, b@y" or ["a@x", "b@y"] -> ["a@x", "b@y"]; duplicates dropped (one copy per mailbox). */
 const recipientList = z
   .union([z.string(), z.array(z.string())], required("an address or a list of addresses"))
-  .transform((v) => (Array.isArray(v) ? v : v.split(",")).map((s) => s.trim()).filter((s, i, all) => s !== "" || all.length === 1))
+  .transform((v) => (Array.isArray(v) ? v : v.split(",")).map(trimBlanks).filter((s, i, all) => s !== "" || all.length === 1))
   .pipe(z.array(recipient).min(1, "needs at least one recipient").max(MAX_RECIPIENTS, `has more than ${MAX_RECIPIENTS} recipients`))
   .transform((list) => [...new Set(list)]);
 
@@ -85,12 +93,17 @@ export const InboundJsonBody = z
     raw: z.string(required("a string")).optional(),
     raw_base64: z.string(required("a base64 string")).regex(/^[A-Za-z0-9+/\s]*={0,2}\s*$/, "is not base64").optional(),
     timestamp: z.string(required("a string")).optional(),
-  })
-  .superRefine((b, ctx) => {
-    if ((b.raw === undefined) === (b.raw_base64 === undefined)) {
-      ctx.addIssue({ code: "custom", path: ["raw"], message: "exactly one of raw and raw_base64 is required" });
-    }
-  });
+  }, { error: "the request body must be a JSON object with from, to and raw" })
+  .superRefine(
+    (b, ctx) => {
+      if ((b.raw === undefined) === (b.raw_base64 === undefined)) {
+        ctx.addIssue({ code: "custom", path: ["raw"], message: "exactly one of raw and raw_base64 is required" });
+      }
+    },
+    // zod skips object refinements once a field failed; run this one too, so that a request
+    // missing from, to and raw hears about all three at once.
+    { when: (p) => typeof p.value === "object" && p.value !== null && !Array.isArray(p.value) },
+  );
 export type InboundJsonBody = z.output<typeof InboundJsonBody>;
 
 /** "to: is required; from: ... contains a forbidden character" - zod's issues in one line. */
@@ -150,6 +163,8 @@ export function outcomeForStatus(status: number): SmtpOutcome {
 /** The HTTP status for a set of per-recipient LMTP replies. */
 export function statusForReplies(replies: readonly { code: number }[]): 200 | 422 | 503 {
   const ok = (c: number) => c >= 200 && c < 300;
+  // No reply at all confirms nothing (every() would say "all delivered"): offer the message again.
+  if (replies.length === 0) return 503;
   if (replies.every((r) => ok(r.code))) return 200;
   // Only permanent refusals besides deliveries: the sender gets the bounce.
   if (replies.every((r) => ok(r.code) || r.code >= 500)) return 422;

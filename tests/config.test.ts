@@ -1,0 +1,136 @@
+// Configuration from the environment: defaults, keys, and the one-line refusal at start-up.
+
+import { describe, expect, test } from "bun:test";
+import path from "node:path";
+import { ConfigError, MIN_KEY_LENGTH, ServerEnv, fromEnv } from "../config.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "../contract.ts";
+
+const KEY_A = "cfgA0123456789-abcdefghijklmnopqrstuvwxyz";
+const KEY_B = "cfgB9876543210_ZYXWVUTSRQPONMLKJIHGFEDCBA";
+
+/** The ConfigError thrown for env; fails the test if there is none. */
+function refusal(env: Record<string, string | undefined>): ConfigError {
+  try {
+    fromEnv(ServerEnv, env);
+  } catch (e) {
+    expect(e).toBeInstanceOf(ConfigError);
+    return e as ConfigError;
+  }
+  throw new Error(`expected a ConfigError for ${Object.keys(env).join(", ")}`);
+}
+
+describe("fromEnv(ServerEnv)", () => {
+  test("defaults: LMTP dovecot:2525, port 8080 on 127.0.0.1, 25 MiB", () => {
+    const c = fromEnv(ServerEnv, { API_KEY: KEY_A });
+    expect(c).toEqual({
+      apiKeys: [KEY_A],
+      lmtpHost: "dovecot",
+      lmtpPort: 2525,
+      port: 8080,
+      host: "127.0.0.1",
+      maxMessageBytes: 25 * 1024 * 1024,
+    });
+    expect(DEFAULT_MAX_MESSAGE_BYTES).toBe(26_214_400);
+  });
+
+  test("an empty variable means unset: the default applies", () => {
+    const c = fromEnv(ServerEnv, { API_KEY: KEY_A, LMTP_HOST: "", LMTP_PORT: "", PORT: "" });
+    expect([c.lmtpHost, c.lmtpPort, c.port]).toEqual(["dovecot", 2525, 8080]);
+  });
+
+  test("settings are read", () => {
+    const c = fromEnv(ServerEnv, {
+      API_KEY: KEY_A,
+      LMTP_HOST: "/run/dovecot/lmtp",
+      LMTP_PORT: "24",
+      PORT: "9000",
+      HOST: "0.0.0.0",
+      MAX_MESSAGE_BYTES: "1048576",
+    });
+    expect(c).toMatchObject({ lmtpHost: "/run/dovecot/lmtp", lmtpPort: 24, port: 9000, host: "0.0.0.0", maxMessageBytes: 1048576 });
+  });
+
+  test("no key at all -> ConfigError naming API_KEY", () => {
+    expect(refusal({}).message).toMatch(/^configuration: API_KEY is not set/);
+    expect(refusal({ API_KEY: "", API_KEYS: " , " }).message).toMatch(/^configuration: API_KEY is not set/);
+  });
+
+  test(`a key of ${MIN_KEY_LENGTH - 1} characters is refused, ${MIN_KEY_LENGTH} accepted`, () => {
+    const short = "s".repeat(MIN_KEY_LENGTH - 1);
+    const e = refusal({ API_KEY: short });
+    expect(e.message).toContain("API_KEY");
+    expect(e.message).toContain(`shorter than ${MIN_KEY_LENGTH}`);
+    expect(fromEnv(ServerEnv, { API_KEY: "s".repeat(MIN_KEY_LENGTH) }).apiKeys).toHaveLength(1);
+  });
+
+  test("a key with whitespace inside is refused", () => {
+    expect(refusal({ API_KEY: `${KEY_A.slice(0, 20)} ${KEY_A.slice(20)}` }).message).toBe("configuration: API_KEY contains whitespace");
+  });
+
+  test("API_KEYS: a comma list, all accepted, merged with API_KEY without duplicates", () => {
+    expect(fromEnv(ServerEnv, { API_KEYS: `${KEY_A}, ${KEY_B}` }).apiKeys).toEqual([KEY_A, KEY_B]);
+    expect(fromEnv(ServerEnv, { API_KEYS: `${KEY_A},${KEY_B}`, API_KEY: KEY_A }).apiKeys).toEqual([KEY_A, KEY_B]);
+  });
+
+  test("a short key in API_KEYS is named by its place in that list", () => {
+    expect(refusal({ API_KEYS: `${KEY_A},,tooshort` }).message).toMatch(/^configuration: API_KEYS \(key 3\) is shorter/);
+  });
+
+  test("a short API_KEY next to good API_KEYS names API_KEY, not a list position", () => {
+    expect(refusal({ API_KEYS: `${KEY_A},${KEY_B}`, API_KEY: "tooshort" }).message).toMatch(/^configuration: API_KEY is shorter/);
+  });
+
+  test.each([
+    ["LMTP_PORT", "abc"],
+    ["LMTP_PORT", "0"],
+    ["LMTP_PORT", "70000"],
+    ["LMTP_PORT", "25.5"],
+    ["PORT", "http"],
+    ["MAX_MESSAGE_BYTES", "-1"],
+    ["MAX_MESSAGE_BYTES", "lots"],
+  ])("%s=%s -> ConfigError naming it", (name, value) => {
+    const e = refusal({ API_KEY: KEY_A, [name]: value });
+    expect(e.message).toStartWith(`configuration: ${name} `);
+  });
+
+  test("the error message never contains a key value", () => {
+    const cases: Record<string, string>[] = [
+      { API_KEY: "short-secret-value-1234" },
+      { API_KEY: `${KEY_A} x` },
+      { API_KEYS: `${KEY_A},short-secret-value-1234` },
+      { API_KEY: KEY_A, LMTP_PORT: "abc" },
+      { API_KEYS: KEY_B, PORT: "-3" },
+    ];
+    for (const env of cases) {
+      const message = refusal(env).message;
+      expect(message.split("\n")).toHaveLength(1);
+      for (const secret of ["short-secret-value-1234", KEY_A, KEY_B]) {
+        expect(message).not.toContain(secret);
+        expect(message).not.toContain(secret.slice(0, 10));
+      }
+    }
+  });
+});
+
+describe("bun run server.ts", () => {
+  test("a short key stops start-up: non-zero exit, one stderr line naming API_KEY, not the key", async () => {
+    const key = "SHORTsecret-29-characters-xyz";
+    const proc = Bun.spawn([process.execPath, "run", "server.ts"], {
+      cwd: path.join(import.meta.dir, ".."),
+      // A clean environment: nothing from the caller's own API_KEY/API_KEYS can leak in. HOST is
+      // an address this machine does not have, so a server that wrongly starts fails at once
+      // instead of listening forever.
+      env: { PATH: process.env.PATH ?? "", HOME: process.env.HOME ?? "/tmp", API_KEY: key, HOST: "192.0.2.1" },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    const [code, stderr, stdout] = await Promise.all([proc.exited, new Response(proc.stderr).text(), new Response(proc.stdout).text()]);
+    expect(code).not.toBe(0);
+    const lines = stderr.split("\n").filter((l) => l !== "");
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toContain("API_KEY");
+    expect(stderr + stdout).not.toContain(key.slice(0, 10));
+    // It never got as far as listening.
+    expect(stdout).not.toContain("listening");
+  });
+});

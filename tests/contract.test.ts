@@ -1,0 +1,187 @@
+// The contract's pure parts: what each HTTP status means to the sender, which status a set of LMTP
+// replies gives, and what the envelope and JSON schemas accept.
+
+import { describe, expect, test } from "bun:test";
+import {
+  EnvelopeHeaders,
+  InboundEnvelope,
+  InboundJsonBody,
+  MAX_RECIPIENTS,
+  addressProblem,
+  describeIssues,
+  outcomeForStatus,
+  statusForReplies,
+} from "../contract.ts";
+
+const replies = (...codes: number[]) => codes.map((code) => ({ code }));
+
+describe("outcomeForStatus", () => {
+  // Every row of DESIGN.md's status table.
+  test.each([
+    [200, "accept"], // delivered
+    [202, "accept"], // spooled, delivery later
+    [400, "reject"], // malformed request, bad envelope
+    [401, "retry"], // a key mix-up must never bounce mail
+    [413, "reject"], // too large
+    [415, "reject"], // wrong content type
+    [422, "reject"], // LMTP permanent failure
+    [503, "retry"], // LMTP temporary failure, down, timeout
+    [500, "retry"], // anything unexpected
+  ] as const)("status %d -> %s", (status, outcome) => {
+    expect(outcomeForStatus(status)).toBe(outcome);
+  });
+
+  test.each([403, 404, 405, 408, 429, 502, 504, 301, 100])("unknown status %d is retried, never bounced", (status) => {
+    expect(outcomeForStatus(status)).toBe("retry");
+  });
+});
+
+describe("statusForReplies", () => {
+  test("every recipient 250 -> 200", () => {
+    expect(statusForReplies(replies(250))).toBe(200);
+    expect(statusForReplies(replies(250, 250, 250))).toBe(200);
+  });
+
+  test("only permanent refusals -> 422", () => {
+    expect(statusForReplies(replies(550))).toBe(422);
+    expect(statusForReplies(replies(552, 550))).toBe(422);
+  });
+
+  test("deliveries mixed with permanent refusals -> 422 (the refused ones bounce)", () => {
+    expect(statusForReplies(replies(250, 550))).toBe(422);
+    expect(statusForReplies(replies(550, 250, 250))).toBe(422);
+  });
+
+  test("any temporary failure -> 503, whatever the others got", () => {
+    expect(statusForReplies(replies(450))).toBe(503);
+    expect(statusForReplies(replies(250, 452))).toBe(503);
+    expect(statusForReplies(replies(550, 451))).toBe(503);
+    expect(statusForReplies(replies(250, 550, 421))).toBe(503);
+  });
+
+  test("a reply that is neither success nor failure (e.g. 354) is not a delivery -> 503", () => {
+    expect(statusForReplies(replies(354))).toBe(503);
+  });
+
+  test("no replies at all confirm nothing -> 503, not 200", () => {
+    expect(statusForReplies([])).toBe(503);
+  });
+});
+
+describe("addressProblem", () => {
+  test("accepts ordinary and UTF-8 addresses", () => {
+    expect(addressProblem("user@kuma8088.com")).toBeNull();
+    expect(addressProblem("a.b+tag@sub.example.org")).toBeNull();
+    expect(addressProblem("用户@例子.广告")).toBeNull();
+  });
+
+  test.each([
+    ["CR", "a@x\rRCPT TO:<evil@x>"],
+    ["LF", "a@x\nRCPT TO:<evil@x>"],
+    ["CRLF", "a@x\r\nRCPT TO:<evil@x>"],
+    ["NUL", "a\0@x"],
+    ["TAB", "a\t@x"],
+    ["DEL", "a\x7f@x"],
+    ["<", "a<b@x"],
+    [">", "a@x>"],
+    ["space", "a b@x"],
+    ["comma", "a,b@x"],
+  ])("refuses %s", (_name, address) => {
+    expect(addressProblem(address)).toContain("forbidden character");
+  });
+
+  test("length limits: local part 64, whole address 254", () => {
+    expect(addressProblem(`${"a".repeat(64)}@x.example`)).toBeNull();
+    expect(addressProblem(`${"a".repeat(65)}@x.example`)).toContain("local part of 65");
+    const max = `a@${"b".repeat(252)}`;
+    expect(max.length).toBe(254);
+    expect(addressProblem(max)).toBeNull();
+    expect(addressProblem(max + "b")).toContain("255 characters");
+  });
+
+  test("needs local@domain", () => {
+    for (const a of ["", "nobody", "@x", "a@"]) expect(addressProblem(a)).not.toBeNull();
+  });
+});
+
+describe("InboundEnvelope", () => {
+  test("null sender: empty and <> both become the empty sender", () => {
+    expect(InboundEnvelope.parse({ from: "", to: "a@x" }).from).toBe("");
+    expect(InboundEnvelope.parse({ from: "<>", to: "a@x" }).from).toBe("");
+  });
+
+  test("a comma list and an array give the same recipients; brackets and blanks go, duplicates too", () => {
+    expect(InboundEnvelope.parse({ from: "s@x", to: " <a@x>, b@y ,a@x" }).to).toEqual(["a@x", "b@y"]);
+    expect(InboundEnvelope.parse({ from: "s@x", to: ["a@x", "<b@y>"] }).to).toEqual(["a@x", "b@y"]);
+  });
+
+  test("a trailing CR or LF is refused, not trimmed away", () => {
+    for (const to of ["a@x\n", "a@x\r\n", "\r\na@x", "a@x\r"]) {
+      const r = InboundEnvelope.safeParse({ from: "s@x", to });
+      expect(r.success).toBe(false);
+    }
+    expect(InboundEnvelope.safeParse({ from: "s@x\n", to: "a@x" }).success).toBe(false);
+    expect(InboundEnvelope.safeParse({ from: "<s@x>\r\n", to: "a@x" }).success).toBe(false);
+  });
+
+  test(`at most ${MAX_RECIPIENTS} recipients`, () => {
+    const list = (n: number) => Array.from({ length: n }, (_, i) => `u${i}@x`);
+    expect(InboundEnvelope.parse({ from: "s@x", to: list(MAX_RECIPIENTS) }).to).toHaveLength(MAX_RECIPIENTS);
+    const r = InboundEnvelope.safeParse({ from: "s@x", to: list(MAX_RECIPIENTS + 1).join(",") });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toBe(`to: has more than ${MAX_RECIPIENTS} recipients`);
+  });
+
+  test("empty recipient lists are refused", () => {
+    for (const to of ["", ",", " , ", []]) expect(InboundEnvelope.safeParse({ from: "s@x", to }).success).toBe(false);
+  });
+});
+
+describe("EnvelopeHeaders", () => {
+  test("issues name the header", () => {
+    const r = EnvelopeHeaders.safeParse({ "x-envelope-from": "s@x" });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toBe("x-envelope-to: is required");
+  });
+});
+
+describe("InboundJsonBody", () => {
+  const issues = (body: unknown) => {
+    const r = InboundJsonBody.safeParse(body);
+    if (r.success) throw new Error(`expected a refusal for ${JSON.stringify(body)}`);
+    return describeIssues(r.error);
+  };
+
+  test("the runbook's body parses", () => {
+    const b = InboundJsonBody.parse({
+      from: "test@example.com",
+      to: "user@kuma8088.com",
+      subject: "Test Email",
+      raw: "From: test@example.com\r\n\r\nhi",
+      timestamp: "2025-11-12T10:00:00Z",
+    });
+    expect(b.to).toEqual(["user@kuma8088.com"]);
+  });
+
+  test("an empty object names every missing field, raw included", () => {
+    const m = issues({});
+    expect(m).toContain("from: is required");
+    expect(m).toContain("to: is required");
+    expect(m).toContain("raw: exactly one of raw and raw_base64 is required");
+  });
+
+  test("exactly one of raw and raw_base64", () => {
+    expect(issues({ from: "a@x", to: "b@x" })).toBe("raw: exactly one of raw and raw_base64 is required");
+    expect(issues({ from: "a@x", to: "b@x", raw: "x", raw_base64: "eA==" })).toBe("raw: exactly one of raw and raw_base64 is required");
+  });
+
+  test("a body that is not an object says so", () => {
+    for (const body of [null, 42, "text", []]) expect(issues(body)).toBe("the request body must be a JSON object with from, to and raw");
+  });
+
+  test("wrong types are named", () => {
+    expect(issues({ from: "a@x", to: 5, raw: "x" })).toBe("to: must be an address or a list of addresses");
+    expect(issues({ from: 1, to: "b@x", raw: "x" })).toBe("from: must be a string");
+    expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe("raw_base64: is not base64");
+  });
+});
