@@ -54,6 +54,8 @@ export interface AppOptions {
   maxMessageBytes?: number;
   /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. */
   ready?: () => Promise<LogLine>;
+  /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
+  metrics?: () => string;
   log?: LogWriter;
   /** Seconds a 503 asks the client to wait. */
   retryAfterSeconds?: number;
@@ -101,6 +103,11 @@ export function createApp(opts: AppOptions) {
 
   const refuseKey = (c: Context, message: string) => answer(c, 401, { status: "error", error: "unauthorized", message });
 
+  if (opts.metrics) {
+    const render = opts.metrics;
+    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), (c) => c.text(render(), 200, { "content-type": "text/plain; version=0.0.4" }));
+  }
+
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
     const type = mediaType(c.req.header("content-type"));
     const parsed =
@@ -126,13 +133,20 @@ export function createApp(opts: AppOptions) {
 
     const status = statusForReplies(results);
     const one = envelope.to.length === 1 ? { recipient: envelope.to[0] } : {};
+    logFields(c, { outcome: status === 200 && results.every((r) => r.duplicate) ? "duplicate" : status === 202 ? "queued" : undefined });
+    if (status === 200 && results.every((r) => r.duplicate)) {
+      return answer(c, 200, { status: "duplicate", message: "already delivered; not delivered again", ...one, recipients: results });
+    }
     if (status === 200) return answer(c, 200, { status: "success", message: "Email delivered to LMTP", ...one, recipients: results });
+    if (status === 202) {
+      return answer(c, 202, { status: "queued", message: "accepted into the durable spool; it will be delivered when Dovecot takes it", ...one, recipients: results });
+    }
     if (status === 422) {
       const refused = results.filter((r) => r.code >= 500).map((r) => r.reply);
       return answer(c, 422, { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results });
     }
     c.header("Retry-After", retryAfter);
-    const deferred = results.filter((r) => r.code < 200 || r.code >= 300).map((r) => r.reply);
+    const deferred = results.filter((r) => (r.code < 200 || r.code >= 300) && !r.queued).map((r) => r.reply);
     return answer(c, 503, { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results });
   });
 

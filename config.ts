@@ -37,6 +37,8 @@ export const ServerEnv = z
     PORT: port(8080),
     HOST: z.string().trim().min(1, "is empty").default("127.0.0.1"),
     MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
+    SPOOL_DIR: z.string().trim().optional(),
+    SPOOL_MAX_AGE_HOURS: positiveInt(120),
   })
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
@@ -46,15 +48,31 @@ export const ServerEnv = z
       else if (/\s/.test(k)) ctx.addIssue({ code: "custom", path: [name], message: "contains whitespace" });
     }
   })
-  .transform((env) => ({
-    apiKeys: [...new Set(keysOf(env))],
-    lmtpHost: env.LMTP_HOST,
-    lmtpPort: env.LMTP_PORT,
-    port: env.PORT,
-    host: env.HOST,
-    maxMessageBytes: env.MAX_MESSAGE_BYTES,
-  }));
-export type ServerConfig = z.output<typeof ServerEnv>;
+  .transform(
+    (env): ServerConfig => ({
+      apiKeys: [...new Set(keysOf(env))],
+      lmtpHost: env.LMTP_HOST,
+      lmtpPort: env.LMTP_PORT,
+      port: env.PORT,
+      host: env.HOST,
+      maxMessageBytes: env.MAX_MESSAGE_BYTES,
+      spoolDir: env.SPOOL_DIR || undefined,
+      spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
+    }),
+  );
+
+export interface ServerConfig {
+  apiKeys: string[];
+  lmtpHost: string;
+  lmtpPort: number;
+  port: number;
+  host: string;
+  maxMessageBytes: number;
+  /** The durable spool; without it, temporary LMTP failures are answered 503. */
+  spoolDir?: string;
+  /** How long a spooled message is retried before it goes to failed/ (default 5 days). */
+  spoolMaxAgeMs?: number;
+}
 
 export class ConfigError extends Error {
   override name = "ConfigError";

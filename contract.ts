@@ -126,6 +126,10 @@ export const RecipientResult = z.object({
   enhanced: z.string().nullable(),
   /** The whole reply on one line, e.g. "550 5.1.1 <x@y> User doesn't exist". */
   reply: z.string(),
+  /** Not delivered yet, but safe in the host's durable spool: it will be (202). */
+  queued: z.boolean().optional(),
+  /** Already delivered earlier (same Message-ID, recipient and size): not delivered again. */
+  duplicate: z.boolean().optional(),
 });
 export type RecipientResult = z.output<typeof RecipientResult>;
 
@@ -160,14 +164,17 @@ export function outcomeForStatus(status: number): SmtpOutcome {
   return "retry";
 }
 
-/** The HTTP status for a set of per-recipient LMTP replies. */
-export function statusForReplies(replies: readonly { code: number }[]): 200 | 422 | 503 {
-  const ok = (c: number) => c >= 200 && c < 300;
+/** The HTTP status for a set of per-recipient results. */
+export function statusForReplies(results: readonly { code: number; queued?: boolean }[]): 200 | 202 | 422 | 503 {
+  const ok = (r: { code: number; queued?: boolean }) => r.code >= 200 && r.code < 300 && !r.queued;
   // No reply at all confirms nothing (every() would say "all delivered"): offer the message again.
-  if (replies.length === 0) return 503;
-  if (replies.every((r) => ok(r.code))) return 200;
+  if (results.length === 0) return 503;
+  if (results.every(ok)) return 200;
+  // Anything neither delivered, queued nor refused for good is temporary: the message must be
+  // offered again (a duplicate beats a loss).
+  if (!results.every((r) => ok(r) || r.queued || r.code >= 500)) return 503;
+  // Queued: the host will deliver it; refusals among several recipients are in the list.
+  if (results.some((r) => r.queued)) return 202;
   // Only permanent refusals besides deliveries: the sender gets the bounce.
-  if (replies.every((r) => ok(r.code) || r.code >= 500)) return 422;
-  // Any temporary failure: the message must be offered again (a duplicate beats a loss).
-  return 503;
+  return 422;
 }

@@ -1,50 +1,72 @@
 // The host: configuration from the environment, Bun.serve on the app, delivery to Dovecot over
-// LMTP. `bun run server.ts` starts it; tests and `bun run dev` call startServer().
+// LMTP with the durable spool behind it.
+//   bun run server.ts                       serve
+//   bun run server.ts healthcheck           exit 0 if GET /health answers (the container's check)
+//   bun run server.ts queue list|flush|retry ID|purge-failed
+// Tests and `bun run dev` call startServer().
 
-import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "./app.ts";
+import { join } from "node:path";
+import { createApp, maxJsonBytes } from "./app.ts";
 import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./config.ts";
-import type { RecipientResult } from "./contract.ts";
-import { BodyAborted, LmtpFault, LmtpPool, describeTarget, formatReply, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
+import { openDeliveredLog } from "./delivered-log.ts";
+import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./delivery.ts";
+import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
+import { Metrics } from "./metrics.ts";
 import { jsonLines, type LogWriter } from "./middleware/access-log.ts";
-
-/** The host's Deliverer: one LMTP transaction per message through the pool. */
-export function deliverViaLmtp(pool: LmtpPool): Deliverer {
-  return async ({ envelope, body, size }) => {
-    try {
-      const replies = await pool.deliver(envelope, body, size);
-      return replies.map(
-        (r): RecipientResult => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }),
-      );
-    } catch (e) {
-      // The connection failed: whatever the phase, nothing is confirmed delivered. Temporary.
-      if (e instanceof LmtpFault || e instanceof BodyAborted) throw new TemporaryFailure(e.message, { cause: e });
-      throw e;
-    }
-  };
-}
+import { QueueRunner, type QueueRunnerOptions } from "./queue-runner.ts";
+import { Spool } from "./spool.ts";
 
 export interface RunningServer {
   url: string;
   port: number;
   pool: LmtpPool;
+  metrics: Metrics;
+  runner: QueueRunner | null;
+  /** Graceful: stop accepting, let requests under way finish (answered or spooled), QUIT LMTP. */
   stop(): Promise<void>;
 }
 
 export interface ServerOptions {
   log?: LogWriter;
   lmtp?: LmtpPoolOptions;
+  queue?: QueueRunnerOptions;
 }
+
+const now = () => new Date().toISOString();
 
 export function startServer(config: ServerConfig, opts: ServerOptions = {}): RunningServer {
   const log = opts.log ?? jsonLines;
+  const metrics = new Metrics();
   const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
+
+  let spool: Spool | null = null;
+  if (config.spoolDir) {
+    spool = new Spool(config.spoolDir);
+    const { discarded } = spool.prepare();
+    // Half-written files were never acknowledged (the sender retries); say so, don't hide it.
+    for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
+    metrics.inc("spool_incomplete_discarded", discarded.length);
+  }
+  const delivered = openDeliveredLog(config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null);
+  const host: HostDelivery = { pool, delivered, metrics, log };
+  const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
+  if (spool && runner) {
+    host.spool = { spool, runner };
+    metrics.spoolGauge = () => runner.stats();
+    void runner.start();
+  }
+
   const app = createApp({
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
-    deliver: deliverViaLmtp(pool),
-    ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check() }),
-    log,
+    deliver: deliverNowOrSpool(host),
+    ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner?.size ?? null }),
+    metrics: () => metrics.render(),
+    log: (line) => {
+      countAnswer(metrics, line);
+      log(line);
+    },
   });
   const server = Bun.serve({
     hostname: config.host,
@@ -56,33 +78,87 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  log({ time: new Date().toISOString(), event: "listening", url, lmtp: describeTarget(target), max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+  log({ time: now(), event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+
+  let stopping: Promise<void> | null = null;
   return {
     url,
     port: server.port!,
     pool,
-    async stop() {
-      await server.stop();
-      await pool.close();
+    metrics,
+    runner,
+    stop() {
+      stopping ??= (async () => {
+        // Stop listening; requests under way run to their answer (LMTP's timeouts bound them).
+        await server.stop(false);
+        await runner?.stop();
+        await pool.close();
+        delivered.close();
+      })();
+      return stopping;
     },
   };
 }
 
-if (import.meta.main) {
+/** Counts each answered inbound request by what it meant for the message. */
+function countAnswer(metrics: Metrics, line: Record<string, unknown>): void {
+  if (line.path !== "/api/v1/inbound-mail" || line.method !== "POST" || line.status === 401) return;
+  metrics.inc("received");
+  const status = line.status as number;
+  if (line.outcome === "duplicate") metrics.inc("duplicates");
+  else if (status === 200) metrics.inc("delivered");
+  else if (status === 400 || status === 413 || status === 415 || status === 422) metrics.inc("rejected");
+  else if (status >= 500) metrics.inc("deferred");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function main(argv: string[]): Promise<number> {
+  if (argv[0] === "healthcheck") {
+    const port = process.env.PORT || "8080";
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/health`, { signal: AbortSignal.timeout(3_000) });
+      return res.ok ? 0 : 1;
+    } catch {
+      return 1;
+    }
+  }
+  if (argv[0] === "queue") {
+    const { queueCommand } = await import("./queue-cli.ts");
+    return queueCommand(process.env.SPOOL_DIR, argv.slice(1));
+  }
+  if (argv.length) {
+    console.error(`unknown command: ${argv.join(" ")} (commands: healthcheck, queue list|flush|retry ID|purge-failed)`);
+    return 2;
+  }
   let config: ServerConfig;
   try {
     config = fromEnv(ServerEnv, process.env);
   } catch (e) {
     if (!(e instanceof ConfigError)) throw e;
     console.error(e.message);
-    process.exit(2);
+    return 2;
   }
+
   const running = startServer(config);
   const shutdown = async (signal: string) => {
-    jsonLines({ time: new Date().toISOString(), event: "shutdown", signal });
+    jsonLines({ time: now(), event: "shutdown", signal });
+    // Bounded: whatever has not answered by then was never acknowledged, and its sender retries.
+    const limit = setTimeout(() => {
+      jsonLines({ time: now(), event: "shutdown_forced" });
+      process.exit(1);
+    }, 25_000);
     await running.stop();
+    clearTimeout(limit);
+    jsonLines({ time: now(), event: "stopped" });
     process.exit(0);
   };
-  process.on("SIGTERM", () => void shutdown("SIGTERM"));
-  process.on("SIGINT", () => void shutdown("SIGINT"));
+  process.once("SIGTERM", () => void shutdown("SIGTERM"));
+  process.once("SIGINT", () => void shutdown("SIGINT"));
+  return -1; // keep serving
+}
+
+if (import.meta.main) {
+  const code = await main(process.argv.slice(2));
+  if (code >= 0) process.exit(code);
 }

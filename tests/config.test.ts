@@ -20,7 +20,7 @@ function refusal(env: Record<string, string | undefined>): ConfigError {
 }
 
 describe("fromEnv(ServerEnv)", () => {
-  test("defaults: LMTP dovecot:2525, port 8080 on 127.0.0.1, 25 MiB", () => {
+  test("defaults: LMTP dovecot:2525, port 8080 on 127.0.0.1, 25 MiB, no spool, 5 days", () => {
     const c = fromEnv(ServerEnv, { API_KEY: KEY_A });
     expect(c).toEqual({
       apiKeys: [KEY_A],
@@ -29,6 +29,8 @@ describe("fromEnv(ServerEnv)", () => {
       port: 8080,
       host: "127.0.0.1",
       maxMessageBytes: 25 * 1024 * 1024,
+      spoolDir: undefined,
+      spoolMaxAgeMs: 5 * 24 * 3_600_000,
     });
     expect(DEFAULT_MAX_MESSAGE_BYTES).toBe(26_214_400);
   });

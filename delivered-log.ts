@@ -1,0 +1,47 @@
+// What the host knows it has delivered: (Message-ID, recipient, size) for 24 hours, recorded after
+// Dovecot's 250. A repeat of the same message (the Worker retrying after a lost HTTP answer) is
+// answered "duplicate" instead of being delivered twice. Kept in SQLite beside the spool so it
+// survives restarts; in memory when there is no spool. Best effort by design: losing a record
+// costs a duplicate, never a message.
+
+import { Database } from "bun:sqlite";
+
+export const DEDUPE_WINDOW_MS = 24 * 60 * 60 * 1000;
+
+export interface DeliveredLog {
+  has(messageId: string, recipient: string, size: number | null): boolean;
+  add(messageId: string, recipient: string, size: number | null): void;
+  close(): void;
+}
+
+const keyOf = (messageId: string, recipient: string, size: number | null) => `${messageId}\u0000${recipient.toLowerCase()}\u0000${size ?? ""}`;
+
+export function openDeliveredLog(path: string | null, windowMs = DEDUPE_WINDOW_MS): DeliveredLog {
+  const db = new Database(path ?? ":memory:", { create: true });
+  db.run("PRAGMA journal_mode = WAL");
+  db.run("PRAGMA synchronous = NORMAL");
+  db.run("CREATE TABLE IF NOT EXISTS delivered (key TEXT PRIMARY KEY, at INTEGER NOT NULL)");
+  db.run("CREATE INDEX IF NOT EXISTS delivered_at ON delivered (at)");
+  const find = db.query<{ at: number }, [string]>("SELECT at FROM delivered WHERE key = ?");
+  const put = db.query("INSERT OR REPLACE INTO delivered (key, at) VALUES (?, ?)");
+  const prune = db.query("DELETE FROM delivered WHERE at < ?");
+  let lastPrune = 0;
+
+  return {
+    has(messageId, recipient, size) {
+      const row = find.get(keyOf(messageId, recipient, size));
+      return row !== null && row.at >= Date.now() - windowMs;
+    },
+    add(messageId, recipient, size) {
+      const now = Date.now();
+      put.run(keyOf(messageId, recipient, size), now);
+      if (now - lastPrune > 60_000) {
+        lastPrune = now;
+        prune.run(now - windowMs);
+      }
+    },
+    close() {
+      db.close();
+    },
+  };
+}

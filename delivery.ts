@@ -1,0 +1,142 @@
+// The host's Deliverer: deliver at once over LMTP, and if Dovecot cannot take the message now,
+// keep it in the durable spool and let the background deliverer retry (Postfix's smtpd -> queue ->
+// lmtp, in one process). While the message streams to LMTP it is also written to a spool file in
+// tmp/ (not fsynced: cheap); only when LMTP fails temporarily is the rest of the body read into
+// that file, fsynced and published, and the sender answered 202.
+
+import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
+import type { RecipientResult } from "./contract.ts";
+import type { DeliveredLog } from "./delivered-log.ts";
+import { BodyAborted, LmtpFault, formatReply, type LmtpPool, type MessageBody } from "./lmtp.ts";
+import { peekHeaders } from "./message-headers.ts";
+import type { Metrics } from "./metrics.ts";
+import type { LogWriter } from "./middleware/access-log.ts";
+import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
+import { SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
+
+export interface HostDelivery {
+  pool: LmtpPool;
+  delivered: DeliveredLog;
+  metrics: Metrics;
+  log: LogWriter;
+  /** With a spool, temporary failures are queued (202); without, they are answered 503. */
+  spool?: { spool: Spool; runner: QueueRunner };
+}
+
+const isOk = (r: { code: number }) => r.code >= 200 && r.code < 300;
+const isTemporary = (r: { code: number }) => !isOk(r) && r.code < 500;
+
+/** One LMTP transaction, timed and counted, its replies in the contract's form. */
+async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
+  const started = performance.now();
+  try {
+    const replies = await h.pool.deliver(envelope, body, size);
+    return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+  } catch (e) {
+    // After the final dot, Dovecot may have saved the message before the connection failed.
+    if (e instanceof LmtpFault && e.phase === "data-end") h.metrics.inc("unknown_outcome");
+    throw e;
+  } finally {
+    h.metrics.observeDelivery((performance.now() - started) / 1000);
+  }
+}
+
+export function deliverNowOrSpool(h: HostDelivery): Deliverer {
+  return async (message: InboundMessage) => {
+    const { envelope, size } = message;
+    const peeked = await peekHeaders(message.body);
+    const messageId = peeked.info.messageId;
+
+    // A repeat of something already delivered (the Worker retrying after a lost answer).
+    if (messageId && envelope.to.every((rcpt) => h.delivered.has(messageId, rcpt, size))) {
+      return envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 already delivered (Message-ID ${messageId})`, duplicate: true }));
+    }
+
+    let staged: StagedMessage | null = null;
+    if (h.spool) {
+      staged = await h.spool.spool.stage().catch((e: Error) => {
+        h.metrics.inc("spool_write_errors");
+        h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: e.message });
+        return null;
+      });
+    }
+    const body = staged ? teeInto(peeked.body, staged) : peeked.body;
+
+    let results: RecipientResult[] | null = null;
+    let fault: Error | null = null;
+    try {
+      results = await lmtpTransaction(h, envelope, body, size);
+    } catch (e) {
+      if (!(e instanceof LmtpFault || e instanceof BodyAborted)) {
+        await staged?.discard();
+        throw e;
+      }
+      fault = e;
+    }
+
+    if (results) {
+      if (messageId) for (const r of results) if (isOk(r)) h.delivered.add(messageId, r.address, size);
+      if (results.some(isOk)) h.spool?.runner.kick();
+    }
+    const waiting = results ? results.filter(isTemporary).map((r) => r.address) : envelope.to;
+    if (waiting.length === 0 || !staged) {
+      await staged?.discard();
+      if (fault) throw new TemporaryFailure(fault.message, { cause: fault });
+      return results!;
+    }
+
+    // Dovecot could not take it now: the spool takes it.
+    const why = fault ? fault.message : results!.filter(isTemporary).map((r) => r.reply).join("; ");
+    try {
+      await drain(body); // the part LMTP never read (it failed mid-way, or before DATA)
+    } catch (e) {
+      // The request body itself failed (client gone, size limit): the message is incomplete.
+      await staged.discard();
+      throw fault && !(fault instanceof BodyAborted) ? new TemporaryFailure(why) : e;
+    }
+    let header;
+    try {
+      header = await staged.commit({ from: envelope.from, to: waiting, received_at: Date.now(), request_id: message.requestId, message_id: messageId });
+    } catch (e) {
+      h.metrics.inc("spool_write_errors");
+      throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
+    }
+    h.spool!.runner.add(header, why);
+    h.metrics.inc("queued");
+    const queued = (address: string): RecipientResult => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 queued as ${header.id} (LMTP: ${why})`, queued: true });
+    if (!results) return envelope.to.map(queued);
+    return results.map((r) => (isTemporary(r) ? queued(r.address) : r));
+  };
+}
+
+/** The background deliverer's way to LMTP, recording deliveries for duplicate suppression. */
+export function deliverSpooled(h: HostDelivery): SpoolDeliver {
+  return async (envelope, body, size, header) => {
+    const results = await lmtpTransaction(h, envelope, body, size);
+    if (header.message_id) for (const r of results) if (isOk(r)) h.delivered.add(header.message_id, r.address, size);
+    return results;
+  };
+}
+
+/** Passes the body on to LMTP and appends every chunk to the staged spool file as it goes. */
+function teeInto(body: MessageBody, staged: StagedMessage): MessageBody {
+  if (body instanceof Uint8Array) {
+    void staged.write(body);
+    return body;
+  }
+  return body.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      async transform(chunk, controller) {
+        await staged.write(chunk);
+        controller.enqueue(chunk);
+      },
+    }),
+  );
+}
+
+async function drain(body: MessageBody): Promise<void> {
+  if (body instanceof Uint8Array) return;
+  if (body.locked) throw new Error("message stream still locked");
+  const reader = body.getReader();
+  for (;;) if ((await reader.read()).done) break;
+}

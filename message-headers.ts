@@ -1,0 +1,90 @@
+// The message's header block, read off the front of the body stream without consuming it:
+// Message-ID (duplicate suppression) and Subject (logs). The body itself is never parsed.
+
+import PostalMime from "postal-mime";
+
+/** Header blocks longer than this are not searched further (the body still passes untouched). */
+const MAX_HEAD = 64 * 1024;
+
+export interface HeaderInfo {
+  messageId: string | null;
+  subject: string | null;
+}
+
+export interface Peeked {
+  info: HeaderInfo;
+  /** The same bytes as the input, from the first one. */
+  body: ReadableStream<Uint8Array> | Uint8Array;
+}
+
+export async function peekHeaders(body: ReadableStream<Uint8Array> | Uint8Array): Promise<Peeked> {
+  if (body instanceof Uint8Array) return { info: await parseHead(body.subarray(0, headEnd(body) ?? MAX_HEAD)), body };
+
+  const reader = body.getReader();
+  const seen: Uint8Array[] = [];
+  let total = 0;
+  let end: number | null = null;
+  let done = false;
+  while (end === null && total < MAX_HEAD) {
+    const r = await reader.read();
+    if (r.done) {
+      done = true;
+      break;
+    }
+    seen.push(r.value);
+    total += r.value.byteLength;
+    end = headEnd(concat(seen)); // header blocks are small: usually one chunk
+  }
+  const head = concat(seen);
+  const info = await parseHead(head.subarray(0, end ?? Math.min(head.byteLength, MAX_HEAD)));
+
+  // Replay what was read, then hand on the rest of the stream as it comes.
+  let i = 0;
+  const replay = new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      if (i < seen.length) return controller.enqueue(seen[i++]!);
+      if (done) return controller.close();
+      try {
+        const r = await reader.read();
+        if (r.done) controller.close();
+        else controller.enqueue(r.value);
+      } catch (e) {
+        controller.error(e);
+      }
+    },
+    cancel(reason) {
+      return reader.cancel(reason);
+    },
+  });
+  return { info, body: replay };
+}
+
+/** Index just past the blank line that ends the header block, or null. */
+function headEnd(b: Uint8Array): number | null {
+  for (let i = b.indexOf(0x0a); i !== -1; i = b.indexOf(0x0a, i + 1)) {
+    if (b[i + 1] === 0x0a) return i + 2;
+    if (b[i + 1] === 0x0d && b[i + 2] === 0x0a) return i + 3;
+  }
+  return null;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  if (parts.length === 1) return parts[0]!;
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.byteLength;
+  }
+  return out;
+}
+
+async function parseHead(head: Uint8Array): Promise<HeaderInfo> {
+  try {
+    const email = await PostalMime.parse(head);
+    const id = email.messageId?.trim();
+    return { messageId: id ? id.slice(0, 998) : null, subject: email.subject?.slice(0, 200) ?? null };
+  } catch {
+    return { messageId: null, subject: null };
+  }
+}

@@ -1,0 +1,80 @@
+// The operator's counters, in Prometheus' text format (GET /metrics).
+
+const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+export type Counter =
+  | "received"
+  | "delivered"
+  | "rejected"
+  | "deferred"
+  | "queued"
+  | "duplicates"
+  | "unknown_outcome"
+  | "spool_delivered"
+  | "spool_retried"
+  | "spool_failed"
+  | "spool_incomplete_discarded"
+  | "spool_write_errors";
+
+const HELP: Record<Counter, string> = {
+  received: "Messages received over HTTP (authenticated POSTs).",
+  delivered: "Messages answered 200: delivered to LMTP at once.",
+  rejected: "Messages refused permanently (400, 413, 415, 422).",
+  deferred: "Messages answered 503 (not delivered, not spooled: the sender retries).",
+  queued: "Messages written to the spool and answered 202.",
+  duplicates: "Repeats of a message already delivered, answered 200 without delivering.",
+  unknown_outcome: "LMTP transactions that failed after the final dot: Dovecot may have saved the message (a later retry may duplicate it).",
+  spool_delivered: "Spooled messages delivered by the background deliverer.",
+  spool_retried: "Failed delivery attempts of spooled messages (retried later).",
+  spool_failed: "Spooled messages given up on (too old, or refused permanently) and moved to failed/.",
+  spool_incomplete_discarded: "Half-written spool files found at start-up (never acknowledged) and removed.",
+  spool_write_errors: "Attempts to spool a message that failed (the sender got 503).",
+};
+
+export class Metrics {
+  private readonly counters = new Map<Counter, number>();
+  private readonly buckets = new Array<number>(BUCKETS.length).fill(0);
+  private sum = 0;
+  private count = 0;
+  /** Set by the host: current spool depth and age. */
+  spoolGauge: () => { queued: number; failed: number; oldestAgeSeconds: number } = () => ({ queued: 0, failed: 0, oldestAgeSeconds: 0 });
+
+  inc(name: Counter, by = 1): void {
+    this.counters.set(name, (this.counters.get(name) ?? 0) + by);
+  }
+
+  get(name: Counter): number {
+    return this.counters.get(name) ?? 0;
+  }
+
+  /** One LMTP transaction's duration. */
+  observeDelivery(seconds: number): void {
+    this.sum += seconds;
+    this.count++;
+    for (let i = 0; i < BUCKETS.length; i++) if (seconds <= BUCKETS[i]!) this.buckets[i]!++;
+  }
+
+  render(): string {
+    const out: string[] = [];
+    for (const name of Object.keys(HELP) as Counter[]) {
+      out.push(`# HELP relay_${name}_total ${HELP[name]}`, `# TYPE relay_${name}_total counter`, `relay_${name}_total ${this.get(name)}`);
+    }
+    const g = this.spoolGauge();
+    out.push(
+      "# HELP relay_spool_messages Messages in the spool waiting for delivery.",
+      "# TYPE relay_spool_messages gauge",
+      `relay_spool_messages ${g.queued}`,
+      "# HELP relay_spool_failed_messages Messages in the spool's failed/ area.",
+      "# TYPE relay_spool_failed_messages gauge",
+      `relay_spool_failed_messages ${g.failed}`,
+      "# HELP relay_spool_oldest_age_seconds Age of the oldest message waiting in the spool (0 when empty).",
+      "# TYPE relay_spool_oldest_age_seconds gauge",
+      `relay_spool_oldest_age_seconds ${g.oldestAgeSeconds.toFixed(3)}`,
+      "# HELP relay_delivery_seconds Duration of LMTP transactions.",
+      "# TYPE relay_delivery_seconds histogram",
+    );
+    BUCKETS.forEach((b, i) => out.push(`relay_delivery_seconds_bucket{le="${b}"} ${this.buckets[i]}`));
+    out.push(`relay_delivery_seconds_bucket{le="+Inf"} ${this.count}`, `relay_delivery_seconds_sum ${this.sum.toFixed(6)}`, `relay_delivery_seconds_count ${this.count}`);
+    return out.join("\n") + "\n";
+  }
+}

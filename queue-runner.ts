@@ -1,0 +1,221 @@
+// The background deliverer (Postfix's qmgr): takes spooled messages to LMTP, retries temporary
+// failures with exponential backoff and jitter, and gives up only after the maximum age, moving
+// the message to failed/ with its last reply. Never deletes a message it has not delivered.
+
+import type { RecipientResult } from "./contract.ts";
+import type { Metrics } from "./metrics.ts";
+import { watch, type FSWatcher } from "node:fs";
+import { rm } from "node:fs/promises";
+import { join } from "node:path";
+import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type Spool } from "./spool.ts";
+import type { LogWriter } from "./middleware/access-log.ts";
+
+/** Delivers spooled bytes; throws on a connection fault (temporary). */
+export type SpoolDeliver = (
+  envelope: { from: string; to: string[] },
+  body: ReadableStream<Uint8Array>,
+  size: number,
+  header: SpoolHeader,
+) => Promise<RecipientResult[]>;
+
+export interface QueueRunnerOptions {
+  /** Give up after this long in the spool (default 5 days). */
+  maxAgeMs?: number;
+  /** First retry delay; doubles with each attempt up to maxBackoffMs. */
+  baseBackoffMs?: number;
+  maxBackoffMs?: number;
+  /** Spooled messages delivered at once. */
+  concurrency?: number;
+  metrics?: Metrics;
+  log?: LogWriter;
+}
+
+export const FIVE_DAYS_MS = 5 * 24 * 60 * 60 * 1000;
+
+export function backoffMs(attempts: number, base: number, cap: number, random = Math.random): number {
+  const exp = Math.min(cap, base * 2 ** Math.max(0, attempts - 1));
+  return Math.round(exp * (0.8 + 0.4 * random())); // +-20 %: retries of many messages spread out
+}
+
+export class QueueRunner {
+  private readonly entries = new Map<string, SpoolEntry>();
+  private readonly running = new Set<string>();
+  private readonly inFlight = new Set<Promise<void>>();
+  private timer: Timer | null = null;
+  private watcher: FSWatcher | null = null;
+  private stopped = false;
+  private failedCount = 0;
+  private readonly maxAgeMs: number;
+  private readonly base: number;
+  private readonly cap: number;
+  private readonly concurrency: number;
+
+  constructor(
+    private readonly spool: Spool,
+    private readonly deliver: SpoolDeliver,
+    private readonly opts: QueueRunnerOptions = {},
+  ) {
+    this.maxAgeMs = opts.maxAgeMs ?? FIVE_DAYS_MS;
+    this.base = opts.baseBackoffMs ?? 2_000;
+    this.cap = opts.maxBackoffMs ?? 5 * 60_000;
+    this.concurrency = opts.concurrency ?? 4;
+  }
+
+  /** Loads what the spool holds (left by a crash or a restart) and delivers it at once. */
+  async start(): Promise<void> {
+    const found = await this.rescan();
+    if (found) this.log({ event: "spool_recovered", messages: found });
+    // `queue flush` / `queue retry` from the CLI drop a file here.
+    this.watcher = watch(this.spool.dir, (_event, name) => {
+      if (name === FLUSH_REQUEST) void this.flush();
+    });
+    this.watcher.unref?.();
+  }
+
+  /** Picks up messages put back by the operator and makes everything due now. */
+  async flush(): Promise<void> {
+    await rm(join(this.spool.dir, FLUSH_REQUEST), { force: true });
+    await this.rescan();
+    for (const e of this.entries.values()) if (!this.running.has(e.header.id)) e.state.next_at = 0;
+    this.log({ event: "spool_flush", messages: this.entries.size });
+    this.schedule();
+  }
+
+  /** Loads what the spool holds that this process does not know of yet (left by a crash, or retried by the operator): due at once. */
+  private async rescan(): Promise<number> {
+    let found = 0;
+    for (const e of await this.spool.list()) {
+      if (this.entries.has(e.header.id)) continue;
+      this.entries.set(e.header.id, { ...e, state: { ...e.state, next_at: 0 } });
+      found++;
+    }
+    this.failedCount = (await this.spool.list("failed")).length;
+    this.schedule();
+    return found;
+  }
+
+  /** A message just spooled by the receiving side. */
+  add(header: SpoolHeader, firstReply: string | null): void {
+    const state = { attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply, remaining: header.to };
+    this.entries.set(header.id, { header, state });
+    void this.spool.saveState(header.id, state).catch(() => {});
+    this.schedule();
+  }
+
+  /** LMTP works again: everything waiting is due now. */
+  kick(): void {
+    if (this.stopped) return;
+    let any = false;
+    for (const e of this.entries.values()) {
+      if (e.state.next_at > Date.now() && !this.running.has(e.header.id)) {
+        e.state.next_at = 0;
+        any = true;
+      }
+    }
+    if (any) this.schedule();
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  stats() {
+    let oldest = Infinity;
+    for (const e of this.entries.values()) oldest = Math.min(oldest, e.header.received_at);
+    return {
+      queued: this.entries.size,
+      failed: this.failedCount,
+      oldestAgeSeconds: oldest === Infinity ? 0 : (Date.now() - oldest) / 1000,
+    };
+  }
+
+  /** Stops starting attempts and waits for the ones under way (they end within LMTP's timeouts). */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.watcher?.close();
+    if (this.timer) clearTimeout(this.timer);
+    await Promise.allSettled([...this.inFlight]);
+  }
+
+  /** Resolves when the spool is empty (tests, `queue flush`). */
+  async drained(pollMs = 50): Promise<void> {
+    while (this.entries.size > 0) await Bun.sleep(pollMs);
+  }
+
+  private schedule(): void {
+    if (this.stopped) return;
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+    const now = Date.now();
+    let next = Infinity;
+    for (const e of this.entries.values()) {
+      if (this.running.has(e.header.id)) continue;
+      if (e.state.next_at <= now && this.running.size < this.concurrency) this.begin(e);
+      else next = Math.min(next, e.state.next_at);
+    }
+    if (next !== Infinity) {
+      this.timer = setTimeout(() => this.schedule(), Math.max(10, next - now));
+      this.timer.unref?.();
+    }
+  }
+
+  private begin(entry: SpoolEntry): void {
+    const id = entry.header.id;
+    this.running.add(id);
+    const p = this.attempt(entry)
+      .catch((e) => this.log({ event: "spool_error", id, error: (e as Error).message }))
+      .finally(() => {
+        this.running.delete(id);
+        this.inFlight.delete(p);
+        this.schedule();
+      });
+    this.inFlight.add(p);
+  }
+
+  private async attempt({ header, state }: SpoolEntry): Promise<void> {
+    const id = header.id;
+    const age = Date.now() - header.received_at;
+    if (age > this.maxAgeMs) {
+      return this.giveUp(id, state, `expired after ${Math.round(age / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}`);
+    }
+    let results: RecipientResult[];
+    try {
+      results = await this.deliver({ from: header.from, to: state.remaining }, await this.spool.body(id), header.size, header);
+    } catch (e) {
+      return this.retryLater(id, state, (e as Error).message);
+    }
+    const temporary = results.filter((r) => r.code < 200 || (r.code >= 300 && r.code < 500));
+    const permanent = results.filter((r) => r.code >= 500);
+    if (results.some((r) => r.code >= 200 && r.code < 300)) this.kick();
+
+    if (temporary.length) {
+      return this.retryLater(id, { ...state, remaining: temporary.map((r) => r.address) }, temporary.map((r) => r.reply).join("; "));
+    }
+    if (permanent.length) return this.giveUp(id, state, `refused: ${permanent.map((r) => r.reply).join("; ")}`);
+    await this.spool.remove(id);
+    this.entries.delete(id);
+    this.opts.metrics?.inc("spool_delivered");
+    this.log({ event: "spool_delivered", id, request_id: header.request_id, to: header.to, attempts: state.attempts + 1, queued_ms: Date.now() - header.received_at });
+  }
+
+  private async retryLater(id: string, state: SpoolEntry["state"], reply: string): Promise<void> {
+    const attempts = state.attempts + 1;
+    const next = { ...state, attempts, last_reply: reply, next_at: Date.now() + backoffMs(attempts, this.base, this.cap) };
+    this.entries.set(id, { header: this.entries.get(id)!.header, state: next });
+    this.opts.metrics?.inc("spool_retried");
+    await this.spool.saveState(id, next).catch(() => {});
+    this.log({ event: "spool_retry", id, attempts, next_in_ms: next.next_at - Date.now(), reply });
+  }
+
+  private async giveUp(id: string, state: SpoolEntry["state"], reason: string): Promise<void> {
+    await this.spool.moveToFailed(id, reason, state);
+    this.entries.delete(id);
+    this.failedCount++;
+    this.opts.metrics?.inc("spool_failed");
+    this.log({ event: "spool_failed", id, reason });
+  }
+
+  private log(line: Record<string, unknown>): void {
+    this.opts.log?.({ time: new Date().toISOString(), ...line });
+  }
+}

@@ -1,0 +1,283 @@
+// The durable spool: messages the host has acknowledged (202) but Dovecot has not taken yet.
+// The directory is the truth, as in Postfix's queue:
+//
+//   tmp/<id>          being written; never acknowledged. Left over after a crash: discarded, logged.
+//   queue/<id>        one message: a header line (magic + JSON envelope) then the exact bytes.
+//   queue/<id>.state  retry bookkeeping (attempts, next attempt, last reply); rewritten, not fsynced:
+//                     losing it only means an early retry.
+//   failed/<id>       given up on (too old, or refused permanently), with failed/<id>.state saying why.
+//
+// A message is acknowledged only after: written to tmp/, fsynced, renamed into queue/, and the
+// queue/ directory fsynced (Maildir's discipline), so a crash at any point either leaves a whole
+// message in queue/ or one that was never acknowledged.
+
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { open, readFile, readdir, rename, rm, stat, writeFile, type FileHandle } from "node:fs/promises";
+import { join } from "node:path";
+
+const MAGIC = "RELAY-SPOOL 1 ";
+/** A file the CLI drops into the spool directory; the running host's deliverer watches for it. */
+export const FLUSH_REQUEST = "flush-requested";
+const ID_RE = /^[0-9a-z]{8,40}$/;
+
+export interface SpooledEnvelope {
+  from: string;
+  to: string[];
+}
+
+/** Written once with the message; never changes. */
+export interface SpoolHeader extends SpooledEnvelope {
+  id: string;
+  received_at: number;
+  size: number;
+  request_id?: string;
+  message_id?: string | null;
+}
+
+/** Retry bookkeeping; changes with each attempt. */
+export interface SpoolState {
+  attempts: number;
+  next_at: number;
+  last_reply: string | null;
+  /** Recipients still to deliver (a subset of the header's `to` after partial success). */
+  remaining: string[];
+  /** Why a message is in failed/. */
+  reason?: string;
+}
+
+export interface SpoolEntry {
+  header: SpoolHeader;
+  state: SpoolState;
+}
+
+export class SpoolWriteError extends Error {
+  override name = "SpoolWriteError";
+}
+
+function newId(): string {
+  // Time first so that ids sort by arrival; random tail so concurrent writers never collide.
+  const rnd = crypto.getRandomValues(new Uint8Array(8));
+  return Date.now().toString(36).padStart(9, "0") + Array.from(rnd, (b) => b.toString(36).padStart(2, "0")).join("");
+}
+
+function fsyncDir(dir: string): void {
+  const fd = openSync(dir, "r");
+  try {
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export class Spool {
+  readonly tmp: string;
+  readonly queue: string;
+  readonly failed: string;
+
+  constructor(readonly dir: string) {
+    this.tmp = join(dir, "tmp");
+    this.queue = join(dir, "queue");
+    this.failed = join(dir, "failed");
+  }
+
+  /**
+   * Creates the folders and clears tmp/. Whatever is in tmp/ was never acknowledged (the
+   * sender was answered 503 or nothing, and retries), so it is removed; each one is reported.
+   */
+  prepare(): { discarded: string[] } {
+    for (const d of [this.tmp, this.queue, this.failed]) mkdirSync(d, { recursive: true });
+    const discarded = readdirSync(this.tmp);
+    for (const f of discarded) rmSync(join(this.tmp, f), { force: true });
+    return { discarded };
+  }
+
+  /** Asks a running host to attempt every queued message now (`queue flush`, `queue retry`). */
+  requestFlush(): void {
+    writeFileSync(join(this.dir, FLUSH_REQUEST), String(Date.now()));
+  }
+
+  /** Starts writing a message to tmp/. Fails (SpoolWriteError) if the spool cannot be written. */
+  async stage(): Promise<StagedMessage> {
+    const id = newId();
+    const path = join(this.tmp, id);
+    try {
+      const fh = await open(path, "wx", 0o600);
+      return new StagedMessage(this, id, path, fh);
+    } catch (e) {
+      throw new SpoolWriteError(`spool not writable: ${(e as Error).message}`);
+    }
+  }
+
+  /** Every queued message, oldest first. Files that do not parse are moved to failed/. */
+  async list(area: "queue" | "failed" = "queue"): Promise<SpoolEntry[]> {
+    const dir = area === "queue" ? this.queue : this.failed;
+    const names = (await readdir(dir)).filter((n) => ID_RE.test(n)).sort();
+    const out: SpoolEntry[] = [];
+    for (const id of names) {
+      const entry = await this.read(id, area).catch(async (e: Error) => {
+        if (area === "queue") await this.moveToFailed(id, `unreadable spool file: ${e.message}`).catch(() => {});
+        return null;
+      });
+      if (entry) out.push(entry);
+    }
+    return out;
+  }
+
+  async read(id: string, area: "queue" | "failed" = "queue"): Promise<SpoolEntry> {
+    const dir = area === "queue" ? this.queue : this.failed;
+    const { header } = await readHeader(join(dir, id));
+    const state = await readFile(join(dir, `${id}.state`), "utf8")
+      .then((s) => JSON.parse(s) as SpoolState)
+      .catch(() => ({ attempts: 0, next_at: 0, last_reply: null, remaining: header.to }));
+    return { header, state };
+  }
+
+  /** The message's exact bytes, streamed from disk. */
+  async body(id: string): Promise<ReadableStream<Uint8Array>> {
+    const path = join(this.queue, id);
+    const { offset } = await readHeader(path);
+    return Bun.file(path).slice(offset).stream();
+  }
+
+  async saveState(id: string, state: SpoolState, area: "queue" | "failed" = "queue"): Promise<void> {
+    const dir = area === "queue" ? this.queue : this.failed;
+    const tmp = join(this.tmp, `${id}.state.${Math.random().toString(36).slice(2)}`);
+    await writeFile(tmp, JSON.stringify(state));
+    await rename(tmp, join(dir, `${id}.state`));
+  }
+
+  /** Delivered: the message leaves the spool. (If this is lost in a crash, it is delivered again: a duplicate, never a loss.) */
+  async remove(id: string): Promise<void> {
+    await rm(join(this.queue, `${id}.state`), { force: true });
+    await rm(join(this.queue, id), { force: true });
+  }
+
+  /** Given up on: kept in failed/ with the reason, never deleted silently. */
+  async moveToFailed(id: string, reason: string, state?: SpoolState): Promise<void> {
+    const s = state ?? (await this.read(id).then((e) => e.state).catch(() => ({ attempts: 0, next_at: 0, last_reply: null, remaining: [] })));
+    await this.saveState(id, { ...s, reason }, "failed");
+    await rename(join(this.queue, id), join(this.failed, id));
+    await rm(join(this.queue, `${id}.state`), { force: true });
+    fsyncDir(this.failed);
+  }
+
+  /** Operator: put a failed message back in the queue for an immediate attempt. */
+  async retryFailed(id: string): Promise<void> {
+    if (!ID_RE.test(id)) throw new Error(`not a spool id: ${id}`);
+    const { header } = await this.read(id, "failed");
+    await this.saveState(id, { attempts: 0, next_at: 0, last_reply: null, remaining: header.to });
+    await rename(join(this.failed, id), join(this.queue, id));
+    await rm(join(this.failed, `${id}.state`), { force: true });
+    fsyncDir(this.queue);
+  }
+
+  async purgeFailed(): Promise<number> {
+    const names = (await readdir(this.failed)).filter((n) => ID_RE.test(n));
+    for (const id of names) {
+      await rm(join(this.failed, id), { force: true });
+      await rm(join(this.failed, `${id}.state`), { force: true });
+    }
+    return names.length;
+  }
+
+  /** Commit step shared by StagedMessage: fsync'd file renamed into queue/, then the directory fsynced. */
+  async publish(tmpPath: string, id: string): Promise<void> {
+    await rename(tmpPath, join(this.queue, id));
+    fsyncDir(this.queue);
+  }
+}
+
+/**
+ * A message being written to tmp/. Bytes are appended as they stream past (while the host also
+ * tries LMTP); commit() makes it durable and visible, discard() forgets it.
+ */
+export class StagedMessage {
+  private bytes = 0;
+  private failed: Error | null = null;
+  private done = false;
+  private ready: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    private readonly spool: Spool,
+    readonly id: string,
+    private readonly path: string,
+    private readonly fh: FileHandle,
+  ) {}
+
+  /** Appends a chunk (in order). A write error is remembered and surfaces at commit(). */
+  write(chunk: Uint8Array): Promise<void> {
+    const at = HEADER_RESERVED + this.bytes;
+    this.bytes += chunk.byteLength;
+    const p = this.ready.then(async () => {
+      if (this.failed) return;
+      try {
+        await this.fh.write(chunk, 0, chunk.byteLength, at);
+      } catch (e) {
+        this.failed = e as Error;
+      }
+    });
+    this.ready = p;
+    return p;
+  }
+
+  get size(): number {
+    return this.bytes;
+  }
+
+  /** Durable from here on: only now may the sender be told 2xx. */
+  async commit(meta: Omit<SpoolHeader, "id" | "size">): Promise<SpoolHeader> {
+    await this.ready;
+    if (this.failed) {
+      await this.discard();
+      throw new SpoolWriteError(`spool write failed: ${this.failed.message}`);
+    }
+    const header: SpoolHeader = { id: this.id, size: this.bytes, ...meta };
+    const line = encodeHeader(header);
+    try {
+      await this.fh.write(line, 0, line.byteLength, 0);
+      await this.fh.sync();
+      await this.fh.close();
+      this.done = true;
+      await this.spool.publish(this.path, this.id);
+    } catch (e) {
+      await this.discard();
+      throw new SpoolWriteError(`spool write failed: ${(e as Error).message}`);
+    }
+    return header;
+  }
+
+  async discard(): Promise<void> {
+    await this.ready;
+    if (!this.done) await this.fh.close().catch(() => {});
+    this.done = true;
+    await rm(this.path, { force: true }).catch(() => {});
+  }
+}
+
+// The header line is padded with spaces to a fixed size so the body can be written first, at its
+// final offset, while it streams; the envelope is filled in at commit. 32 KiB holds the largest
+// envelope the contract allows (100 recipients of 254 characters).
+const HEADER_RESERVED = 32 * 1024;
+
+function encodeHeader(h: SpoolHeader): Uint8Array {
+  const json = JSON.stringify(h);
+  const line = MAGIC + json;
+  if (line.length + 1 > HEADER_RESERVED) throw new SpoolWriteError("spool header too large");
+  return new TextEncoder().encode(line.padEnd(HEADER_RESERVED - 1, " ") + "\n");
+}
+
+async function readHeader(path: string): Promise<{ header: SpoolHeader; offset: number }> {
+  const fh = await open(path, "r");
+  try {
+    const buf = new Uint8Array(HEADER_RESERVED);
+    const { bytesRead } = await fh.read(buf, 0, HEADER_RESERVED, 0);
+    const text = new TextDecoder().decode(buf.subarray(0, bytesRead));
+    if (!text.startsWith(MAGIC) || text[HEADER_RESERVED - 1] !== "\n") throw new Error("not a spool file");
+    const header = JSON.parse(text.slice(MAGIC.length, HEADER_RESERVED - 1).trimEnd()) as SpoolHeader;
+    const { size } = await stat(path);
+    if (size !== HEADER_RESERVED + header.size) throw new Error(`truncated: ${size - HEADER_RESERVED} of ${header.size} bytes`);
+    return { header, offset: HEADER_RESERVED };
+  } finally {
+    await fh.close();
+  }
+}
