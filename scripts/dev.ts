@@ -30,6 +30,9 @@ if (!process.env.LMTP_HOST) {
   process.env.LMTP_PORT = String(fake.port);
 }
 
+// The durable spool, as in the container: stop the fake LMTP's Dovecot and watch mail queue up.
+process.env.SPOOL_DIR ??= join(devDir, "spool");
+
 const config = fromEnv(ServerEnv, process.env);
 const server = startServer(config);
 const endpoint = `${server.url}${INBOUND_PATH}`;
