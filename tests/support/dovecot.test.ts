@@ -1,7 +1,7 @@
 // Proves the throwaway Dovecot harness works by speaking raw LMTP to it (no relay code involved).
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import net from "node:net";
-import { startDovecot, type DovecotInstance } from "./dovecot.ts";
+import { checkStoredAs, dovecotStoredForm, expectStoredAs, parsePrepended, startDovecot, type DovecotInstance } from "./dovecot.ts";
 
 type Target = { host: string; port: number } | { path: string };
 
@@ -87,10 +87,10 @@ async function deliver(target: Target, from: string, rcpts: string[], message: s
   }
 }
 
-/** Dovecot stores LF line endings and prepends Return-Path + Delivered-To; undo that for comparison. */
-function normalise(stored: Uint8Array): string {
-  const text = new TextDecoder().decode(stored).replace(/\r\n/g, "\n");
-  return text.replace(/^Return-Path: [^\n]*\n/, "").replace(/^Delivered-To: [^\n]*\n/, "");
+const enc = (s: string) => new TextEncoder().encode(s);
+/** Bytes from ASCII text and raw byte values, e.g. bytes("caf", [0xe9], "\r\n"). */
+function bytes(...parts: (string | number[])[]): Uint8Array {
+  return new Uint8Array(parts.flatMap((p) => (typeof p === "string" ? [...p].map((ch) => ch.charCodeAt(0)) : p)));
 }
 
 function connectRefused(port: number): Promise<boolean> {
@@ -139,8 +139,10 @@ describe("dovecot test harness", () => {
 
     const stored = await dv.messages(user);
     expect(stored).toHaveLength(1);
-    const text = normalise(stored[0]!);
-    expect(text).toBe(msg);
+    const prepended = expectStoredAs(stored[0]!, enc(msg));
+    expect(prepended.map((f) => f.name)).toEqual(["Return-Path", "Delivered-To", "Received"]);
+    expect(prepended[0]!.value).toBe("<sender@example.org>");
+    expect(prepended[1]!.value).toBe(user);
     expect(await dv.messages("alice@example.test")).toEqual([]);
   });
 
@@ -165,7 +167,8 @@ describe("dovecot test harness", () => {
     for (const u of ["alice@example.test", "bob@example.test"]) {
       const stored = await dv.messages(u);
       expect(stored).toHaveLength(1);
-      expect(normalise(stored[0]!)).toBe(msg);
+      // Two recipients in one transaction: Dovecot 2.3 then writes no Delivered-To.
+      expect(expectStoredAs(stored[0]!, enc(msg)).map((f) => f.name)).toEqual(["Return-Path", "Received"]);
     }
   });
 
@@ -180,6 +183,84 @@ describe("dovecot test harness", () => {
       expect(dataReplies[0]).toStartWith("250");
     }
     // messages() is in delivery order.
-    expect((await dv.messages(user)).map(normalise)).toEqual(msgs);
+    const stored = await dv.messages(user);
+    expect(stored).toHaveLength(msgs.length);
+    stored.forEach((m, i) => expectStoredAs(m, enc(msgs[i]!)));
+  });
+});
+
+describe("expectStoredAs (pure, no Dovecot)", () => {
+  const prefix = [
+    "Return-Path: <a@example.org>",
+    "Delivered-To: user@kuma8088.com",
+    "Received: from mail-relay ([127.0.0.1])",
+    "\tby vm with LMTP",
+    "\tid kPoNEs3xCmsHIwAAg+zDdQ",
+    "\t(envelope-from <a@example.org>)",
+    "\tfor <user@kuma8088.com>; Sat, 28 Nov 2026 15:22:53 +0000",
+    "",
+  ].join("\n");
+
+  test("accepts the prepended fields plus the message with CRLF turned into LF", () => {
+    const sent = bytes("Subject: x\r\n\r\ncaf", [0xe9], "\r\n.\r\n");
+    const fields = expectStoredAs(bytes(prefix, "Subject: x\n\ncaf", [0xe9], "\n.\n"), sent);
+    expect(fields).toEqual([
+      { name: "Return-Path", value: "<a@example.org>" },
+      { name: "Delivered-To", value: "user@kuma8088.com" },
+      {
+        name: "Received",
+        value: "from mail-relay ([127.0.0.1])\tby vm with LMTP\tid kPoNEs3xCmsHIwAAg+zDdQ\t(envelope-from <a@example.org>)\tfor <user@kuma8088.com>; Sat, 28 Nov 2026 15:22:53 +0000",
+      },
+    ]);
+  });
+
+  test("adds the final line end Dovecot adds; keeps a lone CR", () => {
+    expect(dovecotStoredForm(bytes("a\r\nb"))).toEqual(bytes("a\nb\n"));
+    expect(dovecotStoredForm(bytes("a\rb\r\n"))).toEqual(bytes("a\rb\n"));
+    expect(dovecotStoredForm(bytes("a\n\r\n"))).toEqual(bytes("a\n\n"));
+    expect(dovecotStoredForm(bytes(""))).toEqual(bytes("\n"));
+    expect(checkStoredAs(bytes("Return-Path: <>\nx\n"), bytes("x")).ok).toBe(true);
+    expect(checkStoredAs(bytes("Return-Path: <>\nx"), bytes("x")).ok).toBe(false);
+  });
+
+  test("compares bytes: 8-bit bytes that decode to the same U+FFFD still differ", () => {
+    // "日本" in Shift_JIS is 93 FA 96 7B; FA -> FB is a different character, but as UTF-8 both are
+    // invalid, so a decoded-string comparison would see "\uFFFD\uFFFD\uFFFD{" on both sides.
+    const sent = bytes("Subject: x\n\n", [0x93, 0xfa, 0x96, 0x7b], "\n");
+    const stored = bytes(prefix, "Subject: x\n\n", [0x93, 0xfb, 0x96, 0x7b], "\n");
+    expect(new TextDecoder().decode(stored.subarray(stored.length - sent.length))).toBe(new TextDecoder().decode(sent));
+    const r = checkStoredAs(stored, sent);
+    expect(r.ok).toBe(false);
+    if (!r.ok) expect(r.problem).toContain(`at message byte ${"Subject: x\n\n".length + 1};`);
+    expect(() => expectStoredAs(stored, sent)).toThrow(/differs/);
+    // A UTF-8 "repair" of the bytes (U+FFFD written out) is caught as well.
+    const replaced = bytes(prefix, "Subject: x\n\n", [0xef, 0xbf, 0xbd, 0xef, 0xbf, 0xbd], "\n");
+    expect(checkStoredAs(replaced, bytes("Subject: x\n\n", [0x93, 0xfa], "\n")).ok).toBe(false);
+  });
+
+  test("refuses anything but Return-Path, Delivered-To and Received before the message", () => {
+    const sent = bytes("Subject: x\n\nbody\n");
+    expect(checkStoredAs(bytes("Return-Path: <>\nX-Spam: yes\nSubject: x\n\nbody\n"), sent)).toMatchObject({ ok: false, problem: expect.stringContaining("X-Spam") });
+    // Without the Return-Path Dovecot always writes.
+    expect(checkStoredAs(bytes("Received: from x\nSubject: x\n\nbody\n"), sent).ok).toBe(false);
+    // A stored copy that kept the CRLF line ends is not what Dovecot stores.
+    expect(checkStoredAs(bytes("Return-Path: <>\nSubject: x\r\n\r\nbody\r\n"), bytes("Subject: x\r\n\r\nbody\r\n")).ok).toBe(false);
+    // Truncated, or with a line lost.
+    expect(checkStoredAs(bytes("Return-Path: <>\nSubject: x\n\nbod\n"), sent)).toMatchObject({ ok: false, problem: expect.stringContaining("at message byte 15; after the 16 bytes of prepended fields it is 16 bytes, expected 17 (bytes lost)") });
+    expect(checkStoredAs(bytes("Return-Path: <>\n"), sent).ok).toBe(false);
+    // Something appended after the message.
+    expect(checkStoredAs(bytes("Return-Path: <>\nSubject: x\n\nbody\n.\n"), sent).ok).toBe(false);
+  });
+
+  test("a message that itself starts with Received: keeps its own header", () => {
+    const sent = bytes("Received: from mx.example.org\r\n  by relay; Mon, 1 Jan 2024\r\nSubject: x\r\n\r\nbody\r\n");
+    const stored = bytes(prefix, "Received: from mx.example.org\n  by relay; Mon, 1 Jan 2024\nSubject: x\n\nbody\n");
+    expect(expectStoredAs(stored, sent).map((f) => f.name)).toEqual(["Return-Path", "Delivered-To", "Received"]);
+  });
+
+  test("parsePrepended: continuation lines need a field before them", () => {
+    expect(parsePrepended(bytes("\tby vm\n"))).toBeString();
+    expect(parsePrepended(bytes("return-path: <>\n"))).toEqual([{ name: "Return-Path", value: "<>" }]);
+    expect(parsePrepended(bytes(""))).toEqual([]);
   });
 });

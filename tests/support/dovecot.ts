@@ -160,9 +160,8 @@ mail_uid = ${o.mailUid}
 mail_gid = ${o.mailGid}
 mail_location = maildir:${dir}/mail/%d/%n
 
-# Without this LMTP also prepends its own Received: header. Tests compare stored bytes, so keep
-# the stored form to the original message plus Return-Path and Delivered-To only.
-lmtp_add_received_header = no
+# Dovecot's defaults otherwise: LMTP prepends Return-Path, Delivered-To and its own Received
+# header to every stored message (see expectStoredAs).
 
 # passwd-file userdb: unknown recipients fail the lookup -> "550 5.1.1" at RCPT TO.
 passdb {
@@ -335,4 +334,196 @@ async function launch(bin: string, userList: string[]): Promise<DovecotInstance>
     throw e;
   }
   return instance;
+}
+
+// --- What Dovecot stores -----------------------------------------------------------------
+//
+// Dovecot's LMTP (default settings) stores a message as: a few header fields it prepends
+// (Return-Path always; Delivered-To and "for <rcpt>" in Received only when the transaction has
+// exactly one recipient; its own Received), then the message with every CRLF turned into LF and
+// a final LF added when the message did not end with a line end. Everything below compares bytes,
+// never decoded text: a lossy decode would hide exactly the 8-bit damage these tests look for.
+
+const LF = 0x0a;
+const CR = 0x0d;
+
+/** Header fields Dovecot's LMTP prepends; nothing else may appear before the message. */
+const PREPENDED_FIELDS = ["Return-Path", "Delivered-To", "Received"] as const;
+export type PrependedFieldName = (typeof PREPENDED_FIELDS)[number];
+
+export interface PrependedField {
+  name: PrependedFieldName;
+  /** The value, unfolded (line ends before continuation lines removed) and trimmed. */
+  value: string;
+}
+
+/** Length of `sent` once stored: each CRLF counts as one byte, plus a final LF if it has none. */
+function storedLength(sent: Uint8Array): number {
+  const buf = asBuffer(sent);
+  let n = sent.length;
+  for (let i = buf.indexOf(CR); i !== -1; i = buf.indexOf(CR, i + 1)) if (sent[i + 1] === LF) n--;
+  return sent.length === 0 || sent[sent.length - 1] !== LF ? n + 1 : n;
+}
+
+/**
+ * The bytes Dovecot stores for `sent` (without its prepended header fields): CRLF -> LF, and a
+ * final LF when the message does not end with one. A lone CR is kept as it is.
+ */
+export function dovecotStoredForm(sent: Uint8Array): Uint8Array {
+  const out = new Uint8Array(storedLength(sent));
+  const o = compareStoredForm(out, 0, sent, true);
+  if (o !== -1) throw new Error("dovecotStoredForm: internal length mismatch");
+  return out;
+}
+
+/** A Buffer view of the same memory (no copy), for Buffer's native indexOf/compare. */
+function asBuffer(a: Uint8Array): Buffer {
+  return Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+}
+
+/**
+ * Walks `sent` in its stored form and compares it with `stored` from offset `at` to the end, or
+ * (write = true) writes it there. Returns -1 on a match, else the offset in `stored` of the first
+ * difference (stored.length if `stored` is shorter or longer than expected). Copy-free, so a
+ * 25 MiB message costs no extra 25 MiB.
+ */
+function compareStoredForm(stored: Uint8Array, at: number, sent: Uint8Array, write = false): number {
+  const src = asBuffer(sent);
+  const dst = asBuffer(stored);
+  let s = at;
+  let i = 0;
+  const run = (from: number, to: number): number => {
+    const len = to - from;
+    if (write) {
+      src.copy(dst, s, from, to);
+    } else {
+      if (s + len > dst.length) return firstDifference(dst, s, src, from, dst.length - s);
+      if (dst.compare(src, from, to, s, s + len) !== 0) return firstDifference(dst, s, src, from, len);
+    }
+    s += len;
+    return -1;
+  };
+  while (i < sent.length) {
+    const cr = src.indexOf(CR, i);
+    const end = cr === -1 ? sent.length : cr;
+    const bad = run(i, end);
+    if (bad !== -1) return bad;
+    if (cr === -1) break;
+    // CRLF is stored as LF; any other CR stays.
+    const crlf = sent[cr + 1] === LF;
+    const want = crlf ? LF : CR;
+    if (write) stored[s] = want;
+    else if (s >= stored.length || stored[s] !== want) return Math.min(s, stored.length);
+    s++;
+    i = crlf ? cr + 2 : cr + 1;
+  }
+  if (sent.length === 0 || sent[sent.length - 1] !== LF) {
+    if (write) stored[s] = LF;
+    else if (s >= stored.length || stored[s] !== LF) return Math.min(s, stored.length);
+    s++;
+  }
+  return s === stored.length ? -1 : s;
+}
+
+function firstDifference(a: Buffer, aFrom: number, b: Buffer, bFrom: number, len: number): number {
+  for (let k = 0; k < len; k++) if (a[aFrom + k] !== b[bFrom + k]) return aFrom + k;
+  return aFrom + len;
+}
+
+/**
+ * Parses the block Dovecot prepended: header fields named in PREPENDED_FIELDS, each one line
+ * plus continuation lines that start with a space or tab, every line ending in LF. Returns the
+ * fields, or a description of what is wrong.
+ */
+export function parsePrepended(prefix: Uint8Array): PrependedField[] | string {
+  // Only header syntax is read here, and header fields are ASCII: latin1 maps bytes 1:1.
+  const text = asBuffer(prefix).toString("latin1");
+  if (text.length > 0 && !text.endsWith("\n")) return `the prepended block does not end with a line end: ${JSON.stringify(text.slice(-80))}`;
+  const fields: { name: PrependedFieldName; lines: string[] }[] = [];
+  for (const line of text.split("\n").slice(0, -1)) {
+    if (/^[ \t]/.test(line)) {
+      const last = fields[fields.length - 1];
+      if (!last) return `the prepended block starts with a continuation line: ${JSON.stringify(line)}`;
+      last.lines.push(line);
+      continue;
+    }
+    const m = /^([!-9;-~]+):/.exec(line);
+    const name = m && PREPENDED_FIELDS.find((f) => f.toLowerCase() === m[1]!.toLowerCase());
+    if (!name) {
+      return `unexpected line before the message: ${JSON.stringify(line.slice(0, 120))} (only ${PREPENDED_FIELDS.join(", ")} may be prepended)`;
+    }
+    fields.push({ name, lines: [line.slice(m[0].length)] });
+  }
+  return fields.map((f) => ({ name: f.name, value: f.lines.join("").trim() }));
+}
+
+export type StoredCheck = { ok: true; prepended: PrependedField[]; body: Uint8Array } | { ok: false; problem: string };
+
+/**
+ * Pure form of expectStoredAs: whether `stored` is Dovecot's prepended header fields followed by
+ * `sent` in its stored form (CRLF -> LF, final LF added). Return-Path must be among the prepended
+ * fields, exactly once (Dovecot always writes it). `body` is a view of `stored` after the fields.
+ */
+export function checkStoredAs(stored: Uint8Array, sent: Uint8Array): StoredCheck {
+  const expectedLength = storedLength(sent);
+  const prefixLength = stored.length - expectedLength;
+  if (prefixLength < 0 || compareStoredForm(stored, prefixLength, sent) !== -1) return { ok: false, problem: describeMismatch(stored, sent) };
+  const prepended = parsePrepended(stored.subarray(0, prefixLength));
+  if (typeof prepended === "string") return { ok: false, problem: prepended };
+  const returnPaths = prepended.filter((f) => f.name === "Return-Path").length;
+  if (returnPaths !== 1) return { ok: false, problem: `expected exactly one prepended Return-Path, found ${returnPaths}` };
+  return { ok: true, prepended, body: stored.subarray(prefixLength) };
+}
+
+/** Bytes taken by leading lines that look like Dovecot's prepended fields (for diagnostics only). */
+function apparentPrefixLength(stored: Uint8Array): number {
+  const head = asBuffer(stored.subarray(0, 64 * 1024)).toString("latin1");
+  const names = PREPENDED_FIELDS.map((f) => f.toLowerCase());
+  let at = 0;
+  let inField = false;
+  for (;;) {
+    const nl = head.indexOf("\n", at);
+    if (nl === -1) return at;
+    const line = head.slice(at, nl);
+    const name = /^([!-9;-~]+):/.exec(line)?.[1]?.toLowerCase();
+    if (name && names.includes(name)) inField = true;
+    else if (!(inField && /^[ \t]/.test(line))) return at;
+    at = nl + 1;
+  }
+}
+
+/**
+ * Where and how the stored message differs. The message is taken to start after the lines that
+ * look like Dovecot's fields, so a lost or added byte shows where it happened, with both sides
+ * around it. Only runs on failure.
+ */
+function describeMismatch(stored: Uint8Array, sent: Uint8Array): string {
+  const expected = dovecotStoredForm(sent);
+  const start = apparentPrefixLength(stored);
+  const body = stored.subarray(start);
+  const diff = compareStoredForm(body, 0, sent);
+  const at = diff === -1 ? 0 : diff;
+  const from = Math.max(0, at - 40);
+  const show = (b: Uint8Array) => JSON.stringify(asBuffer(b).toString("latin1"));
+  const sizes =
+    body.length === expected.length
+      ? `${body.length} bytes as expected`
+      : `${body.length} bytes, expected ${expected.length} (${body.length < expected.length ? "bytes lost" : "bytes added"})`;
+  return (
+    `stored message differs from the sent one (in Dovecot's stored form: CRLF -> LF, final LF) at message byte ${at}; ` +
+    `after the ${start} bytes of prepended fields it is ${sizes}\n` +
+    `  stored:   ${show(body.subarray(from, at + 40))}\n` +
+    `  expected: ${show(expected.subarray(from, at + 40))}`
+  );
+}
+
+/**
+ * Throws unless `stored` (a Maildir file) is exactly Dovecot's prepended Return-Path /
+ * Delivered-To / Received fields followed by `sent` in stored form. Returns the prepended fields
+ * (e.g. to check Return-Path: <> for the null sender).
+ */
+export function expectStoredAs(stored: Uint8Array, sent: Uint8Array): PrependedField[] {
+  const r = checkStoredAs(stored, sent);
+  if (!r.ok) throw new Error(`expectStoredAs: ${r.problem}`);
+  return r.prepended;
 }
