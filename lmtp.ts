@@ -88,7 +88,9 @@ export class LmtpFault extends Error {
 }
 
 /** Thrown by the body stream's reader, it means "abort the transaction": no final dot is sent. */
-export class BodyAborted extends Error {}
+export class BodyAborted extends Error {
+  override name = "BodyAborted";
+}
 
 // ---------------------------------------------------------------------------------------------
 // Replies
@@ -176,9 +178,11 @@ export class DotStuffer {
     this.bytesIn += chunk.length;
     let extra = 0;
     if (chunk[0] === DOT && this.prev === LF) extra++;
-    if (chunk[0] === LF && this.prev !== CR) extra++;
-    for (let i = chunk.indexOf(LF, 1); i !== -1; i = chunk.indexOf(LF, i + 1)) {
-      if (chunk[i - 1] !== CR) extra++;
+    // An LF at index 0 counts too, for the byte after it: "\n." starting a chunk needs both a CR
+    // (unless the previous chunk ended in CR) and a second dot. The count must be exact, the
+    // output buffer is sized by it and a typed array drops writes past its end.
+    for (let i = chunk.indexOf(LF); i !== -1; i = chunk.indexOf(LF, i + 1)) {
+      if ((i === 0 ? this.prev : chunk[i - 1]) !== CR) extra++;
       if (chunk[i + 1] === DOT) extra++;
     }
     if (extra === 0) {
@@ -263,6 +267,14 @@ export class LmtpConnection {
     }
   }
 
+  /**
+   * Healthy and in step: no fault, and no reply waiting that nobody asked for (an unsolicited
+   * "421 ... closing" from an idle server, or an exchange that went out of step).
+   */
+  get reusable(): boolean {
+    return !this.broken && this.replies.length === 0;
+  }
+
   get pipelining(): boolean {
     return this.capabilities.has("PIPELINING");
   }
@@ -319,10 +331,17 @@ export class LmtpConnection {
       }
     }
 
+    const accepted = envelope.to.filter((_, i) => mailReply.code === 250 && rcptReplies[i]?.code === 250);
+    // RFC 2920 3.1: a pipelined DATA may be accepted even though MAIL or every RCPT was not. The
+    // server then waits for message data and would take our next RSET as part of it; drop the
+    // connection rather than guess how it answers a lone "." with no recipients.
+    if (accepted.length === 0 && dataReply?.code === 354) {
+      this.close(new LmtpFault("protocol", "data", "LMTP server accepted DATA with no recipients"));
+    }
+
     // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
     if (mailReply.code !== 250) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
 
-    const accepted = envelope.to.filter((_, i) => rcptReplies[i]?.code === 250);
     const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
     if (accepted.length === 0) return result;
     if (!dataReply || dataReply.code !== 354) {
@@ -572,10 +591,18 @@ export class LmtpPool {
 
   /** Readiness: a new connection that greets, answers LHLO and NOOP. Returns the capabilities. */
   async check(): Promise<string[]> {
-    return this.withFresh(async (conn) => {
-      await conn.noop();
-      return [...conn.capabilities.keys()];
-    });
+    await this.takeSlot(); // a probe counts against the limit like a delivery
+    try {
+      const conn = await LmtpConnection.open(this.target, this.opts);
+      try {
+        await conn.noop();
+        return [...conn.capabilities.keys()];
+      } finally {
+        await conn.quit();
+      }
+    } finally {
+      this.giveSlot();
+    }
   }
 
   /** Sends QUIT on every idle connection and refuses new deliveries. */
@@ -593,7 +620,10 @@ export class LmtpPool {
     await this.takeSlot();
     try {
       let entry = this.idle.pop(); // most recently used first: the likeliest to be alive
-      while (entry?.conn.broken) entry = this.idle.pop();
+      while (entry && !entry.conn.reusable) {
+        entry.conn.close(new Error("dropped from the idle list"));
+        entry = this.idle.pop();
+      }
       const conn = entry?.conn ?? (await LmtpConnection.open(this.target, this.opts));
       return await this.settle(conn, () => fn(conn, entry !== undefined));
     } finally {
@@ -614,7 +644,8 @@ export class LmtpPool {
       conn.close(e as Error);
       throw e;
     } finally {
-      if (!conn.broken) {
+      if (!conn.reusable) conn.close(new Error("not reusable"));
+      else {
         if (this.closed || this.idle.length >= this.maxIdle) void conn.quit();
         else this.idle.push({ conn, since: Date.now() });
       }
@@ -640,7 +671,7 @@ export class LmtpPool {
     const now = Date.now();
     for (let i = this.idle.length - 1; i >= 0; i--) {
       const e = this.idle[i]!;
-      if (e.conn.broken || now - e.since > this.idleMs) {
+      if (!e.conn.reusable || now - e.since > this.idleMs) {
         this.idle.splice(i, 1);
         void e.conn.quit();
       }
