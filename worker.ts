@@ -18,7 +18,11 @@ export interface IncomingEmail {
   readonly headers: Headers;
   readonly raw: ReadableStream<Uint8Array>;
   readonly rawSize: number;
-  setReject(reason: string): void;
+  /**
+   * void in production. In local workerd (wrangler dev) it is an RPC stub that returns a promise:
+   * unless it is awaited, email() can finish first and wrangler reports the message as accepted.
+   */
+  setReject(reason: string): void | Promise<void>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -32,10 +36,9 @@ export const WorkerEnv = z
   .object({
     DELL_API_ENDPOINT: z
       .string({ error: "is not set (the host's https://.../api/v1/inbound-mail)" })
-      .url("must be a URL")
-      .refine((u) => new URL(u).protocol === "https:" || /^(localhost|127\.0\.0\.1|\[::1\])$/.test(new URL(u).hostname), {
-        message: "must be https:// (plain http only for localhost)",
-      }),
+      // abort: zod 4 runs later checks after a failed one, and new URL() would throw past safeParse.
+      .url({ error: "must be a URL", abort: true })
+      .refine((u) => isHttpsOrLocal(u), { message: "must be https:// (plain http only for localhost)" }),
     API_KEY: z
       .string({ error: "is not set (wrangler secret put API_KEY)" })
       .min(MIN_KEY_LENGTH, `is shorter than ${MIN_KEY_LENGTH} characters`),
@@ -56,6 +59,16 @@ export const WorkerEnv = z
     allowed: e.ALLOWED_RECIPIENTS,
   }));
 export type WorkerConfig = z.output<typeof WorkerEnv>;
+
+function isHttpsOrLocal(u: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(u);
+  } catch {
+    return false;
+  }
+  return url.protocol === "https:" || (url.protocol === "http:" && /^(localhost|127\.0\.0\.1|\[::1\])$/.test(url.hostname));
+}
 
 /** A bad setting is the operator's to fix: mail waits at the sender meanwhile (thrown, never a bounce). */
 export function workerConfig(env: Record<string, unknown>): WorkerConfig {
@@ -100,6 +113,12 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
 
     switch (outcomeForStatus(res.status)) {
       case "accept":
+        // A 2xx is a delivery only when it is the host's own answer saying so. Anything else (a
+        // proxy's or another service's page, /health by a wrong DELL_API_ENDPOINT) confirms
+        // nothing: accepting it would lose the message, so the sender is asked to retry.
+        if (!answer.success || !["success", "queued", "duplicate"].includes(answer.data.status)) {
+          throw new TemporaryFailure(`host answered ${res.status} without a delivery confirmation`);
+        }
         // Delivered or safely queued on the host: every recipient is accepted, whatever the details.
         return envelope.to.map((address): RecipientResult => {
           const r = recipients?.find((x) => x.address === address);
@@ -142,7 +161,7 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
 
   const rcpt = message.to.toLowerCase();
   if (config.allowed.length && !config.allowed.some((a) => (a.includes("@") ? rcpt === a : rcpt.endsWith(`@${a}`)))) {
-    message.setReject(`550 5.1.1 <${message.to}>: Recipient address rejected: no such user here`);
+    await message.setReject(smtpReason(`550 5.1.1 <${message.to}>: Recipient address rejected: no such user here`));
     log({ ...base, outcome: "reject", reason: "not in ALLOWED_RECIPIENTS", ms: Date.now() - started });
     return;
   }
@@ -171,11 +190,22 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
 
   if (outcome === "accept") return;
   if (outcome === "reject") {
-    message.setReject(res.status === 413 ? `552 5.3.4 ${text}` : text);
+    await message.setReject(smtpReason(res.status === 413 ? `552 5.3.4 ${text}` : text));
     return;
   }
   // Thrown: Email Routing answers the sender with a temporary failure and the sender retries.
   throw new Error(`temporary failure, try again later: ${text}`);
+}
+
+/**
+ * The bounce text goes into the SMTP reply to the sender: one line, no control characters (a CR LF
+ * from the host must not end the reply early or start another one), and short enough for a reply
+ * line (RFC 5321: 512 octets with the code).
+ */
+export function smtpReason(text: string): string {
+  // eslint-disable-next-line no-control-regex
+  const line = text.replace(/[\x00-\x1f\x7f]+/g, " ").replace(/ {2,}/g, " ").trim();
+  return (line || "550 5.0.0 message refused by the host").slice(0, 450);
 }
 
 /** The edge's own HTTP face: the same app, forwarding to the host (GET /health answers locally). */

@@ -1,35 +1,86 @@
 // Runs the Worker in local workerd through `wrangler dev`, for `bun run dev` and the tests.
 // wrangler dev exposes POST /cdn-cgi/handler/email?from=..&to=.. which calls email() with the
-// request body as the raw message (it needs a Message-ID header).
+// request body as the raw message. What it answers (wrangler 4.86, checked by
+// tests/integration/workerd.test.ts):
+//   email() returned                -> 200 "Worker successfully processed email"
+//   email() called setReject(r)     -> 400 "Worker rejected email with the following reason: r", and
+//                                      its output shows: Email handler rejected message with the following reason: "r"
+//                                      (only if setReject's promise is awaited: locally it is an RPC call)
+//   email() threw e                 -> 500 with e's message and stack as text
+//   wrangler's own refusals         -> 400 (no Message-ID, no From/To parameter, over 1 MiB locally)
+//                                      and 500 when the message has no From header at all.
 
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 export interface WranglerDev {
   url: string;
-  /** Everything wrangler and the Worker printed so far. */
+  port: number;
+  /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
   stop(): Promise<void>;
 }
 
 const root = join(import.meta.dir, "..");
 
-export async function startWranglerDev(opts: { port: number; vars: Record<string, string>; readyTimeoutMs?: number }): Promise<WranglerDev> {
-  // Secrets go through an env file, never the command line (visible in ps).
+/** A port nothing listens on right now (the OS's pick). */
+export function freePort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once("error", reject);
+    srv.listen(0, host, () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+// Process groups still running; killed on exit so a crashed test run leaves no workerd behind.
+const groups = new Set<number>();
+let exitHook = false;
+
+function killGroup(pid: number, signal: NodeJS.Signals | 0): boolean {
+  try {
+    process.kill(-pid, signal);
+    return true;
+  } catch {
+    return false; // ESRCH: the group is gone
+  }
+}
+
+export async function startWranglerDev(opts: { port?: number; vars: Record<string, string>; readyTimeoutMs?: number }): Promise<WranglerDev> {
+  const port = opts.port || (await freePort());
+  // Its devtools port too: the default 9229 lets only one wrangler dev run at a time.
+  const inspectorPort = await freePort();
+  // Vars go through an env file, never the command line (visible in ps). wrangler treats them as
+  // secrets: its binding table shows "(hidden)" instead of the value.
   const dir = mkdtempSync(join(tmpdir(), "relay-wrangler-"));
   const envFile = join(dir, "worker.env");
   writeFileSync(envFile, Object.entries(opts.vars).map(([k, v]) => `${k}=${v}`).join("\n") + "\n", { mode: 0o600 });
 
   const proc = Bun.spawn(
-    [process.execPath, "x", "wrangler", "dev", "--port", String(opts.port), "--ip", "127.0.0.1", "--env-file", envFile, "--persist-to", join(dir, "state"), "--show-interactive-dev-session=false"],
+    [process.execPath, "x", "wrangler", "dev", "--port", String(port), "--ip", "127.0.0.1", "--env-file", envFile, "--persist-to", join(dir, "state"), "--inspector-ip", "127.0.0.1", "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false"],
     {
       cwd: root,
       env: { ...process.env, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1", FORCE_COLOR: "0" },
+      stdin: "ignore",
       stdout: "pipe",
       stderr: "pipe",
+      // Its own process group: bun x -> node wrangler -> node cli -> workerd x2 all go with one kill.
+      detached: true,
     },
   );
+  const pid = proc.pid;
+  groups.add(pid);
+  if (!exitHook) {
+    exitHook = true;
+    process.on("exit", () => {
+      for (const g of groups) killGroup(g, "SIGKILL");
+    });
+  }
+
   let out = "";
   const collect = async (s: ReadableStream<Uint8Array>) => {
     const dec = new TextDecoder();
@@ -37,22 +88,31 @@ export async function startWranglerDev(opts: { port: number; vars: Record<string
   };
   void collect(proc.stdout);
   void collect(proc.stderr);
+  // eslint-disable-next-line no-control-regex
+  const output = () => out.replace(/\x1b\[[0-9;]*m/g, "");
 
-  const url = `http://127.0.0.1:${opts.port}`;
+  let stopped = false;
   const stop = async () => {
-    proc.kill("SIGTERM");
-    const killer = setTimeout(() => proc.kill("SIGKILL"), 5_000);
+    if (stopped) return;
+    stopped = true;
+    killGroup(pid, "SIGTERM");
+    const deadline = Date.now() + 5_000;
+    // The group is gone once every member exited (not only bun x, which proc.exited watches).
+    while (killGroup(pid, 0) && Date.now() < deadline) await Bun.sleep(50);
+    killGroup(pid, "SIGKILL");
     await proc.exited;
-    clearTimeout(killer);
+    groups.delete(pid);
     rmSync(dir, { recursive: true, force: true });
   };
+
+  const url = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + (opts.readyTimeoutMs ?? 60_000);
   while (!/Ready on http/.test(out)) {
     if (proc.exitCode !== null || Date.now() > deadline) {
       await stop();
-      throw new Error(`wrangler dev did not start (workerd from the wrangler package):\n${out.slice(-3000)}`);
+      throw new Error(`wrangler dev did not start (workerd from the wrangler package; bun install installs both):\n${output().slice(-3000)}`);
     }
     await Bun.sleep(100);
   }
-  return { url, output: () => out, stop };
+  return { url, port, output, stop };
 }
