@@ -132,9 +132,10 @@ export function createApp(opts: AppOptions) {
     logFields(c, { replies: results.map((r) => r.reply) });
 
     const status = statusForReplies(results);
+    const duplicate = status === 200 && results.every((r) => r.duplicate);
     const one = envelope.to.length === 1 ? { recipient: envelope.to[0] } : {};
-    logFields(c, { outcome: status === 200 && results.every((r) => r.duplicate) ? "duplicate" : status === 202 ? "queued" : undefined });
-    if (status === 200 && results.every((r) => r.duplicate)) {
+    logFields(c, { outcome: duplicate ? "duplicate" : status === 202 ? "queued" : undefined });
+    if (duplicate) {
       return answer(c, 200, { status: "duplicate", message: "already delivered; not delivered again", ...one, recipients: results });
     }
     if (status === 200) return answer(c, 200, { status: "success", message: "Email delivered to LMTP", ...one, recipients: results });
