@@ -9,6 +9,9 @@ import { INBOUND_PATH, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } 
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
 
 // Keys that differ from their first character on, so "first 10 characters" means one key only.
 const KEY_1 = "K1rot-0123456789abcdefghijklmnopqrstuvwxyzABCD";
@@ -50,12 +53,12 @@ beforeAll(async () => {
       },
     },
   );
-});
+}, HOOK_TIMEOUT_MS);
 
 afterAll(async () => {
   await server.stop();
   await fake.close();
-});
+}, HOOK_TIMEOUT_MS);
 
 beforeEach(() => {
   fake.reset();

@@ -4,6 +4,9 @@ import { describe, expect, test } from "bun:test";
 import path from "node:path";
 import { ConfigError, MIN_KEY_LENGTH, ServerEnv, fromEnv } from "../config.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "../contract.ts";
+import { allowSlowTests } from "./support/timeout.ts";
+
+allowSlowTests();
 
 const KEY_A = "cfgA0123456789-abcdefghijklmnopqrstuvwxyz";
 const KEY_B = "cfgB9876543210_ZYXWVUTSRQPONMLKJIHGFEDCBA";

@@ -12,6 +12,9 @@ import {
   outcomeForStatus,
   statusForReplies,
 } from "../contract.ts";
+import { allowSlowTests } from "./support/timeout.ts";
+
+allowSlowTests();
 
 const replies = (...codes: number[]) => codes.map((code) => ({ code }));
 

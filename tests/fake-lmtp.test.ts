@@ -4,6 +4,9 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -110,7 +113,7 @@ async function client(): Promise<RawClient> {
 
 beforeAll(async () => {
   server = await startFakeLmtp();
-});
+}, HOOK_TIMEOUT_MS);
 afterEach(() => {
   for (const c of clients.splice(0)) c.close();
   server.reset();
@@ -280,11 +283,11 @@ describe("fake LMTP server with a Maildir on a unix socket", () => {
   beforeAll(async () => {
     dir = await mkdtemp(path.join(os.tmpdir(), "fake-lmtp-"));
     local = await startFakeLmtp({ socketPath: path.join(dir, "lmtp.sock"), maildir: path.join(dir, "Maildir") });
-  });
+  }, HOOK_TIMEOUT_MS);
   afterAll(async () => {
     await local.close();
     await rm(dir, { recursive: true, force: true });
-  });
+  }, HOOK_TIMEOUT_MS);
 
   test("writes each delivered message to <maildir>/<address>/new with exact bytes", async () => {
     local.behaviour.afterData = (address) => (address.startsWith("full") ? 552 : 250);

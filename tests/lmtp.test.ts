@@ -24,6 +24,9 @@ import {
   type LmtpTarget,
   type LmtpTimeouts,
 } from "../lmtp.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -502,7 +505,7 @@ describe("against the fake LMTP server", () => {
 
   beforeAll(async () => {
     fake = await startFakeLmtp();
-  });
+  }, HOOK_TIMEOUT_MS);
   afterEach(async () => {
     await Promise.all(pools.splice(0).map((p) => p.close()));
     for (const c of conns.splice(0)) c.close();
@@ -510,7 +513,7 @@ describe("against the fake LMTP server", () => {
   });
   afterAll(async () => {
     await fake.close();
-  });
+  }, HOOK_TIMEOUT_MS);
 
   test("LHLO capabilities are parsed", async () => {
     const c = await open();

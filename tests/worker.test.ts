@@ -11,6 +11,9 @@ import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { email, type IncomingEmail } from "../worker.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
 
 // Random per run: finding either in a log line can only mean it was logged.
 const KEY = `wkey_${Buffer.from(crypto.getRandomValues(new Uint8Array(20))).toString("hex")}`;
@@ -49,14 +52,14 @@ beforeAll(async () => {
     },
   });
   consoleSpy = spyOn(console, "log").mockImplementation((...args: unknown[]) => void workerLines.push(args.map(String).join(" ")));
-});
+}, HOOK_TIMEOUT_MS);
 
 afterAll(async () => {
   consoleSpy.mockRestore();
   await server.stop();
   await stub.stop(true);
   await fake.close();
-});
+}, HOOK_TIMEOUT_MS);
 
 beforeEach(() => {
   fake.reset();

@@ -9,6 +9,9 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import type { LogLine } from "../../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance, type PrependedField } from "../support/dovecot.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+
+allowSlowTests();
 
 const MiB = 1024 * 1024;
 const INBOUND = "/api/v1/inbound-mail";
@@ -39,12 +42,12 @@ function config(lmtpHost: string) {
 beforeAll(async () => {
   dv = await startDovecot(); // throws when Dovecot is missing: a failure, never a skip
   server = startServer(config(dv.host), { log: collect });
-});
+}, HOOK_TIMEOUT_MS);
 
 afterAll(async () => {
   await server?.stop();
   await dv?.dispose();
-});
+}, HOOK_TIMEOUT_MS);
 
 beforeEach(async () => {
   await dv.clear();

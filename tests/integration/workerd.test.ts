@@ -16,6 +16,9 @@ import type { LogLine } from "../../middleware/access-log.ts";
 import { startWranglerDev, type WranglerDev } from "../../scripts/wrangler-dev.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+
+allowSlowTests();
 
 const INBOUND = "/api/v1/inbound-mail";
 const USER = "user@kuma8088.com";
@@ -58,11 +61,11 @@ afterAll(async () => {
   await Promise.all([worker?.stop(), wrongKeyWorker?.stop()]);
   await server?.stop();
   await dv?.dispose();
-});
+}, HOOK_TIMEOUT_MS);
 
 beforeEach(async () => {
   await dv.clear();
-});
+}, HOOK_TIMEOUT_MS);
 
 // --- helpers --------------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import net from "node:net";
 import { checkStoredAs, dovecotStoredForm, expectStoredAs, parsePrepended, startDovecot, type DovecotInstance } from "./dovecot.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./timeout.ts";
+
+allowSlowTests();
 
 type Target = { host: string; port: number } | { path: string };
 
@@ -122,10 +125,10 @@ describe("dovecot test harness", () => {
 
   beforeAll(async () => {
     dv = await startDovecot();
-  });
+  }, HOOK_TIMEOUT_MS);
   afterAll(async () => {
     await dv?.dispose();
-  });
+  }, HOOK_TIMEOUT_MS);
   beforeEach(async () => {
     await dv.clear();
   });
