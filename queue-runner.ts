@@ -41,6 +41,9 @@ export class QueueRunner {
   private readonly entries = new Map<string, SpoolEntry>();
   private readonly running = new Set<string>();
   private readonly inFlight = new Set<Promise<void>>();
+  /** State files being written by add(): an attempt waits for its message's, so that removing
+   * a delivered message cannot race with (and be undone by) the first state write. */
+  private readonly saving = new Map<string, Promise<void>>();
   private timer: Timer | null = null;
   private watcher: FSWatcher | null = null;
   private stopped = false;
@@ -98,7 +101,13 @@ export class QueueRunner {
   add(header: SpoolHeader, firstReply: string | null): void {
     const state = { attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply, remaining: header.to };
     this.entries.set(header.id, { header, state });
-    void this.spool.saveState(header.id, state).catch(() => {});
+    const saved = this.spool
+      .saveState(header.id, state)
+      .catch(() => {})
+      .finally(() => {
+        if (this.saving.get(header.id) === saved) this.saving.delete(header.id);
+      });
+    this.saving.set(header.id, saved);
     this.schedule();
   }
 
@@ -163,7 +172,12 @@ export class QueueRunner {
     const id = entry.header.id;
     this.running.add(id);
     const p = this.attempt(entry)
-      .catch((e) => this.log({ event: "spool_error", id, error: (e as Error).message }))
+      .catch((e) => {
+        this.log({ event: "spool_error", id, error: (e as Error).message });
+        // Not due again at once: an error that repeats must not become a busy loop.
+        const cur = this.entries.get(id);
+        if (cur) cur.state = { ...cur.state, next_at: Date.now() + backoffMs(cur.state.attempts + 1, this.base, this.cap) };
+      })
       .finally(() => {
         this.running.delete(id);
         this.inFlight.delete(p);
@@ -174,24 +188,53 @@ export class QueueRunner {
 
   private async attempt({ header, state }: SpoolEntry): Promise<void> {
     const id = header.id;
+    await this.saving.get(id);
+    let body: ReadableStream<Uint8Array>;
+    try {
+      body = await this.spool.body(id);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT") {
+        // Removed behind our back (by hand, or a stale entry of a message delivered meanwhile).
+        this.entries.delete(id);
+        this.log({ event: "spool_vanished", id });
+        return;
+      }
+      // Damaged on disk: retrying cannot help; keep it in failed/ for the operator.
+      return this.giveUp(id, state, `unreadable spool file: ${(e as Error).message}; last reply: ${state.last_reply ?? "none"}`);
+    }
     const age = Date.now() - header.received_at;
     if (age > this.maxAgeMs) {
-      return this.giveUp(id, state, `expired after ${Math.round(age / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}`);
+      await body.cancel().catch(() => {});
+      const refused = state.refused ?? [];
+      return this.giveUp(
+        id,
+        { ...state, remaining: [...state.remaining, ...refused.map((r) => r.address)] },
+        `expired after ${Math.round(age / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}` +
+          (refused.length ? `; refused earlier: ${refused.map((r) => r.reply).join("; ")}` : ""),
+      );
     }
+    const to = state.remaining.length ? state.remaining : header.to;
     let results: RecipientResult[];
     try {
-      results = await this.deliver({ from: header.from, to: state.remaining }, await this.spool.body(id), header.size, header);
+      results = await this.deliver({ from: header.from, to }, body, header.size, header);
     } catch (e) {
       return this.retryLater(id, state, (e as Error).message);
     }
-    const temporary = results.filter((r) => r.code < 200 || (r.code >= 300 && r.code < 500));
+    // No reply confirms nothing: a recipient without one is still to do.
+    const answered = new Set(results.map((r) => r.address));
+    const unanswered = to.filter((a) => !answered.has(a)).map((address) => ({ address, code: 451, enhanced: "4.3.0", reply: "451 4.3.0 no reply for this recipient" }));
+    const temporary = [...results.filter((r) => r.code < 200 || (r.code >= 300 && r.code < 500)), ...unanswered];
     const permanent = results.filter((r) => r.code >= 500);
     if (results.some((r) => r.code >= 200 && r.code < 300)) this.kick();
+    // Refused for good while others wait: remembered, so the message ends in failed/ for them
+    // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
+    const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];
+    if (permanent.length && temporary.length) this.log({ event: "spool_refused", id, refused: permanent.map((r) => r.reply) });
 
     if (temporary.length) {
-      return this.retryLater(id, { ...state, remaining: temporary.map((r) => r.address) }, temporary.map((r) => r.reply).join("; "));
+      return this.retryLater(id, { ...state, remaining: temporary.map((r) => r.address), refused: refused.length ? refused : undefined }, temporary.map((r) => r.reply).join("; "));
     }
-    if (permanent.length) return this.giveUp(id, state, `refused: ${permanent.map((r) => r.reply).join("; ")}`);
+    if (refused.length) return this.giveUp(id, { ...state, remaining: refused.map((r) => r.address), refused }, `refused: ${refused.map((r) => r.reply).join("; ")}`);
     await this.spool.remove(id);
     this.entries.delete(id);
     this.opts.metrics?.inc("spool_delivered");

@@ -43,7 +43,13 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   let spool: Spool | null = null;
   if (config.spoolDir) {
     spool = new Spool(config.spoolDir);
-    const { discarded } = spool.prepare();
+    let discarded: string[];
+    try {
+      ({ discarded } = spool.prepare());
+    } catch (e) {
+      // Not a fault to retry: without a usable spool the host must not start and acknowledge mail.
+      throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used as the spool: ${(e as Error).message}`);
+    }
     // Half-written files were never acknowledged (the sender retries); say so, don't hide it.
     for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
     metrics.inc("spool_incomplete_discarded", discarded.length);
@@ -140,7 +146,14 @@ async function main(argv: string[]): Promise<number> {
     return 2;
   }
 
-  const running = startServer(config);
+  let running: RunningServer;
+  try {
+    running = startServer(config);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    console.error(e.message);
+    return 2;
+  }
   const shutdown = async (signal: string) => {
     jsonLines({ time: now(), event: "shutdown", signal });
     // Bounded: whatever has not answered by then was never acknowledged, and its sender retries.

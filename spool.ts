@@ -41,6 +41,8 @@ export interface SpoolState {
   last_reply: string | null;
   /** Recipients still to deliver (a subset of the header's `to` after partial success). */
   remaining: string[];
+  /** Recipients refused for good (5xx) while others were still to do. */
+  refused?: { address: string; reply: string }[];
   /** Why a message is in failed/. */
   reason?: string;
 }
@@ -114,7 +116,9 @@ export class Spool {
     const names = (await readdir(dir)).filter((n) => ID_RE.test(n)).sort();
     const out: SpoolEntry[] = [];
     for (const id of names) {
-      const entry = await this.read(id, area).catch(async (e: Error) => {
+      const entry = await this.read(id, area).catch(async (e: NodeJS.ErrnoException) => {
+        // Gone since readdir (delivered and removed meanwhile): nothing to say about it.
+        if (e.code === "ENOENT") return null;
         if (area === "queue") await this.moveToFailed(id, `unreadable spool file: ${e.message}`).catch(() => {});
         return null;
       });
@@ -156,7 +160,13 @@ export class Spool {
   async moveToFailed(id: string, reason: string, state?: SpoolState): Promise<void> {
     const s = state ?? (await this.read(id).then((e) => e.state).catch(() => ({ attempts: 0, next_at: 0, last_reply: null, remaining: [] })));
     await this.saveState(id, { ...s, reason }, "failed");
-    await rename(join(this.queue, id), join(this.failed, id));
+    try {
+      await rename(join(this.queue, id), join(this.failed, id));
+    } catch (e) {
+      // No message to go with it (removed meanwhile): leave no reason without a message.
+      await rm(join(this.failed, `${id}.state`), { force: true });
+      throw e;
+    }
     await rm(join(this.queue, `${id}.state`), { force: true });
     fsyncDir(this.failed);
   }
@@ -164,8 +174,10 @@ export class Spool {
   /** Operator: put a failed message back in the queue for an immediate attempt. */
   async retryFailed(id: string): Promise<void> {
     if (!ID_RE.test(id)) throw new Error(`not a spool id: ${id}`);
-    const { header } = await this.read(id, "failed");
-    await this.saveState(id, { attempts: 0, next_at: 0, last_reply: null, remaining: header.to });
+    const { header, state } = await this.read(id, "failed");
+    // Only the recipients it failed for (not those it was delivered to before it gave up).
+    const remaining = state.remaining.length ? state.remaining : header.to;
+    await this.saveState(id, { attempts: 0, next_at: 0, last_reply: null, remaining });
     await rename(join(this.failed, id), join(this.queue, id));
     await rm(join(this.failed, `${id}.state`), { force: true });
     fsyncDir(this.queue);
@@ -195,6 +207,7 @@ export class StagedMessage {
   private bytes = 0;
   private failed: Error | null = null;
   private done = false;
+  private committed = false;
   private ready: Promise<unknown> = Promise.resolve();
 
   constructor(
@@ -239,6 +252,7 @@ export class StagedMessage {
       await this.fh.close();
       this.done = true;
       await this.spool.publish(this.path, this.id);
+      this.committed = true;
     } catch (e) {
       await this.discard();
       throw new SpoolWriteError(`spool write failed: ${(e as Error).message}`);
@@ -246,7 +260,9 @@ export class StagedMessage {
     return header;
   }
 
+  /** Forgets the message (never acknowledged). After a commit there is nothing to discard. */
   async discard(): Promise<void> {
+    if (this.committed) return;
     await this.ready;
     if (!this.done) await this.fh.close().catch(() => {});
     this.done = true;

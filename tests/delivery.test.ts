@@ -1,0 +1,620 @@
+// The host's delivery with the durable spool (delivery.ts, through startServer) against the
+// scriptable fake LMTP server: what is answered 202 is on disk, complete, and delivered later by
+// the background deliverer; what cannot be spooled is answered 503; duplicates; /metrics.
+
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { readdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { INBOUND_PATH } from "../contract.ts";
+import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
+import type { LmtpPoolOptions } from "../lmtp.ts";
+import type { LogLine } from "../middleware/access-log.ts";
+import type { QueueRunnerOptions } from "../queue-runner.ts";
+import { startServer, type RunningServer } from "../server.ts";
+import { Spool } from "../spool.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
+
+const KEY = "delivery-test-key-0123456789abcdefghijklmnop";
+const USER = "user@example.test";
+
+let fake: FakeLmtpServer;
+const servers: RunningServer[] = [];
+const dirs: string[] = [];
+let logs: LogLine[] = [];
+
+beforeAll(async () => {
+  fake = await startFakeLmtp();
+}, HOOK_TIMEOUT_MS);
+
+afterAll(async () => {
+  await fake.close();
+}, HOOK_TIMEOUT_MS);
+
+beforeEach(() => {
+  fake.reset();
+  logs = [];
+});
+
+afterEach(async () => {
+  // Let the fake answer again so that nothing waits on a stalled transaction while stopping.
+  fake.reset();
+  await Promise.all(servers.splice(0).map((s) => s.stop()));
+  await Promise.all(dirs.splice(0).map((d) => rm(d, { recursive: true, force: true })));
+});
+
+interface Host {
+  server: RunningServer;
+  dir: string | null;
+  spool: Spool | null;
+}
+
+async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lmtp?: LmtpPoolOptions; queue?: QueueRunnerOptions } = {}): Promise<Host> {
+  let dir: string | null = null;
+  if (opts.spool !== false) {
+    dir = opts.dir ?? (await mkdtemp("/tmp/delivery-test-"));
+    if (!opts.dir) dirs.push(dir);
+  }
+  const server = startServer(
+    {
+      apiKeys: [KEY],
+      lmtpHost: "127.0.0.1",
+      lmtpPort: opts.lmtpPort ?? fake.port,
+      port: 0,
+      host: "127.0.0.1",
+      maxMessageBytes: 8 * 1024 * 1024,
+      spoolDir: dir ?? undefined,
+    },
+    { log: (l) => logs.push(l), lmtp: opts.lmtp, queue: { baseBackoffMs: 100, maxBackoffMs: 200, ...opts.queue } },
+  );
+  servers.push(server);
+  return { server, dir, spool: dir ? new Spool(dir) : null };
+}
+
+const enc = new TextEncoder();
+
+function message(id: string, extra = ""): Uint8Array<ArrayBuffer> {
+  return enc.encode(`From: sender@example.org\r\nTo: ${USER}\r\nMessage-ID: <${id}@example.org>\r\nSubject: ${id}\r\n\r\nHello ${id}.\r\n${extra}`);
+}
+
+/** Bytes with every value, line ends of all kinds and dot lines, in CRLF form as LMTP carries it. */
+function bigMessage(id: string, size: number): Uint8Array<ArrayBuffer> {
+  const head = message(id);
+  const out = new Uint8Array(size);
+  out.set(head);
+  let x = 7;
+  for (let i = head.length; i < size; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    const b = x >>> 24;
+    // Keep it CRLF-clean (a bare CR or LF would be changed on the LMTP wire): CR and LF only as a pair.
+    out[i] = b === 0x0d || b === 0x0a ? 0x41 : b;
+    if (i % 997 === 0 && i + 2 < size) {
+      out[i] = 0x0d;
+      out[++i] = 0x0a;
+      out[++i] = 0x2e; // a dot at the start of a line
+    }
+  }
+  // LMTP ends the message with a line end: the message must have one to arrive unchanged.
+  out.set([0x0d, 0x0a], size - 2);
+  return out;
+}
+
+function streamOf(bytes: Uint8Array, chunk: number): ReadableStream<Uint8Array> {
+  let at = 0;
+  return new ReadableStream({
+    pull(controller) {
+      if (at >= bytes.length) return controller.close();
+      const n = Math.min(chunk + (at % 3) * 1000, bytes.length - at); // uneven chunks
+      controller.enqueue(bytes.slice(at, at + n));
+      at += n;
+    },
+  });
+}
+
+interface Answer {
+  status: number;
+  headers: Headers;
+  body: Record<string, unknown> & { status: string; recipients?: { address: string; code: number; reply: string; queued?: boolean; duplicate?: boolean }[] };
+}
+
+async function post(h: Host, body: BodyInit, to = USER, extra: Record<string, string> = {}): Promise<Answer> {
+  const r = await fetch(h.server.url + INBOUND_PATH, {
+    method: "POST",
+    headers: { "Content-Type": "message/rfc822", "X-API-Key": KEY, "X-Envelope-From": "sender@example.org", "X-Envelope-To": to, ...extra },
+    body,
+  });
+  return { status: r.status, headers: r.headers, body: await r.json() };
+}
+
+async function metrics(h: Host): Promise<Record<string, number>> {
+  const r = await fetch(h.server.url + "/metrics", { headers: { "X-API-Key": KEY } });
+  expect(r.status).toBe(200);
+  const out: Record<string, number> = {};
+  for (const line of (await r.text()).split("\n")) {
+    const m = /^([a-z_]+(?:\{[^}]*\})?) (\S+)$/.exec(line);
+    if (m) out[m[1]!] = Number(m[2]);
+  }
+  return out;
+}
+
+async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await Bun.sleep(20);
+  }
+}
+
+const files = (h: Host, sub: string) => readdirSync(join(h.dir!, sub)).filter((n) => !n.endsWith(".state"));
+
+async function spooledBody(h: Host, id: string): Promise<Uint8Array> {
+  return new Uint8Array(await new Response(await h.spool!.body(id)).arrayBuffer());
+}
+
+const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.from(a).equals(Buffer.from(b));
+
+function deadPort(): number {
+  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
+  const port = l.port;
+  l.stop(true);
+  return port;
+}
+
+describe("temporary failure with a spool: 202, then delivered by the background deliverer", () => {
+  test("450 at RCPT: 202 queued, the message in queue/; LMTP answers 250 again: delivered byte-exact, spool empty", async () => {
+    const h = await host();
+    fake.behaviour.rcpt = () => 450;
+    const sent = message("rcpt450");
+    const a = await post(h, sent);
+    expect(a.status).toBe(202);
+    expect(a.body.status).toBe("queued");
+    expect(a.body.recipients![0]).toMatchObject({ address: USER, code: 250, queued: true });
+    expect(a.body.recipients![0]!.reply).toContain("450");
+    expect(fake.received).toEqual([]);
+
+    const [entry] = await h.spool!.list();
+    expect(entry!.header).toMatchObject({ from: "sender@example.org", to: [USER], size: sent.length, message_id: "<rcpt450@example.org>" });
+    expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    expect(files(h, "tmp")).toEqual([]);
+    expect((await metrics(h)).relay_spool_messages).toBe(1);
+
+    fake.behaviour.rcpt = () => 250;
+    await until("delivered from the spool", () => fake.received.length === 1 && h.server.runner!.size === 0);
+    expect(same(fake.received[0]!.data, sent)).toBe(true);
+    expect(fake.received[0]!.to).toEqual([USER]);
+    expect(fake.received[0]!.from).toBe("sender@example.org");
+    expect(readdirSync(join(h.dir!, "queue"))).toEqual([]);
+    const m = await metrics(h);
+    expect(m.relay_queued_total).toBe(1);
+    expect(m.relay_spool_delivered_total).toBe(1);
+    expect(m.relay_spool_messages).toBe(0);
+    expect(m.relay_delivered_total).toBe(0);
+  });
+
+  test("several recipients, one deferred: 202, the delivered one is not spooled, only the deferred one is retried", async () => {
+    const h = await host();
+    fake.behaviour.rcpt = (a) => (a === "alice@example.test" ? 450 : 250);
+    const sent = message("partial");
+    const a = await post(h, sent, `${USER}, alice@example.test`);
+    expect(a.status).toBe(202);
+    expect(a.body.recipients!.map((r) => [r.address, r.code, !!r.queued])).toEqual([
+      [USER, 250, false],
+      ["alice@example.test", 250, true],
+    ]);
+    expect(fake.received.map((r) => r.to)).toEqual([[USER]]);
+    const [entry] = await h.spool!.list();
+    expect(entry!.header.to).toEqual(["alice@example.test"]);
+
+    fake.behaviour.rcpt = () => 250;
+    await until("delivered", () => fake.received.length === 2 && h.server.runner!.size === 0);
+    expect(fake.received[1]!.to).toEqual(["alice@example.test"]);
+    expect(same(fake.received[1]!.data, sent)).toBe(true);
+  });
+
+  test("a permanent refusal is not spooled: 422", async () => {
+    const h = await host();
+    fake.behaviour.rcpt = () => 550;
+    const a = await post(h, message("refused"));
+    expect(a.status).toBe(422);
+    expect(files(h, "queue")).toEqual([]);
+    expect(files(h, "tmp")).toEqual([]);
+  });
+
+  test("LMTP down: 202 and spooled; LMTP back: delivered", async () => {
+    const port = deadPort();
+    const h = await host({ lmtpPort: port });
+    const sent = bigMessage("down", 300_000);
+    const a = await post(h, streamOf(sent, 16_384));
+    expect(a.status).toBe(202);
+    const [entry] = await h.spool!.list();
+    expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    expect(entry!.header.size).toBe(sent.length);
+  });
+
+  test("Dovecot stalls after the final dot: 202 well before 10 s, unknown_outcome counted once, delivered once afterwards", async () => {
+    const h = await host({ lmtp: { timeouts: { dataEnd: 1000 } }, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    fake.behaviour.stall = "afterData";
+    const sent = message("stall");
+    const started = Date.now();
+    const a = await post(h, sent);
+    const took = Date.now() - started;
+    expect(a.status).toBe(202);
+    expect(took).toBeLessThan(10_000);
+    const m = await metrics(h);
+    expect(m.relay_unknown_outcome_total).toBe(1);
+    expect(m.relay_queued_total).toBe(1);
+    const [entry] = await h.spool!.list();
+    expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+
+    fake.behaviour.stall = null;
+    h.server.runner!.kick();
+    await until("delivered", () => fake.received.length === 1 && h.server.runner!.size === 0);
+    expect(same(fake.received[0]!.data, sent)).toBe(true);
+  });
+
+  for (const [label, mkBody] of [
+    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, 20_000)],
+    ["in one piece, with Content-Length", (b: Uint8Array<ArrayBuffer>) => b],
+  ] as const) {
+    test(`connection dropped mid-DATA (${label}): 202, and the spooled body is complete and byte-exact`, async () => {
+      const h = await host({ queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      fake.behaviour.dropMidData = true;
+      const sent = bigMessage(`drop-${label.length}`, 3 * 1024 * 1024 + 17);
+      const a = await post(h, mkBody(sent));
+      expect(a.status).toBe(202);
+      expect(fake.received).toEqual([]);
+      const [entry] = await h.spool!.list();
+      expect(entry!.header.size).toBe(sent.length);
+      expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+      expect(files(h, "tmp")).toEqual([]);
+
+      fake.behaviour.dropMidData = false;
+      h.server.runner!.kick();
+      await until("delivered", () => fake.received.length === 1 && h.server.runner!.size === 0);
+      expect(same(fake.received[0]!.data, sent)).toBe(true);
+    });
+  }
+});
+
+/**
+ * A minimal LMTP server with fixed answers, for replies the fake cannot give: Dovecot's
+ * "421 4.3.2 Shutting down" in place of the replies after the final dot (seen when Dovecot is
+ * stopped while it saves; it had saved the message), or at RCPT.
+ */
+function scriptedLmtp(script: { rcpt: string; afterDot: string }) {
+  const messages: string[] = [];
+  type State = { buf: string; data: string | null; accepted: number };
+  const server = Bun.listen<State>({
+    hostname: "127.0.0.1",
+    port: 0,
+    socket: {
+      open(s) {
+        s.data = { buf: "", data: null, accepted: 0 };
+        s.write("220 scripted LMTP ready\r\n");
+      },
+      data(s, chunk) {
+        const st = s.data;
+        st.buf += Buffer.from(chunk).toString("latin1");
+        let nl: number;
+        while ((nl = st.buf.indexOf("\r\n")) !== -1) {
+          const line = st.buf.slice(0, nl);
+          st.buf = st.buf.slice(nl + 2);
+          if (st.data !== null) {
+            if (line !== ".") {
+              st.data += (line.startsWith(".") ? line.slice(1) : line) + "\r\n";
+              continue;
+            }
+            messages.push(st.data); // "saved"
+            st.data = null;
+            s.write(script.afterDot + "\r\n");
+            if (script.afterDot.startsWith("421")) s.end();
+            continue;
+          }
+          const verb = line.split(" ")[0]!.toUpperCase();
+          if (verb === "LHLO") s.write("250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
+          else if (verb === "MAIL" || verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
+          else if (verb === "RCPT") {
+            s.write(script.rcpt + "\r\n");
+            if (script.rcpt.startsWith("250")) st.accepted++;
+            else if (script.rcpt.startsWith("421")) s.end();
+          } else if (verb === "DATA") {
+            if (st.accepted > 0) {
+              st.data = "";
+              s.write("354 go ahead\r\n");
+            } else s.write("503 5.5.1 No valid recipients\r\n");
+          } else if (verb === "QUIT") {
+            s.write("221 2.0.0 bye\r\n");
+            s.end();
+          } else s.write("500 5.5.2 what\r\n");
+        }
+      },
+    },
+  });
+  return { port: server.port, messages, stop: () => server.stop(true) };
+}
+
+describe("outcomes that are not known", () => {
+  test("421 after the final dot (Dovecot stopping while it saves): 202, and counted as an unknown outcome", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    try {
+      const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      const sent = message("421-after-dot");
+      const a = await post(h, sent);
+      expect(a.status).toBe(202);
+      expect(a.body.recipients![0]!.reply).toContain("421 4.3.2");
+      expect(lmtp.messages.length).toBe(1); // the server had it
+      const m = await metrics(h);
+      expect(m.relay_unknown_outcome_total).toBe(1);
+      expect(m.relay_queued_total).toBe(1);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("421 at RCPT (nothing sent yet): 202, and not an unknown outcome", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "421 4.3.2 vm Shutting down", afterDot: "250 2.0.0 Saved" });
+    try {
+      const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      const a = await post(h, message("421-at-rcpt"));
+      expect(a.status).toBe(202);
+      expect(lmtp.messages.length).toBe(0);
+      expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("421 after the final dot to a message sent as JSON (in memory, not streamed): counted too", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    try {
+      const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      const r = await fetch(h.server.url + INBOUND_PATH, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-API-Key": KEY },
+        body: JSON.stringify({ from: "sender@example.org", to: USER, raw: "Subject: json\r\n\r\nbody\r\n" }),
+      });
+      expect(r.status).toBe(202);
+      expect((await metrics(h)).relay_unknown_outcome_total).toBe(1);
+      const [entry] = await h.spool!.list();
+      expect(new TextDecoder().decode(await spooledBody(h, entry!.header.id))).toBe("Subject: json\r\n\r\nbody\r\n");
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("421 after the final dot on a retry from the spool is counted as well", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    try {
+      const h = await host({ lmtpPort: deadPort(), queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      expect((await post(h, message("421-retry"))).status).toBe(202);
+      expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
+      // Point the deliverer at the scripted server by restarting on the same spool.
+      await h.server.stop();
+      const again = await host({ dir: h.dir!, lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      await until("the retry reached the server", () => lmtp.messages.length === 1);
+      await until("counted", async () => (await metrics(again)).relay_unknown_outcome_total === 1);
+      expect(again.server.runner!.size).toBe(1); // still queued: retried later, a duplicate rather than a loss
+    } finally {
+      lmtp.stop();
+    }
+  });
+});
+
+describe("nothing acknowledged that is not safe", () => {
+  test("spool unwritable and LMTP down: 503 with Retry-After, nothing in the spool, the write error counted", async () => {
+    const h = await host({ lmtpPort: deadPort() });
+    rmSync(join(h.dir!, "tmp"), { recursive: true });
+    writeFileSync(join(h.dir!, "tmp"), "a file where the directory should be");
+    const a = await post(h, message("unwritable"));
+    expect(a.status).toBe(503);
+    expect(a.headers.get("retry-after")).toBeTruthy();
+    expect(a.body.status).toBe("deferred");
+    expect(readdirSync(join(h.dir!, "queue"))).toEqual([]);
+    const m = await metrics(h);
+    expect(m.relay_spool_write_errors_total).toBe(1);
+    expect(m.relay_deferred_total).toBe(1);
+    expect(m.relay_queued_total).toBe(0);
+  });
+
+  test("spool unwritable but LMTP fine: delivered at once (200); the spool is only needed on failure", async () => {
+    const h = await host();
+    rmSync(join(h.dir!, "tmp"), { recursive: true });
+    writeFileSync(join(h.dir!, "tmp"), "x");
+    const a = await post(h, message("unwritable-ok"));
+    expect(a.status).toBe(200);
+    expect(fake.received.length).toBe(1);
+  });
+
+  test("queue/ unwritable at commit and LMTP refusing for now: 503, nothing acknowledged", async () => {
+    const h = await host();
+    fake.behaviour.rcpt = () => 450;
+    rmSync(join(h.dir!, "queue"), { recursive: true });
+    writeFileSync(join(h.dir!, "queue"), "x");
+    const a = await post(h, message("no-queue"));
+    expect(a.status).toBe(503);
+    expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
+    expect((await metrics(h)).relay_spool_write_errors_total).toBe(1);
+  });
+
+  test("without a spool, LMTP down: 503 with Retry-After", async () => {
+    const h = await host({ spool: false, lmtpPort: deadPort() });
+    const a = await post(h, message("nospool"));
+    expect(a.status).toBe(503);
+    expect(a.headers.get("retry-after")).toBeTruthy();
+    expect(h.server.runner).toBeNull();
+    const m = await metrics(h);
+    expect(m.relay_deferred_total).toBe(1);
+    expect(m.relay_spool_messages).toBe(0);
+  });
+
+  test("without a spool, 450 at RCPT: 503", async () => {
+    const h = await host({ spool: false });
+    fake.behaviour.rcpt = () => 450;
+    expect((await post(h, message("nospool450"))).status).toBe(503);
+  });
+
+  test("too large, streamed without Content-Length, while LMTP is down: 413 and nothing spooled", async () => {
+    const h = await host({ lmtpPort: deadPort() });
+    const a = await post(h, streamOf(bigMessage("huge", 9 * 1024 * 1024), 65_536));
+    expect(a.status).toBe(413);
+    expect(readdirSync(join(h.dir!, "queue"))).toEqual([]);
+    expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
+  });
+
+  test("the client goes away mid-body while LMTP is down: nothing spooled, nothing left in tmp/", async () => {
+    const h = await host({ lmtpPort: deadPort() });
+    const ac = new AbortController();
+    let sent = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        if (sent >= 200_000) {
+          await Bun.sleep(100);
+          ac.abort();
+          return controller.error(new Error("client gone"));
+        }
+        controller.enqueue(new Uint8Array(50_000).fill(0x41));
+        sent += 50_000;
+      },
+    });
+    await fetch(h.server.url + INBOUND_PATH, {
+      method: "POST",
+      headers: { "Content-Type": "message/rfc822", "X-API-Key": KEY, "X-Envelope-From": "", "X-Envelope-To": USER },
+      body,
+      signal: ac.signal,
+    }).catch(() => null);
+    await until("request settled", () => logs.some((l) => l.path === INBOUND_PATH));
+    await Bun.sleep(100);
+    expect(readdirSync(join(h.dir!, "queue"))).toEqual([]);
+    expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
+    expect((await metrics(h)).relay_queued_total).toBe(0);
+  });
+});
+
+describe("duplicates", () => {
+  test("same Message-ID, recipient and size twice: the second is a duplicate, delivered once", async () => {
+    const h = await host();
+    const sent = message("dup");
+    const first = await post(h, sent);
+    expect(first.status).toBe(200);
+    expect(first.body.status).toBe("success");
+    const second = await post(h, sent);
+    expect(second.status).toBe(200);
+    expect(second.body.status).toBe("duplicate");
+    expect(second.body.recipients![0]!.duplicate).toBe(true);
+    expect(fake.received.length).toBe(1);
+    const m = await metrics(h);
+    expect(m.relay_duplicates_total).toBe(1);
+    expect(m.relay_delivered_total).toBe(1);
+  });
+
+  test("same Message-ID with a different size is delivered again; so is another recipient", async () => {
+    const h = await host();
+    expect((await post(h, message("resent"))).status).toBe(200);
+    const changed = await post(h, message("resent", "P.S. one more line\r\n"));
+    expect(changed.status).toBe(200);
+    expect(changed.body.status).toBe("success");
+    const other = await post(h, message("resent"), "alice@example.test");
+    expect(other.body.status).toBe("success");
+    expect(fake.received.length).toBe(3);
+  });
+
+  test("a message without Message-ID is never taken for a duplicate", async () => {
+    const h = await host();
+    const sent = enc.encode("Subject: no id\r\n\r\nbody\r\n");
+    expect((await post(h, sent)).body.status).toBe("success");
+    expect((await post(h, sent)).body.status).toBe("success");
+    expect(fake.received.length).toBe(2);
+  });
+
+  test("a spooled message delivered later is remembered too, and across a restart", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir });
+    fake.behaviour.rcpt = () => 450;
+    const sent = message("later-dup");
+    expect((await post(h, sent)).status).toBe(202);
+    fake.behaviour.rcpt = () => 250;
+    await until("delivered", () => fake.received.length === 1 && h.server.runner!.size === 0);
+    expect((await post(h, sent)).body.status).toBe("duplicate");
+
+    await h.server.stop();
+    const again = await host({ dir });
+    expect((await post(again, sent)).body.status).toBe("duplicate");
+    expect(fake.received.length).toBe(1);
+  });
+
+  test("a duplicate is not suppressed when only some recipients had it", async () => {
+    const h = await host();
+    const sent = message("some");
+    await post(h, sent, USER);
+    const both = await post(h, sent, `${USER}, alice@example.test`);
+    expect(both.status).toBe(200);
+    expect(both.body.status).toBe("success");
+  });
+});
+
+describe("restart", () => {
+  test("what a stopped host left in queue/ is delivered by the next one at start-up; leftovers in tmp/ are discarded and counted", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    fake.behaviour.rcpt = () => 450;
+    const sent = [message("r1"), message("r2"), message("r3")];
+    for (const m of sent) expect((await post(h, m)).status).toBe(202);
+    await h.server.stop();
+    writeFileSync(join(dir, "tmp", "0000000000halfwritten"), "partial");
+
+    fake.behaviour.rcpt = () => 250;
+    const again = await host({ dir });
+    await until("all delivered", () => fake.received.length === 3 && again.server.runner!.size === 0);
+    const got = fake.received.map((r) => Buffer.from(r.data).toString("latin1")).sort();
+    expect(got).toEqual(sent.map((m) => Buffer.from(m).toString("latin1")).sort());
+    const m = await metrics(again);
+    expect(m.relay_spool_incomplete_discarded_total).toBe(1);
+    expect(m.relay_spool_delivered_total).toBe(3);
+    expect(logs.some((l) => l.event === "spool_incomplete_discarded" && l.file === "0000000000halfwritten")).toBe(true);
+    expect(readdirSync(join(dir, "tmp"))).toEqual([]);
+  });
+});
+
+describe("/metrics", () => {
+  test("counters match what happened", async () => {
+    const h = await host();
+    // 2 delivered, 1 duplicate, 1 refused at RCPT (422), 1 bad envelope (400), 1 queued (450), 1 wrong key (not counted).
+    expect((await post(h, message("m1"))).status).toBe(200);
+    expect((await post(h, message("m2"))).status).toBe(200);
+    expect((await post(h, message("m1"))).body.status).toBe("duplicate");
+    fake.behaviour.rcpt = () => 550;
+    expect((await post(h, message("m3"))).status).toBe(422);
+    expect((await post(h, message("m4"), "not an address")).status).toBe(400);
+    fake.behaviour.rcpt = () => 450;
+    expect((await post(h, message("m5"))).status).toBe(202);
+    const wrong = await fetch(h.server.url + INBOUND_PATH, { method: "POST", headers: { "X-API-Key": "wrong" }, body: "x" });
+    expect(wrong.status).toBe(401);
+
+    const m = await metrics(h);
+    expect(m.relay_received_total).toBe(6);
+    expect(m.relay_delivered_total).toBe(2);
+    expect(m.relay_duplicates_total).toBe(1);
+    expect(m.relay_rejected_total).toBe(2);
+    expect(m.relay_queued_total).toBe(1);
+    expect(m.relay_deferred_total).toBe(0);
+    expect(m.relay_unknown_outcome_total).toBe(0);
+    expect(m.relay_spool_messages).toBe(1);
+    expect(m.relay_spool_oldest_age_seconds).toBeGreaterThanOrEqual(0);
+    // One LMTP transaction per delivery attempt that reached LMTP (not the duplicate, not the 400).
+    expect(m.relay_delivery_seconds_count).toBe(4);
+    expect(m['relay_delivery_seconds_bucket{le="+Inf"}']).toBe(4);
+
+    fake.behaviour.rcpt = () => 250;
+    await until("spool empty", async () => (await metrics(h)).relay_spool_messages === 0);
+    expect((await metrics(h)).relay_spool_delivered_total).toBe(1);
+  });
+
+  test("/metrics needs the key", async () => {
+    const h = await host();
+    expect((await fetch(h.server.url + "/metrics")).status).toBe(401);
+  });
+});

@@ -1,0 +1,448 @@
+// The background deliverer with a scripted deliver function (no LMTP): backoff, retries, the kick
+// after a success, giving up (age, permanent refusal), stop(), and the operator's flush request.
+
+import { afterEach, beforeEach, describe, expect, test } from "bun:test";
+import fc from "fast-check";
+import { existsSync, readFileSync, readdirSync, rmSync, truncateSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { join } from "node:path";
+import type { RecipientResult } from "../contract.ts";
+import { Metrics } from "../metrics.ts";
+import { QueueRunner, backoffMs, type SpoolDeliver } from "../queue-runner.ts";
+import { Spool, type SpoolHeader } from "../spool.ts";
+import { allowSlowTests } from "./support/timeout.ts";
+
+allowSlowTests();
+
+let dir: string;
+let spool: Spool;
+let runner: QueueRunner | null = null;
+let logs: Record<string, unknown>[] = [];
+
+beforeEach(async () => {
+  dir = await mkdtemp("/tmp/runner-test-");
+  spool = new Spool(dir);
+  spool.prepare();
+  logs = [];
+});
+
+afterEach(async () => {
+  await runner?.stop();
+  runner = null;
+  await rm(dir, { recursive: true, force: true });
+});
+
+const enc = new TextEncoder();
+
+async function spoolMessage(text: string, to = ["user@example.test"], receivedAt = Date.now()): Promise<SpoolHeader> {
+  const staged = await spool.stage();
+  await staged.write(enc.encode(text));
+  return staged.commit({ from: "sender@example.org", to, received_at: receivedAt, message_id: null });
+}
+
+const reply = (address: string, code: number, text: string): RecipientResult => ({
+  address,
+  code,
+  enhanced: text.match(/^\d\.\d+\.\d+/)?.[0] ?? null,
+  reply: `${code} ${text}`,
+});
+
+interface Call {
+  id: string;
+  to: string[];
+  body: string;
+  at: number;
+}
+
+/** A deliver function that records each call and answers with `script(call)`. */
+function scripted(script: (call: Call, n: number) => Promise<RecipientResult[]> | RecipientResult[]) {
+  const calls: Call[] = [];
+  const deliver: SpoolDeliver = async (envelope, body, _size, header) => {
+    const call = { id: header.id, to: envelope.to, body: await new Response(body).text(), at: Date.now() };
+    calls.push(call);
+    return script(call, calls.length);
+  };
+  return { calls, deliver };
+}
+
+async function until(what: string, cond: () => boolean, ms = 5_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await Bun.sleep(10);
+  }
+}
+
+const queueFiles = () => readdirSync(join(dir, "queue")).sort();
+const failedFiles = () => readdirSync(join(dir, "failed")).filter((n) => !n.endsWith(".state"));
+
+describe("backoffMs", () => {
+  test("grows with each attempt, doubles from the base, stops at the cap", () => {
+    const mid = () => 0.5; // no jitter
+    expect([1, 2, 3, 4, 5].map((a) => backoffMs(a, 1000, 60_000, mid))).toEqual([1000, 2000, 4000, 8000, 16000]);
+    expect(backoffMs(7, 1000, 60_000, mid)).toBe(60_000);
+    expect(backoffMs(50, 1000, 60_000, mid)).toBe(60_000);
+    expect(backoffMs(5000, 1000, 60_000, mid)).toBe(60_000); // 2 ** 4999 is Infinity: still the cap
+    expect(backoffMs(0, 1000, 60_000, mid)).toBe(1000);
+  });
+
+  test("jitter stays within +-20 % of the unjittered delay and actually spreads (property)", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 40 }), fc.integer({ min: 1, max: 10_000 }), fc.integer({ min: 1, max: 10_000_000 }), fc.double({ min: 0, max: 1, maxExcluded: true, noNaN: true }), (attempts, base, cap, r) => {
+        const exact = Math.min(cap, base * 2 ** (attempts - 1));
+        const d = backoffMs(attempts, base, cap, () => r);
+        return d >= Math.floor(exact * 0.8) && d <= Math.ceil(exact * 1.2);
+      }),
+      { seed: 4242, numRuns: 2000 },
+    );
+    const samples = new Set(Array.from({ length: 50 }, () => backoffMs(3, 1000, 60_000)));
+    expect(samples.size).toBeGreaterThan(10);
+    for (const s of samples) expect(s >= 3200 && s <= 4800).toBe(true);
+  });
+
+  test("monotone in attempts when the jitter is the same (property)", () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 60 }), fc.integer({ min: 1, max: 5_000 }), fc.integer({ min: 1, max: 600_000 }), fc.double({ min: 0, max: 1, maxExcluded: true, noNaN: true }), (a, base, cap, r) => {
+        return backoffMs(a + 1, base, cap, () => r) >= backoffMs(a, base, cap, () => r);
+      }),
+      { seed: 4243, numRuns: 2000 },
+    );
+  });
+});
+
+describe("retries", () => {
+  test("temporary failures are retried with growing delays, then delivered; the state file records each attempt", async () => {
+    const h = await spoolMessage("Subject: retry\r\n\r\nbody\r\n");
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c, n) => (n <= 4 ? [reply(c.to[0]!, 451, "4.3.0 Temporary failure")] : [reply(c.to[0]!, 250, "2.0.0 Saved")]));
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 40, maxBackoffMs: 10_000, metrics, log: (l) => logs.push(l) });
+
+    let sawState = false;
+    const watchState = setInterval(async () => {
+      const e = await spool.read(h.id).catch(() => null);
+      if (e && e.state.attempts >= 1 && e.state.last_reply === "451 4.3.0 Temporary failure") sawState = true;
+    }, 5);
+    await runner.start();
+    await until("delivery", () => calls.length === 5 && runner!.size === 0);
+    clearInterval(watchState);
+
+    expect(calls.every((c) => c.body === "Subject: retry\r\n\r\nbody\r\n")).toBe(true);
+    const gaps = calls.slice(1).map((c, i) => c.at - calls[i]!.at);
+    // Attempt n waits backoffMs(n) = 40 * 2^(n-1) +-20 %: 32+, 64+, 128+, 256+ ms.
+    expect(gaps[0]!).toBeGreaterThanOrEqual(30);
+    expect(gaps[1]!).toBeGreaterThanOrEqual(62);
+    expect(gaps[2]!).toBeGreaterThanOrEqual(126);
+    expect(gaps[3]!).toBeGreaterThanOrEqual(254);
+    expect(gaps[3]!).toBeGreaterThan(gaps[0]!);
+    expect(sawState).toBe(true);
+    expect(queueFiles()).toEqual([]);
+    expect(metrics.get("spool_retried")).toBe(4);
+    expect(metrics.get("spool_delivered")).toBe(1);
+    const retries = logs.filter((l) => l.event === "spool_retry").map((l) => l.attempts);
+    expect(retries).toEqual([1, 2, 3, 4]);
+  });
+
+  test("a thrown fault (LMTP down) is a temporary failure too, with its message as the last reply", async () => {
+    const h = await spoolMessage("x");
+    const { calls, deliver } = scripted(() => {
+      throw new Error("LMTP connect to 127.0.0.1:1 failed: ECONNREFUSED");
+    });
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000 });
+    await runner.start();
+    await until("first attempt", () => calls.length === 1);
+    await until("state saved", () => existsSync(join(dir, "queue", `${h.id}.state`)));
+    const e = await spool.read(h.id);
+    expect(e.state.attempts).toBe(1);
+    expect(e.state.last_reply).toContain("ECONNREFUSED");
+    expect(e.state.next_at).toBeGreaterThan(Date.now() + 40_000);
+    expect(runner.size).toBe(1);
+  });
+
+  test("only the recipients that failed temporarily are tried again", async () => {
+    await spoolMessage("x", ["a@example.test", "b@example.test", "c@example.test"]);
+    const { calls, deliver } = scripted((c, n) =>
+      n === 1 ? [reply("a@example.test", 250, "2.0.0 ok"), reply("b@example.test", 452, "4.2.2 Mailbox full"), reply("c@example.test", 250, "2.0.0 ok")] : c.to.map((a) => reply(a, 250, "2.0.0 ok")),
+    );
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20 });
+    await runner.start();
+    await until("delivered", () => runner!.size === 0 && calls.length === 2);
+    expect(calls.map((c) => c.to)).toEqual([["a@example.test", "b@example.test", "c@example.test"], ["b@example.test"]]);
+    expect(queueFiles()).toEqual([]);
+  });
+
+  test("a success makes every waiting message due at once (the kick)", async () => {
+    for (let i = 0; i < 3; i++) await spoolMessage(`message ${i}`);
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { calls, deliver } = scripted(async (c, n) => {
+      if (n <= 2) return [reply(c.to[0]!, 451, "4.3.0 later")];
+      if (n === 3) await gate;
+      return [reply(c.to[0]!, 250, "2.0.0 Saved")];
+    });
+    // One at a time, and a first retry a minute away: only the kick can bring the two back soon.
+    runner = new QueueRunner(spool, deliver, { concurrency: 1, baseBackoffMs: 60_000, maxBackoffMs: 60_000 });
+    await runner.start();
+    await until("three attempts under way", () => calls.length === 3);
+    expect(runner.size).toBe(3);
+    release();
+    await until("all delivered after the kick", () => runner!.size === 0, 5_000);
+    expect(calls.length).toBe(5);
+    expect(new Set(calls.slice(3).map((c) => c.id))).toEqual(new Set(calls.slice(0, 2).map((c) => c.id)));
+  });
+
+  test("kick() from outside (a direct delivery worked) also makes waiting messages due", async () => {
+    await spoolMessage("x");
+    let fail = true;
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, fail ? "4.3.0 later" : "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000 });
+    await runner.start();
+    await until("first attempt", () => calls.length === 1);
+    await Bun.sleep(50);
+    fail = false;
+    runner.kick();
+    await until("delivered", () => runner!.size === 0, 5_000);
+  });
+
+  test("messages added while running wait their first backoff, then go", async () => {
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 100 });
+    await runner.start();
+    const h = await spoolMessage("added");
+    runner.add(h, "451 4.3.0 first try failed");
+    expect(runner.size).toBe(1);
+    expect(runner.stats().queued).toBe(1);
+    await until("delivered", () => runner!.size === 0);
+    expect(calls.map((c) => c.id)).toEqual([h.id]);
+    expect(queueFiles()).toEqual([]);
+  });
+
+  test("a message delivered right after add() leaves no state file behind (slow disk)", async () => {
+    const { deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000 });
+    await runner.start();
+    // The state write of add() is slow; the delivery (after a kick) is quick.
+    const save = spool.saveState.bind(spool);
+    spool.saveState = async (...args) => {
+      await Bun.sleep(200);
+      return save(...args);
+    };
+    const h = await spoolMessage("fast");
+    runner.add(h, "451 4.3.0 busy");
+    runner.kick();
+    await until("delivered", () => runner!.size === 0);
+    await Bun.sleep(400);
+    expect(queueFiles()).toEqual([]);
+  });
+});
+
+describe("giving up", () => {
+  test("past the maximum age: moved to failed/ with the last reply in the reason, counted", async () => {
+    const h = await spoolMessage("too old", ["user@example.test"]);
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 452, "4.2.2 Mailbox full")]);
+    runner = new QueueRunner(spool, deliver, { maxAgeMs: 300, baseBackoffMs: 40, maxBackoffMs: 80, metrics, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("failed", () => failedFiles().length === 1, 5_000);
+    expect(calls.length).toBeGreaterThanOrEqual(1);
+    const [e] = await spool.list("failed");
+    expect(e!.header.id).toBe(h.id);
+    expect(e!.state.reason).toContain("expired");
+    expect(e!.state.reason).toContain("452 4.2.2 Mailbox full");
+    expect(queueFiles()).toEqual([]);
+    expect(runner.size).toBe(0);
+    expect(metrics.get("spool_failed")).toBe(1);
+    expect(runner.stats().failed).toBe(1);
+    expect(metrics.render()).toContain("relay_spool_failed_total 1");
+    expect(logs.some((l) => l.event === "spool_failed" && String(l.reason).includes("452"))).toBe(true);
+    // Kept, bytes and all.
+    expect(readFileSync(join(dir, "failed", h.id), "latin1").slice(-7)).toBe("too old");
+  });
+
+  test("a message older than the maximum age when the host starts is not attempted at all", async () => {
+    await spoolMessage("ancient", ["user@example.test"], Date.now() - 6 * 24 * 3_600_000);
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver);
+    await runner.start();
+    await until("failed", () => failedFiles().length === 1);
+    expect(calls).toEqual([]);
+    expect((await spool.list("failed"))[0]!.state.reason).toMatch(/^expired after 144 h/);
+  });
+
+  test("a permanent refusal (5xx) of a spooled message: failed/ with the reply as reason, no more attempts", async () => {
+    const h = await spoolMessage("refused");
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 550, "5.1.1 <user@example.test> User doesn't exist")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, metrics });
+    await runner.start();
+    await until("failed", () => failedFiles().length === 1);
+    await Bun.sleep(100);
+    expect(calls.length).toBe(1);
+    const [e] = await spool.list("failed");
+    expect(e!.header.id).toBe(h.id);
+    expect(e!.state.reason).toBe("refused: 550 5.1.1 <user@example.test> User doesn't exist");
+    expect(metrics.get("spool_failed")).toBe(1);
+    expect(metrics.get("spool_delivered")).toBe(0);
+  });
+
+  test("one recipient refused for good, another deferred: after the other is delivered, failed/ keeps it for the refused one", async () => {
+    const h = await spoolMessage("mixed", ["gone@example.test", "full@example.test", "ok@example.test"]);
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c, n) =>
+      n === 1
+        ? [reply("gone@example.test", 550, "5.1.1 <gone@example.test> User doesn't exist"), reply("full@example.test", 452, "4.2.2 Mailbox full"), reply("ok@example.test", 250, "2.0.0 ok")]
+        : c.to.map((a) => reply(a, 250, "2.0.0 ok")),
+    );
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, metrics, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("settled", () => runner!.size === 0);
+    expect(calls.map((c) => c.to)).toEqual([["gone@example.test", "full@example.test", "ok@example.test"], ["full@example.test"]]);
+    const [e] = await spool.list("failed");
+    expect(e?.header.id).toBe(h.id);
+    expect(e!.state.reason).toBe("refused: 550 5.1.1 <gone@example.test> User doesn't exist");
+    expect(e!.state.remaining).toEqual(["gone@example.test"]);
+    expect(metrics.get("spool_failed")).toBe(1);
+    expect(logs.some((l) => l.event === "spool_refused")).toBe(true);
+
+    // The operator fixes the mailbox and retries: only the refused recipient gets it now.
+    await spool.retryFailed(h.id);
+    spool.requestFlush();
+    await until("retried", () => calls.length === 3 && runner!.size === 0);
+    expect(calls[2]!.to).toEqual(["gone@example.test"]);
+    expect(failedFiles()).toEqual([]);
+  });
+
+  test("a refusal among delivered recipients: failed/ names only the refused one", async () => {
+    const h = await spoolMessage("mixed", ["gone@example.test", "ok@example.test"]);
+    const { deliver } = scripted(() => [reply("gone@example.test", 550, "5.1.1 no such user"), reply("ok@example.test", 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20 });
+    await runner.start();
+    await until("failed", () => failedFiles().length === 1);
+    const [e] = await spool.list("failed");
+    expect(e!.header.id).toBe(h.id);
+    expect(e!.state.remaining).toEqual(["gone@example.test"]);
+  });
+
+  test("an answer without replies is not taken for a delivery", async () => {
+    await spoolMessage("x", ["a@example.test", "b@example.test"]);
+    const { calls, deliver } = scripted((c, n) => (n === 1 ? [] : n === 2 ? [reply("a@example.test", 250, "2.0.0 ok")] : c.to.map((a) => reply(a, 250, "2.0.0 ok"))));
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20 });
+    await runner.start();
+    await until("delivered", () => runner!.size === 0);
+    expect(calls.map((c) => c.to)).toEqual([["a@example.test", "b@example.test"], ["a@example.test", "b@example.test"], ["b@example.test"]]);
+  });
+
+  test("a file damaged after it was loaded goes to failed/ instead of being retried for days", async () => {
+    const h = await spoolMessage("x".repeat(1000));
+    let fail = true;
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, "4.3.0 later")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30 });
+    await runner.start();
+    await until("first attempt", () => calls.length >= 1);
+    truncateSync(join(dir, "queue", h.id), 32 * 1024 + 10);
+    fail = false;
+    await until("failed", () => failedFiles().length === 1);
+    expect(runner.size).toBe(0);
+    expect(failedFiles()).toEqual([h.id]);
+    const state = JSON.parse(readFileSync(join(dir, "failed", `${h.id}.state`), "utf8"));
+    expect(state.reason).toContain("unreadable spool file: truncated");
+    expect(state.reason).toContain("451 4.3.0 later");
+    expect(calls.length).toBe(1); // the damaged bytes were never offered to LMTP
+  });
+
+  test("a file that vanished from queue/ is forgotten, not retried in a loop", async () => {
+    const h = await spoolMessage("gone");
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 451, "4.3.0 later")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 20, maxAgeMs: 200, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("first attempt", () => calls.length >= 1);
+    rmSync(join(dir, "queue", h.id));
+    await until("forgotten", () => runner!.size === 0, 3_000);
+    const before = logs.length;
+    await Bun.sleep(300);
+    expect(logs.length - before).toBeLessThan(5); // no tight loop of errors
+    expect(failedFiles()).toEqual([]);
+  });
+});
+
+describe("stop and flush", () => {
+  test("stop() waits for the delivery under way and starts no new one", async () => {
+    await spoolMessage("a");
+    await spoolMessage("b");
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { calls, deliver } = scripted(async (c) => {
+      await gate;
+      return [reply(c.to[0]!, 250, "2.0.0 ok")];
+    });
+    runner = new QueueRunner(spool, deliver, { concurrency: 1 });
+    await runner.start();
+    await until("first attempt", () => calls.length === 1);
+
+    let stopped = false;
+    const stopping = runner.stop().then(() => (stopped = true));
+    await Bun.sleep(150);
+    expect(stopped).toBe(false);
+    release();
+    await stopping;
+    expect(stopped).toBe(true);
+    // The one under way finished (and left the spool); the other was not started.
+    expect(calls.length).toBe(1);
+    expect(queueFiles().filter((n) => !n.endsWith(".state")).length).toBe(1);
+    await Bun.sleep(100);
+    expect(calls.length).toBe(1);
+  });
+
+  test("a flush request picks up a message put back by retryFailed and delivers it at once", async () => {
+    const h = await spoolMessage("from failed");
+    await spool.moveToFailed(h.id, "refused: 550 5.1.1 no such user (fixed since)");
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000, log: (l) => logs.push(l) });
+    await runner.start();
+    await Bun.sleep(50);
+    expect(calls).toEqual([]);
+    expect(runner.stats().failed).toBe(1);
+
+    await spool.retryFailed(h.id);
+    spool.requestFlush(); // what `queue retry ID` does; the runner only watches the directory
+    await until("delivered after the flush request", () => calls.length === 1 && runner!.size === 0, 5_000);
+    expect(calls[0]!.id).toBe(h.id);
+    expect(calls[0]!.body).toBe("from failed");
+    expect(failedFiles()).toEqual([]);
+    await until("flush file removed", () => !existsSync(join(dir, "flush-requested")));
+    expect(runner.stats().failed).toBe(0);
+  });
+
+  test("a flush request makes messages waiting on their backoff due at once", async () => {
+    await spoolMessage("waiting");
+    let fail = true;
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, fail ? "4.3.0 later" : "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000 });
+    await runner.start();
+    await until("first attempt", () => calls.length === 1);
+    fail = false;
+    spool.requestFlush();
+    await until("delivered after flush", () => runner!.size === 0, 5_000);
+    expect(calls.length).toBe(2);
+  });
+
+  test("start() loads what a previous process left, due at once, and stats() reports its age", async () => {
+    await spoolMessage("left over", ["user@example.test"], Date.now() - 60_000);
+    await spool.saveState((await spool.list())[0]!.header.id, { attempts: 9, next_at: Date.now() + 3_600_000, last_reply: "451", remaining: ["user@example.test"] });
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const { calls, deliver } = scripted(async (c) => {
+      await gate;
+      return [reply(c.to[0]!, 250, "2.0.0 ok")];
+    });
+    runner = new QueueRunner(spool, deliver, { log: (l) => logs.push(l) });
+    await runner.start();
+    await until("attempted at once despite the saved next_at", () => calls.length === 1);
+    const s = runner.stats();
+    expect(s.queued).toBe(1);
+    expect(s.oldestAgeSeconds).toBeGreaterThanOrEqual(59);
+    expect(logs.some((l) => l.event === "spool_recovered" && l.messages === 1)).toBe(true);
+    release();
+    await runner.drained(10);
+    expect(runner.stats()).toEqual({ queued: 0, failed: 0, oldestAgeSeconds: 0 });
+  });
+});
