@@ -1,0 +1,214 @@
+// `bun run bench [--quick]`: how fast the relay delivers into Dovecot, against what lmtp.ts alone
+// can do; the host's memory for a 24 MiB message; the Worker's CPU per message against the
+// runbook's handler. Prints a table, writes .bench/*.json and .bench/*.svg.
+//
+//   bun run bench            2000 messages per throughput run (about 5-10 s each)
+//   bun run bench --quick    (or BENCH_QUICK=1) a few hundred messages in all, for CI
+//   BENCH_MESSAGES=N         messages per throughput run, overriding either
+//   BENCH_LMTP=fake          the fake LMTP even where Dovecot is installed (every line then says so)
+//
+// It asserts no timing. It exits non-zero only when something failed: a delivery not answered
+// 200 "success", a message missing from the mailbox, a process that would not start.
+
+import { startBackend, type Backend } from "./backend.ts";
+import { closedLoop, type LoadResult, type Operation } from "./load.ts";
+import { bigMessage, WARMUP_MESSAGES, type MemoryResult } from "./memory.ts";
+import { RECIPIENT, SENDER, messageFactory, streamOf, streamedMessage } from "./messages.ts";
+import { ceilingOp, ceilingPool, jsonBodies, relayJsonOp, relayRawOp } from "./paths.ts";
+import { dovecotVersion, machine, memStatus } from "./proc.ts";
+import { marker, renderTable, writeOutputs, type PathName, type RatioRow, type Results, type Target, type ThroughputRun } from "./report.ts";
+import { OUT_DIR, spawnServer, type ServerChild } from "./server-child.ts";
+import { workerCpu, type WorkerCpuRow } from "./worker-cpu.ts";
+
+const quick = process.argv.includes("--quick") || process.env.BENCH_QUICK === "1";
+const PER_RUN = Number(process.env.BENCH_MESSAGES) || (quick ? 40 : 2000);
+const CONCURRENCY = [1, 8] as const;
+const MESSAGE_BYTES = 10 * 1024;
+const BIG_BYTES = 24 * 1024 * 1024;
+const CPU_ITERATIONS = quick ? [40, 8, 2] : [200, 30, 5];
+const API_KEY = `bench-${crypto.randomUUID().replace(/-/g, "")}${crypto.randomUUID().replace(/-/g, "")}`;
+
+const startedAt = new Date().toISOString();
+const failures: string[] = [];
+const notes: string[] = [];
+
+// BENCH_LMTP=fake runs against the fake LMTP even where Dovecot is installed (to see that mode).
+const backend: Backend = await startBackend(process.env.BENCH_LMTP === "fake" ? "fake" : "auto");
+const mark = marker(backend.kind);
+// Straight to stderr: the Worker CPU phase silences console.* while it measures.
+const progress = (line: string) => void process.stderr.write(mark(`.. ${line}`) + "\n");
+progress(
+  backend.kind === "dovecot"
+    ? `Dovecot ${backend.version} on ${backend.host}:${backend.port}`
+    : `${process.env.BENCH_LMTP === "fake" ? "BENCH_LMTP=fake" : "no dovecot binary"}: using the FAKE LMTP on ${backend.host}:${backend.port}; every number below is against it`,
+);
+
+const runs: ThroughputRun[] = [];
+let memory: MemoryResult | null = null;
+let bigCeilingMs: number | null = null;
+let cpuRows: WorkerCpuRow[] = [];
+
+/** Clears the mailbox, warms the path up (connections, JIT), clears again, runs, counts what was stored. */
+async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
+  await backend.clear();
+  const warm = await closedLoop(concurrency * 3, concurrency, await op(`warm-${concurrency}-${order}`));
+  for (const x of warm.failures.slice(0, 3)) failures.push(`warm-up of ${path} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
+  await backend.clear();
+  const result: LoadResult = await closedLoop(PER_RUN, concurrency, await op(`run-${concurrency}-${order}`), { serverPid });
+  const stored = await backend.count();
+  for (const x of result.failures.slice(0, 5)) failures.push(`${path} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
+  if (result.failures.length > 5) failures.push(`${path} (concurrency ${concurrency}): ${result.failures.length - 5} more failed deliveries`);
+  if (stored !== result.ok) failures.push(`${path} (concurrency ${concurrency}): ${result.ok} deliveries answered OK but ${stored} messages are in the mailbox`);
+  // The JSON keeps the first few failures, not thousands of copies of the same one.
+  runs.push({ order, label, path, concurrency, stored, result: { ...result, failures: result.failures.slice(0, 10) } });
+  progress(
+    `c=${concurrency} #${order} ${path}${path === "ceiling" ? ` ${label}` : ""}: ${result.perSecond.toFixed(0)} msg/s, p50 ${result.p50Ms.toFixed(2)} ms, p99 ${result.p99Ms.toFixed(2)} ms, stored ${stored}/${PER_RUN}`,
+  );
+}
+
+/** The messages of one run (or, for a tag starting with "warm", of its warm-up), built before the clock starts. */
+function messagesFor(tag: string, concurrency: number): Uint8Array<ArrayBuffer>[] {
+  const make = messageFactory(tag, MESSAGE_BYTES);
+  return Array.from({ length: tag.startsWith("warm") ? concurrency * 3 : PER_RUN }, (_, i) => make(i));
+}
+
+let server: ServerChild | null = null;
+try {
+  // --- 1-4: throughput, ceiling / relay rfc822 / relay JSON / ceiling at each concurrency -----
+  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "relay" });
+  progress(`host: server.ts child pid ${server.pid} at ${server.url} (access log: ${server.logPath})`);
+  const srv = server;
+  for (const c of CONCURRENCY) {
+    const pool = ceilingPool(backend.host, backend.port, c);
+    try {
+      const ceiling = async (tag: string) => ceilingOp(pool, messagesFor(tag, c));
+      const raw = async (tag: string) => relayRawOp(srv.url, API_KEY, messagesFor(tag, c));
+      const json = async (tag: string) => relayJsonOp(srv.url, API_KEY, jsonBodies(messagesFor(tag, c)));
+      await measured(1, "A", "ceiling", c, ceiling);
+      await measured(2, "", "relay-raw", c, raw, srv.pid);
+      await measured(3, "", "relay-json", c, json, srv.pid);
+      await measured(4, "B", "ceiling", c, ceiling);
+    } finally {
+      await pool.close();
+    }
+  }
+  const rss = memStatus(srv.pid);
+  notes.push(`host after the throughput runs: RSS ${(rss.rss / 1048576).toFixed(1)} MiB, VmHWM ${(rss.hwm / 1048576).toFixed(1)} MiB`);
+  await srv.stop();
+  server = null;
+} catch (e) {
+  failures.push(`throughput: ${(e as Error).stack ?? e}`);
+}
+
+// --- 5: one 24 MiB message ------------------------------------------------------------------
+try {
+  await backend.clear();
+  const pool = ceilingPool(backend.host, backend.port, 1);
+  try {
+    const t0 = performance.now();
+    const replies = await pool.deliver({ from: SENDER, to: [RECIPIENT] }, streamOf(streamedMessage("big-ceiling", BIG_BYTES)), BIG_BYTES);
+    bigCeilingMs = performance.now() - t0;
+    if (replies.some((r) => r.code !== 250)) failures.push(`24 MiB ceiling: LMTP answered ${replies.map((r) => `${r.code} ${r.text}`).join("; ")}`);
+  } finally {
+    await pool.close();
+  }
+  progress(`24 MiB, lmtp.ts direct: ${bigCeilingMs.toFixed(0)} ms`);
+  await backend.clear();
+  // A fresh host: its idle level is not raised by the throughput runs.
+  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "memory" });
+  memory = await bigMessage({ url: server.url, pid: server.pid, apiKey: API_KEY, bytes: BIG_BYTES });
+  if (memory.failure) failures.push(`24 MiB through the host: ${memory.failure}`);
+  const stored = await backend.count();
+  if (stored !== WARMUP_MESSAGES + 1) failures.push(`24 MiB through the host: expected ${WARMUP_MESSAGES + 1} messages in the mailbox (warm-up included), found ${stored}`);
+  progress(`24 MiB through the host: ${memory.ms.toFixed(0)} ms, peak ${(memory.aboveIdle / 1048576).toFixed(1)} MiB above idle (${memory.multiple.toFixed(2)}x)`);
+  await server.stop();
+  server = null;
+  await backend.clear();
+} catch (e) {
+  failures.push(`24 MiB: ${(e as Error).stack ?? e}`);
+} finally {
+  await server?.stop();
+  server = null;
+}
+
+// --- 6: the Worker's CPU per message ---------------------------------------------------------
+try {
+  cpuRows = await workerCpu(CPU_ITERATIONS, progress);
+  for (const row of cpuRows) for (const x of row.failures) failures.push(`worker CPU ${row.label}: ${x}`);
+} catch (e) {
+  failures.push(`worker CPU: ${(e as Error).stack ?? e}`);
+}
+
+await backend.dispose().catch((e: Error) => failures.push(`stopping the LMTP server: ${e.message}`));
+
+// --- 4, 7: ratios and targets ------------------------------------------------------------------
+const ratios: RatioRow[] = CONCURRENCY.map((c) => {
+  const at = (p: PathName) => runs.filter((r) => r.concurrency === c && r.path === p).map((r) => r.result.perSecond);
+  const ceilingRuns = at("ceiling");
+  const ceilingMean = ceilingRuns.length ? ceilingRuns.reduce((s, x) => s + x, 0) / ceilingRuns.length : NaN;
+  const relayRaw = at("relay-raw")[0] ?? NaN;
+  const relayJson = at("relay-json")[0] ?? NaN;
+  return { concurrency: c, ceilingRuns, ceilingMean, relayRaw, relayJson, rawRatio: relayRaw / ceilingMean, jsonRatio: relayJson / ceilingMean };
+}).filter((r) => r.ceilingRuns.length > 0);
+
+const targets: Target[] = [];
+const ratioTarget = (c: number, want: number, which: "rawRatio" | "jsonRatio", what: string, note?: string) => {
+  const row = ratios.find((r) => r.concurrency === c);
+  const v = row ? row[which] : NaN;
+  targets.push({ name: `${what} / ceiling, concurrency ${c}`, target: `>= ${want.toFixed(2)}`, measured: Number.isFinite(v) ? v.toFixed(3) : "-", met: Number.isFinite(v) ? v >= want : null, note });
+};
+ratioTarget(8, 0.9, "rawRatio", "relay rfc822");
+ratioTarget(1, 0.85, "rawRatio", "relay rfc822");
+ratioTarget(8, 0.9, "jsonRatio", "relay JSON");
+ratioTarget(1, 0.85, "jsonRatio", "relay JSON");
+targets.push(
+  memory
+    ? {
+        name: "24 MiB: host peak RSS above idle",
+        target: "< 2.00x message",
+        measured: `${memory.multiple.toFixed(2)}x (${(memory.aboveIdle / 1048576).toFixed(1)} MiB)`,
+        met: memory.multiple < 2,
+      }
+    : { name: "24 MiB: host peak RSS above idle", target: "< 2.00x message", measured: "-", met: null },
+);
+const cpu25 = cpuRows.find((r) => r.label === "25 MB");
+const cpu1 = cpuRows.find((r) => r.label === "1 MB");
+targets.push({
+  name: "Worker CPU at 25 MB: runbook / worker.ts",
+  target: ">= 10x",
+  measured: cpu25 ? `${cpu25.ratio.toFixed(1)}x` : "-",
+  met: cpu25 ? cpu25.ratio >= 10 : null,
+});
+targets.push({
+  name: "Worker CPU at 1 MB: worker.ts",
+  target: "< 2 ms",
+  measured: cpu1 ? `${cpu1.streamedCpuMs.toFixed(2)} ms` : "-",
+  met: cpu1 ? cpu1.streamedCpuMs < 2 : null,
+});
+
+notes.push(
+  `one ${machine(null, backend.kind).cores}-core machine runs everything: the bench's HTTP client, the host and ${backend.kind === "dovecot" ? "Dovecot's lmtp processes (which fsync each message)" : "the fake LMTP"} share the cores, so relay runs pay for the client too`,
+);
+notes.push("worker CPU: console output of both handlers is silenced while measured; both read the sink's answer");
+
+const results: Results = {
+  startedAt,
+  mode: quick ? "quick" : "full",
+  lmtp: backend.kind,
+  machine: machine(dovecotVersion(), backend.kind),
+  messageBytes: MESSAGE_BYTES,
+  messagesPerRun: PER_RUN,
+  runs,
+  ratios,
+  big: { ceilingMs: bigCeilingMs, memory },
+  workerCpu: cpuRows,
+  targets,
+  failures,
+  notes,
+  ...(backend.kind === "fake" ? { warning: "measured against the FAKE LMTP (smtp-server in the bench process), not Dovecot" } : {}),
+};
+
+const files = writeOutputs(OUT_DIR, results);
+console.log(renderTable(results));
+console.log(mark(`wrote ${files.json} and ${files.svg} (also .bench/latest.json, latest.svg)`));
+process.exit(failures.length ? 1 : 0);
