@@ -66,8 +66,15 @@ export class QueueRunner {
 
   /** Loads what the spool holds (left by a crash or a restart) and delivers it at once. */
   async start(): Promise<void> {
-    const found = await this.rescan();
-    if (found) this.log({ event: "spool_recovered", messages: found });
+    // A spool that cannot be listed now (queue/ gone or unreadable) must not stop the host: new
+    // messages still get their own answers (503 when they cannot be spooled), and the next flush
+    // or restart looks again. The error is logged, never thrown unhandled.
+    try {
+      const found = await this.rescan();
+      if (found) this.log({ event: "spool_recovered", messages: found });
+    } catch (e) {
+      this.log({ event: "spool_error", error: `cannot list the spool: ${(e as Error).message}` });
+    }
     // `queue flush` / `queue retry` from the CLI drop a file here.
     this.watcher = watch(this.spool.dir, (_event, name) => {
       if (name === FLUSH_REQUEST) void this.flush();
@@ -77,8 +84,12 @@ export class QueueRunner {
 
   /** Picks up messages put back by the operator and makes everything due now. */
   async flush(): Promise<void> {
-    await rm(join(this.spool.dir, FLUSH_REQUEST), { force: true });
-    await this.rescan();
+    try {
+      await rm(join(this.spool.dir, FLUSH_REQUEST), { force: true });
+      await this.rescan();
+    } catch (e) {
+      this.log({ event: "spool_error", error: `cannot list the spool: ${(e as Error).message}` });
+    }
     for (const e of this.entries.values()) if (!this.running.has(e.header.id)) e.state.next_at = 0;
     this.log({ event: "spool_flush", messages: this.entries.size });
     this.schedule();

@@ -60,7 +60,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   if (spool && runner) {
     host.spool = { spool, runner };
     metrics.spoolGauge = () => runner.stats();
-    void runner.start();
+    runner.start().catch((e) => log({ time: now(), event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
   }
 
   const app = createApp({

@@ -446,3 +446,18 @@ describe("stop and flush", () => {
     expect(runner.stats()).toEqual({ queued: 0, failed: 0, oldestAgeSeconds: 0 });
   });
 });
+
+describe("a spool that cannot be listed", () => {
+  test("start() and a flush request log the error instead of throwing (an unhandled rejection would stop the host)", async () => {
+    const { deliver, calls } = scripted(() => []);
+    rmSync(join(dir, "queue"), { recursive: true });
+    runner = new QueueRunner(spool, deliver, { log: (l) => logs.push(l) });
+    await runner.start();
+    await runner.flush();
+    const errors = logs.filter((l) => l.event === "spool_error");
+    expect(errors.length).toBe(2);
+    expect(String(errors[0]!.error)).toContain("cannot list the spool");
+    expect(String(errors[0]!.error)).toContain("ENOENT");
+    expect(calls).toEqual([]);
+  });
+});
