@@ -1,14 +1,12 @@
-// The message's header block, read off the front of the body stream without consuming it:
-// Message-ID (duplicate suppression) and Subject (logs). The body itself is never parsed.
-
-import PostalMime from "postal-mime";
+// The message's header block, read off the front of the body stream without consuming it, for
+// its Message-ID (duplicate suppression). The body itself is never parsed: one scan for the blank
+// line, one for the field, on bytes (latin1: one character per byte, nothing decoded or lost).
 
 /** Header blocks longer than this are not searched further (the body still passes untouched). */
 const MAX_HEAD = 64 * 1024;
 
 export interface HeaderInfo {
   messageId: string | null;
-  subject: string | null;
 }
 
 export interface Peeked {
@@ -18,13 +16,14 @@ export interface Peeked {
 }
 
 export async function peekHeaders(body: ReadableStream<Uint8Array> | Uint8Array): Promise<Peeked> {
-  if (body instanceof Uint8Array) return { info: await parseHead(body.subarray(0, headEnd(body) ?? MAX_HEAD)), body };
+  if (body instanceof Uint8Array) return { info: parseHead(body.subarray(0, headEnd(body) ?? MAX_HEAD)), body };
 
   const reader = body.getReader();
   const seen: Uint8Array[] = [];
   let total = 0;
   let end: number | null = null;
   let done = false;
+  let carry: Uint8Array = new Uint8Array(0);
   while (end === null && total < MAX_HEAD) {
     const r = await reader.read();
     if (r.done) {
@@ -33,10 +32,15 @@ export async function peekHeaders(body: ReadableStream<Uint8Array> | Uint8Array)
     }
     seen.push(r.value);
     total += r.value.byteLength;
-    end = headEnd(concat(seen)); // header blocks are small: usually one chunk
+    // Header blocks are small and usually arrive in one chunk; when they come in many small ones,
+    // only the newest chunk and the three bytes before it can hold a blank line not yet seen.
+    const window = concat([carry, r.value]);
+    const found = headEnd(window);
+    if (found !== null) end = total - window.byteLength + found;
+    carry = window.subarray(Math.max(0, window.byteLength - 3));
   }
   const head = concat(seen);
-  const info = await parseHead(head.subarray(0, end ?? Math.min(head.byteLength, MAX_HEAD)));
+  const info = parseHead(head.subarray(0, end ?? Math.min(head.byteLength, MAX_HEAD)));
 
   // Replay what was read, then hand on the rest of the stream as it comes.
   let i = 0;
@@ -79,12 +83,11 @@ function concat(parts: Uint8Array[]): Uint8Array {
   return out;
 }
 
-async function parseHead(head: Uint8Array): Promise<HeaderInfo> {
-  try {
-    const email = await PostalMime.parse(head);
-    const id = email.messageId?.trim();
-    return { messageId: id ? id.slice(0, 998) : null, subject: email.subject?.slice(0, 200) ?? null };
-  } catch {
-    return { messageId: null, subject: null };
-  }
+/** A Message-ID field at the start of a line, with its folded continuation lines (RFC 5322 2.2.3). */
+const MESSAGE_ID = /^message-id[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)/im;
+
+function parseHead(head: Uint8Array): HeaderInfo {
+  const m = MESSAGE_ID.exec(Buffer.from(head.buffer, head.byteOffset, head.byteLength).toString("latin1"));
+  const id = m?.[1]!.replace(/\r?\n(?=[ \t])/g, "").trim();
+  return { messageId: id ? id.slice(0, 998) : null };
 }
