@@ -153,11 +153,35 @@ function log(line: Record<string, unknown>) {
   console.log(JSON.stringify({ time: new Date().toISOString(), ...line }));
 }
 
+/**
+ * The validated settings and the app built on them, once per env: workerd passes the same env
+ * object to every invocation in an isolate, so the schema and the app are not rebuilt per message.
+ */
+interface EdgeApps {
+  config: WorkerConfig;
+  /** For email(), which writes its own log line. */
+  mail: ReturnType<typeof createApp>;
+  /** For fetch(): the app's access log on. */
+  http: ReturnType<typeof createApp>;
+}
+const edgeApps = new WeakMap<Env, EdgeApps>();
+
+function edgeApp(env: Env): EdgeApps {
+  let built = edgeApps.get(env);
+  if (!built) {
+    const config = workerConfig(env); // throws: temporary (and not cached, so a fix takes effect)
+    const opts = { apiKeys: [config.apiKey], deliver: forwardToHost(config), maxMessageBytes: config.maxMessageBytes };
+    built = { config, mail: createApp({ ...opts, log: () => {} }), http: createApp(opts) };
+    edgeApps.set(env, built);
+  }
+  return built;
+}
+
 export async function email(message: IncomingEmail, env: Env): Promise<void> {
   const started = Date.now();
   const requestId = crypto.randomUUID();
   const base = { request_id: requestId, from: message.from, to: message.to, size: message.rawSize };
-  const config = workerConfig(env); // throws: temporary
+  const { config, mail: app } = edgeApp(env);
 
   const rcpt = message.to.toLowerCase();
   if (config.allowed.length && !config.allowed.some((a) => (a.includes("@") ? rcpt === a : rcpt.endsWith(`@${a}`)))) {
@@ -166,7 +190,6 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
     return;
   }
 
-  const app = createApp({ apiKeys: [config.apiKey], deliver: forwardToHost(config), maxMessageBytes: config.maxMessageBytes, log: () => {} });
   const res = await app.fetch(
     new Request(`http://edge${INBOUND_PATH}`, {
       method: "POST",
@@ -210,13 +233,13 @@ export function smtpReason(text: string): string {
 
 /** The edge's own HTTP face: the same app, forwarding to the host (GET /health answers locally). */
 async function fetchHandler(request: Request, env: Env): Promise<Response> {
-  let config: WorkerConfig;
+  let app;
   try {
-    config = workerConfig(env);
+    ({ http: app } = edgeApp(env));
   } catch (e) {
     return Response.json({ status: "error", error: "misconfigured", message: (e as Error).message }, { status: 500 });
   }
-  return createApp({ apiKeys: [config.apiKey], deliver: forwardToHost(config), maxMessageBytes: config.maxMessageBytes }).fetch(request);
+  return app.fetch(request);
 }
 
 export default { fetch: fetchHandler, email };
