@@ -14,7 +14,7 @@ interface Profile {
 }
 
 const COMPONENTS: [name: string, test: (url: string, fn: string) => boolean][] = [
-  ["api key: hono timingSafeEqual (SHA-256)", (u) => /hono\/dist\/utils\/(buffer|crypto)\.js/.test(u) || u.endsWith("middleware/api-key.ts")],
+  ["api key: middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
   ["header peek: postal-mime", (u) => u.includes("node_modules/postal-mime/")],
   ["header peek: message-headers.ts (stream replay)", (u) => u.endsWith("/message-headers.ts")],
   ["duplicate log: bun:sqlite", (u) => u.startsWith("bun:sqlite") || u.endsWith("/delivered-log.ts")],
