@@ -1,6 +1,6 @@
 // Summarises a Chrome-format .cpuprofile (what `bun --cpu-prof` writes) by component: each sample
 // is charged to the innermost frame on its stack that belongs to a known component (the product's
-// modules, Hono, zod, postal-mime, SQLite, ...); native frames count for the JavaScript that called
+// modules, Hono, zod, SQLite, ...); native frames count for the JavaScript that called
 // them. JSC samples only while JavaScript runs, so shares are of the JS thread's busy time.
 
 interface Node {
@@ -15,7 +15,6 @@ interface Profile {
 
 const COMPONENTS: [name: string, test: (url: string, fn: string) => boolean][] = [
   ["api key: middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
-  ["header peek: postal-mime", (u) => u.includes("node_modules/postal-mime/")],
   ["header peek: message-headers.ts (stream replay)", (u) => u.endsWith("/message-headers.ts")],
   ["duplicate log: bun:sqlite", (u) => u.startsWith("bun:sqlite") || u.endsWith("/delivered-log.ts")],
   ["validation: zod", (u) => u.includes("node_modules/zod/")],

@@ -3,9 +3,9 @@
 // under .bench/, as it would go to the container's log; its CPU and memory are its own.
 
 import { mkdirSync } from "node:fs";
-import net from "node:net";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
+import { freePort } from "../scripts/free-port.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const OUT_DIR = join(ROOT, ".bench");
@@ -26,16 +26,6 @@ process.on("exit", () => {
   }
 });
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 export interface SpawnOptions {
   apiKey: string;

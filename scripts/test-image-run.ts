@@ -10,6 +10,7 @@ import { readFileSync, readdirSync } from "node:fs";
 import { startFakeLmtp } from "../fake-lmtp.ts";
 import { newApiKey } from "./keygen.ts";
 import { sendToHost, testMessage } from "./send-test.ts";
+import { freePort } from "./free-port.ts";
 
 const image = process.argv[2];
 if (!image) {
@@ -37,12 +38,6 @@ function buildah(args: string[]): { code: number; out: string; err: string } {
 const mb = (bytes: number) => `${(bytes / 1e6).toFixed(1)} MB`;
 const since = (t: number) => Math.round(performance.now() - t);
 
-async function freePort(): Promise<number> {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
-}
 
 /** The pid of the container's server, found by its command line and its PORT in /proc. */
 function serverPid(port: number): number | null {

@@ -11,9 +11,9 @@
 //                                      and 500 when the message has no From header at all.
 
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { freePort } from "./free-port.ts";
 
 export interface WranglerDev {
   url: string;
@@ -25,17 +25,6 @@ export interface WranglerDev {
 
 const root = join(import.meta.dir, "..");
 
-/** A port nothing listens on right now (the OS's pick). */
-export function freePort(host = "127.0.0.1"): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once("error", reject);
-    srv.listen(0, host, () => {
-      const { port } = srv.address() as AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 // Process groups still running; killed on exit so a crashed test run leaves no workerd behind.
 const groups = new Set<number>();

@@ -11,7 +11,8 @@ import { join } from "node:path";
 import { INBOUND_PATH } from "../../contract.ts";
 import { startFakeLmtp } from "../../fake-lmtp.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
-import { freePort, runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
+import { freePort } from "../../scripts/free-port.ts";
+import { runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
 
 allowSlowTests();

@@ -8,6 +8,7 @@ import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "
 import net from "node:net";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
+import { freePort } from "../../scripts/free-port.ts";
 
 export interface DovecotInstance {
   host: string;
@@ -74,17 +75,6 @@ function lookupUser(name: string): { uid: number; gid: number } | null {
   return null;
 }
 
-/** Let the OS pick a free port. There is a tiny race until dovecot binds it; startDovecot retries. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once("error", reject);
-    srv.listen(0, HOST, () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** Connect, and resolve with the first line the server sends (or reject on refuse/timeout). */
 function greeting(port: number, timeoutMs = 1_000): Promise<string> {

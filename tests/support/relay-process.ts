@@ -1,9 +1,9 @@
 // The relay as operators run it: `bun run server.ts` as a child process with its environment,
 // for tests that kill it (SIGKILL, SIGTERM) and start it again on the same spool.
 
-import net from "node:net";
 import { join } from "node:path";
 import type { Subprocess } from "bun";
+import { freePort } from "../../scripts/free-port.ts";
 
 const ROOT = join(import.meta.dir, "..", "..");
 
@@ -24,17 +24,6 @@ export interface RelayProcess {
   exited: Promise<number>;
 }
 
-/** A port on 127.0.0.1 that was free a moment ago. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 const live = new Set<Subprocess>();
 process.on("exit", () => {
