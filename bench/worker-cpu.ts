@@ -25,6 +25,8 @@ export interface WorkerCpuRow {
    * in one buffer, to the same sink, reading its answer. What sending costs before any handler code.
    */
   floorCpuMs: number;
+  /** The same, the bytes sent from a stream of 64 KiB chunks (how email() gets them here). */
+  streamFloorCpuMs: number;
   streamedWallMs: number;
   runbookWallMs: number;
   failures: string[];
@@ -82,13 +84,16 @@ export async function workerCpu(iterations: readonly number[], progress: (line: 
       const streamed: { cpuMs: number; wallMs: number }[] = [];
       const runbook: { cpuMs: number; wallMs: number }[] = [];
       const floor: number[] = [];
-      const one = async (which: "streamed" | "runbook" | "floor", i: number) => {
+      const streamFloor: number[] = [];
+      const one = async (which: "streamed" | "runbook" | "floor" | "stream-floor", i: number) => {
         const msg = fakeMessage(bytes, `cpu ${size.label} ${i}`, `<cpu-${k}-${i}@bench.example.org>`);
         const r = await measure(async () => {
           if (which === "streamed") await email(msg, env);
           else if (which === "runbook") await runbookWorker.email(msg, env);
           else {
-            const res = await fetch(env.DELL_API_ENDPOINT, { method: "POST", headers: { "content-type": "message/rfc822" }, body: bytes });
+            const body = which === "floor" ? bytes : chunkedStream(bytes);
+            // @ts-expect-error - duplex: Bun needs it for a stream body
+            const res = await fetch(env.DELL_API_ENDPOINT, { method: "POST", headers: { "content-type": "message/rfc822", "content-length": String(bytes.byteLength) }, body, duplex: "half" });
             await res.json();
             if (!res.ok) throw new Error(`sink answered ${res.status}`);
           }
@@ -105,6 +110,7 @@ export async function workerCpu(iterations: readonly number[], progress: (line: 
         await one("streamed", -1 - i);
         await one("runbook", -1 - i);
         await one("floor", -1 - i);
+        await one("stream-floor", -1 - i);
       }
       failures.length = 0;
       // Interleaved, so drift on a shared machine hits both alike.
@@ -115,6 +121,8 @@ export async function workerCpu(iterations: readonly number[], progress: (line: 
         if (b) runbook.push(b);
         const c = await one("floor", i);
         if (c) floor.push(c.cpuMs);
+        const d = await one("stream-floor", i);
+        if (d) streamFloor.push(d.cpuMs);
       }
       const row: WorkerCpuRow = {
         label: size.label,
@@ -124,13 +132,14 @@ export async function workerCpu(iterations: readonly number[], progress: (line: 
         runbookCpuMs: median(runbook.map((x) => x.cpuMs)),
         ratio: NaN,
         floorCpuMs: median(floor),
+        streamFloorCpuMs: median(streamFloor),
         streamedWallMs: median(streamed.map((x) => x.wallMs)),
         runbookWallMs: median(runbook.map((x) => x.wallMs)),
         failures: failures.slice(0, 5),
       };
       row.ratio = row.runbookCpuMs / row.streamedCpuMs;
       rows.push(row);
-      progress(`worker CPU ${size.label}: streamed ${row.streamedCpuMs.toFixed(2)} ms, runbook ${row.runbookCpuMs.toFixed(2)} ms, fetch floor ${row.floorCpuMs.toFixed(2)} ms (median of ${n})`);
+      progress(`worker CPU ${size.label}: streamed ${row.streamedCpuMs.toFixed(2)} ms, runbook ${row.runbookCpuMs.toFixed(2)} ms, fetch floor ${row.floorCpuMs.toFixed(2)} ms (from a stream ${row.streamFloorCpuMs.toFixed(2)} ms) (median of ${n})`);
     }
   } finally {
     console.log = log;
