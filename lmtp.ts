@@ -64,6 +64,12 @@ export interface LmtpTimeouts {
   body: number;
   /** Wait for the replies after the final dot (Dovecot writes and fsyncs here). */
   dataEnd: number;
+  /**
+   * A whole delivery through the pool: waiting for a free connection, opening one, the envelope,
+   * the body and the last reply. Each wait above is cut short to fit it, so a server that is slow
+   * at every step still gets an answer to the sender before the Worker gives up (25 s).
+   */
+  transaction: number;
 }
 
 // Short enough that the host still answers well inside the Worker's 25 s, long enough for a busy disk.
@@ -73,6 +79,7 @@ export const DEFAULT_TIMEOUTS: LmtpTimeouts = {
   command: 10_000,
   body: 10_000,
   dataEnd: 15_000,
+  transaction: 20_000,
 };
 
 /** A fault of the connection itself: the outcome for the message is temporary (retry later). */
@@ -238,6 +245,8 @@ export class LmtpConnection {
   private readonly waiters: Waiter[] = [];
   private drainWaiter: (() => void) | null = null;
   private readonly timeouts: LmtpTimeouts;
+  /** performance.now() by which the current delivery must be done (see LmtpTimeouts.transaction). */
+  private deadline = Infinity;
 
   private constructor(
     readonly target: LmtpTarget,
@@ -247,8 +256,9 @@ export class LmtpConnection {
   }
 
   /** Connects, reads the greeting and sends LHLO. */
-  static async open(target: LmtpTarget, opts: LmtpConnectionOptions = {}): Promise<LmtpConnection> {
+  static async open(target: LmtpTarget, opts: LmtpConnectionOptions = {}, deadline = Infinity): Promise<LmtpConnection> {
     const c = new LmtpConnection(target, opts);
+    c.deadline = deadline;
     await c.connect();
     try {
       const greeting = await c.read("greeting", c.timeouts.greeting);
@@ -285,7 +295,16 @@ export class LmtpConnection {
    * that ended the transaction early). Throws LmtpFault when the connection fails; the outcome
    * for every recipient is then temporary.
    */
-  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
+    this.deadline = deadline;
+    try {
+      return await this.transaction(envelope, body, size);
+    } finally {
+      this.deadline = Infinity;
+    }
+  }
+
+  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
     if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
     const wasUsed = this.used;
     this.used = true;
@@ -440,10 +459,8 @@ export class LmtpConnection {
         : Bun.connect({ hostname: this.target.host, port: this.target.port, socket: handlers });
     let timer: Timer | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${this.timeouts.connect} ms`)),
-        this.timeouts.connect,
-      );
+      const ms = this.within(this.timeouts.connect);
+      timer = setTimeout(() => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${ms} ms`)), ms);
     });
     try {
       this.socket = await Promise.race([connecting, timeout]);
@@ -483,12 +500,13 @@ export class LmtpConnection {
   }
 
   private waitDrain(): Promise<void> {
+    const ms = this.within(this.timeouts.body);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
-        const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${this.timeouts.body} ms`);
+        const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${ms} ms`);
         this.close(e);
         reject(e);
-      }, this.timeouts.body);
+      }, ms);
       this.drainWaiter = () => {
         clearTimeout(timer);
         this.broken ? reject(this.faultFrom(this.broken, "body")) : resolve();
@@ -496,10 +514,16 @@ export class LmtpConnection {
     });
   }
 
-  private read(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
+  /** A phase's own limit, cut to what is left of the delivery's. */
+  private within(ms: number): number {
+    return Math.max(0, Math.min(ms, Math.ceil(this.deadline - performance.now())));
+  }
+
+  private read(phase: LmtpPhase, phaseMs: number): Promise<LmtpReply> {
     const queued = this.replies.shift();
     if (queued) return Promise.resolve(queued);
     if (this.broken) return Promise.reject(this.faultFrom(this.broken, phase));
+    const ms = this.within(phaseMs);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const e = new LmtpFault("timeout", phase, `no LMTP reply to ${phase.toUpperCase()} within ${ms} ms`);
@@ -578,13 +602,14 @@ export class LmtpPool {
   }
 
   async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
-    return this.withConnection(async (conn, reused) => {
+    const deadline = performance.now() + (this.opts.timeouts?.transaction ?? DEFAULT_TIMEOUTS.transaction);
+    return this.withConnection(deadline, async (conn, reused) => {
       try {
-        return await conn.deliver(envelope, body, size);
+        return await conn.deliver(envelope, body, size, deadline);
       } catch (e) {
         const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "rset" || e.phase === "mail");
         if (!stale) throw e;
-        return this.withFresh((fresh) => fresh.deliver(envelope, body, size));
+        return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
       }
     });
   }
@@ -616,23 +641,23 @@ export class LmtpPool {
     return { busy: this.busy, idle: this.idle.length, waiting: this.waiting.length };
   }
 
-  private async withConnection<T>(fn: (conn: LmtpConnection, reused: boolean) => Promise<T>): Promise<T> {
-    await this.takeSlot();
+  private async withConnection<T>(deadline: number, fn: (conn: LmtpConnection, reused: boolean) => Promise<T>): Promise<T> {
+    await this.takeSlot(deadline);
     try {
       let entry = this.idle.pop(); // most recently used first: the likeliest to be alive
       while (entry && !entry.conn.reusable) {
         entry.conn.close(new Error("dropped from the idle list"));
         entry = this.idle.pop();
       }
-      const conn = entry?.conn ?? (await LmtpConnection.open(this.target, this.opts));
+      const conn = entry?.conn ?? (await LmtpConnection.open(this.target, this.opts, deadline));
       return await this.settle(conn, () => fn(conn, entry !== undefined));
     } finally {
       this.giveSlot();
     }
   }
 
-  private async withFresh<T>(fn: (conn: LmtpConnection) => Promise<T>): Promise<T> {
-    const conn = await LmtpConnection.open(this.target, this.opts);
+  private async withFresh<T>(deadline: number, fn: (conn: LmtpConnection) => Promise<T>): Promise<T> {
+    const conn = await LmtpConnection.open(this.target, this.opts, deadline);
     return this.settle(conn, () => fn(conn));
   }
 
@@ -652,13 +677,29 @@ export class LmtpPool {
     }
   }
 
-  private async takeSlot(): Promise<void> {
+  private async takeSlot(deadline = Infinity): Promise<void> {
     if (this.closed) throw new LmtpFault("closed", "connect", "LMTP pool is shut down");
     if (this.busy < this.maxConnections) {
       this.busy++;
       return;
     }
-    await new Promise<void>((r) => this.waiting.push(r)); // the slot is handed over as is
+    // The slot is handed over as is. A delivery whose time runs out while it waits leaves the
+    // queue, so no slot is ever handed to nobody.
+    await new Promise<void>((resolve, reject) => {
+      const ms = Math.max(0, Math.ceil(deadline - performance.now()));
+      const timer = Number.isFinite(ms)
+        ? setTimeout(() => {
+            const i = this.waiting.indexOf(take);
+            if (i !== -1) this.waiting.splice(i, 1);
+            reject(new LmtpFault("timeout", "connect", `no LMTP connection free within ${ms} ms (${this.maxConnections} busy)`));
+          }, ms)
+        : undefined;
+      const take = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this.waiting.push(take);
+    });
   }
 
   private giveSlot(): void {

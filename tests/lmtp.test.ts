@@ -151,7 +151,17 @@ interface Scripted {
  * reply(line) gives the bytes to answer a command line with (or null for no answer). A reply
  * starting with "354" switches the connection to message mode until "."; then reply(".") answers.
  */
-async function startScripted(greeting: string | null, reply: (line: string) => string | null): Promise<Scripted> {
+/** Polls until cond() holds (the condition is the assertion; the limit only stops a hang). */
+async function until(cond: () => boolean, ms = 5_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("condition not reached");
+    await Bun.sleep(5);
+  }
+}
+
+/** `delayMs`: every reply (and the greeting) is written that long after its command arrived. */
+async function startScripted(greeting: string | null, reply: (line: string) => string | null, delayMs = 0): Promise<Scripted> {
   const sockets = new Set<net.Socket>();
   let closedResolve!: () => void;
   const s: Scripted = {
@@ -174,7 +184,8 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
       sockets.delete(sock);
       closedResolve();
     });
-    if (greeting !== null) sock.write(greeting);
+    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : sock.write(out));
+    if (greeting !== null) write(greeting);
     let buf = "";
     let inData = false;
     let message = "";
@@ -196,7 +207,7 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
           s.lines.push(line);
         }
         const out = reply(line);
-        if (out !== null) sock.write(out);
+        if (out !== null) write(out);
         if (out?.startsWith("354")) inData = true;
       }
     });
@@ -987,12 +998,63 @@ describe("against a scripted raw server", () => {
   afterEach(async () => {
     await Promise.all(servers.splice(0).map((s) => s.close()));
   });
-  const start = async (greeting: string | null, reply: (line: string) => string | null) => {
-    const s = await startScripted(greeting, reply);
+  const start = async (greeting: string | null, reply: (line: string) => string | null, delayMs = 0) => {
+    const s = await startScripted(greeting, reply, delayMs);
     servers.push(s);
     return s;
   };
   const target = (s: Scripted): LmtpTarget => ({ kind: "tcp", host: "127.0.0.1", port: s.port });
+
+  describe("the whole delivery has a limit, not only each step", () => {
+    const lmtpServer = (l: string) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "354 go\r\n" : "250 2.0.0 ok\r\n");
+
+    test("a server slow at every step, each within its own limit: the delivery still ends at its limit, as a timeout", async () => {
+      // Each reply comes 200 ms late, well inside the 1 s per step, but greeting, LHLO, MAIL,
+      // RCPT, DATA and the final reply together take longer than the 700 ms for the delivery.
+      const s = await start("220 hi\r\n", lmtpServer, 200);
+      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 700 } });
+      const f = await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null), "timeout");
+      expect(f.message).toMatch(/within \d+ ms/);
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("the same server with room for all its steps delivers (the limit above is what failed it)", async () => {
+      const s = await start("220 hi\r\n", lmtpServer, 200);
+      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 10_000 } });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null);
+      expect(r.map((x) => x.code)).toEqual([250]);
+      expect(s.messages).toEqual(["x\r\n"]);
+      await p.close();
+    });
+
+    test("waiting for a free connection counts too: a delivery that finds none in time fails, and leaves the queue", async () => {
+      const s = await start("220 hi\r\n", lmtpServer);
+      const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: { ...FAST, transaction: 300 } });
+      // The only connection is held by a delivery whose body (the HTTP client's stream) is slow.
+      let fail!: (e: Error) => void;
+      const slowBody = new ReadableStream<Uint8Array>({
+        start(c) {
+          c.enqueue(new TextEncoder().encode("first part\r\n"));
+          fail = (e) => c.error(e);
+        },
+      });
+      const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, slowBody, null).catch((e: unknown) => e);
+      await until(() => s.lines.includes("DATA"));
+      const second = p.deliver({ from: "s@x.org", to: ["b@x.org"] }, bytes("second\r\n"), null);
+      expect(p.stats.waiting).toBe(1);
+      const f = await expectFault(second, "timeout", "connect");
+      expect(f.message).toContain("no LMTP connection free");
+      expect(p.stats.waiting).toBe(0);
+      // The slot was not handed to the delivery that gave up: the first one still holds it, and
+      // when it ends the pool is empty again.
+      fail(new Error("client went away"));
+      expect(await first).toBeInstanceOf(BodyAborted);
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      expect(s.messages).toEqual([]);
+      await p.close();
+    });
+  });
 
   test("a greeting timeout closes the client's socket", async () => {
     const s = await start(null, () => null);
