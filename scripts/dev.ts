@@ -3,7 +3,7 @@
 // .dev/ (unless LMTP_HOST points at a real Dovecot). Prints curls for both entry points.
 
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { ServerEnv, fromEnv } from "../config.ts";
 import { INBOUND_PATH } from "../contract.ts";
 import { startFakeLmtp } from "../fake-lmtp.ts";
@@ -12,7 +12,9 @@ import { newApiKey } from "./keygen.ts";
 import { startWranglerDev } from "./wrangler-dev.ts";
 
 const root = join(import.meta.dir, "..");
-const devDir = join(root, ".dev");
+// DEV_DIR moves it (the tests run a second dev chain beside a developer's own).
+const devDir = process.env.DEV_DIR ?? join(root, ".dev");
+const shown = (path: string) => relative(process.cwd(), path) || ".";
 mkdirSync(devDir, { recursive: true });
 
 // One dev key, kept across runs so pasted commands keep working.
@@ -47,23 +49,26 @@ writeFileSync(
 const sample = "From: test@example.com\\r\\nTo: user@kuma8088.com\\r\\nSubject: Test Email\\r\\n\\r\\nThis is a test message.";
 console.log(`
 Worker (workerd) on ${worker.url}  ->  host on ${server.url}  (LMTP: ${config.lmtpHost}:${config.lmtpPort}${maildir ? `, fake LMTP writing ${maildir}` : ""})
-dev key in .dev/api-key
+dev key in ${shown(keyFile)}
 
 a message through the Worker's email() (as Email Routing would hand it over):
 
   curl -sS -X POST "${worker.url}/cdn-cgi/handler/email?from=sender@example.com&to=user@kuma8088.com" \\
-    --data-binary @.dev/sample.eml
+    --data-binary @${shown(sampleFile)}
 
 straight to the host, in the runbook's JSON format:
 
   curl -sS -X POST ${endpoint} \\
     -H "Content-Type: application/json" \\
-    -H "X-API-Key: $(cat .dev/api-key)" \\
+    -H "X-API-Key: $(cat ${shown(keyFile)})" \\
     -d '{"from":"test@example.com","to":"user@kuma8088.com","subject":"Test Email","raw":"${sample}","timestamp":"2025-11-12T10:00:00Z"}'
-${maildir ? `\nthen: ls ${join(".dev", "maildir", "user@kuma8088.com", "new")}\n` : ""}`);
+${maildir ? `\nthen: ls ${shown(join(maildir, "user@kuma8088.com", "new"))}\n` : ""}`);
 
-process.on("SIGINT", async () => {
-  await worker.stop();
-  await server.stop();
-  process.exit(0);
-});
+// Ctrl-C, or a SIGTERM from a supervisor: stop workerd (its own process group) and the host.
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  process.once(signal, async () => {
+    await worker.stop();
+    await server.stop();
+    process.exit(0);
+  });
+}
