@@ -26,18 +26,15 @@ export interface HostDelivery {
 const isOk = (r: { code: number }) => r.code >= 200 && r.code < 300;
 const isTemporary = (r: { code: number }) => !isOk(r) && r.code < 500;
 
-/**
- * One LMTP transaction, timed and counted, its replies in the contract's form. `body` is a
- * tracked body (see track()), so that a reply can be placed before or after the final dot.
- */
-async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: TrackedBody, size: number | null): Promise<RecipientResult[]> {
+/** One LMTP transaction, timed and counted, its replies in the contract's form. */
+async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
   const started = performance.now();
   try {
-    const replies = await h.pool.deliver(envelope, body.stream, size);
+    const replies = await h.pool.deliver(envelope, body, size);
     // "421 Shutting down" after the final dot: Dovecot answers so when it is stopped while it
     // saves, and it may have saved the message already (seen here: it had). Retried like any
     // temporary failure, but counted: a duplicate may follow.
-    if (body.ended() && replies.some((r) => r.code === 421)) h.metrics.inc("unknown_outcome");
+    if (replies.some((r) => r.afterDot && r.code === 421)) h.metrics.inc("unknown_outcome");
     return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
   } catch (e) {
     // After the final dot, Dovecot may have saved the message before the connection failed.
@@ -80,7 +77,7 @@ export function deliverNowOrSpool(h: HostDelivery): Deliverer {
 
 async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: string | null, staged: StagedMessage | null): Promise<RecipientResult[]> {
   const { envelope, size } = message;
-  const body = track(staged ? teeInto(message.body, staged) : message.body);
+  const body = staged ? teeInto(message.body, staged) : message.body;
 
   let results: RecipientResult[] | null = null;
   let fault: Error | null = null;
@@ -104,7 +101,7 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
   // Dovecot could not take it now: the spool takes it.
   const why = fault ? fault.message : results!.filter(isTemporary).map((r) => r.reply).join("; ");
   try {
-    await drain(body.stream); // the part LMTP never read (it failed mid-way, or before DATA)
+    await drain(body); // the part LMTP never read (it failed mid-way, or before DATA)
   } catch (e) {
     // The request body itself failed (client gone, size limit): the message is incomplete.
     throw fault && !(fault instanceof BodyAborted) ? new TemporaryFailure(why) : e;
@@ -126,56 +123,10 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
 /** The background deliverer's way to LMTP, recording deliveries for duplicate suppression. */
 export function deliverSpooled(h: HostDelivery): SpoolDeliver {
   return async (envelope, body, size, header) => {
-    const results = await lmtpTransaction(h, envelope, track(body), size);
+    const results = await lmtpTransaction(h, envelope, body, size);
     if (header.message_id) for (const r of results) if (isOk(r)) h.delivered.add(header.message_id, r.address, size);
     return results;
   };
-}
-
-interface TrackedBody {
-  stream: ReadableStream<Uint8Array>;
-  /** The reader reached the end of the message: LMTP went on to send the final dot. */
-  ended(): boolean;
-}
-
-/** The same bytes, as a stream that remembers whether it was read to its end. */
-function track(body: MessageBody): TrackedBody {
-  let ended = false;
-  if (body instanceof Uint8Array) {
-    let given = false;
-    const stream = new ReadableStream<Uint8Array>(
-      {
-        pull(controller) {
-          if (!given) {
-            given = true;
-            if (body.byteLength > 0) return controller.enqueue(body);
-          }
-          ended = true;
-          controller.close();
-        },
-      },
-      { highWaterMark: 0 },
-    );
-    return { stream, ended: () => ended };
-  }
-  // Not pulled ahead (highWaterMark 0): "read to the end" is the reader's doing, not a buffer's.
-  const reader = body.getReader();
-  const stream = new ReadableStream<Uint8Array>(
-    {
-      async pull(controller) {
-        const r = await reader.read();
-        if (r.done) {
-          ended = true;
-          controller.close();
-        } else controller.enqueue(r.value);
-      },
-      cancel(reason) {
-        return reader.cancel(reason);
-      },
-    },
-    { highWaterMark: 0 },
-  );
-  return { stream, ended: () => ended };
 }
 
 /** Passes the body on to LMTP and appends every chunk to the staged spool file as it goes. */

@@ -40,6 +40,8 @@ export interface LmtpReply {
 
 export interface RecipientReply extends LmtpReply {
   recipient: string;
+  /** The reply came after the final dot: whatever it says, the server had the whole message. */
+  afterDot?: true;
 }
 
 export type LmtpPhase =
@@ -375,7 +377,7 @@ export class LmtpConnection {
     for (let i = 0; i < envelope.to.length; i++) {
       if (rcptReplies[i]?.code === 250) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
     }
-    return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)! } : r));
+    return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)!, afterDot: true } : r));
   }
 
   private async writeBody(body: MessageBody): Promise<void> {

@@ -566,9 +566,10 @@ describe("against the fake LMTP server", () => {
     const c = await open();
     const r = await c.deliver({ from: "s@x.org", to: ["ok@x.org", "unknown@x.org", "full@x.org"] }, msg("hi\r\n"), null);
     expect(r).toEqual([
-      { recipient: "ok@x.org", code: 250, enhanced: "2.0.0", text: "<ok@x.org> Saved" },
+      // afterDot marks the replies that came after the final dot (the server had the message).
+      { recipient: "ok@x.org", code: 250, enhanced: "2.0.0", text: "<ok@x.org> Saved", afterDot: true },
       { recipient: "unknown@x.org", code: 550, enhanced: "5.1.1", text: "<unknown@x.org> User unknown" },
-      { recipient: "full@x.org", code: 452, enhanced: "4.2.2", text: "Mailbox full" },
+      { recipient: "full@x.org", code: 452, enhanced: "4.2.2", text: "Mailbox full", afterDot: true },
     ]);
     expect(fake.received).toHaveLength(1);
     expect(fake.received[0]!.to).toEqual(["ok@x.org"]);
