@@ -16,6 +16,9 @@ export interface DeliveredLog {
 
 const keyOf = (messageId: string, recipient: string, size: number | null) => `${messageId}\u0000${recipient.toLowerCase()}\u0000${size ?? ""}`;
 
+/** How long records wait in memory before they are written, together, in one transaction. */
+const FLUSH_EVERY_MS = 250;
+
 export function openDeliveredLog(path: string | null, windowMs = DEDUPE_WINDOW_MS): DeliveredLog {
   const db = new Database(path ?? ":memory:", { create: true });
   db.run("PRAGMA journal_mode = WAL");
@@ -27,20 +30,43 @@ export function openDeliveredLog(path: string | null, windowMs = DEDUPE_WINDOW_M
   const prune = db.query("DELETE FROM delivered WHERE at < ?");
   let lastPrune = 0;
 
+  // A write per delivery cost more host CPU than the rest of the delivery's bookkeeping; records
+  // are kept in memory for a moment and written in one transaction. A crash loses at most that
+  // moment's records: a possible duplicate later, never a message.
+  const pending = new Map<string, number>();
+  let timer: Timer | null = null;
+  const writeAll = db.transaction((rows: [string, number][]) => {
+    for (const [key, at] of rows) put.run(key, at);
+  });
+  const flush = () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+    if (pending.size === 0) return;
+    const rows = [...pending];
+    pending.clear();
+    writeAll(rows);
+    const now = Date.now();
+    if (now - lastPrune > 60_000) {
+      lastPrune = now;
+      prune.run(now - windowMs);
+    }
+  };
+
   return {
     has(messageId, recipient, size) {
-      const row = find.get(keyOf(messageId, recipient, size));
-      return row !== null && row.at >= Date.now() - windowMs;
+      const key = keyOf(messageId, recipient, size);
+      const at = pending.get(key) ?? find.get(key)?.at;
+      return at !== undefined && at >= Date.now() - windowMs;
     },
     add(messageId, recipient, size) {
-      const now = Date.now();
-      put.run(keyOf(messageId, recipient, size), now);
-      if (now - lastPrune > 60_000) {
-        lastPrune = now;
-        prune.run(now - windowMs);
+      pending.set(keyOf(messageId, recipient, size), Date.now());
+      if (!timer) {
+        timer = setTimeout(flush, FLUSH_EVERY_MS);
+        timer.unref?.();
       }
     },
     close() {
+      flush();
       db.close();
     },
   };
