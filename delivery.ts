@@ -57,14 +57,7 @@ export function deliverNowOrSpool(h: HostDelivery): Deliverer {
       return envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 already delivered (Message-ID ${messageId})`, duplicate: true }));
     }
 
-    let staged: StagedMessage | null = null;
-    if (h.spool) {
-      staged = await h.spool.spool.stage().catch((e: Error) => {
-        h.metrics.inc("spool_write_errors");
-        h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: e.message });
-        return null;
-      });
-    }
+    const staged = h.spool ? h.spool.spool.stage() : null;
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
     try {
@@ -111,6 +104,7 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
     header = await staged.commit({ from: envelope.from, to: waiting, received_at: Date.now(), request_id: message.requestId, message_id: messageId });
   } catch (e) {
     h.metrics.inc("spool_write_errors");
+    h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: (e as Error).message });
     throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
   }
   h.spool!.runner.add(header, why);

@@ -98,16 +98,13 @@ export class Spool {
     writeFileSync(join(this.dir, FLUSH_REQUEST), String(Date.now()));
   }
 
-  /** Starts writing a message to tmp/. Fails (SpoolWriteError) if the spool cannot be written. */
-  async stage(): Promise<StagedMessage> {
+  /**
+   * Starts a message that may have to be spooled. Nothing touches the disk yet: see StagedMessage.
+   * A spool that cannot be written shows at commit(), as SpoolWriteError.
+   */
+  stage(): StagedMessage {
     const id = newId();
-    const path = join(this.tmp, id);
-    try {
-      const fh = await open(path, "wx", 0o600);
-      return new StagedMessage(this, id, path, fh);
-    } catch (e) {
-      throw new SpoolWriteError(`spool not writable: ${(e as Error).message}`);
-    }
+    return new StagedMessage(this, id, join(this.tmp, id));
   }
 
   /** Every queued message, oldest first. Files that do not parse are moved to failed/. */
@@ -200,37 +197,65 @@ export class Spool {
 }
 
 /**
- * A message being written to tmp/. Bytes are appended as they stream past (while the host also
- * tries LMTP); commit() makes it durable and visible, discard() forgets it.
+ * A message that streams past while the host tries LMTP, kept so that it can be spooled if LMTP
+ * fails. The first HELD_BYTES stay in memory; a larger message goes on into tmp/<id> as it
+ * streams (memory stays bounded). Most messages are delivered at once and small, so most never
+ * touch the disk here. commit() makes it durable and visible in queue/; discard() forgets it.
  */
 export class StagedMessage {
   private bytes = 0;
+  /** The chunks so far, while the message is held in memory; null once it is in tmp/. */
+  private held: Uint8Array[] | null = [];
+  private fh: FileHandle | null = null;
   private failed: Error | null = null;
-  private done = false;
+  /** The file is closed (committed, or being given up). */
+  private closed = false;
   private committed = false;
+  private discarded = false;
   private ready: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly spool: Spool,
     readonly id: string,
     private readonly path: string,
-    private readonly fh: FileHandle,
   ) {}
 
   /** Appends a chunk (in order). A write error is remembered and surfaces at commit(). */
   write(chunk: Uint8Array): Promise<void> {
     const at = HEADER_RESERVED + this.bytes;
     this.bytes += chunk.byteLength;
+    if (this.held && this.bytes <= HELD_BYTES) {
+      this.held.push(chunk);
+      return this.ready as Promise<void>;
+    }
     const p = this.ready.then(async () => {
       if (this.failed) return;
       try {
-        await this.fh.write(chunk, 0, chunk.byteLength, at);
+        await (await this.file()).write(chunk, 0, chunk.byteLength, at);
       } catch (e) {
         this.failed = e as Error;
       }
     });
     this.ready = p;
     return p;
+  }
+
+  /** tmp/<id>, created on first need with what was held so far. */
+  private async file(): Promise<FileHandle> {
+    if (this.fh) return this.fh;
+    const held = this.held ?? [];
+    this.held = null;
+    try {
+      this.fh = await open(this.path, "wx", 0o600);
+    } catch (e) {
+      throw new SpoolWriteError(`spool not writable: ${(e as Error).message}`);
+    }
+    let at = HEADER_RESERVED;
+    for (const c of held) {
+      await this.fh.write(c, 0, c.byteLength, at);
+      at += c.byteLength;
+    }
+    return this.fh;
   }
 
   get size(): number {
@@ -245,12 +270,13 @@ export class StagedMessage {
       throw new SpoolWriteError(`spool write failed: ${this.failed.message}`);
     }
     const header: SpoolHeader = { id: this.id, size: this.bytes, ...meta };
-    const line = encodeHeader(header);
     try {
-      await this.fh.write(line, 0, line.byteLength, 0);
-      await this.fh.sync();
-      await this.fh.close();
-      this.done = true;
+      const line = encodeHeader(header);
+      const fh = await this.file();
+      await fh.write(line, 0, line.byteLength, 0);
+      await fh.sync();
+      this.closed = true;
+      await fh.close();
       await this.spool.publish(this.path, this.id);
       this.committed = true;
     } catch (e) {
@@ -262,10 +288,15 @@ export class StagedMessage {
 
   /** Forgets the message (never acknowledged). After a commit there is nothing to discard. */
   async discard(): Promise<void> {
-    if (this.committed) return;
+    if (this.committed || this.discarded) return;
+    this.discarded = true;
     await this.ready;
-    if (!this.done) await this.fh.close().catch(() => {});
-    this.done = true;
+    this.held = null;
+    if (!this.fh) return; // never reached the disk
+    if (!this.closed) {
+      this.closed = true;
+      await this.fh.close().catch(() => {});
+    }
     await rm(this.path, { force: true }).catch(() => {});
   }
 }
@@ -274,6 +305,9 @@ export class StagedMessage {
 // final offset, while it streams; the envelope is filled in at commit. 32 KiB holds the largest
 // envelope the contract allows (100 recipients of 254 characters).
 const HEADER_RESERVED = 32 * 1024;
+
+/** How much of a message is held in memory before it goes to tmp/ (per delivery under way). */
+const HELD_BYTES = 1024 * 1024;
 
 function encodeHeader(h: SpoolHeader): Uint8Array {
   const json = JSON.stringify(h);

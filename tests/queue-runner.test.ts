@@ -35,7 +35,7 @@ afterEach(async () => {
 const enc = new TextEncoder();
 
 async function spoolMessage(text: string, to = ["user@example.test"], receivedAt = Date.now()): Promise<SpoolHeader> {
-  const staged = await spool.stage();
+  const staged = spool.stage();
   await staged.write(enc.encode(text));
   return staged.commit({ from: "sender@example.org", to, received_at: receivedAt, message_id: null });
 }

@@ -49,7 +49,7 @@ const meta = (over: Partial<Omit<SpoolHeader, "id" | "size">> = {}) => ({
 
 /** Stages a message written in the given chunks and commits it. */
 async function spoolMessage(chunks: Uint8Array[], over: Partial<Omit<SpoolHeader, "id" | "size">> = {}): Promise<SpoolHeader> {
-  const staged = await spool.stage();
+  const staged = spool.stage();
   for (const c of chunks) void staged.write(c); // not awaited: order must still hold
   return staged.commit(meta(over));
 }
@@ -81,6 +81,19 @@ describe("commit and discard", () => {
     expect(listed.map((e) => e.header.id)).toEqual([header.id]);
   });
 
+  test("a message larger than what is held in memory spills into tmp/ as it streams; the file is the same", async () => {
+    const chunks = Array.from({ length: 40 }, (_, i) => awkwardBytes(65_536, 10 + i)); // 2.5 MiB
+    const staged = spool.stage();
+    for (const c of chunks.slice(0, 10)) await staged.write(c);
+    expect(names("tmp")).toEqual([]); // 640 KiB: still in memory
+    for (const c of chunks.slice(10)) void staged.write(c);
+    await staged.write(new Uint8Array(0));
+    expect(names("tmp")).toEqual([staged.id]); // past 1 MiB: on disk while it streams
+    const header = await staged.commit(meta());
+    expect(names("tmp")).toEqual([]);
+    expect(Buffer.from(await readAll(await spool.body(header.id))).equals(Buffer.concat(chunks))).toBe(true);
+  });
+
   test("an empty body and the null sender are kept as such", async () => {
     const header = await spoolMessage([], { from: "" });
     expect(header.size).toBe(0);
@@ -98,9 +111,18 @@ describe("commit and discard", () => {
     expect(listed[0]).toBe([...ids].sort()[0]!);
   });
 
-  test("discard leaves nothing behind, in tmp/ or queue/", async () => {
-    const staged = await spool.stage();
+  test("a small message delivered at once never touches the disk; discard leaves nothing", async () => {
+    const staged = spool.stage();
     await staged.write(awkwardBytes(10_000));
+    expect(names("tmp")).toEqual([]);
+    await staged.discard();
+    expect(names("tmp")).toEqual([]);
+    expect(names("queue")).toEqual([]);
+  });
+
+  test("discard of a message that spilled into tmp/ removes the file", async () => {
+    const staged = spool.stage();
+    await staged.write(awkwardBytes(2 * 1024 * 1024));
     expect(names("tmp")).toEqual([staged.id]);
     await staged.discard();
     expect(names("tmp")).toEqual([]);
@@ -121,8 +143,8 @@ describe("commit and discard", () => {
 describe("prepare()", () => {
   test("removes what a crash left in tmp/ and reports each file; queue/ is untouched", async () => {
     const kept = await spoolMessage([awkwardBytes(500)]);
-    const half = await spool.stage();
-    await half.write(awkwardBytes(4096));
+    const half = spool.stage();
+    await half.write(awkwardBytes(2 * 1024 * 1024)); // large enough to be in tmp/ already
     // The process "dies" here: the staged file is never committed nor discarded (its descriptor
     // goes with the process; closed by hand here).
     await (half as unknown as { fh: { close(): Promise<void> } }).fh.close();
@@ -233,21 +255,36 @@ describe("failed/ and the operator's commands", () => {
 });
 
 describe("an unwritable spool", () => {
-  test("stage() throws SpoolWriteError when tmp/ cannot hold files (tmp is a regular file)", async () => {
+  test("commit() throws SpoolWriteError when tmp/ cannot hold files (tmp is a regular file)", async () => {
     rmSync(join(dir, "tmp"), { recursive: true });
     writeFileSync(join(dir, "tmp"), "not a directory");
-    const err = await spool.stage().catch((e) => e);
+    const staged = spool.stage();
+    await staged.write(awkwardBytes(100));
+    const err = await staged.commit(meta()).catch((e) => e);
     expect(err).toBeInstanceOf(SpoolWriteError);
     expect(String(err.message)).toContain("spool not writable");
+    expect(names("queue")).toEqual([]);
   });
 
-  test("stage() throws SpoolWriteError for a spool under /proc", async () => {
-    const err = await new Spool("/proc/self/no-such-spool").stage().catch((e) => e);
+  test("commit() throws SpoolWriteError for a spool under /proc", async () => {
+    const staged = new Spool("/proc/self/no-such-spool").stage();
+    await staged.write(awkwardBytes(100));
+    const err = await staged.commit(meta()).catch((e) => e);
     expect(err).toBeInstanceOf(SpoolWriteError);
+  });
+
+  test("a large message whose spill fails: the failure surfaces at commit(), nothing is left", async () => {
+    rmSync(join(dir, "tmp"), { recursive: true });
+    writeFileSync(join(dir, "tmp"), "not a directory");
+    const staged = spool.stage();
+    await staged.write(awkwardBytes(2 * 1024 * 1024)); // does not throw: the delivery goes on
+    const err = await staged.commit(meta()).catch((e) => e);
+    expect(err).toBeInstanceOf(SpoolWriteError);
+    expect(names("queue")).toEqual([]);
   });
 
   test("commit fails with SpoolWriteError, and leaves nothing in queue/, when queue/ is gone", async () => {
-    const staged = await spool.stage();
+    const staged = spool.stage();
     await staged.write(awkwardBytes(100));
     rmSync(join(dir, "queue"), { recursive: true });
     writeFileSync(join(dir, "queue"), "not a directory");
@@ -257,7 +294,8 @@ describe("an unwritable spool", () => {
   });
 
   test("a write that fails surfaces at commit() as SpoolWriteError, and the staged file is removed", async () => {
-    const staged = await spool.stage();
+    const staged = spool.stage();
+    await staged.write(awkwardBytes(2 * 1024 * 1024)); // in tmp/ from here on
     // Close the file under the staged message: the next write fails (EBADF).
     await (staged as unknown as { fh: { close(): Promise<void> } }).fh.close();
     await staged.write(awkwardBytes(100));
