@@ -86,6 +86,7 @@ export function renderTable(r: Results): string {
   out.push(`mail relay bench: ${r.mode} run, ${r.startedAt}, into ${backend}`);
   out.push(`machine: ${m.cores} cores, ${m.cpuModel}, ${(m.memoryBytes / 2 ** 30).toFixed(1)} GiB RAM, Linux ${m.kernel}, Bun ${m.bun}, Dovecot ${m.dovecot ?? "not installed"}`);
   out.push(`load: ${r.messagesPerRun} messages of ${r.messageBytes} bytes per run, closed loop; order per concurrency: ceiling, relay rfc822, relay JSON, ceiling`);
+  out.push("host: server.ts in its own process with a spool (SPOOL_DIR), as the container runs it");
   out.push("");
 
   out.push("Throughput (10 KB messages)");

@@ -10,6 +10,8 @@
 // It asserts no timing. It exits non-zero only when something failed: a delivery not answered
 // 200 "success", a message missing from the mailbox, a process that would not start.
 
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { startBackend, type Backend } from "./backend.ts";
 import { closedLoop, type LoadResult, type Operation } from "./load.ts";
 import { bigMessage, WARMUP_MESSAGES, type MemoryResult } from "./memory.ts";
@@ -72,10 +74,15 @@ function messagesFor(tag: string, concurrency: number): Uint8Array<ArrayBuffer>[
   return Array.from({ length: tag.startsWith("warm") ? concurrency * 3 : PER_RUN }, (_, i) => make(i));
 }
 
+// The host runs as the container runs it: with a spool (and its SQLite record of deliveries).
+mkdirSync(OUT_DIR, { recursive: true });
+const spoolRoot = mkdtempSync(join(OUT_DIR, "spool-"));
+const spoolDir = (name: string) => join(spoolRoot, name);
+
 let server: ServerChild | null = null;
 try {
   // --- 1-4: throughput, ceiling / relay rfc822 / relay JSON / ceiling at each concurrency -----
-  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "relay" });
+  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "relay", spoolDir: spoolDir("relay") });
   progress(`host: server.ts child pid ${server.pid} at ${server.url} (access log: ${server.logPath})`);
   const srv = server;
   for (const c of CONCURRENCY) {
@@ -115,7 +122,7 @@ try {
   progress(`24 MiB, lmtp.ts direct: ${bigCeilingMs.toFixed(0)} ms`);
   await backend.clear();
   // A fresh host: its idle level is not raised by the throughput runs.
-  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "memory" });
+  server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "memory", spoolDir: spoolDir("memory") });
   memory = await bigMessage({ url: server.url, pid: server.pid, apiKey: API_KEY, bytes: BIG_BYTES });
   if (memory.failure) failures.push(`24 MiB through the host: ${memory.failure}`);
   const stored = await backend.count();
@@ -129,6 +136,7 @@ try {
 } finally {
   await server?.stop();
   server = null;
+  rmSync(spoolRoot, { recursive: true, force: true });
 }
 
 // --- 6: the Worker's CPU per message ---------------------------------------------------------

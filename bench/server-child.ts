@@ -38,6 +38,14 @@ export interface SpawnOptions {
   /** The entry to run (default: the product's server.ts) and the folder to run it in. */
   script?: string;
   cwd?: string;
+  /** The host's SPOOL_DIR; without it the host runs without a spool (503 on temporary faults). */
+  spoolDir?: string;
+}
+
+/** The bench decides whether the host has a spool, not whatever SPOOL_DIR the shell had. */
+function withoutSpool(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  const { SPOOL_DIR: _ignored, ...rest } = env;
+  return rest;
 }
 
 export async function spawnServer(opts: SpawnOptions): Promise<ServerChild> {
@@ -47,7 +55,8 @@ export async function spawnServer(opts: SpawnOptions): Promise<ServerChild> {
   const proc = Bun.spawn([process.execPath, ...(opts.bunArgs ?? []), "run", opts.script ?? "server.ts"], {
     cwd: opts.cwd ?? ROOT,
     env: {
-      ...process.env,
+      ...withoutSpool(process.env),
+      ...(opts.spoolDir ? { SPOOL_DIR: opts.spoolDir } : {}),
       API_KEY: opts.apiKey,
       LMTP_HOST: opts.lmtpHost,
       LMTP_PORT: String(opts.lmtpPort),
