@@ -1,8 +1,8 @@
 // The host's Deliverer: deliver at once over LMTP, and if Dovecot cannot take the message now,
 // keep it in the durable spool and let the background deliverer retry (Postfix's smtpd -> queue ->
-// lmtp, in one process). While the message streams to LMTP it is also written to a spool file in
-// tmp/ (not fsynced: cheap); only when LMTP fails temporarily is the rest of the body read into
-// that file, fsynced and published, and the sender answered 202.
+// lmtp, in one process). While the message streams to LMTP it is also kept for the spool (its first
+// MiB in memory, the rest in tmp/, not fsynced: cheap); only when LMTP fails temporarily is the
+// rest of the body read in, written to queue/ fsynced, and the sender answered 202.
 
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
 import type { RecipientResult } from "./contract.ts";

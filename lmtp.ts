@@ -276,6 +276,10 @@ export class LmtpConnection {
     } catch (e) {
       c.close(e as Error);
       throw e;
+    } finally {
+      // The opening delivery's limit ends here; an idle connection (QUIT, a later delivery) must
+      // not inherit a limit long past.
+      c.deadline = Infinity;
     }
   }
 

@@ -72,15 +72,9 @@ function headEnd(b: Uint8Array): number | null {
   return null;
 }
 
+/** Header blocks are small: usually one chunk, so usually no copy. */
 function concat(parts: Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.byteLength;
-  }
-  return out;
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 
 /** A Message-ID field at the start of a line, with its folded continuation lines (RFC 5322 2.2.3). */
