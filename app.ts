@@ -55,7 +55,7 @@ export interface AppOptions {
   /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. */
   ready?: () => Promise<LogLine>;
   /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
-  metrics?: () => string;
+  metrics?: () => string | Promise<string>;
   log?: LogWriter;
   /** Seconds a 503 asks the client to wait. */
   retryAfterSeconds?: number;
@@ -105,7 +105,7 @@ export function createApp(opts: AppOptions) {
 
   if (opts.metrics) {
     const render = opts.metrics;
-    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), (c) => c.text(render(), 200, { "content-type": "text/plain; version=0.0.4" }));
+    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": "text/plain; version=0.0.4" }));
   }
 
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {

@@ -45,6 +45,7 @@ export class QueueRunner {
    * a delivered message cannot race with (and be undone by) the first state write. */
   private readonly saving = new Map<string, Promise<void>>();
   private timer: Timer | null = null;
+  private firstScan: Promise<void> = Promise.resolve();
   private watcher: FSWatcher | null = null;
   private stopped = false;
   private failedCount = 0;
@@ -66,6 +67,21 @@ export class QueueRunner {
 
   /** Loads what the spool holds (left by a crash or a restart) and delivers it at once. */
   async start(): Promise<void> {
+    this.firstScan = this.loadQueue();
+    await this.firstScan;
+    // `queue flush` / `queue retry` from the CLI drop a file here.
+    this.watcher = watch(this.spool.dir, (_event, name) => {
+      if (name === FLUSH_REQUEST) void this.flush();
+    });
+    this.watcher.unref?.();
+  }
+
+  /** Resolves once what was on disk at start() is known (size and stats() count it from then on). */
+  scanned(): Promise<void> {
+    return this.firstScan;
+  }
+
+  private async loadQueue(): Promise<void> {
     // A spool that cannot be listed now (queue/ gone or unreadable) must not stop the host: new
     // messages still get their own answers (503 when they cannot be spooled), and the next flush
     // or restart looks again. The error is logged, never thrown unhandled.
@@ -75,11 +91,6 @@ export class QueueRunner {
     } catch (e) {
       this.log({ event: "spool_error", error: `cannot list the spool: ${(e as Error).message}` });
     }
-    // `queue flush` / `queue retry` from the CLI drop a file here.
-    this.watcher = watch(this.spool.dir, (_event, name) => {
-      if (name === FLUSH_REQUEST) void this.flush();
-    });
-    this.watcher.unref?.();
   }
 
   /** Picks up messages put back by the operator and makes everything due now. */

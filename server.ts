@@ -67,8 +67,9 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     deliver: deliverNowOrSpool(host),
-    ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner?.size ?? null }),
-    metrics: () => metrics.render(),
+    // Neither says anything about the spool before what is on disk has been read.
+    ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
+    metrics: async () => (await runner?.scanned(), metrics.render()),
     log: (line) => {
       countAnswer(metrics, line);
       log(line);

@@ -580,6 +580,20 @@ describe("restart", () => {
 });
 
 describe("/metrics", () => {
+  test("right after start-up, the spool gauges already count what was left on disk (never a false 0)", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    fake.behaviour.rcpt = () => 450;
+    for (const id of ["g1", "g2"]) expect((await post(h, message(id))).status).toBe(202);
+    await h.server.stop();
+    // Still refused: the messages stay queued, so the gauge must say 2 from the first scrape on.
+    const again = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    const m = await metrics(again);
+    expect(m.relay_spool_messages).toBe(2);
+    expect(m.relay_spool_oldest_age_seconds).toBeGreaterThan(0);
+  });
+
   test("counters match what happened", async () => {
     const h = await host();
     // 2 delivered, 1 duplicate, 1 refused at RCPT (422), 1 bad envelope (400), 1 queued (450), 1 wrong key (not counted).
