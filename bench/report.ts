@@ -8,7 +8,7 @@ import type { MemoryResult } from "./memory.ts";
 import type { Machine } from "./proc.ts";
 import type { WorkerCpuRow } from "./worker-cpu.ts";
 
-export type PathName = "ceiling" | "relay-raw" | "relay-json";
+export type PathName = "ceiling" | "relay-raw" | "relay-json" | "baseline-raw" | "baseline-json";
 
 export interface ThroughputRun {
   order: number;
@@ -30,6 +30,18 @@ export interface RatioRow {
   jsonRatio: number;
 }
 
+/** One body at one concurrency: this host and the baseline host, measured in the same run. */
+export interface ComparisonRow {
+  concurrency: number;
+  body: "raw" | "json";
+  perSecond: number;
+  basePerSecond: number;
+  hostCpuMs: number;
+  baseHostCpuMs: number;
+  p99Ms: number;
+  baseP99Ms: number;
+}
+
 export interface Target {
   name: string;
   target: string;
@@ -47,6 +59,8 @@ export interface Results {
   messagesPerRun: number;
   runs: ThroughputRun[];
   ratios: RatioRow[];
+  /** BENCH_BASELINE: the host at another commit, run beside this one. */
+  baseline?: { ref: string; sha: string; comparison: ComparisonRow[] };
   big: { ceilingMs: number | null; memory: MemoryResult | null };
   workerCpu: WorkerCpuRow[];
   targets: Target[];
@@ -67,6 +81,8 @@ export const PATH_LABEL: Record<PathName, string> = {
   ceiling: "ceiling: lmtp.ts -> LMTP",
   "relay-raw": "relay: HTTP rfc822 -> host",
   "relay-json": "relay: HTTP JSON -> host",
+  "baseline-raw": "baseline: HTTP rfc822 -> host",
+  "baseline-json": "baseline: HTTP JSON -> host",
 };
 
 /** Prefixes a line with the fake marker when the bench runs against the fake LMTP. */
@@ -85,7 +101,7 @@ export function renderTable(r: Results): string {
   const backend = r.lmtp === "dovecot" ? `real Dovecot ${m.dovecot ?? "?"}` : "FAKE LMTP (smtp-server in the bench process), NOT Dovecot";
   out.push(`mail relay bench: ${r.mode} run, ${r.startedAt}, into ${backend}`);
   out.push(`machine: ${m.cores} cores, ${m.cpuModel}, ${(m.memoryBytes / 2 ** 30).toFixed(1)} GiB RAM, Linux ${m.kernel}, Bun ${m.bun}, Dovecot ${m.dovecot ?? "not installed"}`);
-  out.push(`load: ${r.messagesPerRun} messages of ${r.messageBytes} bytes per run, closed loop; order per concurrency: ceiling, relay rfc822, relay JSON, ceiling`);
+  out.push(`load: ${r.messagesPerRun} messages of ${r.messageBytes} bytes per run, closed loop; order per concurrency: ceiling, relay rfc822, ${r.baseline ? "baseline rfc822, baseline JSON, " : ""}relay JSON, ceiling`);
   out.push("host: server.ts in its own process with a spool (SPOOL_DIR), as the container runs it");
   out.push("");
 
@@ -128,6 +144,16 @@ export function renderTable(r: Results): string {
   }
   out.push(...table(rr, ["r", "r", "r", "r", "r", "r"]));
   out.push("");
+
+  if (r.baseline) {
+    out.push(`This host / baseline host (${r.baseline.ref} = ${r.baseline.sha.slice(0, 12)}), same run`);
+    const br = [["conc", "body", "msg/s now", "baseline", "now/baseline", "host cpu ms/msg now", "baseline", "p99 ms now", "baseline"]];
+    for (const x of r.baseline.comparison) {
+      br.push([String(x.concurrency), x.body === "raw" ? "rfc822" : "JSON", f(x.perSecond, 0), f(x.basePerSecond, 0), f(x.perSecond / x.basePerSecond, 3), f(x.hostCpuMs, 3), f(x.baseHostCpuMs, 3), f(x.p99Ms, 2), f(x.baseP99Ms, 2)]);
+    }
+    out.push(...table(br, ["r", "l", "r", "r", "r", "r", "r", "r", "r"]));
+    out.push("");
+  }
 
   const mem = r.big.memory;
   out.push("24 MiB message (streamed from a generator, Content-Length set)");

@@ -6,6 +6,8 @@
 //   bun run bench --quick    (or BENCH_QUICK=1) a few hundred messages in all, for CI
 //   BENCH_MESSAGES=N         messages per throughput run, overriding either
 //   BENCH_LMTP=fake          the fake LMTP even where Dovecot is installed (every line then says so)
+//   BENCH_BASELINE=<ref>     also run the host as it was at that commit, beside this one, so that
+//                            before and after are measured in the same run (see baseline.ts)
 //
 // It asserts no timing. It exits non-zero only when something failed: a delivery not answered
 // 200 "success", a message missing from the mailbox, a process that would not start.
@@ -13,12 +15,13 @@
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { startBackend, type Backend } from "./backend.ts";
+import { checkoutBaseline, type Baseline } from "./baseline.ts";
 import { closedLoop, type LoadResult, type Operation } from "./load.ts";
 import { bigMessage, WARMUP_MESSAGES, type MemoryResult } from "./memory.ts";
 import { RECIPIENT, SENDER, messageFactory, streamOf, streamedMessage } from "./messages.ts";
 import { ceilingOp, ceilingPool, jsonBodies, relayJsonOp, relayRawOp } from "./paths.ts";
 import { dovecotVersion, machine, memStatus } from "./proc.ts";
-import { marker, renderTable, writeOutputs, type PathName, type RatioRow, type Results, type Target, type ThroughputRun } from "./report.ts";
+import { marker, renderTable, writeOutputs, type ComparisonRow, type PathName, type RatioRow, type Results, type Target, type ThroughputRun } from "./report.ts";
 import { OUT_DIR, spawnServer, type ServerChild } from "./server-child.ts";
 import { workerCpu, type WorkerCpuRow } from "./worker-cpu.ts";
 
@@ -80,21 +83,32 @@ const spoolRoot = mkdtempSync(join(OUT_DIR, "spool-"));
 const spoolDir = (name: string) => join(spoolRoot, name);
 
 let server: ServerChild | null = null;
+let before: ServerChild | null = null;
+let baseline: Baseline | null = null;
 try {
   // --- 1-4: throughput, ceiling / relay rfc822 / relay JSON / ceiling at each concurrency -----
   server = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "relay", spoolDir: spoolDir("relay") });
   progress(`host: server.ts child pid ${server.pid} at ${server.url} (access log: ${server.logPath})`);
+  if (process.env.BENCH_BASELINE) {
+    baseline = checkoutBaseline(process.env.BENCH_BASELINE);
+    before = await spawnServer({ apiKey: API_KEY, lmtpHost: backend.host, lmtpPort: backend.port, name: "baseline", spoolDir: spoolDir("baseline"), cwd: baseline.dir });
+    progress(`baseline host: ${baseline.ref} (${baseline.sha.slice(0, 12)}) pid ${before.pid} at ${before.url}`);
+  }
   const srv = server;
+  const old = before;
   for (const c of CONCURRENCY) {
     const pool = ceilingPool(backend.host, backend.port, c);
     try {
       const ceiling = async (tag: string) => ceilingOp(pool, messagesFor(tag, c));
-      const raw = async (tag: string) => relayRawOp(srv.url, API_KEY, messagesFor(tag, c));
-      const json = async (tag: string) => relayJsonOp(srv.url, API_KEY, jsonBodies(messagesFor(tag, c)));
+      const raw = (host: ServerChild) => async (tag: string) => relayRawOp(host.url, API_KEY, messagesFor(tag, c));
+      const json = (host: ServerChild) => async (tag: string) => relayJsonOp(host.url, API_KEY, jsonBodies(messagesFor(tag, c)));
       await measured(1, "A", "ceiling", c, ceiling);
-      await measured(2, "", "relay-raw", c, raw, srv.pid);
-      await measured(3, "", "relay-json", c, json, srv.pid);
-      await measured(4, "B", "ceiling", c, ceiling);
+      await measured(2, "", "relay-raw", c, raw(srv), srv.pid);
+      // The baseline runs between the two runs of each body (A B B A), so drift hits both alike.
+      if (old) await measured(3, "", "baseline-raw", c, raw(old), old.pid);
+      if (old) await measured(4, "", "baseline-json", c, json(old), old.pid);
+      await measured(5, "", "relay-json", c, json(srv), srv.pid);
+      await measured(6, "B", "ceiling", c, ceiling);
     } finally {
       await pool.close();
     }
@@ -105,6 +119,8 @@ try {
   server = null;
 } catch (e) {
   failures.push(`throughput: ${(e as Error).stack ?? e}`);
+} finally {
+  await before?.stop();
 }
 
 // --- 5: one 24 MiB message ------------------------------------------------------------------
@@ -159,6 +175,27 @@ const ratios: RatioRow[] = CONCURRENCY.map((c) => {
   return { concurrency: c, ceilingRuns, ceilingMean, relayRaw, relayJson, rawRatio: relayRaw / ceilingMean, jsonRatio: relayJson / ceilingMean };
 }).filter((r) => r.ceilingRuns.length > 0);
 
+/** This host against the baseline host, per body and concurrency (BENCH_BASELINE only). */
+const comparison: ComparisonRow[] = baseline
+  ? CONCURRENCY.flatMap((c) =>
+      (["raw", "json"] as const).map((body) => {
+        const run = (p: PathName) => runs.find((r) => r.concurrency === c && r.path === p)?.result;
+        const now = run(body === "raw" ? "relay-raw" : "relay-json");
+        const was = run(body === "raw" ? "baseline-raw" : "baseline-json");
+        return {
+          concurrency: c,
+          body,
+          perSecond: now?.perSecond ?? NaN,
+          basePerSecond: was?.perSecond ?? NaN,
+          hostCpuMs: now?.cpu.serverMsPerMessage ?? NaN,
+          baseHostCpuMs: was?.cpu.serverMsPerMessage ?? NaN,
+          p99Ms: now?.p99Ms ?? NaN,
+          baseP99Ms: was?.p99Ms ?? NaN,
+        };
+      }),
+    )
+  : [];
+
 const targets: Target[] = [];
 const ratioTarget = (c: number, want: number, which: "rawRatio" | "jsonRatio", what: string, note?: string) => {
   const row = ratios.find((r) => r.concurrency === c);
@@ -208,6 +245,7 @@ const results: Results = {
   messagesPerRun: PER_RUN,
   runs,
   ratios,
+  ...(baseline ? { baseline: { ref: baseline.ref, sha: baseline.sha, comparison } } : {}),
   big: { ceilingMs: bigCeilingMs, memory },
   workerCpu: cpuRows,
   targets,
