@@ -5,7 +5,7 @@
 // rest of the body read in, written to queue/ fsynced, and the sender answered 202.
 
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
-import type { RecipientResult } from "./contract.ts";
+import { replyClass, type RecipientResult } from "./contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
 import { BodyAborted, LmtpFault, formatReply, type LmtpPool, type MessageBody } from "./lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
@@ -23,8 +23,8 @@ export interface HostDelivery {
   spool?: { spool: Spool; runner: QueueRunner };
 }
 
-const isOk = (r: { code: number }) => r.code >= 200 && r.code < 300;
-const isTemporary = (r: { code: number }) => !isOk(r) && r.code < 500;
+const isOk = (r: { code: number }) => replyClass(r.code) === "accepted";
+const isTemporary = (r: { code: number }) => replyClass(r.code) === "temporary";
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
 async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: MessageBody, size: number | null): Promise<RecipientResult[]> {

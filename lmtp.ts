@@ -12,6 +12,7 @@
 // and a slow reader on the other side slows us down instead of filling memory.
 
 import type { Socket } from "bun";
+import { replyClass } from "./contract.ts";
 
 export type LmtpTarget = { kind: "tcp"; host: string; port: number } | { kind: "unix"; path: string };
 
@@ -267,7 +268,7 @@ export class LmtpConnection {
       if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `LMTP greeting was ${formatReply(greeting)}`);
       c.send(`LHLO ${opts.lhloName ?? "mail-relay"}\r\n`);
       const lhlo = await c.read("lhlo", c.timeouts.command);
-      if (lhlo.code !== 250) throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
+      if (replyClass(lhlo.code) !== "accepted") throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
       for (const line of lhlo.text.split("\n").slice(1)) {
         const [kw, ...rest] = line.trim().split(/\s+/);
         if (kw) c.capabilities.set(kw.toUpperCase(), rest.join(" "));
@@ -344,34 +345,35 @@ export class LmtpConnection {
       }
       this.send(mail);
       mailReply = await this.read("mail", t);
-      if (mailReply.code === 250) {
+      if (accepted(mailReply)) {
         for (const r of rcpts) {
           this.send(r);
           rcptReplies.push(await this.read("rcpt", t));
         }
-        if (rcptReplies.some((r) => r.code === 250)) {
+        if (rcptReplies.some(accepted)) {
           this.send("DATA\r\n");
           dataReply = await this.read("data", t);
         }
       }
     }
 
-    const accepted = envelope.to.filter((_, i) => mailReply.code === 250 && rcptReplies[i]?.code === 250);
+    // Any 2xx accepts (RFC 5321 4.2.2: 251 and 252 too), and an accepted recipient is sent the message.
+    const taken = envelope.to.filter((_, i) => accepted(mailReply) && rcptReplies[i] !== undefined && accepted(rcptReplies[i]!));
     // RFC 2920 3.1: a pipelined DATA may be accepted even though MAIL or every RCPT was not. The
     // server then waits for message data and would take our next RSET as part of it; drop the
     // connection rather than guess how it answers a lone "." with no recipients.
-    if (accepted.length === 0 && dataReply?.code === 354) {
+    if (taken.length === 0 && dataReply?.code === 354) {
       this.close(new LmtpFault("protocol", "data", "LMTP server accepted DATA with no recipients"));
     }
 
     // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
-    if (mailReply.code !== 250) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
+    if (!accepted(mailReply)) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
 
     const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
-    if (accepted.length === 0) return result;
+    if (taken.length === 0) return result;
     if (!dataReply || dataReply.code !== 354) {
       const reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
-      return result.map((r) => (r.code === 250 ? { ...r, ...reply } : r));
+      return result.map((r) => (accepted(r) ? { ...r, ...reply } : r));
     }
 
     await this.writeBody(body);
@@ -379,7 +381,7 @@ export class LmtpConnection {
     // RFC 2033 4.2: after the final dot, one reply for each recipient accepted at RCPT, in order.
     const finals = new Map<number, LmtpReply>();
     for (let i = 0; i < envelope.to.length; i++) {
-      if (rcptReplies[i]?.code === 250) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
+      if (accepted(result[i]!)) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
     }
     return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)!, afterDot: true } : r));
   }
@@ -551,7 +553,7 @@ export class LmtpConnection {
 
   private async expect2xx(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
     const r = await this.read(phase, ms);
-    if (r.code >= 300) {
+    if (!accepted(r)) {
       const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
       this.close(e);
       throw e;
@@ -566,6 +568,8 @@ export class LmtpConnection {
     return new LmtpFault("closed", phase, e.message);
   }
 }
+
+const accepted = (r: { code: number }) => replyClass(r.code) === "accepted";
 
 // ---------------------------------------------------------------------------------------------
 // The pool

@@ -283,7 +283,7 @@ describe("temporary failure with a spool: 202, then delivered by the background 
  * "421 4.3.2 Shutting down" in place of the replies after the final dot (seen when Dovecot is
  * stopped while it saves; it had saved the message), or at RCPT.
  */
-function scriptedLmtp(script: { rcpt: string; afterDot: string }) {
+function scriptedLmtp(script: { mail?: string; rcpt: string; afterDot: string }) {
   const messages: string[] = [];
   type State = { buf: string; data: string | null; accepted: number };
   const server = Bun.listen<State>({
@@ -314,10 +314,11 @@ function scriptedLmtp(script: { rcpt: string; afterDot: string }) {
           }
           const verb = line.split(" ")[0]!.toUpperCase();
           if (verb === "LHLO") s.write("250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
-          else if (verb === "MAIL" || verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
+          else if (verb === "MAIL") s.write((script.mail ?? "250 2.1.0 OK") + "\r\n");
+          else if (verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
           else if (verb === "RCPT") {
             s.write(script.rcpt + "\r\n");
-            if (script.rcpt.startsWith("250")) st.accepted++;
+            if (script.rcpt.startsWith("2")) st.accepted++;
             else if (script.rcpt.startsWith("421")) s.end();
           } else if (verb === "DATA") {
             if (st.accepted > 0) {
@@ -396,6 +397,50 @@ describe("outcomes that are not known", () => {
       await until("the retry reached the server", () => lmtp.messages.length === 1);
       await until("counted", async () => (await metrics(again)).relay_unknown_outcome_total === 1);
       expect(again.server.runner!.size).toBe(1); // still queued: retried later, a duplicate rather than a loss
+    } finally {
+      lmtp.stop();
+    }
+  });
+});
+
+describe("2xx replies other than 250", () => {
+  test("251 to MAIL and to RCPT: the message is sent, and the answer is 200 success", async () => {
+    const lmtp = scriptedLmtp({ mail: "251 2.1.0 OK", rcpt: "251 2.1.5 User not local; will forward", afterDot: "250 2.0.0 Saved" });
+    try {
+      const h = await host({ spool: false, lmtpPort: lmtp.port });
+      const sent = message("two-fifty-one");
+      const a = await post(h, sent);
+      expect(a.status).toBe(200);
+      expect(a.body.status).toBe("success");
+      expect(a.body.recipients!.map((r) => r.reply)).toEqual(["250 2.0.0 Saved"]);
+      expect(lmtp.messages).toEqual([new TextDecoder().decode(sent)]);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("252 to RCPT and 252 after the dot: delivered, 200", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "252 2.1.5 Cannot VRFY user, but will attempt", afterDot: "252 2.0.0 will attempt" });
+    try {
+      const h = await host({ spool: false, lmtpPort: lmtp.port });
+      const a = await post(h, message("two-fifty-two"));
+      expect(a.status).toBe(200);
+      expect(lmtp.messages.length).toBe(1);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("a 3xx to RCPT is never a success: 503 without a spool, queued with one, and nothing sent", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "334 what?", afterDot: "250 2.0.0 Saved" });
+    try {
+      const bare = await host({ spool: false, lmtpPort: lmtp.port });
+      const a = await post(bare, message("three-xx"));
+      expect(a.status).toBe(503);
+      expect(a.body.message).toContain("334 what?");
+      const spooled = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      expect((await post(spooled, message("three-xx-spool"))).status).toBe(202);
+      expect(lmtp.messages).toEqual([]);
     } finally {
       lmtp.stop();
     }

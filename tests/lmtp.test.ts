@@ -9,6 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { replyClass } from "../contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import {
   BodyAborted,
@@ -147,10 +148,6 @@ interface Scripted {
   close(): Promise<void>;
 }
 
-/**
- * reply(line) gives the bytes to answer a command line with (or null for no answer). A reply
- * starting with "354" switches the connection to message mode until "."; then reply(".") answers.
- */
 /** Polls until cond() holds (the condition is the assertion; the limit only stops a hang). */
 async function until(cond: () => boolean, ms = 5_000): Promise<void> {
   const end = Date.now() + ms;
@@ -160,8 +157,18 @@ async function until(cond: () => boolean, ms = 5_000): Promise<void> {
   }
 }
 
-/** `delayMs`: every reply (and the greeting) is written that long after its command arrived. */
-async function startScripted(greeting: string | null, reply: (line: string) => string | null, delayMs = 0): Promise<Scripted> {
+/**
+ * What a scripted server answers a line with: the bytes, or pieces written one by one a few ms
+ * apart (a reply split across packets), or bytes written `afterMs` late, or null for no answer.
+ */
+type ScriptedReply = string | string[] | { afterMs: number; text: string } | null;
+
+/**
+ * reply(line) gives the answer to a command line. A reply starting with "354" switches the
+ * connection to message mode until "."; then reply(".") answers.
+ * `delayMs`: every reply (and the greeting) is written that long after its command arrived.
+ */
+async function startScripted(greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0): Promise<Scripted> {
   const sockets = new Set<net.Socket>();
   let closedResolve!: () => void;
   const s: Scripted = {
@@ -184,7 +191,15 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
       sockets.delete(sock);
       closedResolve();
     });
-    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : sock.write(out));
+    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : later(0, out));
+    // Pieces and late replies are written in order, each after the one before.
+    let queue = Promise.resolve();
+    const later = (ms: number, out: string) => {
+      queue = queue.then(async () => {
+        if (ms) await sleep(ms);
+        if (!sock.destroyed) sock.write(out);
+      });
+    };
     if (greeting !== null) write(greeting);
     let buf = "";
     let inData = false;
@@ -207,8 +222,11 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
           s.lines.push(line);
         }
         const out = reply(line);
-        if (out !== null) write(out);
-        if (out?.startsWith("354")) inData = true;
+        if (typeof out === "string") write(out);
+        else if (Array.isArray(out)) out.forEach((piece, i) => later(i === 0 ? delayMs : 5, piece));
+        else if (out) later(out.afterMs, out.text);
+        const text = typeof out === "string" ? out : Array.isArray(out) ? out.join("") : (out?.text ?? "");
+        if (text.startsWith("354")) inData = true;
       }
     });
   });
@@ -999,7 +1017,7 @@ describe("against a scripted raw server", () => {
   afterEach(async () => {
     await Promise.all(servers.splice(0).map((s) => s.close()));
   });
-  const start = async (greeting: string | null, reply: (line: string) => string | null, delayMs = 0) => {
+  const start = async (greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0) => {
     const s = await startScripted(greeting, reply, delayMs);
     servers.push(s);
     return s;
@@ -1054,6 +1072,61 @@ describe("against a scripted raw server", () => {
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
       expect(s.messages).toEqual([]);
       await p.close();
+    });
+  });
+
+  describe("any 2xx accepts: 251 and 252 as well as 250 (RFC 5321 4.2.2), in any packet split", () => {
+    test.each([true, false])("pipelining %p: 251 to MAIL, 251/252/multi-line 250 to RCPT -> the message is sent to every recipient", async (pipelining) => {
+      const s = await start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return pipelining ? ["250-hi\r\n250-PIPE", "LINING\r\n250 8BITMIME\r\n"] : "250-hi\r\n250 8BITMIME\r\n";
+        if (l.startsWith("MAIL")) return "251 2.1.0 ok\r\n";
+        if (l === "RCPT TO:<a@x.org>") return "251 2.1.5 User not local; will forward\r\n";
+        if (l === "RCPT TO:<b@x.org>") return ["252 2.1.5 Cannot VRFY", " user, but will attempt\r\n"];
+        if (l === "RCPT TO:<c@x.org>") return ["250-2.1.5 first line\r\n250 2.1", ".5 ok\r\n"];
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return ["250 2.0.0 <a@x.org> Saved\r\n25", "2 2.0.0 <b@x.org> will attempt\r\n", "250-2.0.0 <c@x.org>\r\n250 2.0.0 Saved\r\n"];
+        return "250 ok\r\n";
+      });
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      expect(c.pipelining).toBe(pipelining);
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org", "c@x.org"] }, bytes("hello\r\n"), null);
+      expect(s.messages).toEqual(["hello\r\n"]);
+      expect(s.lines.filter((l) => l.startsWith("RCPT") || l === "DATA")).toEqual(["RCPT TO:<a@x.org>", "RCPT TO:<b@x.org>", "RCPT TO:<c@x.org>", "DATA"]);
+      expect(r.map((x) => [x.recipient, x.code, x.text, x.afterDot])).toEqual([
+        ["a@x.org", 250, "<a@x.org> Saved", true],
+        ["b@x.org", 252, "<b@x.org> will attempt", true],
+        ["c@x.org", 250, "<c@x.org>\nSaved", true],
+      ]);
+      expect(c.reusable).toBe(true);
+      c.close();
+    });
+
+    test.each([true, false])("pipelining %p: a 3xx to RCPT is no acceptance: that recipient is not sent the message, and its reply is temporary", async (pipelining) => {
+      const s = await start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return pipelining ? "250-hi\r\n250 PIPELINING\r\n" : "250 hi\r\n";
+        if (l === "RCPT TO:<odd@x.org>") return "334 what?\r\n";
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return "250 2.0.0 <a@x.org> Saved\r\n";
+        return "250 ok\r\n";
+      });
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["odd@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.recipient, x.code, x.afterDot])).toEqual([
+        ["odd@x.org", 334, undefined],
+        ["a@x.org", 250, true],
+      ]);
+      expect(replyClass(r[0]!.code)).toBe("temporary");
+      expect(s.messages).toEqual(["hello\r\n"]); // once, for a@x.org
+      c.close();
+    });
+
+    test("LHLO answered with a 2xx other than 250 is accepted; a 3xx is not", async () => {
+      const ok = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "251-hi\r\n251 PIPELINING\r\n" : null));
+      const c = await LmtpConnection.open(target(ok), { timeouts: FAST });
+      expect(c.pipelining).toBe(true);
+      c.close();
+      const odd = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "354 hi\r\n" : null));
+      await expectFault(LmtpConnection.open(target(odd), { timeouts: FAST }), "protocol", "lhlo");
     });
   });
 
