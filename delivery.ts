@@ -31,15 +31,12 @@ async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: st
   const started = performance.now();
   try {
     const replies = await h.pool.deliver(envelope, body, size);
-    // "421 Shutting down" after the final dot: Dovecot answers so when it is stopped while it
-    // saves, and it may have saved the message already (seen here: it had). Retried like any
-    // temporary failure, but counted: a duplicate may follow.
-    if (replies.some((r) => r.afterDot && r.code === 421)) h.metrics.inc("unknown_outcome");
+    // After the final dot without an answer to hold on to (no reply, connection lost, "421
+    // Shutting down" while Dovecot saves): it may have saved the message (seen here: it had).
+    // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
+    // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
+    if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
     return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
-  } catch (e) {
-    // After the final dot, Dovecot may have saved the message before the connection failed.
-    if (e instanceof LmtpFault && e.phase === "data-end") h.metrics.inc("unknown_outcome");
-    throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
   }

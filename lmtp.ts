@@ -43,6 +43,12 @@ export interface RecipientReply extends LmtpReply {
   recipient: string;
   /** The reply came after the final dot: whatever it says, the server had the whole message. */
   afterDot?: true;
+  /**
+   * After the final dot, no answer the server can be held to: no reply in time, the connection
+   * lost, or "421 closing". The server may have stored the message. The code is 4xx (it is
+   * offered again: a duplicate beats a loss) and the text says the outcome is unknown.
+   */
+  outcomeUnknown?: true;
 }
 
 export type LmtpPhase =
@@ -68,9 +74,12 @@ export interface LmtpTimeouts {
   /** Wait for the replies after the final dot (Dovecot writes and fsyncs here). */
   dataEnd: number;
   /**
-   * A whole delivery through the pool: waiting for a free connection, opening one, the envelope,
-   * the body and the last reply. Each wait above is cut short to fit it, so a server that is slow
-   * at every step still gets an answer to the sender before the Worker gives up (25 s).
+   * A whole delivery through the pool up to the final dot: waiting for a free connection, opening
+   * one, the envelope and the body. Each wait before the dot is cut short to fit it, so a server
+   * (or a body) that is slow at every step still gets an answer to the sender before the Worker
+   * gives up (25 s). Once it has passed, the final dot is never sent: the transaction is dropped
+   * without it and the server discards the message. Once the dot is sent, the replies get their
+   * full dataEnd, whatever is left of this limit: the server may be storing the message by then.
    */
   transaction: number;
 }
@@ -85,7 +94,11 @@ export const DEFAULT_TIMEOUTS: LmtpTimeouts = {
   transaction: 20_000,
 };
 
-/** A fault of the connection itself: the outcome for the message is temporary (retry later). */
+/**
+ * A fault of the connection itself: the outcome for the message is temporary (retry later).
+ * LmtpConnection.deliver() throws one only before the final dot, so it always means "not
+ * delivered"; after the dot a fault becomes the unanswered recipients' reply (outcomeUnknown).
+ */
 export class LmtpFault extends Error {
   constructor(
     readonly kind: "timeout" | "connect" | "closed" | "protocol",
@@ -248,8 +261,6 @@ export class LmtpConnection {
   private readonly waiters: Waiter[] = [];
   private drainWaiter: (() => void) | null = null;
   private readonly timeouts: LmtpTimeouts;
-  /** performance.now() by which the current delivery must be done (see LmtpTimeouts.transaction). */
-  private deadline = Infinity;
 
   private constructor(
     readonly target: LmtpTarget,
@@ -258,16 +269,19 @@ export class LmtpConnection {
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
   }
 
-  /** Connects, reads the greeting and sends LHLO. */
+  /**
+   * Connects, reads the greeting and sends LHLO. `deadline` (performance.now() time) is the
+   * opening delivery's limit (LmtpTimeouts.transaction); it is an argument, never kept, so later
+   * uses of the connection do not inherit it.
+   */
   static async open(target: LmtpTarget, opts: LmtpConnectionOptions = {}, deadline = Infinity): Promise<LmtpConnection> {
     const c = new LmtpConnection(target, opts);
-    c.deadline = deadline;
-    await c.connect();
+    await c.connect(deadline);
     try {
-      const greeting = await c.read("greeting", c.timeouts.greeting);
+      const greeting = await c.read("greeting", c.timeouts.greeting, deadline);
       if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `LMTP greeting was ${formatReply(greeting)}`);
       c.send(`LHLO ${opts.lhloName ?? "mail-relay"}\r\n`);
-      const lhlo = await c.read("lhlo", c.timeouts.command);
+      const lhlo = await c.read("lhlo", c.timeouts.command, deadline);
       if (replyClass(lhlo.code) !== "accepted") throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
       for (const line of lhlo.text.split("\n").slice(1)) {
         const [kw, ...rest] = line.trim().split(/\s+/);
@@ -277,10 +291,6 @@ export class LmtpConnection {
     } catch (e) {
       c.close(e as Error);
       throw e;
-    } finally {
-      // The opening delivery's limit ends here; an idle connection (QUIT, a later delivery) must
-      // not inherit a limit long past.
-      c.deadline = Infinity;
     }
   }
 
@@ -299,23 +309,20 @@ export class LmtpConnection {
   /**
    * Runs one transaction. Returns one reply per recipient, in envelope order: the RCPT reply for
    * a recipient refused there, otherwise the reply after the final dot (or the MAIL/DATA reply
-   * that ended the transaction early). Throws LmtpFault when the connection fails; the outcome
-   * for every recipient is then temporary.
+   * that ended the transaction early). A fault after the final dot is the reply of every
+   * recipient it left unanswered (outcomeUnknown). Throws LmtpFault when the connection fails
+   * before the final dot; nothing was delivered then, and the outcome for every recipient is
+   * temporary. `deadline` (performance.now() time): the final dot is not sent after it.
    */
   async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
-    this.deadline = deadline;
-    try {
-      return await this.transaction(envelope, body, size);
-    } finally {
-      this.deadline = Infinity;
-    }
+    if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+    return this.transaction(envelope, body, size, deadline);
   }
 
-  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
-    if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number): Promise<RecipientReply[]> {
     const wasUsed = this.used;
     this.used = true;
-    const t = this.timeouts.command;
+    const read = (phase: LmtpPhase) => this.read(phase, this.timeouts.command, deadline);
 
     let params = "";
     if (size !== null && this.capabilities.has("SIZE")) params += ` SIZE=${size}`;
@@ -334,25 +341,26 @@ export class LmtpConnection {
     if (this.pipelining) {
       // One write for the whole envelope; replies come back in order (RFC 2920).
       this.send(rset + mail + rcpts.join("") + "DATA\r\n");
-      if (rset) await this.expect2xx("rset", t);
-      mailReply = await this.read("mail", t);
-      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.read("rcpt", t));
-      dataReply = await this.read("data", t);
+      if (rset) await this.expect2xx("rset", deadline);
+      mailReply = await read("mail");
+      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await read("rcpt"));
+      dataReply = await read("data");
     } else {
       if (rset) {
         this.send(rset);
-        await this.expect2xx("rset", t);
+        await this.expect2xx("rset", deadline);
       }
       this.send(mail);
-      mailReply = await this.read("mail", t);
+      mailReply = await read("mail");
       if (accepted(mailReply)) {
         for (const r of rcpts) {
           this.send(r);
-          rcptReplies.push(await this.read("rcpt", t));
+          rcptReplies.push(await read("rcpt"));
         }
         if (rcptReplies.some(accepted)) {
+          this.abortIfLate(deadline, "data");
           this.send("DATA\r\n");
-          dataReply = await this.read("data", t);
+          dataReply = await read("data");
         }
       }
     }
@@ -376,47 +384,80 @@ export class LmtpConnection {
       return result.map((r) => (accepted(r) ? { ...r, ...reply } : r));
     }
 
-    await this.writeBody(body);
+    await this.writeBody(body, deadline);
 
     // RFC 2033 4.2: after the final dot, one reply for each recipient accepted at RCPT, in order.
-    const finals = new Map<number, LmtpReply>();
-    for (let i = 0; i < envelope.to.length; i++) {
-      if (accepted(result[i]!)) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
+    // The server has the whole message now: each reply gets its full limit, and a fault leaves
+    // the outcome unknown for every recipient still unanswered (never "not delivered").
+    let fault: LmtpFault | null = null;
+    const finals: RecipientReply[] = [];
+    for (const r of result) {
+      if (!accepted(r)) {
+        finals.push(r);
+        continue;
+      }
+      if (!fault) {
+        try {
+          const reply = await this.read("data-end", this.timeouts.dataEnd, Infinity);
+          if (reply.code === 421) {
+            // "421 closing" (Dovecot being stopped while it saves): it may have saved the message.
+            finals.push({ recipient: r.recipient, ...reply, text: `${reply.text} (${UNKNOWN})`, afterDot: true, outcomeUnknown: true });
+            this.close(new LmtpFault("closed", "data-end", `LMTP server answered ${formatReply(reply)}`));
+          } else {
+            finals.push({ recipient: r.recipient, ...reply, afterDot: true });
+          }
+          continue;
+        } catch (e) {
+          if (!(e instanceof LmtpFault)) throw e;
+          fault = e;
+        }
+      }
+      const enhanced = fault.kind === "timeout" ? "4.4.1" : "4.4.2"; // RFC 3463: no answer / bad connection
+      finals.push({ recipient: r.recipient, code: 451, enhanced, text: `${fault.message} after the final dot; ${UNKNOWN}`, afterDot: true, outcomeUnknown: true });
     }
-    return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)!, afterDot: true } : r));
+    return finals;
   }
 
-  private async writeBody(body: MessageBody): Promise<void> {
+  private async writeBody(body: MessageBody, deadline: number): Promise<void> {
     const stuffer = new DotStuffer();
+    this.abortIfLate(deadline, "body");
     if (body instanceof Uint8Array) {
-      await this.write(stuffer.push(body));
+      await this.write(stuffer.push(body), deadline);
     } else {
+      // A body that arrives too slowly is dropped at the deadline, not only checked once it ends:
+      // the sender hears "not delivered" while it is still waiting for an answer.
+      let late: ((e: LmtpFault) => void) | undefined;
+      const lateness = new Promise<never>((_, reject) => (late = reject));
+      const ms = remaining(deadline);
+      const timer = Number.isFinite(ms) ? setTimeout(() => late!(this.abort("body")), ms) : undefined;
       const reader = body.getReader();
       try {
         for (;;) {
-          let next: Awaited<ReturnType<typeof reader.read>>;
-          try {
-            next = await reader.read();
-          } catch (e) {
+          const chunk = reader.read().catch((e: unknown) => {
             // The sender's stream failed (client gone, size limit): drop the connection without
             // the final dot, so the server discards the partial message.
             const err = new BodyAborted(`message stream failed: ${(e as Error).message}`, { cause: e });
             this.close(err);
             throw err;
-          }
+          });
+          const next = await Promise.race([chunk, lateness]);
           if (next.done) break;
-          await this.write(stuffer.push(next.value));
+          await this.write(stuffer.push(next.value), deadline);
         }
       } finally {
+        clearTimeout(timer);
+        // A read still pending (the deadline won) is rejected by this, and its chunk stays in the
+        // stream for whoever reads it next (the spool).
         reader.releaseLock();
       }
     }
-    await this.write(stuffer.end());
+    this.abortIfLate(deadline, "body");
+    await this.write(stuffer.end(), deadline);
   }
 
   async noop(): Promise<LmtpReply> {
     this.send("NOOP\r\n");
-    return this.expect2xx("noop", this.timeouts.command);
+    return this.expect2xx("noop", Infinity);
   }
 
   /** Polite goodbye; never throws. */
@@ -424,7 +465,7 @@ export class LmtpConnection {
     if (this.broken) return;
     try {
       this.send("QUIT\r\n");
-      await this.read("quit", Math.min(this.timeouts.command, 2_000));
+      await this.read("quit", Math.min(this.timeouts.command, 2_000), Infinity);
     } catch {
       // The server may close first; either way we are done.
     }
@@ -440,7 +481,7 @@ export class LmtpConnection {
 
   // --- socket plumbing ------------------------------------------------------------------------
 
-  private async connect(): Promise<void> {
+  private async connect(deadline: number): Promise<void> {
     const fail = (e: Error) => this.fail(e instanceof LmtpFault ? e : new LmtpFault("closed", "data", e.message));
     const handlers = {
       data: (_s: Socket<undefined>, chunk: Uint8Array) => {
@@ -467,7 +508,7 @@ export class LmtpConnection {
         : Bun.connect({ hostname: this.target.host, port: this.target.port, socket: handlers });
     let timer: Timer | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      const ms = this.within(this.timeouts.connect);
+      const ms = within(this.timeouts.connect, deadline);
       timer = setTimeout(() => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${ms} ms`)), ms);
     });
     try {
@@ -488,27 +529,41 @@ export class LmtpConnection {
     this.close(e);
   }
 
+  /**
+   * The delivery's limit has passed before the final dot: drop the connection (the server
+   * discards a message without its dot), and say so. Nothing was delivered.
+   */
+  private abort(phase: LmtpPhase): LmtpFault {
+    const e = new LmtpFault("timeout", phase, "LMTP delivery time limit reached before the final dot; the transaction was dropped without it");
+    this.close(e);
+    return e;
+  }
+
+  private abortIfLate(deadline: number, phase: LmtpPhase): void {
+    if (performance.now() >= deadline) throw this.abort(phase);
+  }
+
   private send(line: string): void {
     // Commands are short; they fit the socket buffer unless the server stopped reading, in which
     // case the next read times out and the connection is dropped.
     const bytes = encoder.encode(line);
     const n = this.socket.write(bytes);
-    if (n < bytes.length) void this.write(bytes.subarray(Math.max(n, 0))).catch(() => {});
+    if (n < bytes.length) void this.write(bytes.subarray(Math.max(n, 0)), Infinity).catch(() => {});
   }
 
-  private async write(bytes: Uint8Array): Promise<void> {
+  private async write(bytes: Uint8Array, deadline: number): Promise<void> {
     let off = 0;
     while (off < bytes.length) {
       if (this.broken) throw this.faultFrom(this.broken, "body");
       const n = this.socket.write(bytes.subarray(off));
       if (n < 0) throw new LmtpFault("closed", "body", "LMTP socket closed while writing");
       off += n;
-      if (off < bytes.length) await this.waitDrain();
+      if (off < bytes.length) await this.waitDrain(deadline);
     }
   }
 
-  private waitDrain(): Promise<void> {
-    const ms = this.within(this.timeouts.body);
+  private waitDrain(deadline: number): Promise<void> {
+    const ms = within(this.timeouts.body, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${ms} ms`);
@@ -522,16 +577,11 @@ export class LmtpConnection {
     });
   }
 
-  /** A phase's own limit, cut to what is left of the delivery's. */
-  private within(ms: number): number {
-    return Math.max(0, Math.min(ms, Math.ceil(this.deadline - performance.now())));
-  }
-
-  private read(phase: LmtpPhase, phaseMs: number): Promise<LmtpReply> {
+  private read(phase: LmtpPhase, phaseMs: number, deadline: number): Promise<LmtpReply> {
     const queued = this.replies.shift();
     if (queued) return Promise.resolve(queued);
     if (this.broken) return Promise.reject(this.faultFrom(this.broken, phase));
-    const ms = this.within(phaseMs);
+    const ms = within(phaseMs, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const e = new LmtpFault("timeout", phase, `no LMTP reply to ${phase.toUpperCase()} within ${ms} ms`);
@@ -551,8 +601,8 @@ export class LmtpConnection {
     });
   }
 
-  private async expect2xx(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
-    const r = await this.read(phase, ms);
+  private async expect2xx(phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
+    const r = await this.read(phase, this.timeouts.command, deadline);
     if (!accepted(r)) {
       const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
       this.close(e);
@@ -569,7 +619,19 @@ export class LmtpConnection {
   }
 }
 
+const UNKNOWN = "outcome unknown: the LMTP server may have stored the message";
+
 const accepted = (r: { code: number }) => replyClass(r.code) === "accepted";
+
+/** Milliseconds left until a deadline (performance.now() time); Infinity when there is none. */
+function remaining(deadline: number): number {
+  return Math.max(0, Math.ceil(deadline - performance.now()));
+}
+
+/** A phase's own limit, cut to what is left of the delivery's. */
+function within(ms: number, deadline: number): number {
+  return Math.min(ms, remaining(deadline));
+}
 
 // ---------------------------------------------------------------------------------------------
 // The pool

@@ -242,11 +242,13 @@ describe("temporary failure with a spool: 202, then delivered by the background 
     const took = Date.now() - started;
     expect(a.status).toBe(202);
     expect(took).toBeLessThan(10_000);
+    expect(a.body.recipients![0]!.reply).toContain("after the final dot; outcome unknown");
     const m = await metrics(h);
     expect(m.relay_unknown_outcome_total).toBe(1);
     expect(m.relay_queued_total).toBe(1);
     const [entry] = await h.spool!.list();
     expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    expect(entry!.state.last_reply).toContain("outcome unknown");
 
     fake.behaviour.stall = null;
     h.server.runner!.kick();
@@ -345,6 +347,7 @@ describe("outcomes that are not known", () => {
       const a = await post(h, sent);
       expect(a.status).toBe(202);
       expect(a.body.recipients![0]!.reply).toContain("421 4.3.2");
+      expect(a.body.recipients![0]!.reply).toContain("outcome unknown");
       expect(lmtp.messages.length).toBe(1); // the server had it
       const m = await metrics(h);
       expect(m.relay_unknown_outcome_total).toBe(1);
@@ -400,6 +403,62 @@ describe("outcomes that are not known", () => {
     } finally {
       lmtp.stop();
     }
+  });
+});
+
+describe("time limits: the final dot never goes out late, and after it the outcome is never said to be known when it is not", () => {
+  /** A message/rfc822 body that trickles in: `pieces` lines, one every `everyMs`. */
+  function trickle(id: string, pieces: number, everyMs: number): { body: ReadableStream<Uint8Array>; sent: Uint8Array } {
+    const lines = [message(id), ...Array.from({ length: pieces }, (_, i) => enc.encode(`slow line ${i}\r\n`))];
+    let i = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(c) {
+        if (i === lines.length) return c.close();
+        if (i > 0) await Bun.sleep(everyMs);
+        c.enqueue(lines[i++]!);
+      },
+    });
+    return { body, sent: new Uint8Array(Buffer.concat(lines)) };
+  }
+
+  test("a body slower than the delivery's limit, no spool: 503 'not delivered', and the server never got the final dot", async () => {
+    const h = await host({ spool: false, lmtp: { timeouts: { transaction: 400 } } });
+    const { body } = trickle("slow-nospool", 15, 60);
+    const a = await post(h, body);
+    expect(a.status).toBe(503);
+    expect(a.body.message).toStartWith("temporary failure, not delivered: ");
+    expect(a.body.message).toContain("before the final dot");
+    await Bun.sleep(200);
+    expect(fake.received).toEqual([]); // true to its word: nothing stored
+    expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
+  });
+
+  test("a body slower than the delivery's limit, with a spool: 202, spooled whole, and delivered exactly once", async () => {
+    const h = await host({ lmtp: { timeouts: { transaction: 400 } }, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    const { body, sent } = trickle("slow-spool", 15, 60);
+    const a = await post(h, body);
+    expect(a.status).toBe(202);
+    expect(fake.received).toEqual([]);
+    const [entry] = await h.spool!.list();
+    expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    h.server.runner!.kick();
+    await until("delivered from the spool", () => h.server.runner!.size === 0);
+    expect(fake.received.length).toBe(1);
+    expect(same(fake.received[0]!.data, sent)).toBe(true);
+  });
+
+  test("no reply after the final dot, no spool: 503 that says the outcome is unknown, never 'not delivered'", async () => {
+    const h = await host({ spool: false, lmtp: { timeouts: { dataEnd: 300 } } });
+    fake.behaviour.stall = "afterData";
+    const a = await post(h, message("after-dot-nospool"));
+    expect(a.status).toBe(503);
+    expect(a.headers.get("retry-after")).toBeTruthy();
+    expect(a.body.message).not.toContain("not delivered");
+    expect(a.body.message).toContain("after the final dot; outcome unknown");
+    expect(a.body.recipients!.map((r) => [r.code, r.reply])).toEqual([
+      [451, "451 4.4.1 no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message"],
+    ]);
+    expect((await metrics(h)).relay_unknown_outcome_total).toBe(1);
   });
 });
 

@@ -24,6 +24,7 @@ import {
   type LmtpPhase,
   type LmtpTarget,
   type LmtpTimeouts,
+  type RecipientReply,
 } from "../lmtp.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
@@ -715,7 +716,6 @@ describe("against the fake LMTP server", () => {
       ["mail", "mail"],
       ["rcpt", "rcpt"],
       ["data", "data"],
-      ["afterData", "data-end"],
     ] as const)("stall at %s -> timeout in phase %s", async (stall, phase) => {
       const c = await open();
       fake.behaviour.stall = stall;
@@ -729,10 +729,29 @@ describe("against the fake LMTP server", () => {
       expect(fake.received).toEqual([]);
     });
 
+    test("stall after the final dot -> not a fault but an outcome-unknown reply (4xx, afterDot), and the connection is dropped", async () => {
+      const c = await open();
+      fake.behaviour.stall = "afterData";
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), 4);
+      expect(r).toEqual([
+        {
+          recipient: "a@x.org",
+          code: 451,
+          enhanced: "4.4.1",
+          text: "no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message",
+          afterDot: true,
+          outcomeUnknown: true,
+        },
+      ]);
+      expect(c.broken).toBeInstanceOf(LmtpFault);
+      expect((c.broken as LmtpFault).phase).toBe("data-end");
+    });
+
     test("a timeout through the pool leaves no connection busy or idle, and the next delivery opens a new one", async () => {
       const p = pool();
       fake.behaviour.stall = "afterData";
-      await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null), "timeout", "data-end");
+      const unknown = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null);
+      expect(unknown.map((x) => [x.code, x.outcomeUnknown])).toEqual([[451, true]]);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
       fake.behaviour.stall = null;
       const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null);
@@ -756,7 +775,10 @@ describe("against the fake LMTP server", () => {
     expect(fake.connections).toBe(1);
     fake.behaviour.dropMidData = true;
     const big = new Uint8Array(2 * 1024 * 1024).fill(0x61);
-    await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length), "closed", ["body", "data-end"]);
+    // Dropped before the final dot went out: a fault (not delivered); after it: outcome unknown.
+    const outcome = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length).catch((e: unknown) => e);
+    if (outcome instanceof LmtpFault) expect([outcome.kind, outcome.phase]).toEqual(["closed", "body"]);
+    else expect((outcome as RecipientReply[]).map((x) => [x.code, x.enhanced, x.afterDot, x.outcomeUnknown])).toEqual([[451, "4.4.2", true, true]]);
     expect(p.stats.idle).toBe(0);
     fake.behaviour.dropMidData = false;
     const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("third\r\n"), null);
@@ -765,12 +787,21 @@ describe("against the fake LMTP server", () => {
     expect(fake.received.map((m) => dec.decode(m.data))).toEqual(["first\r\n", "third\r\n"]);
   });
 
-  test("connection dropped after a small message -> closed fault in data-end", async () => {
+  test("connection dropped after a small message (whole, with its final dot) -> outcome unknown, never a fault", async () => {
     const c = await open();
     fake.behaviour.dropMidData = true;
-    const f = await expectFault(c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("small\r\n"), null), "closed", ["body", "data-end"]);
+    const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("small\r\n"), null);
+    expect(r).toEqual([
+      {
+        recipient: "a@x.org",
+        code: 451,
+        enhanced: "4.4.2",
+        text: "LMTP server closed the connection after the final dot; outcome unknown: the LMTP server may have stored the message",
+        afterDot: true,
+        outcomeUnknown: true,
+      },
+    ]);
     expect(c.broken).not.toBeNull();
-    expect(f.phase).toBe("data-end");
   });
 
   test("a body stream that fails mid-way -> BodyAborted, connection closed without the final dot", async () => {
@@ -1024,42 +1055,121 @@ describe("against a scripted raw server", () => {
   };
   const target = (s: Scripted): LmtpTarget => ({ kind: "tcp", host: "127.0.0.1", port: s.port });
 
-  describe("the whole delivery has a limit, not only each step", () => {
+  describe("the whole delivery has a limit up to the final dot, and never one after it", () => {
     const lmtpServer = (l: string) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "354 go\r\n" : "250 2.0.0 ok\r\n");
+    // One command at a time, so that the slow replies add up before the dot.
+    const oneByOne = (l: string) => (l.startsWith("LHLO") ? "250 hi\r\n" : l === "DATA" ? "354 go\r\n" : "250 2.0.0 ok\r\n");
+    const limits = (transaction: number, dataEnd = 1_000) => ({ connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd, transaction });
 
-    test("a server slow at every step, each within its own limit: the delivery still ends at its limit, as a timeout", async () => {
-      // Each reply comes 200 ms late, well inside the 1 s per step, but greeting, LHLO, MAIL,
-      // RCPT, DATA and the final reply together take longer than the 700 ms for the delivery.
-      const s = await start("220 hi\r\n", lmtpServer, 200);
-      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 700 } });
+    /** A body that sends `pieces` lines, one every `everyMs`. */
+    function trickle(pieces: number, everyMs: number): ReadableStream<Uint8Array> {
+      let sent = 0;
+      return new ReadableStream<Uint8Array>({
+        async pull(c) {
+          if (sent === pieces) return c.close();
+          await sleep(everyMs);
+          c.enqueue(bytes(`line ${sent++}\r\n`));
+        },
+      });
+    }
+
+    test("a server slow at every step, each within its own limit: the delivery still ends at its limit, as a timeout, before the dot", async () => {
+      // Each reply comes 200 ms late, well inside the 1 s per step, but greeting, LHLO, MAIL and
+      // RCPT together take longer than the 700 ms for the delivery.
+      const s = await start("220 hi\r\n", oneByOne, 200);
+      const p = new LmtpPool(target(s), { timeouts: limits(700) });
       const f = await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null), "timeout");
       expect(f.message).toMatch(/within \d+ ms/);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      expect(s.messages).toEqual([]);
       await p.close();
     });
 
     test("the same server with room for all its steps delivers (the limit above is what failed it)", async () => {
-      const s = await start("220 hi\r\n", lmtpServer, 200);
-      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 10_000 } });
+      const s = await start("220 hi\r\n", oneByOne, 200);
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000) });
       const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null);
       expect(r.map((x) => x.code)).toEqual([250]);
       expect(s.messages).toEqual(["x\r\n"]);
       await p.close();
     });
 
-    test("waiting for a free connection counts too: a delivery that finds none in time fails, and leaves the queue", async () => {
+    test("a body that arrives slower than the delivery's limit: the final dot is never sent, the connection is dropped, the fault says so", async () => {
       const s = await start("220 hi\r\n", lmtpServer);
-      const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: { ...FAST, transaction: 300 } });
-      // The only connection is held by a delivery whose body (the HTTP client's stream) is slow.
-      let fail!: (e: Error) => void;
-      const slowBody = new ReadableStream<Uint8Array>({
-        start(c) {
-          c.enqueue(new TextEncoder().encode("first part\r\n"));
-          fail = (e) => c.error(e);
-        },
-      });
-      const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, slowBody, null).catch((e: unknown) => e);
-      await until(() => s.lines.includes("DATA"));
+      const p = new LmtpPool(target(s), { timeouts: limits(400) });
+      const body = trickle(20, 50); // 1 s of body for a 400 ms limit
+      const f = await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, body, null), "timeout", "body");
+      expect(f.message).toContain("before the final dot");
+      await s.closed; // dropped, so the server discards what it got
+      expect(s.lines).toContain("DATA");
+      expect(s.messages).toEqual([]); // no "." line ever reached the server
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      // The body is free again for whoever keeps the message (the spool): the rest still reads.
+      expect(body.locked).toBe(false);
+      const reader = body.getReader();
+      const rest: Uint8Array[] = [];
+      for (let r = await reader.read(); !r.done; r = await reader.read()) rest.push(r.value);
+      expect(latin1(concat(rest))).toEndWith("line 19\r\n");
+      await p.close();
+    });
+
+    test("a body already in memory, with the limit passed before DATA was answered: no dot either", async () => {
+      // The envelope's replies come 300 ms late, after the 200 ms limit: the 354 is never used.
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? { afterMs: 300, text: "354 go\r\n" } : "250 ok\r\n"));
+      const p = new LmtpPool(target(s), { timeouts: limits(200) });
+      await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null), "timeout", "data");
+      await s.closed;
+      await sleep(100);
+      expect(s.messages).toEqual([]);
+      await p.close();
+    });
+
+    test("once the dot is sent, the reply gets the full dataEnd: a late answer after the delivery's limit is a delivery", async () => {
+      // 600 ms for the final reply, the delivery's limit 300 ms, dataEnd 2 s.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? { afterMs: 600, text: "250 2.0.0 <a@x.org> Saved\r\n" } : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(300, 2_000) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null);
+      expect(r).toEqual([{ recipient: "a@x.org", code: 250, enhanced: "2.0.0", text: "<a@x.org> Saved", afterDot: true }]);
+      expect(s.messages).toEqual(["x\r\n"]);
+      expect(p.stats.idle).toBe(1); // a clean end: the connection is kept
+      await p.close();
+    });
+
+    test("after the dot, the recipients answered keep their reply; the rest are outcome unknown (no reply within dataEnd)", async () => {
+      // Only the first of two replies after the dot ever comes.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? "250 2.0.0 <a@x.org> Saved\r\n" : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000, 300) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org"] }, bytes("x\r\n"), null);
+      expect(r.map((x) => [x.recipient, x.code, x.afterDot, x.outcomeUnknown])).toEqual([
+        ["a@x.org", 250, true, undefined],
+        ["b@x.org", 451, true, true],
+      ]);
+      expect(r[1]!.text).toBe("no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message");
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("421 after the dot is an unknown outcome too, for it and every recipient after it; the connection is not kept", async () => {
+      const s = await start("220 hi\r\n", (l) => (l === "." ? "421 4.3.2 vm Shutting down\r\n" : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000, 300) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org"] }, bytes("x\r\n"), null);
+      expect(r.map((x) => [x.code, x.enhanced, x.afterDot, x.outcomeUnknown])).toEqual([
+        [421, "4.3.2", true, true],
+        [451, "4.4.2", true, true],
+      ]);
+      expect(r[0]!.text).toBe("vm Shutting down (outcome unknown: the LMTP server may have stored the message)");
+      expect(r[1]!.text).toBe("LMTP server answered 421 4.3.2 vm Shutting down after the final dot; outcome unknown: the LMTP server may have stored the message");
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("waiting for a free connection counts too: a delivery that finds none in time fails, and leaves the queue", async () => {
+      // The only connection is held by a delivery waiting for its final reply (never sent), which
+      // may take its full dataEnd although the delivery's limit is 300 ms.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? null : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: limits(300, 1_500) });
+      const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("first\r\n"), null);
+      await until(() => s.messages.length === 1);
       const second = p.deliver({ from: "s@x.org", to: ["b@x.org"] }, bytes("second\r\n"), null);
       expect(p.stats.waiting).toBe(1);
       const f = await expectFault(second, "timeout", "connect");
@@ -1067,10 +1177,10 @@ describe("against a scripted raw server", () => {
       expect(p.stats.waiting).toBe(0);
       // The slot was not handed to the delivery that gave up: the first one still holds it, and
       // when it ends the pool is empty again.
-      fail(new Error("client went away"));
-      expect(await first).toBeInstanceOf(BodyAborted);
+      expect(p.stats.busy).toBe(1);
+      expect((await first).map((x) => [x.code, x.outcomeUnknown])).toEqual([[451, true]]);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
-      expect(s.messages).toEqual([]);
+      expect(s.messages).toEqual(["first\r\n"]);
       await p.close();
     });
   });

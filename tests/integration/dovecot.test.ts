@@ -414,6 +414,40 @@ describe("envelopes and answers", () => {
   });
 });
 
+describe("time limits", () => {
+  test("a body that arrives slower than the delivery's limit: 503 'not delivered', and truly nothing in the mailbox", async () => {
+    const slow = startServer(config(dv.host), { log: collect, lmtp: { timeouts: { transaction: 1_000 } } });
+    try {
+      const messageId = `<${crypto.randomUUID()}@itest.example>`;
+      const head = rfc822("slow body", [marker("slow"), "\r\n"], { messageId });
+      const unfinished = (t: string) => t.split("(unfinished DATA command)").length - 1;
+      const unfinishedBefore = unfinished(await dovecotLog());
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(c) {
+          if (sent === 0) c.enqueue(head);
+          else if (sent <= 25) {
+            await Bun.sleep(100); // 2.5 s of body for a 1 s limit
+            c.enqueue(bytes(`slow line ${sent}\r\n`));
+          } else return c.close();
+          sent++;
+        },
+      });
+      const a = await post(body, { url: slow.url });
+      expect(a.status).toBe(503);
+      expect(a.json.message).toStartWith("temporary failure, not delivered: ");
+      // Dovecot got everything but the final dot, then a dropped connection: it says so in its
+      // log, and stores nothing. (Had the dot gone out, the log would show this Message-ID saved.)
+      const log = await waitForDovecotLog((t) => unfinished(t) > unfinishedBefore || t.includes(`msgid=${messageId}`));
+      expect(log).not.toContain(`msgid=${messageId}`);
+      await expectNothingStored();
+      expect(slow.metrics.get("unknown_outcome")).toBe(0);
+    } finally {
+      await slow.stop();
+    }
+  });
+});
+
 describe("the runbook's curl commands, with the real curl", () => {
   // Section 4.1, the -d argument exactly as the shell passes it (the runbook's indentation kept).
   const RUNBOOK_4_1 = String.raw`{
