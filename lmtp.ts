@@ -316,6 +316,18 @@ export class LmtpConnection {
    */
   async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
     if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+    // RFC 6531 3.2: without SMTPUTF8 a non-ASCII address must not be sent at all (Dovecot 2.3
+    // takes a UTF-8 MAIL FROM and stores "Return-Path: <>"). Refused here for good, with the
+    // reason; a non-ASCII sender refuses every recipient, a non-ASCII recipient only itself.
+    if (!this.capabilities.has("SMTPUTF8")) {
+      if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
+      if (envelope.to.some(nonAscii)) {
+        const sendable = envelope.to.filter((r) => !nonAscii(r));
+        const replies = sendable.length ? await this.transaction({ from: envelope.from, to: sendable }, body, size, deadline) : [];
+        let next = 0;
+        return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
+      }
+    }
     return this.transaction(envelope, body, size, deadline);
   }
 
@@ -327,9 +339,7 @@ export class LmtpConnection {
     let params = "";
     if (size !== null && this.capabilities.has("SIZE")) params += ` SIZE=${size}`;
     if (this.capabilities.has("8BITMIME")) params += " BODY=8BITMIME";
-    // eslint-disable-next-line no-control-regex
-    const utf8 = [envelope.from, ...envelope.to].some((a) => /[^\x00-\x7f]/.test(a));
-    if (utf8 && this.capabilities.has("SMTPUTF8")) params += " SMTPUTF8";
+    if ([envelope.from, ...envelope.to].some(nonAscii)) params += " SMTPUTF8"; // offered, or deliver() refused them
     const mail = `MAIL FROM:<${envelope.from}>${params}\r\n`;
     const rcpts = envelope.to.map((r) => `RCPT TO:<${r}>\r\n`);
     const rset = wasUsed ? "RSET\r\n" : "";
@@ -622,6 +632,14 @@ export class LmtpConnection {
 const UNKNOWN = "outcome unknown: the LMTP server may have stored the message";
 
 const accepted = (r: { code: number }) => replyClass(r.code) === "accepted";
+
+// eslint-disable-next-line no-control-regex
+const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
+
+/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
+function notSendable(address: string, what: string): LmtpReply {
+  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
+}
 
 /** Milliseconds left until a deadline (performance.now() time); Infinity when there is none. */
 function remaining(deadline: number): number {

@@ -1240,6 +1240,72 @@ describe("against a scripted raw server", () => {
     });
   });
 
+  describe("non-ASCII addresses and SMTPUTF8 (RFC 6531)", () => {
+    const capabilities = (smtputf8: boolean) => `250-hi\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ${smtputf8 ? "SMTPUTF8" : "ENHANCEDSTATUSCODES"}\r\n`;
+    const server = (smtputf8: boolean) => {
+      let rcpts = 0;
+      return start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return capabilities(smtputf8);
+        if (l.startsWith("RCPT")) rcpts++;
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return "250 2.0.0 Saved\r\n".repeat(rcpts);
+        return "250 ok\r\n";
+      });
+    };
+    const unicode = (s: Scripted) => s.lines.map((l) => Buffer.from(l, "latin1").toString("utf8"));
+
+    test("without SMTPUTF8, a non-ASCII sender: every recipient refused for good with the reason, nothing sent", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "jürgen@example.org", to: ["a@x.org", "b@x.org"] }, bytes("hello\r\n"), null);
+      const reason = "<jürgen@example.org>: non-ASCII sender address, and the LMTP server does not offer SMTPUTF8";
+      expect(r).toEqual([
+        { recipient: "a@x.org", code: 553, enhanced: "5.6.7", text: reason },
+        { recipient: "b@x.org", code: 553, enhanced: "5.6.7", text: reason },
+      ]);
+      expect(s.lines).toEqual(["LHLO mail-relay"]);
+      expect(s.messages).toEqual([]);
+      // Nothing started, so the connection is as good as before (no RSET needed either).
+      expect(c.reusable).toBe(true);
+      expect(c.used).toBe(false);
+      c.close();
+    });
+
+    test("without SMTPUTF8, a non-ASCII recipient is refused alone; the ASCII one is sent the message", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["jürgen@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r).toEqual([
+        { recipient: "jürgen@x.org", code: 553, enhanced: "5.6.7", text: "<jürgen@x.org>: non-ASCII address, and the LMTP server does not offer SMTPUTF8" },
+        { recipient: "a@x.org", code: 250, enhanced: "2.0.0", text: "Saved", afterDot: true },
+      ]);
+      expect(unicode(s)).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org> BODY=8BITMIME", "RCPT TO:<a@x.org>", "DATA"]);
+      expect(s.messages).toEqual(["hello\r\n"]);
+      c.close();
+    });
+
+    test("without SMTPUTF8, only non-ASCII recipients: no transaction at all", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["jürgen@x.org", "日本@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.code, x.enhanced])).toEqual([
+        [553, "5.6.7"],
+        [553, "5.6.7"],
+      ]);
+      expect(s.lines).toEqual(["LHLO mail-relay"]);
+      c.close();
+    });
+
+    test("with SMTPUTF8 offered, a non-ASCII envelope is sent with SMTPUTF8", async () => {
+      const s = await server(true);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "jürgen@example.org", to: ["日本@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => x.code)).toEqual([250, 250]);
+      expect(unicode(s)).toEqual(["LHLO mail-relay", "MAIL FROM:<jürgen@example.org> BODY=8BITMIME SMTPUTF8", "RCPT TO:<日本@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+      c.close();
+    });
+  });
+
   test("a greeting timeout closes the client's socket", async () => {
     const s = await start(null, () => null);
     await expectFault(LmtpConnection.open(target(s), { timeouts: FAST }), "timeout", "greeting");
