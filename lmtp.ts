@@ -45,8 +45,8 @@ export interface RecipientReply extends LmtpReply {
   afterDot?: true;
   /**
    * After the final dot, no answer the server can be held to: no reply in time, the connection
-   * lost, or "421 closing". The server may have stored the message. The code is 4xx (it is
-   * offered again: a duplicate beats a loss) and the text says the outcome is unknown.
+   * lost, "421 closing", or a 3xx. The server may have stored the message. The code is temporary
+   * (it is offered again: a duplicate beats a loss) and the text says the outcome is unknown.
    */
   outcomeUnknown?: true;
 }
@@ -390,7 +390,12 @@ export class LmtpConnection {
     const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
     if (taken.length === 0) return result;
     if (!dataReply || dataReply.code !== 354) {
-      const reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
+      let reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
+      if (accepted(reply)) {
+        // A 2xx to DATA sent nothing: it must not pass for a delivery, and the server is out of step.
+        this.close(new LmtpFault("protocol", "data", `DATA answered ${formatReply(reply)} instead of 354`));
+        reply = { code: 451, enhanced: "4.5.0", text: `DATA answered ${formatReply(reply)} instead of 354; the message was not sent` };
+      }
       return result.map((r) => (accepted(r) ? { ...r, ...reply } : r));
     }
 
@@ -409,8 +414,9 @@ export class LmtpConnection {
       if (!fault) {
         try {
           const reply = await this.read("data-end", this.timeouts.dataEnd, Infinity);
-          if (reply.code === 421) {
+          if (reply.code === 421 || (reply.code >= 300 && reply.code < 400)) {
             // "421 closing" (Dovecot being stopped while it saves): it may have saved the message.
+            // A 3xx here says nothing at all, and leaves the exchange out of step.
             finals.push({ recipient: r.recipient, ...reply, text: `${reply.text} (${UNKNOWN})`, afterDot: true, outcomeUnknown: true });
             this.close(new LmtpFault("closed", "data-end", `LMTP server answered ${formatReply(reply)}`));
           } else {

@@ -1230,6 +1230,25 @@ describe("against a scripted raw server", () => {
       c.close();
     });
 
+    test("a 2xx to DATA instead of 354 sent nothing: a temporary reply, never a delivery, and the connection is dropped", async () => {
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "250 2.0.0 fine\r\n" : "250 ok\r\n"));
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r).toEqual([{ recipient: "a@x.org", code: 451, enhanced: "4.5.0", text: "DATA answered 250 2.0.0 fine instead of 354; the message was not sent" }]);
+      expect(c.broken).toBeInstanceOf(LmtpFault);
+      expect(s.messages).toEqual([]);
+    });
+
+    test("a 3xx after the final dot is an unknown outcome, not a refusal", async () => {
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "354 go\r\n" : l === "." ? "334 eh?\r\n" : "250 ok\r\n"));
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.code, x.afterDot, x.outcomeUnknown])).toEqual([[334, true, true]]);
+      expect(replyClass(r[0]!.code)).toBe("temporary");
+      expect(r[0]!.text).toContain("outcome unknown");
+      expect(c.reusable).toBe(false);
+    });
+
     test("LHLO answered with a 2xx other than 250 is accepted; a 3xx is not", async () => {
       const ok = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "251-hi\r\n251 PIPELINING\r\n" : null));
       const c = await LmtpConnection.open(target(ok), { timeouts: FAST });
