@@ -11,6 +11,7 @@ import {
   INBOUND_PATH,
   InboundJsonBody,
   describeIssues,
+  replyClass,
   statusForReplies,
   type InboundEnvelope,
   type InboundResponse,
@@ -143,11 +144,11 @@ export function createApp(opts: AppOptions) {
       return answer(c, 202, { status: "queued", message: "accepted into the durable spool; it will be delivered when Dovecot takes it", ...one, recipients: results });
     }
     if (status === 422) {
-      const refused = results.filter((r) => r.code >= 500).map((r) => r.reply);
+      const refused = results.filter((r) => replyClass(r.code) === "permanent").map((r) => r.reply);
       return answer(c, 422, { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results });
     }
     c.header("Retry-After", retryAfter);
-    const deferred = results.filter((r) => (r.code < 200 || r.code >= 300) && !r.queued).map((r) => r.reply);
+    const deferred = results.filter((r) => replyClass(r.code) !== "accepted" && !r.queued).map((r) => r.reply);
     return answer(c, 503, { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results });
   });
 

@@ -5,7 +5,7 @@
 // rest of the body read in, written to queue/ fsynced, and the sender answered 202.
 
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
-import type { RecipientResult } from "./contract.ts";
+import { replyClass, type RecipientResult } from "./contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
 import { BodyAborted, LmtpFault, formatReply, type LmtpPool, type MessageBody } from "./lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
@@ -23,23 +23,20 @@ export interface HostDelivery {
   spool?: { spool: Spool; runner: QueueRunner };
 }
 
-const isOk = (r: { code: number }) => r.code >= 200 && r.code < 300;
-const isTemporary = (r: { code: number }) => !isOk(r) && r.code < 500;
+const isOk = (r: { code: number }) => replyClass(r.code) === "accepted";
+const isTemporary = (r: { code: number }) => replyClass(r.code) === "temporary";
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
 async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
   const started = performance.now();
   try {
     const replies = await h.pool.deliver(envelope, body, size);
-    // "421 Shutting down" after the final dot: Dovecot answers so when it is stopped while it
-    // saves, and it may have saved the message already (seen here: it had). Retried like any
-    // temporary failure, but counted: a duplicate may follow.
-    if (replies.some((r) => r.afterDot && r.code === 421)) h.metrics.inc("unknown_outcome");
+    // After the final dot without an answer to hold on to (no reply, connection lost, "421
+    // Shutting down" while Dovecot saves): it may have saved the message (seen here: it had).
+    // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
+    // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
+    if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
     return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
-  } catch (e) {
-    // After the final dot, Dovecot may have saved the message before the connection failed.
-    if (e instanceof LmtpFault && e.phase === "data-end") h.metrics.inc("unknown_outcome");
-    throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
   }

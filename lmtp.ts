@@ -12,6 +12,7 @@
 // and a slow reader on the other side slows us down instead of filling memory.
 
 import type { Socket } from "bun";
+import { replyClass } from "./contract.ts";
 
 export type LmtpTarget = { kind: "tcp"; host: string; port: number } | { kind: "unix"; path: string };
 
@@ -42,6 +43,12 @@ export interface RecipientReply extends LmtpReply {
   recipient: string;
   /** The reply came after the final dot: whatever it says, the server had the whole message. */
   afterDot?: true;
+  /**
+   * After the final dot, no answer the server can be held to: no reply in time, the connection
+   * lost, "421 closing", or a 3xx. The server may have stored the message. The code is temporary
+   * (it is offered again: a duplicate beats a loss) and the text says the outcome is unknown.
+   */
+  outcomeUnknown?: true;
 }
 
 export type LmtpPhase =
@@ -67,9 +74,12 @@ export interface LmtpTimeouts {
   /** Wait for the replies after the final dot (Dovecot writes and fsyncs here). */
   dataEnd: number;
   /**
-   * A whole delivery through the pool: waiting for a free connection, opening one, the envelope,
-   * the body and the last reply. Each wait above is cut short to fit it, so a server that is slow
-   * at every step still gets an answer to the sender before the Worker gives up (25 s).
+   * A whole delivery through the pool up to the final dot: waiting for a free connection, opening
+   * one, the envelope and the body. Each wait before the dot is cut short to fit it, so a server
+   * (or a body) that is slow at every step still gets an answer to the sender before the Worker
+   * gives up (25 s). Once it has passed, the final dot is never sent: the transaction is dropped
+   * without it and the server discards the message. Once the dot is sent, the replies get their
+   * full dataEnd, whatever is left of this limit: the server may be storing the message by then.
    */
   transaction: number;
 }
@@ -84,7 +94,11 @@ export const DEFAULT_TIMEOUTS: LmtpTimeouts = {
   transaction: 20_000,
 };
 
-/** A fault of the connection itself: the outcome for the message is temporary (retry later). */
+/**
+ * A fault of the connection itself: the outcome for the message is temporary (retry later).
+ * LmtpConnection.deliver() throws one only before the final dot, so it always means "not
+ * delivered"; after the dot a fault becomes the unanswered recipients' reply (outcomeUnknown).
+ */
 export class LmtpFault extends Error {
   constructor(
     readonly kind: "timeout" | "connect" | "closed" | "protocol",
@@ -247,8 +261,6 @@ export class LmtpConnection {
   private readonly waiters: Waiter[] = [];
   private drainWaiter: (() => void) | null = null;
   private readonly timeouts: LmtpTimeouts;
-  /** performance.now() by which the current delivery must be done (see LmtpTimeouts.transaction). */
-  private deadline = Infinity;
 
   private constructor(
     readonly target: LmtpTarget,
@@ -257,17 +269,20 @@ export class LmtpConnection {
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...opts.timeouts };
   }
 
-  /** Connects, reads the greeting and sends LHLO. */
+  /**
+   * Connects, reads the greeting and sends LHLO. `deadline` (performance.now() time) is the
+   * opening delivery's limit (LmtpTimeouts.transaction); it is an argument, never kept, so later
+   * uses of the connection do not inherit it.
+   */
   static async open(target: LmtpTarget, opts: LmtpConnectionOptions = {}, deadline = Infinity): Promise<LmtpConnection> {
     const c = new LmtpConnection(target, opts);
-    c.deadline = deadline;
-    await c.connect();
+    await c.connect(deadline);
     try {
-      const greeting = await c.read("greeting", c.timeouts.greeting);
+      const greeting = await c.read("greeting", c.timeouts.greeting, deadline);
       if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `LMTP greeting was ${formatReply(greeting)}`);
       c.send(`LHLO ${opts.lhloName ?? "mail-relay"}\r\n`);
-      const lhlo = await c.read("lhlo", c.timeouts.command);
-      if (lhlo.code !== 250) throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
+      const lhlo = await c.read("lhlo", c.timeouts.command, deadline);
+      if (replyClass(lhlo.code) !== "accepted") throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
       for (const line of lhlo.text.split("\n").slice(1)) {
         const [kw, ...rest] = line.trim().split(/\s+/);
         if (kw) c.capabilities.set(kw.toUpperCase(), rest.join(" "));
@@ -276,10 +291,6 @@ export class LmtpConnection {
     } catch (e) {
       c.close(e as Error);
       throw e;
-    } finally {
-      // The opening delivery's limit ends here; an idle connection (QUIT, a later delivery) must
-      // not inherit a limit long past.
-      c.deadline = Infinity;
     }
   }
 
@@ -298,30 +309,37 @@ export class LmtpConnection {
   /**
    * Runs one transaction. Returns one reply per recipient, in envelope order: the RCPT reply for
    * a recipient refused there, otherwise the reply after the final dot (or the MAIL/DATA reply
-   * that ended the transaction early). Throws LmtpFault when the connection fails; the outcome
-   * for every recipient is then temporary.
+   * that ended the transaction early). A fault after the final dot is the reply of every
+   * recipient it left unanswered (outcomeUnknown). Throws LmtpFault when the connection fails
+   * before the final dot; nothing was delivered then, and the outcome for every recipient is
+   * temporary. `deadline` (performance.now() time): the final dot is not sent after it.
    */
   async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
-    this.deadline = deadline;
-    try {
-      return await this.transaction(envelope, body, size);
-    } finally {
-      this.deadline = Infinity;
+    if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+    // RFC 6531 3.2: without SMTPUTF8 a non-ASCII address must not be sent at all (Dovecot 2.3
+    // takes a UTF-8 MAIL FROM and stores "Return-Path: <>"). Refused here for good, with the
+    // reason; a non-ASCII sender refuses every recipient, a non-ASCII recipient only itself.
+    if (!this.capabilities.has("SMTPUTF8")) {
+      if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
+      if (envelope.to.some(nonAscii)) {
+        const sendable = envelope.to.filter((r) => !nonAscii(r));
+        const replies = sendable.length ? await this.transaction({ from: envelope.from, to: sendable }, body, size, deadline) : [];
+        let next = 0;
+        return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
+      }
     }
+    return this.transaction(envelope, body, size, deadline);
   }
 
-  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
-    if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
+  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number): Promise<RecipientReply[]> {
     const wasUsed = this.used;
     this.used = true;
-    const t = this.timeouts.command;
+    const read = (phase: LmtpPhase) => this.read(phase, this.timeouts.command, deadline);
 
     let params = "";
     if (size !== null && this.capabilities.has("SIZE")) params += ` SIZE=${size}`;
     if (this.capabilities.has("8BITMIME")) params += " BODY=8BITMIME";
-    // eslint-disable-next-line no-control-regex
-    const utf8 = [envelope.from, ...envelope.to].some((a) => /[^\x00-\x7f]/.test(a));
-    if (utf8 && this.capabilities.has("SMTPUTF8")) params += " SMTPUTF8";
+    if ([envelope.from, ...envelope.to].some(nonAscii)) params += " SMTPUTF8"; // offered, or deliver() refused them
     const mail = `MAIL FROM:<${envelope.from}>${params}\r\n`;
     const rcpts = envelope.to.map((r) => `RCPT TO:<${r}>\r\n`);
     const rset = wasUsed ? "RSET\r\n" : "";
@@ -333,88 +351,129 @@ export class LmtpConnection {
     if (this.pipelining) {
       // One write for the whole envelope; replies come back in order (RFC 2920).
       this.send(rset + mail + rcpts.join("") + "DATA\r\n");
-      if (rset) await this.expect2xx("rset", t);
-      mailReply = await this.read("mail", t);
-      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.read("rcpt", t));
-      dataReply = await this.read("data", t);
+      if (rset) await this.expect2xx("rset", deadline);
+      mailReply = await read("mail");
+      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await read("rcpt"));
+      dataReply = await read("data");
     } else {
       if (rset) {
         this.send(rset);
-        await this.expect2xx("rset", t);
+        await this.expect2xx("rset", deadline);
       }
       this.send(mail);
-      mailReply = await this.read("mail", t);
-      if (mailReply.code === 250) {
+      mailReply = await read("mail");
+      if (accepted(mailReply)) {
         for (const r of rcpts) {
           this.send(r);
-          rcptReplies.push(await this.read("rcpt", t));
+          rcptReplies.push(await read("rcpt"));
         }
-        if (rcptReplies.some((r) => r.code === 250)) {
+        if (rcptReplies.some(accepted)) {
+          this.abortIfLate(deadline, "data");
           this.send("DATA\r\n");
-          dataReply = await this.read("data", t);
+          dataReply = await read("data");
         }
       }
     }
 
-    const accepted = envelope.to.filter((_, i) => mailReply.code === 250 && rcptReplies[i]?.code === 250);
+    // Any 2xx accepts (RFC 5321 4.2.2: 251 and 252 too), and an accepted recipient is sent the message.
+    const taken = envelope.to.filter((_, i) => accepted(mailReply) && rcptReplies[i] !== undefined && accepted(rcptReplies[i]!));
     // RFC 2920 3.1: a pipelined DATA may be accepted even though MAIL or every RCPT was not. The
     // server then waits for message data and would take our next RSET as part of it; drop the
     // connection rather than guess how it answers a lone "." with no recipients.
-    if (accepted.length === 0 && dataReply?.code === 354) {
+    if (taken.length === 0 && dataReply?.code === 354) {
       this.close(new LmtpFault("protocol", "data", "LMTP server accepted DATA with no recipients"));
     }
 
     // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
-    if (mailReply.code !== 250) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
+    if (!accepted(mailReply)) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
 
     const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
-    if (accepted.length === 0) return result;
+    if (taken.length === 0) return result;
     if (!dataReply || dataReply.code !== 354) {
-      const reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
-      return result.map((r) => (r.code === 250 ? { ...r, ...reply } : r));
+      let reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
+      if (accepted(reply)) {
+        // A 2xx to DATA sent nothing: it must not pass for a delivery, and the server is out of step.
+        this.close(new LmtpFault("protocol", "data", `DATA answered ${formatReply(reply)} instead of 354`));
+        reply = { code: 451, enhanced: "4.5.0", text: `DATA answered ${formatReply(reply)} instead of 354; the message was not sent` };
+      }
+      return result.map((r) => (accepted(r) ? { ...r, ...reply } : r));
     }
 
-    await this.writeBody(body);
+    await this.writeBody(body, deadline);
 
     // RFC 2033 4.2: after the final dot, one reply for each recipient accepted at RCPT, in order.
-    const finals = new Map<number, LmtpReply>();
-    for (let i = 0; i < envelope.to.length; i++) {
-      if (rcptReplies[i]?.code === 250) finals.set(i, await this.read("data-end", this.timeouts.dataEnd));
+    // The server has the whole message now: each reply gets its full limit, and a fault leaves
+    // the outcome unknown for every recipient still unanswered (never "not delivered").
+    let fault: LmtpFault | null = null;
+    const finals: RecipientReply[] = [];
+    for (const r of result) {
+      if (!accepted(r)) {
+        finals.push(r);
+        continue;
+      }
+      if (!fault) {
+        try {
+          const reply = await this.read("data-end", this.timeouts.dataEnd, Infinity);
+          if (reply.code === 421 || (reply.code >= 300 && reply.code < 400)) {
+            // "421 closing" (Dovecot being stopped while it saves): it may have saved the message.
+            // A 3xx here says nothing at all, and leaves the exchange out of step.
+            finals.push({ recipient: r.recipient, ...reply, text: `${reply.text} (${UNKNOWN})`, afterDot: true, outcomeUnknown: true });
+            this.close(new LmtpFault("closed", "data-end", `LMTP server answered ${formatReply(reply)}`));
+          } else {
+            finals.push({ recipient: r.recipient, ...reply, afterDot: true });
+          }
+          continue;
+        } catch (e) {
+          if (!(e instanceof LmtpFault)) throw e;
+          fault = e;
+        }
+      }
+      const enhanced = fault.kind === "timeout" ? "4.4.1" : "4.4.2"; // RFC 3463: no answer / bad connection
+      finals.push({ recipient: r.recipient, code: 451, enhanced, text: `${fault.message} after the final dot; ${UNKNOWN}`, afterDot: true, outcomeUnknown: true });
     }
-    return result.map((r, i) => (finals.has(i) ? { recipient: r.recipient, ...finals.get(i)!, afterDot: true } : r));
+    return finals;
   }
 
-  private async writeBody(body: MessageBody): Promise<void> {
+  private async writeBody(body: MessageBody, deadline: number): Promise<void> {
     const stuffer = new DotStuffer();
+    this.abortIfLate(deadline, "body");
     if (body instanceof Uint8Array) {
-      await this.write(stuffer.push(body));
+      await this.write(stuffer.push(body), deadline);
     } else {
+      // A body that arrives too slowly is dropped at the deadline, not only checked once it ends:
+      // the sender hears "not delivered" while it is still waiting for an answer.
+      let late: ((e: LmtpFault) => void) | undefined;
+      const lateness = new Promise<never>((_, reject) => (late = reject));
+      const ms = remaining(deadline);
+      const timer = Number.isFinite(ms) ? setTimeout(() => late!(this.abort("body")), ms) : undefined;
       const reader = body.getReader();
       try {
         for (;;) {
-          let next: Awaited<ReturnType<typeof reader.read>>;
-          try {
-            next = await reader.read();
-          } catch (e) {
+          const chunk = reader.read().catch((e: unknown) => {
             // The sender's stream failed (client gone, size limit): drop the connection without
             // the final dot, so the server discards the partial message.
             const err = new BodyAborted(`message stream failed: ${(e as Error).message}`, { cause: e });
             this.close(err);
             throw err;
-          }
+          });
+          const next = await Promise.race([chunk, lateness]);
           if (next.done) break;
-          await this.write(stuffer.push(next.value));
+          await this.write(stuffer.push(next.value), deadline);
         }
       } finally {
+        clearTimeout(timer);
+        // A read still pending (the deadline won) is rejected by this, and its chunk stays in the
+        // stream for whoever reads it next (the spool).
         reader.releaseLock();
       }
     }
-    await this.write(stuffer.end());
+    this.abortIfLate(deadline, "body");
+    await this.write(stuffer.end(), deadline);
   }
 
   async noop(): Promise<LmtpReply> {
     this.send("NOOP\r\n");
-    return this.expect2xx("noop", this.timeouts.command);
+    return this.expect2xx("noop", Infinity);
   }
 
   /** Polite goodbye; never throws. */
@@ -422,7 +481,7 @@ export class LmtpConnection {
     if (this.broken) return;
     try {
       this.send("QUIT\r\n");
-      await this.read("quit", Math.min(this.timeouts.command, 2_000));
+      await this.read("quit", Math.min(this.timeouts.command, 2_000), Infinity);
     } catch {
       // The server may close first; either way we are done.
     }
@@ -438,7 +497,7 @@ export class LmtpConnection {
 
   // --- socket plumbing ------------------------------------------------------------------------
 
-  private async connect(): Promise<void> {
+  private async connect(deadline: number): Promise<void> {
     const fail = (e: Error) => this.fail(e instanceof LmtpFault ? e : new LmtpFault("closed", "data", e.message));
     const handlers = {
       data: (_s: Socket<undefined>, chunk: Uint8Array) => {
@@ -465,7 +524,7 @@ export class LmtpConnection {
         : Bun.connect({ hostname: this.target.host, port: this.target.port, socket: handlers });
     let timer: Timer | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      const ms = this.within(this.timeouts.connect);
+      const ms = within(this.timeouts.connect, deadline);
       timer = setTimeout(() => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${ms} ms`)), ms);
     });
     try {
@@ -486,27 +545,41 @@ export class LmtpConnection {
     this.close(e);
   }
 
+  /**
+   * The delivery's limit has passed before the final dot: drop the connection (the server
+   * discards a message without its dot), and say so. Nothing was delivered.
+   */
+  private abort(phase: LmtpPhase): LmtpFault {
+    const e = new LmtpFault("timeout", phase, "LMTP delivery time limit reached before the final dot; the transaction was dropped without it");
+    this.close(e);
+    return e;
+  }
+
+  private abortIfLate(deadline: number, phase: LmtpPhase): void {
+    if (performance.now() >= deadline) throw this.abort(phase);
+  }
+
   private send(line: string): void {
     // Commands are short; they fit the socket buffer unless the server stopped reading, in which
     // case the next read times out and the connection is dropped.
     const bytes = encoder.encode(line);
     const n = this.socket.write(bytes);
-    if (n < bytes.length) void this.write(bytes.subarray(Math.max(n, 0))).catch(() => {});
+    if (n < bytes.length) void this.write(bytes.subarray(Math.max(n, 0)), Infinity).catch(() => {});
   }
 
-  private async write(bytes: Uint8Array): Promise<void> {
+  private async write(bytes: Uint8Array, deadline: number): Promise<void> {
     let off = 0;
     while (off < bytes.length) {
       if (this.broken) throw this.faultFrom(this.broken, "body");
       const n = this.socket.write(bytes.subarray(off));
       if (n < 0) throw new LmtpFault("closed", "body", "LMTP socket closed while writing");
       off += n;
-      if (off < bytes.length) await this.waitDrain();
+      if (off < bytes.length) await this.waitDrain(deadline);
     }
   }
 
-  private waitDrain(): Promise<void> {
-    const ms = this.within(this.timeouts.body);
+  private waitDrain(deadline: number): Promise<void> {
+    const ms = within(this.timeouts.body, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${ms} ms`);
@@ -520,16 +593,11 @@ export class LmtpConnection {
     });
   }
 
-  /** A phase's own limit, cut to what is left of the delivery's. */
-  private within(ms: number): number {
-    return Math.max(0, Math.min(ms, Math.ceil(this.deadline - performance.now())));
-  }
-
-  private read(phase: LmtpPhase, phaseMs: number): Promise<LmtpReply> {
+  private read(phase: LmtpPhase, phaseMs: number, deadline: number): Promise<LmtpReply> {
     const queued = this.replies.shift();
     if (queued) return Promise.resolve(queued);
     if (this.broken) return Promise.reject(this.faultFrom(this.broken, phase));
-    const ms = this.within(phaseMs);
+    const ms = within(phaseMs, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         const e = new LmtpFault("timeout", phase, `no LMTP reply to ${phase.toUpperCase()} within ${ms} ms`);
@@ -549,9 +617,9 @@ export class LmtpConnection {
     });
   }
 
-  private async expect2xx(phase: LmtpPhase, ms: number): Promise<LmtpReply> {
-    const r = await this.read(phase, ms);
-    if (r.code >= 300) {
+  private async expect2xx(phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
+    const r = await this.read(phase, this.timeouts.command, deadline);
+    if (!accepted(r)) {
       const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
       this.close(e);
       throw e;
@@ -565,6 +633,28 @@ export class LmtpConnection {
     if (e instanceof BodyAborted) return e;
     return new LmtpFault("closed", phase, e.message);
   }
+}
+
+const UNKNOWN = "outcome unknown: the LMTP server may have stored the message";
+
+const accepted = (r: { code: number }) => replyClass(r.code) === "accepted";
+
+// eslint-disable-next-line no-control-regex
+const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
+
+/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
+function notSendable(address: string, what: string): LmtpReply {
+  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
+}
+
+/** Milliseconds left until a deadline (performance.now() time); Infinity when there is none. */
+function remaining(deadline: number): number {
+  return Math.max(0, Math.ceil(deadline - performance.now()));
+}
+
+/** A phase's own limit, cut to what is left of the delivery's. */
+function within(ms: number, deadline: number): number {
+  return Math.min(ms, remaining(deadline));
 }
 
 // ---------------------------------------------------------------------------------------------

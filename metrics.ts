@@ -23,7 +23,7 @@ const HELP: Record<Counter, string> = {
   deferred: "Messages answered 503 (not delivered, not spooled: the sender retries).",
   queued: "Messages written to the spool and answered 202.",
   duplicates: "Repeats of a message already delivered, answered 200 without delivering.",
-  unknown_outcome: "LMTP transactions that failed after the final dot: Dovecot may have saved the message (a later retry may duplicate it).",
+  unknown_outcome: "LMTP transactions without an answer after the final dot (timeout, connection lost, 421): Dovecot may have saved the message (a later retry may duplicate it).",
   spool_delivered: "Spooled messages delivered by the background deliverer.",
   spool_retried: "Failed delivery attempts of spooled messages (retried later).",
   spool_failed: "Spooled messages given up on (too old, or refused permanently) and moved to failed/.",

@@ -2,7 +2,7 @@
 // failures with exponential backoff and jitter, and gives up only after the maximum age, moving
 // the message to failed/ with its last reply. Never deletes a message it has not delivered.
 
-import type { RecipientResult } from "./contract.ts";
+import { replyClass, type RecipientResult } from "./contract.ts";
 import type { Metrics } from "./metrics.ts";
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
@@ -245,9 +245,9 @@ export class QueueRunner {
     // No reply confirms nothing: a recipient without one is still to do.
     const answered = new Set(results.map((r) => r.address));
     const unanswered = to.filter((a) => !answered.has(a)).map((address) => ({ address, code: 451, enhanced: "4.3.0", reply: "451 4.3.0 no reply for this recipient" }));
-    const temporary = [...results.filter((r) => r.code < 200 || (r.code >= 300 && r.code < 500)), ...unanswered];
-    const permanent = results.filter((r) => r.code >= 500);
-    if (results.some((r) => r.code >= 200 && r.code < 300)) this.kick();
+    const temporary = [...results.filter((r) => replyClass(r.code) === "temporary"), ...unanswered];
+    const permanent = results.filter((r) => replyClass(r.code) === "permanent");
+    if (results.some((r) => replyClass(r.code) === "accepted")) this.kick();
     // Refused for good while others wait: remembered, so the message ends in failed/ for them
     // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
     const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];

@@ -9,7 +9,7 @@
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./app.ts";
 import { MIN_KEY_LENGTH } from "./config.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, outcomeForStatus, type RecipientResult } from "./contract.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, outcomeForStatus, replyClass, type RecipientResult } from "./contract.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {
@@ -122,7 +122,7 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
         // Delivered or safely queued on the host: every recipient is accepted, whatever the details.
         return envelope.to.map((address): RecipientResult => {
           const r = recipients?.find((x) => x.address === address);
-          return r && r.code < 300 ? r : { address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 ${text}` };
+          return r && replyClass(r.code) === "accepted" ? r : { address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 ${text}` };
         });
       case "reject":
         if (res.status === 422 && recipients?.length) return recipients;

@@ -10,6 +10,7 @@ import {
   addressProblem,
   describeIssues,
   outcomeForStatus,
+  replyClass,
   statusForReplies,
 } from "../contract.ts";
 import { allowSlowTests } from "./support/timeout.ts";
@@ -39,10 +40,41 @@ describe("outcomeForStatus", () => {
   });
 });
 
+describe("replyClass", () => {
+  test.each([200, 220, 221, 250, 251, 252, 299])("%d is accepted", (code) => {
+    expect(replyClass(code)).toBe("accepted");
+  });
+
+  test.each([500, 550, 552, 553, 554, 599])("%d is permanent", (code) => {
+    expect(replyClass(code)).toBe("permanent");
+  });
+
+  // 4xx, and anything no step should answer: a retry can be undone (duplicate check), a bounce cannot.
+  test.each([421, 450, 451, 452, 100, 199, 300, 334, 354, 399, 600, 999, 0, -250, 250.5, NaN])("%d is temporary", (code) => {
+    expect(replyClass(code)).toBe("temporary");
+  });
+});
+
 describe("statusForReplies", () => {
   test("every recipient 250 -> 200", () => {
     expect(statusForReplies(replies(250))).toBe(200);
     expect(statusForReplies(replies(250, 250, 250))).toBe(200);
+  });
+
+  test("251 and 252 are deliveries like 250", () => {
+    expect(statusForReplies(replies(251))).toBe(200);
+    expect(statusForReplies(replies(250, 251, 252))).toBe(200);
+    expect(statusForReplies(replies(252, 550))).toBe(422);
+  });
+
+  test("a 3xx or 1xx is never a delivery nor a refusal -> 503", () => {
+    expect(statusForReplies(replies(334))).toBe(503);
+    expect(statusForReplies(replies(250, 199))).toBe(503);
+    expect(statusForReplies(replies(550, 354))).toBe(503);
+  });
+
+  test("a code past 5xx is not taken as a refusal -> 503", () => {
+    expect(statusForReplies(replies(600))).toBe(503);
   });
 
   test("only permanent refusals -> 422", () => {

@@ -242,11 +242,13 @@ describe("temporary failure with a spool: 202, then delivered by the background 
     const took = Date.now() - started;
     expect(a.status).toBe(202);
     expect(took).toBeLessThan(10_000);
+    expect(a.body.recipients![0]!.reply).toContain("after the final dot; outcome unknown");
     const m = await metrics(h);
     expect(m.relay_unknown_outcome_total).toBe(1);
     expect(m.relay_queued_total).toBe(1);
     const [entry] = await h.spool!.list();
     expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    expect(entry!.state.last_reply).toContain("outcome unknown");
 
     fake.behaviour.stall = null;
     h.server.runner!.kick();
@@ -283,7 +285,7 @@ describe("temporary failure with a spool: 202, then delivered by the background 
  * "421 4.3.2 Shutting down" in place of the replies after the final dot (seen when Dovecot is
  * stopped while it saves; it had saved the message), or at RCPT.
  */
-function scriptedLmtp(script: { rcpt: string; afterDot: string }) {
+function scriptedLmtp(script: { mail?: string; rcpt: string; afterDot: string }) {
   const messages: string[] = [];
   type State = { buf: string; data: string | null; accepted: number };
   const server = Bun.listen<State>({
@@ -314,10 +316,11 @@ function scriptedLmtp(script: { rcpt: string; afterDot: string }) {
           }
           const verb = line.split(" ")[0]!.toUpperCase();
           if (verb === "LHLO") s.write("250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
-          else if (verb === "MAIL" || verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
+          else if (verb === "MAIL") s.write((script.mail ?? "250 2.1.0 OK") + "\r\n");
+          else if (verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
           else if (verb === "RCPT") {
             s.write(script.rcpt + "\r\n");
-            if (script.rcpt.startsWith("250")) st.accepted++;
+            if (script.rcpt.startsWith("2")) st.accepted++;
             else if (script.rcpt.startsWith("421")) s.end();
           } else if (verb === "DATA") {
             if (st.accepted > 0) {
@@ -344,6 +347,7 @@ describe("outcomes that are not known", () => {
       const a = await post(h, sent);
       expect(a.status).toBe(202);
       expect(a.body.recipients![0]!.reply).toContain("421 4.3.2");
+      expect(a.body.recipients![0]!.reply).toContain("outcome unknown");
       expect(lmtp.messages.length).toBe(1); // the server had it
       const m = await metrics(h);
       expect(m.relay_unknown_outcome_total).toBe(1);
@@ -396,6 +400,106 @@ describe("outcomes that are not known", () => {
       await until("the retry reached the server", () => lmtp.messages.length === 1);
       await until("counted", async () => (await metrics(again)).relay_unknown_outcome_total === 1);
       expect(again.server.runner!.size).toBe(1); // still queued: retried later, a duplicate rather than a loss
+    } finally {
+      lmtp.stop();
+    }
+  });
+});
+
+describe("time limits: the final dot never goes out late, and after it the outcome is never said to be known when it is not", () => {
+  /** A message/rfc822 body that trickles in: `pieces` lines, one every `everyMs`. */
+  function trickle(id: string, pieces: number, everyMs: number): { body: ReadableStream<Uint8Array>; sent: Uint8Array } {
+    const lines = [message(id), ...Array.from({ length: pieces }, (_, i) => enc.encode(`slow line ${i}\r\n`))];
+    let i = 0;
+    const body = new ReadableStream<Uint8Array>({
+      async pull(c) {
+        if (i === lines.length) return c.close();
+        if (i > 0) await Bun.sleep(everyMs);
+        c.enqueue(lines[i++]!);
+      },
+    });
+    return { body, sent: new Uint8Array(Buffer.concat(lines)) };
+  }
+
+  test("a body slower than the delivery's limit, no spool: 503 'not delivered', and the server never got the final dot", async () => {
+    const h = await host({ spool: false, lmtp: { timeouts: { transaction: 400 } } });
+    const { body } = trickle("slow-nospool", 15, 60);
+    const a = await post(h, body);
+    expect(a.status).toBe(503);
+    expect(a.body.message).toStartWith("temporary failure, not delivered: ");
+    expect(a.body.message).toContain("before the final dot");
+    await Bun.sleep(200);
+    expect(fake.received).toEqual([]); // true to its word: nothing stored
+    expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
+  });
+
+  test("a body slower than the delivery's limit, with a spool: 202, spooled whole, and delivered exactly once", async () => {
+    const h = await host({ lmtp: { timeouts: { transaction: 400 } }, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    const { body, sent } = trickle("slow-spool", 15, 60);
+    const a = await post(h, body);
+    expect(a.status).toBe(202);
+    expect(fake.received).toEqual([]);
+    const [entry] = await h.spool!.list();
+    expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+    h.server.runner!.kick();
+    await until("delivered from the spool", () => h.server.runner!.size === 0);
+    expect(fake.received.length).toBe(1);
+    expect(same(fake.received[0]!.data, sent)).toBe(true);
+  });
+
+  test("no reply after the final dot, no spool: 503 that says the outcome is unknown, never 'not delivered'", async () => {
+    const h = await host({ spool: false, lmtp: { timeouts: { dataEnd: 300 } } });
+    fake.behaviour.stall = "afterData";
+    const a = await post(h, message("after-dot-nospool"));
+    expect(a.status).toBe(503);
+    expect(a.headers.get("retry-after")).toBeTruthy();
+    expect(a.body.message).not.toContain("not delivered");
+    expect(a.body.message).toContain("after the final dot; outcome unknown");
+    expect(a.body.recipients!.map((r) => [r.code, r.reply])).toEqual([
+      [451, "451 4.4.1 no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message"],
+    ]);
+    expect((await metrics(h)).relay_unknown_outcome_total).toBe(1);
+  });
+});
+
+describe("2xx replies other than 250", () => {
+  test("251 to MAIL and to RCPT: the message is sent, and the answer is 200 success", async () => {
+    const lmtp = scriptedLmtp({ mail: "251 2.1.0 OK", rcpt: "251 2.1.5 User not local; will forward", afterDot: "250 2.0.0 Saved" });
+    try {
+      const h = await host({ spool: false, lmtpPort: lmtp.port });
+      const sent = message("two-fifty-one");
+      const a = await post(h, sent);
+      expect(a.status).toBe(200);
+      expect(a.body.status).toBe("success");
+      expect(a.body.recipients!.map((r) => r.reply)).toEqual(["250 2.0.0 Saved"]);
+      expect(lmtp.messages).toEqual([new TextDecoder().decode(sent)]);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("252 to RCPT and 252 after the dot: delivered, 200", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "252 2.1.5 Cannot VRFY user, but will attempt", afterDot: "252 2.0.0 will attempt" });
+    try {
+      const h = await host({ spool: false, lmtpPort: lmtp.port });
+      const a = await post(h, message("two-fifty-two"));
+      expect(a.status).toBe(200);
+      expect(lmtp.messages.length).toBe(1);
+    } finally {
+      lmtp.stop();
+    }
+  });
+
+  test("a 3xx to RCPT is never a success: 503 without a spool, queued with one, and nothing sent", async () => {
+    const lmtp = scriptedLmtp({ rcpt: "334 what?", afterDot: "250 2.0.0 Saved" });
+    try {
+      const bare = await host({ spool: false, lmtpPort: lmtp.port });
+      const a = await post(bare, message("three-xx"));
+      expect(a.status).toBe(503);
+      expect(a.body.message).toContain("334 what?");
+      const spooled = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      expect((await post(spooled, message("three-xx-spool"))).status).toBe(202);
+      expect(lmtp.messages).toEqual([]);
     } finally {
       lmtp.stop();
     }

@@ -9,6 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { replyClass } from "../contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import {
   BodyAborted,
@@ -23,6 +24,7 @@ import {
   type LmtpPhase,
   type LmtpTarget,
   type LmtpTimeouts,
+  type RecipientReply,
 } from "../lmtp.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
@@ -147,10 +149,6 @@ interface Scripted {
   close(): Promise<void>;
 }
 
-/**
- * reply(line) gives the bytes to answer a command line with (or null for no answer). A reply
- * starting with "354" switches the connection to message mode until "."; then reply(".") answers.
- */
 /** Polls until cond() holds (the condition is the assertion; the limit only stops a hang). */
 async function until(cond: () => boolean, ms = 5_000): Promise<void> {
   const end = Date.now() + ms;
@@ -160,8 +158,18 @@ async function until(cond: () => boolean, ms = 5_000): Promise<void> {
   }
 }
 
-/** `delayMs`: every reply (and the greeting) is written that long after its command arrived. */
-async function startScripted(greeting: string | null, reply: (line: string) => string | null, delayMs = 0): Promise<Scripted> {
+/**
+ * What a scripted server answers a line with: the bytes, or pieces written one by one a few ms
+ * apart (a reply split across packets), or bytes written `afterMs` late, or null for no answer.
+ */
+type ScriptedReply = string | string[] | { afterMs: number; text: string } | null;
+
+/**
+ * reply(line) gives the answer to a command line. A reply starting with "354" switches the
+ * connection to message mode until "."; then reply(".") answers.
+ * `delayMs`: every reply (and the greeting) is written that long after its command arrived.
+ */
+async function startScripted(greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0): Promise<Scripted> {
   const sockets = new Set<net.Socket>();
   let closedResolve!: () => void;
   const s: Scripted = {
@@ -184,7 +192,15 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
       sockets.delete(sock);
       closedResolve();
     });
-    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : sock.write(out));
+    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : later(0, out));
+    // Pieces and late replies are written in order, each after the one before.
+    let queue = Promise.resolve();
+    const later = (ms: number, out: string) => {
+      queue = queue.then(async () => {
+        if (ms) await sleep(ms);
+        if (!sock.destroyed) sock.write(out);
+      });
+    };
     if (greeting !== null) write(greeting);
     let buf = "";
     let inData = false;
@@ -207,8 +223,11 @@ async function startScripted(greeting: string | null, reply: (line: string) => s
           s.lines.push(line);
         }
         const out = reply(line);
-        if (out !== null) write(out);
-        if (out?.startsWith("354")) inData = true;
+        if (typeof out === "string") write(out);
+        else if (Array.isArray(out)) out.forEach((piece, i) => later(i === 0 ? delayMs : 5, piece));
+        else if (out) later(out.afterMs, out.text);
+        const text = typeof out === "string" ? out : Array.isArray(out) ? out.join("") : (out?.text ?? "");
+        if (text.startsWith("354")) inData = true;
       }
     });
   });
@@ -697,7 +716,6 @@ describe("against the fake LMTP server", () => {
       ["mail", "mail"],
       ["rcpt", "rcpt"],
       ["data", "data"],
-      ["afterData", "data-end"],
     ] as const)("stall at %s -> timeout in phase %s", async (stall, phase) => {
       const c = await open();
       fake.behaviour.stall = stall;
@@ -711,10 +729,29 @@ describe("against the fake LMTP server", () => {
       expect(fake.received).toEqual([]);
     });
 
+    test("stall after the final dot -> not a fault but an outcome-unknown reply (4xx, afterDot), and the connection is dropped", async () => {
+      const c = await open();
+      fake.behaviour.stall = "afterData";
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), 4);
+      expect(r).toEqual([
+        {
+          recipient: "a@x.org",
+          code: 451,
+          enhanced: "4.4.1",
+          text: "no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message",
+          afterDot: true,
+          outcomeUnknown: true,
+        },
+      ]);
+      expect(c.broken).toBeInstanceOf(LmtpFault);
+      expect((c.broken as LmtpFault).phase).toBe("data-end");
+    });
+
     test("a timeout through the pool leaves no connection busy or idle, and the next delivery opens a new one", async () => {
       const p = pool();
       fake.behaviour.stall = "afterData";
-      await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null), "timeout", "data-end");
+      const unknown = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null);
+      expect(unknown.map((x) => [x.code, x.outcomeUnknown])).toEqual([[451, true]]);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
       fake.behaviour.stall = null;
       const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("hi\r\n"), null);
@@ -738,7 +775,10 @@ describe("against the fake LMTP server", () => {
     expect(fake.connections).toBe(1);
     fake.behaviour.dropMidData = true;
     const big = new Uint8Array(2 * 1024 * 1024).fill(0x61);
-    await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length), "closed", ["body", "data-end"]);
+    // Dropped before the final dot went out: a fault (not delivered); after it: outcome unknown.
+    const outcome = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length).catch((e: unknown) => e);
+    if (outcome instanceof LmtpFault) expect([outcome.kind, outcome.phase]).toEqual(["closed", "body"]);
+    else expect((outcome as RecipientReply[]).map((x) => [x.code, x.enhanced, x.afterDot, x.outcomeUnknown])).toEqual([[451, "4.4.2", true, true]]);
     expect(p.stats.idle).toBe(0);
     fake.behaviour.dropMidData = false;
     const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("third\r\n"), null);
@@ -747,12 +787,21 @@ describe("against the fake LMTP server", () => {
     expect(fake.received.map((m) => dec.decode(m.data))).toEqual(["first\r\n", "third\r\n"]);
   });
 
-  test("connection dropped after a small message -> closed fault in data-end", async () => {
+  test("connection dropped after a small message (whole, with its final dot) -> outcome unknown, never a fault", async () => {
     const c = await open();
     fake.behaviour.dropMidData = true;
-    const f = await expectFault(c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("small\r\n"), null), "closed", ["body", "data-end"]);
+    const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("small\r\n"), null);
+    expect(r).toEqual([
+      {
+        recipient: "a@x.org",
+        code: 451,
+        enhanced: "4.4.2",
+        text: "LMTP server closed the connection after the final dot; outcome unknown: the LMTP server may have stored the message",
+        afterDot: true,
+        outcomeUnknown: true,
+      },
+    ]);
     expect(c.broken).not.toBeNull();
-    expect(f.phase).toBe("data-end");
   });
 
   test("a body stream that fails mid-way -> BodyAborted, connection closed without the final dot", async () => {
@@ -999,49 +1048,128 @@ describe("against a scripted raw server", () => {
   afterEach(async () => {
     await Promise.all(servers.splice(0).map((s) => s.close()));
   });
-  const start = async (greeting: string | null, reply: (line: string) => string | null, delayMs = 0) => {
+  const start = async (greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0) => {
     const s = await startScripted(greeting, reply, delayMs);
     servers.push(s);
     return s;
   };
   const target = (s: Scripted): LmtpTarget => ({ kind: "tcp", host: "127.0.0.1", port: s.port });
 
-  describe("the whole delivery has a limit, not only each step", () => {
+  describe("the whole delivery has a limit up to the final dot, and never one after it", () => {
     const lmtpServer = (l: string) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "354 go\r\n" : "250 2.0.0 ok\r\n");
+    // One command at a time, so that the slow replies add up before the dot.
+    const oneByOne = (l: string) => (l.startsWith("LHLO") ? "250 hi\r\n" : l === "DATA" ? "354 go\r\n" : "250 2.0.0 ok\r\n");
+    const limits = (transaction: number, dataEnd = 1_000) => ({ connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd, transaction });
 
-    test("a server slow at every step, each within its own limit: the delivery still ends at its limit, as a timeout", async () => {
-      // Each reply comes 200 ms late, well inside the 1 s per step, but greeting, LHLO, MAIL,
-      // RCPT, DATA and the final reply together take longer than the 700 ms for the delivery.
-      const s = await start("220 hi\r\n", lmtpServer, 200);
-      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 700 } });
+    /** A body that sends `pieces` lines, one every `everyMs`. */
+    function trickle(pieces: number, everyMs: number): ReadableStream<Uint8Array> {
+      let sent = 0;
+      return new ReadableStream<Uint8Array>({
+        async pull(c) {
+          if (sent === pieces) return c.close();
+          await sleep(everyMs);
+          c.enqueue(bytes(`line ${sent++}\r\n`));
+        },
+      });
+    }
+
+    test("a server slow at every step, each within its own limit: the delivery still ends at its limit, as a timeout, before the dot", async () => {
+      // Each reply comes 200 ms late, well inside the 1 s per step, but greeting, LHLO, MAIL and
+      // RCPT together take longer than the 700 ms for the delivery.
+      const s = await start("220 hi\r\n", oneByOne, 200);
+      const p = new LmtpPool(target(s), { timeouts: limits(700) });
       const f = await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null), "timeout");
       expect(f.message).toMatch(/within \d+ ms/);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      expect(s.messages).toEqual([]);
       await p.close();
     });
 
     test("the same server with room for all its steps delivers (the limit above is what failed it)", async () => {
-      const s = await start("220 hi\r\n", lmtpServer, 200);
-      const p = new LmtpPool(target(s), { timeouts: { connect: 1_000, greeting: 1_000, command: 1_000, body: 1_000, dataEnd: 1_000, transaction: 10_000 } });
+      const s = await start("220 hi\r\n", oneByOne, 200);
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000) });
       const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null);
       expect(r.map((x) => x.code)).toEqual([250]);
       expect(s.messages).toEqual(["x\r\n"]);
       await p.close();
     });
 
-    test("waiting for a free connection counts too: a delivery that finds none in time fails, and leaves the queue", async () => {
+    test("a body that arrives slower than the delivery's limit: the final dot is never sent, the connection is dropped, the fault says so", async () => {
       const s = await start("220 hi\r\n", lmtpServer);
-      const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: { ...FAST, transaction: 300 } });
-      // The only connection is held by a delivery whose body (the HTTP client's stream) is slow.
-      let fail!: (e: Error) => void;
-      const slowBody = new ReadableStream<Uint8Array>({
-        start(c) {
-          c.enqueue(new TextEncoder().encode("first part\r\n"));
-          fail = (e) => c.error(e);
-        },
-      });
-      const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, slowBody, null).catch((e: unknown) => e);
-      await until(() => s.lines.includes("DATA"));
+      const p = new LmtpPool(target(s), { timeouts: limits(400) });
+      const body = trickle(20, 50); // 1 s of body for a 400 ms limit
+      const f = await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, body, null), "timeout", "body");
+      expect(f.message).toContain("before the final dot");
+      await s.closed; // dropped, so the server discards what it got
+      expect(s.lines).toContain("DATA");
+      expect(s.messages).toEqual([]); // no "." line ever reached the server
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      // The body is free again for whoever keeps the message (the spool): the rest still reads.
+      expect(body.locked).toBe(false);
+      const reader = body.getReader();
+      const rest: Uint8Array[] = [];
+      for (let r = await reader.read(); !r.done; r = await reader.read()) rest.push(r.value);
+      expect(latin1(concat(rest))).toEndWith("line 19\r\n");
+      await p.close();
+    });
+
+    test("a body already in memory, with the limit passed before DATA was answered: no dot either", async () => {
+      // The envelope's replies come 300 ms late, after the 200 ms limit: the 354 is never used.
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? { afterMs: 300, text: "354 go\r\n" } : "250 ok\r\n"));
+      const p = new LmtpPool(target(s), { timeouts: limits(200) });
+      await expectFault(p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null), "timeout", "data");
+      await s.closed;
+      await sleep(100);
+      expect(s.messages).toEqual([]);
+      await p.close();
+    });
+
+    test("once the dot is sent, the reply gets the full dataEnd: a late answer after the delivery's limit is a delivery", async () => {
+      // 600 ms for the final reply, the delivery's limit 300 ms, dataEnd 2 s.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? { afterMs: 600, text: "250 2.0.0 <a@x.org> Saved\r\n" } : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(300, 2_000) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("x\r\n"), null);
+      expect(r).toEqual([{ recipient: "a@x.org", code: 250, enhanced: "2.0.0", text: "<a@x.org> Saved", afterDot: true }]);
+      expect(s.messages).toEqual(["x\r\n"]);
+      expect(p.stats.idle).toBe(1); // a clean end: the connection is kept
+      await p.close();
+    });
+
+    test("after the dot, the recipients answered keep their reply; the rest are outcome unknown (no reply within dataEnd)", async () => {
+      // Only the first of two replies after the dot ever comes.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? "250 2.0.0 <a@x.org> Saved\r\n" : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000, 300) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org"] }, bytes("x\r\n"), null);
+      expect(r.map((x) => [x.recipient, x.code, x.afterDot, x.outcomeUnknown])).toEqual([
+        ["a@x.org", 250, true, undefined],
+        ["b@x.org", 451, true, true],
+      ]);
+      expect(r[1]!.text).toBe("no LMTP reply to DATA-END within 300 ms after the final dot; outcome unknown: the LMTP server may have stored the message");
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("421 after the dot is an unknown outcome too, for it and every recipient after it; the connection is not kept", async () => {
+      const s = await start("220 hi\r\n", (l) => (l === "." ? "421 4.3.2 vm Shutting down\r\n" : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { timeouts: limits(10_000, 300) });
+      const r = await p.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org"] }, bytes("x\r\n"), null);
+      expect(r.map((x) => [x.code, x.enhanced, x.afterDot, x.outcomeUnknown])).toEqual([
+        [421, "4.3.2", true, true],
+        [451, "4.4.2", true, true],
+      ]);
+      expect(r[0]!.text).toBe("vm Shutting down (outcome unknown: the LMTP server may have stored the message)");
+      expect(r[1]!.text).toBe("LMTP server answered 421 4.3.2 vm Shutting down after the final dot; outcome unknown: the LMTP server may have stored the message");
+      expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("waiting for a free connection counts too: a delivery that finds none in time fails, and leaves the queue", async () => {
+      // The only connection is held by a delivery waiting for its final reply (never sent), which
+      // may take its full dataEnd although the delivery's limit is 300 ms.
+      const s = await start("220 hi\r\n", (l) => (l === "." ? null : lmtpServer(l)));
+      const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: limits(300, 1_500) });
+      const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("first\r\n"), null);
+      await until(() => s.messages.length === 1);
       const second = p.deliver({ from: "s@x.org", to: ["b@x.org"] }, bytes("second\r\n"), null);
       expect(p.stats.waiting).toBe(1);
       const f = await expectFault(second, "timeout", "connect");
@@ -1049,11 +1177,151 @@ describe("against a scripted raw server", () => {
       expect(p.stats.waiting).toBe(0);
       // The slot was not handed to the delivery that gave up: the first one still holds it, and
       // when it ends the pool is empty again.
-      fail(new Error("client went away"));
-      expect(await first).toBeInstanceOf(BodyAborted);
+      expect(p.stats.busy).toBe(1);
+      expect((await first).map((x) => [x.code, x.outcomeUnknown])).toEqual([[451, true]]);
       expect(p.stats).toEqual({ busy: 0, idle: 0, waiting: 0 });
-      expect(s.messages).toEqual([]);
+      expect(s.messages).toEqual(["first\r\n"]);
       await p.close();
+    });
+  });
+
+  describe("any 2xx accepts: 251 and 252 as well as 250 (RFC 5321 4.2.2), in any packet split", () => {
+    test.each([true, false])("pipelining %p: 251 to MAIL, 251/252/multi-line 250 to RCPT -> the message is sent to every recipient", async (pipelining) => {
+      const s = await start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return pipelining ? ["250-hi\r\n250-PIPE", "LINING\r\n250 8BITMIME\r\n"] : "250-hi\r\n250 8BITMIME\r\n";
+        if (l.startsWith("MAIL")) return "251 2.1.0 ok\r\n";
+        if (l === "RCPT TO:<a@x.org>") return "251 2.1.5 User not local; will forward\r\n";
+        if (l === "RCPT TO:<b@x.org>") return ["252 2.1.5 Cannot VRFY", " user, but will attempt\r\n"];
+        if (l === "RCPT TO:<c@x.org>") return ["250-2.1.5 first line\r\n250 2.1", ".5 ok\r\n"];
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return ["250 2.0.0 <a@x.org> Saved\r\n25", "2 2.0.0 <b@x.org> will attempt\r\n", "250-2.0.0 <c@x.org>\r\n250 2.0.0 Saved\r\n"];
+        return "250 ok\r\n";
+      });
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      expect(c.pipelining).toBe(pipelining);
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org", "b@x.org", "c@x.org"] }, bytes("hello\r\n"), null);
+      expect(s.messages).toEqual(["hello\r\n"]);
+      expect(s.lines.filter((l) => l.startsWith("RCPT") || l === "DATA")).toEqual(["RCPT TO:<a@x.org>", "RCPT TO:<b@x.org>", "RCPT TO:<c@x.org>", "DATA"]);
+      expect(r.map((x) => [x.recipient, x.code, x.text, x.afterDot])).toEqual([
+        ["a@x.org", 250, "<a@x.org> Saved", true],
+        ["b@x.org", 252, "<b@x.org> will attempt", true],
+        ["c@x.org", 250, "<c@x.org>\nSaved", true],
+      ]);
+      expect(c.reusable).toBe(true);
+      c.close();
+    });
+
+    test.each([true, false])("pipelining %p: a 3xx to RCPT is no acceptance: that recipient is not sent the message, and its reply is temporary", async (pipelining) => {
+      const s = await start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return pipelining ? "250-hi\r\n250 PIPELINING\r\n" : "250 hi\r\n";
+        if (l === "RCPT TO:<odd@x.org>") return "334 what?\r\n";
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return "250 2.0.0 <a@x.org> Saved\r\n";
+        return "250 ok\r\n";
+      });
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["odd@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.recipient, x.code, x.afterDot])).toEqual([
+        ["odd@x.org", 334, undefined],
+        ["a@x.org", 250, true],
+      ]);
+      expect(replyClass(r[0]!.code)).toBe("temporary");
+      expect(s.messages).toEqual(["hello\r\n"]); // once, for a@x.org
+      c.close();
+    });
+
+    test("a 2xx to DATA instead of 354 sent nothing: a temporary reply, never a delivery, and the connection is dropped", async () => {
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "250 2.0.0 fine\r\n" : "250 ok\r\n"));
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r).toEqual([{ recipient: "a@x.org", code: 451, enhanced: "4.5.0", text: "DATA answered 250 2.0.0 fine instead of 354; the message was not sent" }]);
+      expect(c.broken).toBeInstanceOf(LmtpFault);
+      expect(s.messages).toEqual([]);
+    });
+
+    test("a 3xx after the final dot is an unknown outcome, not a refusal", async () => {
+      const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250-hi\r\n250 PIPELINING\r\n" : l === "DATA" ? "354 go\r\n" : l === "." ? "334 eh?\r\n" : "250 ok\r\n"));
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.code, x.afterDot, x.outcomeUnknown])).toEqual([[334, true, true]]);
+      expect(replyClass(r[0]!.code)).toBe("temporary");
+      expect(r[0]!.text).toContain("outcome unknown");
+      expect(c.reusable).toBe(false);
+    });
+
+    test("LHLO answered with a 2xx other than 250 is accepted; a 3xx is not", async () => {
+      const ok = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "251-hi\r\n251 PIPELINING\r\n" : null));
+      const c = await LmtpConnection.open(target(ok), { timeouts: FAST });
+      expect(c.pipelining).toBe(true);
+      c.close();
+      const odd = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "354 hi\r\n" : null));
+      await expectFault(LmtpConnection.open(target(odd), { timeouts: FAST }), "protocol", "lhlo");
+    });
+  });
+
+  describe("non-ASCII addresses and SMTPUTF8 (RFC 6531)", () => {
+    const capabilities = (smtputf8: boolean) => `250-hi\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ${smtputf8 ? "SMTPUTF8" : "ENHANCEDSTATUSCODES"}\r\n`;
+    const server = (smtputf8: boolean) => {
+      let rcpts = 0;
+      return start("220 hi\r\n", (l) => {
+        if (l.startsWith("LHLO")) return capabilities(smtputf8);
+        if (l.startsWith("RCPT")) rcpts++;
+        if (l === "DATA") return "354 go\r\n";
+        if (l === ".") return "250 2.0.0 Saved\r\n".repeat(rcpts);
+        return "250 ok\r\n";
+      });
+    };
+    const unicode = (s: Scripted) => s.lines.map((l) => Buffer.from(l, "latin1").toString("utf8"));
+
+    test("without SMTPUTF8, a non-ASCII sender: every recipient refused for good with the reason, nothing sent", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "jürgen@example.org", to: ["a@x.org", "b@x.org"] }, bytes("hello\r\n"), null);
+      const reason = "<jürgen@example.org>: non-ASCII sender address, and the LMTP server does not offer SMTPUTF8";
+      expect(r).toEqual([
+        { recipient: "a@x.org", code: 553, enhanced: "5.6.7", text: reason },
+        { recipient: "b@x.org", code: 553, enhanced: "5.6.7", text: reason },
+      ]);
+      expect(s.lines).toEqual(["LHLO mail-relay"]);
+      expect(s.messages).toEqual([]);
+      // Nothing started, so the connection is as good as before (no RSET needed either).
+      expect(c.reusable).toBe(true);
+      expect(c.used).toBe(false);
+      c.close();
+    });
+
+    test("without SMTPUTF8, a non-ASCII recipient is refused alone; the ASCII one is sent the message", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["jürgen@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r).toEqual([
+        { recipient: "jürgen@x.org", code: 553, enhanced: "5.6.7", text: "<jürgen@x.org>: non-ASCII address, and the LMTP server does not offer SMTPUTF8" },
+        { recipient: "a@x.org", code: 250, enhanced: "2.0.0", text: "Saved", afterDot: true },
+      ]);
+      expect(unicode(s)).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org> BODY=8BITMIME", "RCPT TO:<a@x.org>", "DATA"]);
+      expect(s.messages).toEqual(["hello\r\n"]);
+      c.close();
+    });
+
+    test("without SMTPUTF8, only non-ASCII recipients: no transaction at all", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["jürgen@x.org", "日本@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => [x.code, x.enhanced])).toEqual([
+        [553, "5.6.7"],
+        [553, "5.6.7"],
+      ]);
+      expect(s.lines).toEqual(["LHLO mail-relay"]);
+      c.close();
+    });
+
+    test("with SMTPUTF8 offered, a non-ASCII envelope is sent with SMTPUTF8", async () => {
+      const s = await server(true);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "jürgen@example.org", to: ["日本@x.org", "a@x.org"] }, bytes("hello\r\n"), null);
+      expect(r.map((x) => x.code)).toEqual([250, 250]);
+      expect(unicode(s)).toEqual(["LHLO mail-relay", "MAIL FROM:<jürgen@example.org> BODY=8BITMIME SMTPUTF8", "RCPT TO:<日本@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+      c.close();
     });
   });
 

@@ -6,6 +6,7 @@
 // (prepended by Dovecot) + the message with LF line ends; expectStoredAs checks exactly that.
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { LmtpConnection } from "../../lmtp.ts";
 import type { LogLine } from "../../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance, type PrependedField } from "../support/dovecot.ts";
@@ -411,6 +412,85 @@ describe("envelopes and answers", () => {
     expect(a.json.message).toContain("nobody-here@kuma8088.com");
     expect(a.json.message).not.toContain(USER);
     expectStoredAs(await onlyMessage(USER), message);
+  });
+});
+
+describe("non-ASCII envelopes: Dovecot 2.3 does not offer SMTPUTF8", () => {
+  // The JSON body is UTF-8 by definition, so the envelope arrives as sent.
+  async function postJson(body: Record<string, unknown>): Promise<Answer> {
+    const res = await fetch(`${server.url}${INBOUND}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-API-Key": API_KEY },
+      body: JSON.stringify(body),
+    });
+    return { status: res.status, headers: res.headers, json: await res.json() };
+  }
+  const reason = (address: string, what = "address") => `553 5.6.7 <${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8`;
+
+  test("Dovecot's LHLO has no SMTPUTF8 (what the refusals below rest on)", async () => {
+    const c = await LmtpConnection.open({ kind: "tcp", host: dv.host, port: dv.port });
+    try {
+      expect(c.capabilities.has("SMTPUTF8")).toBe(false);
+      expect(c.capabilities.has("8BITMIME")).toBe(true);
+    } finally {
+      await c.quit();
+    }
+  });
+
+  test("a UTF-8 sender: 422 naming the reason, and nothing stored (not a Return-Path: <> copy)", async () => {
+    const a = await postJson({ from: "jürgen@example.org", to: `${USER}, ${ALICE}`, raw: `Subject: utf-8 sender\r\n\r\n${marker("utf8from")}\r\n` });
+    expect(a.status).toBe(422);
+    expect(a.json.status).toBe("rejected");
+    expect(a.json.recipients.map((r: { reply: string }) => r.reply)).toEqual([reason("jürgen@example.org", "sender address"), reason("jürgen@example.org", "sender address")]);
+    expect(a.json.message).toContain("does not offer SMTPUTF8");
+    await expectNothingStored();
+  });
+
+  test("an ASCII and a UTF-8 recipient: the ASCII one gets exactly one copy, the other is refused with the reason", async () => {
+    const raw = `Subject: utf-8 recipient\r\n\r\n${marker("utf8rcpt")}\r\n`;
+    const a = await postJson({ from: SENDER, to: `jürgen@kuma8088.com, ${USER}`, raw });
+    expect(a.status).toBe(422);
+    expect(a.json.recipients).toEqual([
+      expect.objectContaining({ address: "jürgen@kuma8088.com", code: 553, enhanced: "5.6.7", reply: reason("jürgen@kuma8088.com") }),
+      expect.objectContaining({ address: USER, code: 250 }),
+    ]);
+    expect(a.json.message).toBe(reason("jürgen@kuma8088.com"));
+    const fields = expectStoredAs(await onlyMessage(USER), bytes(raw));
+    expect(field(fields, "Return-Path")).toBe(`<${SENDER}>`);
+  });
+});
+
+describe("time limits", () => {
+  test("a body that arrives slower than the delivery's limit: 503 'not delivered', and truly nothing in the mailbox", async () => {
+    const slow = startServer(config(dv.host), { log: collect, lmtp: { timeouts: { transaction: 1_000 } } });
+    try {
+      const messageId = `<${crypto.randomUUID()}@itest.example>`;
+      const head = rfc822("slow body", [marker("slow"), "\r\n"], { messageId });
+      const unfinished = (t: string) => t.split("(unfinished DATA command)").length - 1;
+      const unfinishedBefore = unfinished(await dovecotLog());
+      let sent = 0;
+      const body = new ReadableStream<Uint8Array>({
+        async pull(c) {
+          if (sent === 0) c.enqueue(head);
+          else if (sent <= 25) {
+            await Bun.sleep(100); // 2.5 s of body for a 1 s limit
+            c.enqueue(bytes(`slow line ${sent}\r\n`));
+          } else return c.close();
+          sent++;
+        },
+      });
+      const a = await post(body, { url: slow.url });
+      expect(a.status).toBe(503);
+      expect(a.json.message).toStartWith("temporary failure, not delivered: ");
+      // Dovecot got everything but the final dot, then a dropped connection: it says so in its
+      // log, and stores nothing. (Had the dot gone out, the log would show this Message-ID saved.)
+      const log = await waitForDovecotLog((t) => unfinished(t) > unfinishedBefore || t.includes(`msgid=${messageId}`));
+      expect(log).not.toContain(`msgid=${messageId}`);
+      await expectNothingStored();
+      expect(slow.metrics.get("unknown_outcome")).toBe(0);
+    } finally {
+      await slow.stop();
+    }
   });
 });
 
