@@ -9,7 +9,7 @@ import { join } from "node:path";
 import type { RecipientResult } from "../contract.ts";
 import { Metrics } from "../metrics.ts";
 import { QueueRunner, backoffMs, type SpoolDeliver } from "../queue-runner.ts";
-import { Spool, type SpoolHeader } from "../spool.ts";
+import { HEADER_RESERVED, Spool, type SpoolHeader } from "../spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -338,7 +338,7 @@ describe("giving up", () => {
     runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30 });
     await runner.start();
     await until("first attempt", () => calls.length >= 1);
-    truncateSync(join(dir, "queue", h.id), 32 * 1024 + 10);
+    truncateSync(join(dir, "queue", h.id), HEADER_RESERVED + 10);
     fail = false;
     await until("failed", () => failedFiles().length === 1);
     expect(runner.size).toBe(0);

@@ -5,7 +5,10 @@ import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { FLUSH_REQUEST, Spool, SpoolWriteError, type SpoolHeader } from "../spool.ts";
+import fc from "fast-check";
+import { MAX_RECIPIENTS } from "../contract.ts";
+import { peekHeaders } from "../message-headers.ts";
+import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, type SpoolHeader } from "../spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -303,5 +306,124 @@ describe("an unwritable spool", () => {
     expect(err).toBeInstanceOf(SpoolWriteError);
     expect(names("tmp")).toEqual([]);
     expect(names("queue")).toEqual([]);
+  });
+});
+
+describe("the header is measured in bytes", () => {
+  const latin1 = (s: string) => new Uint8Array(Buffer.from(s, "latin1"));
+
+  test("an 8-bit Message-ID (as the host reads it) and a UTF-8 sender come back exactly, and so does every byte of the body", async () => {
+    // The Message-ID as message-headers.ts reads it: one character per byte (latin1), so a
+    // UTF-8 "é" in the field becomes two characters of two bytes each once written as UTF-8.
+    const raw = Buffer.concat([latin1("Message-ID: <caf"), Buffer.from("é-ü-€-😀", "utf8"), latin1("\xff\x80@example.org>\r\nSubject: x\r\n\r\nbody\r\n")]);
+    const { info } = await peekHeaders(new Uint8Array(raw));
+    expect(info.messageId).toBe(`<caf${Buffer.from("é-ü-€-😀", "utf8").toString("latin1")}\xff\x80@example.org>`);
+    const body = Buffer.concat([raw, awkwardBytes(5000, 4)]);
+    const header = await spoolMessage([body], { from: "jürgen@exämple.org", to: ["пользователь@пример.рф", "用户@例子.广告"], message_id: info.messageId });
+
+    const entry = await spool.read(header.id);
+    expect(entry.header).toEqual(header);
+    expect(entry.header.from).toBe("jürgen@exämple.org");
+    expect(entry.header.message_id).toBe(info.messageId);
+    expect(Buffer.from(await readAll(await spool.body(header.id))).equals(body)).toBe(true);
+  });
+
+  test("the largest envelope the contract allows, at the costliest encoding, fits: 100 recipients and a sender of 254 lone surrogates, a 998-character Message-ID of control characters", async () => {
+    // A lone surrogate and a control character are the most a UTF-16 code unit can cost in JSON
+    // (a 6-byte \\uXXXX escape).
+    const address = (i: number) => `${String.fromCharCode(0xd800 + i).repeat(64)}@${"\udfff".repeat(189)}`;
+    const to = Array.from({ length: MAX_RECIPIENTS }, (_, i) => address(i));
+    expect(to.every((a) => a.length === 254)).toBe(true);
+    const messageId = Array.from({ length: 998 }, (_, i) => String.fromCharCode(i % 32)).join("");
+    const body = awkwardBytes(3000, 5);
+    const header = await spoolMessage([body], { from: address(200), to, message_id: messageId, request_id: "r".repeat(255) });
+    const entry = await spool.read(header.id);
+    expect(entry.header).toEqual(header);
+    expect(entry.header.to).toEqual(to);
+    expect(entry.header.message_id).toBe(messageId);
+    expect(Buffer.from(await readAll(await spool.body(header.id))).equals(Buffer.from(body))).toBe(true);
+  });
+
+  test("100 recipients of 254 three-byte characters: fits, where sizing in characters wrote past the reserved space into the message", async () => {
+    const to = Array.from({ length: MAX_RECIPIENTS }, (_, i) => `${String.fromCharCode(0x4e00 + i).repeat(64)}@${"€".repeat(189)}`);
+    const body = new TextEncoder().encode("From: a@b.test\r\n\r\nthe first bytes of the message\r\n");
+    const header = await spoolMessage([body], { to });
+    expect(Buffer.from(await readAll(await spool.body(header.id))).equals(Buffer.from(body))).toBe(true);
+    expect((await spool.read(header.id)).header.to).toEqual(to);
+  });
+
+  test("a header that does not fit is refused with SpoolWriteError (the sender gets 503) and leaves no file", async () => {
+    const to = Array.from({ length: 2 * MAX_RECIPIENTS }, (_, i) => `${String.fromCharCode(0xd800 + i).repeat(64)}@${"\udfff".repeat(189)}`);
+    const staged = spool.stage();
+    await staged.write(awkwardBytes(2 * 1024 * 1024)); // already in tmp/
+    const err = await staged.commit(meta({ to })).catch((e) => e);
+    expect(err).toBeInstanceOf(SpoolWriteError);
+    expect(String(err.message)).toContain("spool header too large");
+    expect(names("tmp")).toEqual([]);
+    expect(names("queue")).toEqual([]);
+  });
+
+  test("the reserved space costs no disk beyond the header's own bytes (a hole in the file)", async () => {
+    const header = await spoolMessage([awkwardBytes(100)]);
+    const path = join(dir, "queue", header.id);
+    expect(statSync(path).size).toBe(HEADER_RESERVED + 100);
+    // Blocks of 512 bytes: the header and the message take a few pages, not the reserved 160 KiB.
+    expect(statSync(path).blocks * 512).toBeLessThan(32 * 1024);
+  });
+
+  test("a file written before the header was sized in bytes (version 1, 32 KiB of spaces) is still read and delivered byte-exact", async () => {
+    const id = "0000000000oldformat";
+    const h = { id, size: 0, from: "old@example.org", to: ["user@example.test"], received_at: 1_700_000_000_000, request_id: "req-old", message_id: "<old@example.org>" };
+    const body = awkwardBytes(777, 6);
+    h.size = body.length;
+    const line = `RELAY-SPOOL 1 ${JSON.stringify(h)}`.padEnd(32 * 1024 - 1, " ") + "\n";
+    writeFileSync(join(dir, "queue", id), Buffer.concat([Buffer.from(line, "utf8"), body]));
+    expect((await spool.read(id)).header).toEqual(h);
+    expect(Buffer.from(await readAll(await spool.body(id))).equals(Buffer.from(body))).toBe(true);
+  });
+
+  // Any UTF-16 code unit at all, lone surrogates and controls included.
+  const anyUnit = fc.integer({ min: 0, max: 0xffff }).map((c) => String.fromCharCode(c));
+  const anyString = (maxLength: number) => fc.oneof(fc.string({ unit: anyUnit, maxLength }), fc.string({ unit: "grapheme", maxLength: Math.ceil(maxLength / 4) }), fc.string({ maxLength }));
+  const latin1String = fc.string({ unit: fc.integer({ min: 0, max: 255 }).map((c) => String.fromCharCode(c)), maxLength: 998 });
+
+  test("property: any envelope within the contract's limits comes back exactly, with every byte of the message", async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        anyString(254),
+        fc.array(anyString(254), { minLength: 1, maxLength: MAX_RECIPIENTS }),
+        fc.option(latin1String, { nil: null }),
+        fc.option(fc.stringMatching(/^[\w=-]{1,255}$/), { nil: undefined }),
+        fc.array(fc.uint8Array({ maxLength: 3000 }), { maxLength: 4 }),
+        async (from, to, message_id, request_id, chunks) => {
+          const header = await spoolMessage(chunks, { from, to, message_id, request_id });
+          const entry = await spool.read(header.id);
+          expect(entry.header).toEqual(header);
+          expect(Buffer.from(await readAll(await spool.body(header.id))).equals(Buffer.concat(chunks))).toBe(true);
+          await spool.remove(header.id);
+        },
+      ),
+      { numRuns: 150 },
+    );
+  });
+
+  test("property: any envelope at all is either kept exactly or refused with SpoolWriteError, never written over the message", async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(fc.string({ unit: anyUnit, minLength: 200, maxLength: 2000 }), { minLength: 1, maxLength: 150 }), async (to) => {
+        const body = awkwardBytes(100, to.length);
+        const staged = spool.stage();
+        await staged.write(body);
+        const result = await staged.commit(meta({ to })).catch((e) => e);
+        if (result instanceof Error) {
+          expect(result).toBeInstanceOf(SpoolWriteError);
+        } else {
+          expect((await spool.read(result.id)).header.to).toEqual(to);
+          expect(Buffer.from(await readAll(await spool.body(result.id))).equals(Buffer.from(body))).toBe(true);
+          await spool.remove(result.id);
+        }
+        expect(names("tmp")).toEqual([]);
+      }),
+      { numRuns: 40 },
+    );
   });
 });
