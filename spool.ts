@@ -11,15 +11,26 @@
 // A message is acknowledged only after: written to tmp/, fsynced, renamed into queue/, and the
 // queue/ directory fsynced (Maildir's discipline), so a crash at any point either leaves a whole
 // message in queue/ or one that was never acknowledged.
+//
+// Reading never changes the spool: a file in queue/ or failed/ that cannot be read as a spool file
+// (damaged, foreign, a directory, a symbolic link, which is never followed) is reported by scan()
+// as unreadable and left where it is, for the operator. Files and folders are the owner's only
+// (0600, 0700): they hold who wrote to whom.
 
-import { closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync } from "node:fs";
-import { lstat, open, readFile, readdir, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
+import { chmodSync, closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { lstat, open, readdir, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { MAX_RECIPIENTS } from "./contract.ts";
 
 /** A file the CLI drops into the spool directory; the running host's deliverer watches for it. */
 export const FLUSH_REQUEST = "flush-requested";
 const ID_RE = /^[0-9a-z]{8,40}$/;
+const STATE_RE = /^[0-9a-z]{8,40}\.state$/;
+
+/** Whether `s` can name a message in the spool (and so never a path). */
+export function isSpoolId(s: string): boolean {
+  return ID_RE.test(s);
+}
 
 export interface SpooledEnvelope {
   from: string;
@@ -53,6 +64,21 @@ export interface SpoolEntry {
   state: SpoolState;
 }
 
+/** Something in queue/ or failed/ that is not a readable spool file: an incident for the operator. */
+export interface UnreadableEntry {
+  name: string;
+  problem: string;
+  /** Why it was put in failed/, when its state file says so. */
+  reason?: string;
+}
+
+export interface SpoolListing {
+  entries: SpoolEntry[];
+  unreadable: UnreadableEntry[];
+}
+
+export type SpoolArea = "queue" | "failed";
+
 export class SpoolWriteError extends Error {
   override name = "SpoolWriteError";
 }
@@ -84,19 +110,25 @@ export class Spool {
   }
 
   /**
-   * Creates the folders and clears tmp/. Whatever is in tmp/ was never acknowledged (the
-   * sender was answered 503 or nothing, and retries), so it is removed; each one is reported.
+   * Creates the folders (owner only) and clears tmp/. Whatever is in tmp/ was never acknowledged
+   * (the sender was answered 503 or nothing, and retries), so it is removed; each one is reported.
    */
   prepare(): { discarded: string[] } {
-    for (const d of [this.tmp, this.queue, this.failed]) mkdirSync(d, { recursive: true });
+    for (const d of [this.tmp, this.queue, this.failed]) {
+      mkdirSync(d, { recursive: true, mode: 0o700 });
+      // Folders made by an older version were 0755. One this process does not own keeps its mode.
+      try {
+        chmodSync(d, 0o700);
+      } catch {}
+    }
     const discarded = readdirSync(this.tmp);
-    for (const f of discarded) rmSync(join(this.tmp, f), { force: true });
+    for (const f of discarded) rmSync(join(this.tmp, f), { recursive: true, force: true });
     return { discarded };
   }
 
   /** Asks a running host to attempt every queued message now (`queue flush`, `queue retry`). */
   requestFlush(): void {
-    writeFileSync(join(this.dir, FLUSH_REQUEST), String(Date.now()));
+    writeFileSync(join(this.dir, FLUSH_REQUEST), String(Date.now()), { mode: 0o600 });
   }
 
   /**
@@ -108,30 +140,48 @@ export class Spool {
     return new StagedMessage(this, id, join(this.tmp, id));
   }
 
-  /** Every queued message, oldest first. Files that do not parse are moved to failed/. */
-  async list(area: "queue" | "failed" = "queue"): Promise<SpoolEntry[]> {
-    const dir = area === "queue" ? this.queue : this.failed;
-    const names = (await readdir(dir)).filter((n) => ID_RE.test(n)).sort();
-    const out: SpoolEntry[] = [];
-    for (const id of names) {
-      const entry = await this.read(id, area).catch(async (e: NodeJS.ErrnoException) => {
+  /**
+   * What an area holds, oldest first: the messages, and every other entry (except state files) as
+   * unreadable with its problem. Only reads: nothing is moved, written or followed.
+   */
+  async scan(area: SpoolArea = "queue"): Promise<SpoolListing> {
+    const dir = this.area(area);
+    const names = (await readdir(dir)).filter((n) => !STATE_RE.test(n)).sort();
+    const listing: SpoolListing = { entries: [], unreadable: [] };
+    for (const name of names) {
+      if (!ID_RE.test(name)) {
+        listing.unreadable.push({ name, problem: "not a spool file (its name is not a spool id)" });
+        continue;
+      }
+      try {
+        listing.entries.push(await this.read(name, area));
+      } catch (e) {
         // Gone since readdir (delivered and removed meanwhile): nothing to say about it.
-        if (e.code === "ENOENT") return null;
-        if (area === "queue") await this.moveToFailed(id, `unreadable spool file: ${e.message}`).catch(() => {});
-        return null;
-      });
-      if (entry) out.push(entry);
+        if ((e as NodeJS.ErrnoException).code === "ENOENT") continue;
+        const reason = ((await readJson(join(dir, `${name}.state`))) as Partial<SpoolState> | undefined)?.reason;
+        listing.unreadable.push({ name, problem: (e as Error).message, ...(typeof reason === "string" ? { reason } : {}) });
+      }
     }
-    return out;
+    return listing;
   }
 
-  async read(id: string, area: "queue" | "failed" = "queue"): Promise<SpoolEntry> {
-    const dir = area === "queue" ? this.queue : this.failed;
+  /** Every readable message in an area, oldest first (see scan() for the rest). */
+  async list(area: SpoolArea = "queue"): Promise<SpoolEntry[]> {
+    return (await this.scan(area)).entries;
+  }
+
+  async read(id: string, area: SpoolArea = "queue"): Promise<SpoolEntry> {
+    if (!ID_RE.test(id)) throw new Error(`not a spool id: ${JSON.stringify(id)}`);
+    const dir = this.area(area);
     const { header } = await readHeader(join(dir, id), id);
-    const state = await readFile(join(dir, `${id}.state`), "utf8")
-      .then((s) => JSON.parse(s) as SpoolState)
-      .catch(() => ({ attempts: 0, next_at: 0, last_reply: null, remaining: header.to }));
+    // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet".
+    const saved = await readJson(join(dir, `${id}.state`));
+    const state = isState(saved) ? saved : { attempts: 0, next_at: 0, last_reply: null, remaining: header.to };
     return { header, state };
+  }
+
+  private area(area: SpoolArea): string {
+    return area === "queue" ? this.queue : this.failed;
   }
 
   /** The message's exact bytes, streamed from disk. */
@@ -141,10 +191,10 @@ export class Spool {
     return Bun.file(path).slice(offset).stream();
   }
 
-  async saveState(id: string, state: SpoolState, area: "queue" | "failed" = "queue"): Promise<void> {
-    const dir = area === "queue" ? this.queue : this.failed;
+  async saveState(id: string, state: SpoolState, area: SpoolArea = "queue"): Promise<void> {
+    const dir = this.area(area);
     const tmp = join(this.tmp, `${id}.state.${Math.random().toString(36).slice(2)}`);
-    await writeFile(tmp, JSON.stringify(state));
+    await writeFile(tmp, JSON.stringify(state), { mode: 0o600 });
     await rename(tmp, join(dir, `${id}.state`));
   }
 
@@ -171,8 +221,9 @@ export class Spool {
 
   /** Operator: put a failed message back in the queue for an immediate attempt. */
   async retryFailed(id: string): Promise<void> {
-    if (!ID_RE.test(id)) throw new Error(`not a spool id: ${id}`);
-    const { header, state } = await this.read(id, "failed");
+    const { header, state } = await this.read(id, "failed").catch((e: NodeJS.ErrnoException) => {
+      throw new Error(e.code === "ENOENT" ? `no message ${id} in failed/` : `${id} in failed/ cannot be read: ${e.message}`);
+    });
     // Only the recipients it failed for (not those it was delivered to before it gave up).
     const remaining = state.remaining.length ? state.remaining : header.to;
     await this.saveState(id, { attempts: 0, next_at: 0, last_reply: null, remaining });
@@ -181,13 +232,31 @@ export class Spool {
     fsyncDir(this.queue);
   }
 
-  async purgeFailed(): Promise<number> {
-    const names = (await readdir(this.failed)).filter((n) => ID_RE.test(n));
-    for (const id of names) {
-      await rm(join(this.failed, id), { force: true });
-      await rm(join(this.failed, `${id}.state`), { force: true });
+  /**
+   * Operator: deletes the messages in failed/ (readable or not) with their state files. A link is
+   * removed itself, never what it points to; directories and names that are not the spool's are
+   * left alone and reported.
+   */
+  async purgeFailed(): Promise<{ removed: string[]; skipped: { name: string; why: string }[] }> {
+    const removed: string[] = [];
+    const skipped: { name: string; why: string }[] = [];
+    for (const name of (await readdir(this.failed)).sort()) {
+      const isState = STATE_RE.test(name);
+      if (!isState && !ID_RE.test(name)) {
+        skipped.push({ name, why: "not a spool file (its name is not a spool id)" });
+        continue;
+      }
+      const path = join(this.failed, name);
+      const info = await lstat(path).catch((e: NodeJS.ErrnoException) => (e.code === "ENOENT" ? null : Promise.reject(e)));
+      if (!info) continue;
+      if (info.isDirectory()) {
+        skipped.push({ name, why: "a directory (the spool never makes one here)" });
+        continue;
+      }
+      await rm(path, { force: true });
+      if (!isState) removed.push(name);
     }
-    return names.length;
+    return { removed, skipped };
   }
 
   /** Commit step shared by StagedMessage: fsync'd file renamed into queue/, then the directory fsynced. */
@@ -422,4 +491,31 @@ function headerProblem(h: unknown, id: string): string | null {
   if (o.message_id !== undefined && o.message_id !== null && typeof o.message_id !== "string") return "a Message-ID that is not a string";
   if (o.request_id !== undefined && typeof o.request_id !== "string") return "a request id that is not a string";
   return null;
+}
+
+function isState(s: unknown): s is SpoolState {
+  if (typeof s !== "object" || s === null) return false;
+  const o = s as Record<string, unknown>;
+  return (
+    typeof o.attempts === "number" &&
+    typeof o.next_at === "number" &&
+    (o.last_reply === null || typeof o.last_reply === "string") &&
+    Array.isArray(o.remaining) &&
+    o.remaining.every((r) => typeof r === "string")
+  );
+}
+
+/** A small JSON file (a state file), not following links; undefined if it cannot be read. */
+async function readJson(path: string): Promise<unknown> {
+  try {
+    if (await notAFile(path)) return undefined;
+    const fh = await open(path, NO_FOLLOW);
+    try {
+      return JSON.parse(await fh.readFile("utf8"));
+    } finally {
+      await fh.close();
+    }
+  } catch {
+    return undefined;
+  }
 }

@@ -2,7 +2,7 @@
 // files are treated, the failed/ area and its operator commands, and an unwritable spool.
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
-import { existsSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import fc from "fast-check";
@@ -10,6 +10,7 @@ import { MAX_RECIPIENTS } from "../contract.ts";
 import { peekHeaders } from "../message-headers.ts";
 import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, type SpoolHeader } from "../spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
+import { snapshot } from "./support/tree.ts";
 
 allowSlowTests();
 
@@ -169,34 +170,36 @@ describe("prepare()", () => {
 });
 
 describe("damaged files", () => {
-  test("a truncated queue file is moved to failed/ by list(), never listed for delivery, its bytes kept", async () => {
+  test("a truncated queue file is reported by scan() as unreadable and left in queue/ untouched; list() leaves it out", async () => {
     const good = await spoolMessage([awkwardBytes(1000, 7)]);
     const bad = await spoolMessage([awkwardBytes(50_000, 8)]);
     const path = join(dir, "queue", bad.id);
     const before = statSync(path).size;
     truncateSync(path, before - 1000);
 
-    const listed = await spool.list();
-    expect(listed.map((e) => e.header.id)).toEqual([good.id]);
-    expect(names("queue")).toEqual([good.id]);
-    expect(names("failed")).toContain(bad.id);
-    expect(statSync(join(dir, "failed", bad.id)).size).toBe(before - 1000);
-    const reason = JSON.parse(readFileSync(join(dir, "failed", `${bad.id}.state`), "utf8")).reason as string;
-    expect(reason).toContain("truncated");
-    // A second look finds the same: nothing comes back into the queue.
     expect((await spool.list()).map((e) => e.header.id)).toEqual([good.id]);
+    const { entries, unreadable } = await spool.scan();
+    expect(entries.map((e) => e.header.id)).toEqual([good.id]);
+    expect(unreadable).toEqual([{ name: bad.id, problem: "truncated: 49000 of 50000 bytes" }]);
+    expect(names("queue").filter((n) => !n.endsWith(".state"))).toEqual([good.id, bad.id].sort());
+    expect(statSync(path).size).toBe(before - 1000);
+    expect(names("failed")).toEqual([]);
   });
 
-  test("a file cut inside its header, or not a spool file at all, is moved to failed/ too", async () => {
+  test("a file cut inside its header, or not a spool file at all, is reported as such and stays where it is", async () => {
     const cut = await spoolMessage([awkwardBytes(10)]);
     truncateSync(join(dir, "queue", cut.id), 100);
     writeFileSync(join(dir, "queue", "0000000000garbage"), "hello, not a spool file\n");
     expect(await spool.list()).toEqual([]);
-    expect(names("queue")).toEqual([]);
-    expect(names("failed").filter((n) => !n.endsWith(".state")).sort()).toEqual(["0000000000garbage", cut.id].sort());
+    const { unreadable } = await spool.scan();
+    expect(unreadable.map((u) => u.name)).toEqual(["0000000000garbage", cut.id].sort());
+    expect(unreadable.find((u) => u.name === cut.id)!.problem).toContain("truncated inside its header");
+    expect(unreadable.find((u) => u.name === "0000000000garbage")!.problem).toBe("not a spool file (no spool header)");
+    expect(names("queue").sort()).toEqual(["0000000000garbage", cut.id].sort());
+    expect(names("failed")).toEqual([]);
   });
 
-  test("a file removed while list() reads the queue is not turned into a failed/ record", async () => {
+  test("a file removed while scan() reads the queue is neither listed nor reported", async () => {
     const h = await spoolMessage([awkwardBytes(10)]);
     // Simulates the deliverer removing a delivered message between readdir and read.
     const original = spool.read.bind(spool);
@@ -204,15 +207,16 @@ describe("damaged files", () => {
       if (id === h.id) await spool.remove(id);
       return original(id, area);
     };
-    expect(await spool.list()).toEqual([]);
+    expect(await spool.scan()).toEqual({ entries: [], unreadable: [] });
     expect(names("failed")).toEqual([]);
   });
 
-  test("files that are not spool ids (state files, the flush request, editor leftovers) are ignored by list()", async () => {
+  test("state files are not entries; a name that is not a spool id (an editor's leftover) is reported, not listed, not touched", async () => {
     const h = await spoolMessage([awkwardBytes(10)]);
     await spool.saveState(h.id, { attempts: 1, next_at: 0, last_reply: null, remaining: h.to });
     writeFileSync(join(dir, "queue", "README"), "x");
     expect((await spool.list()).map((e) => e.header.id)).toEqual([h.id]);
+    expect((await spool.scan()).unreadable).toEqual([{ name: "README", problem: "not a spool file (its name is not a spool id)" }]);
     expect(names("queue")).toContain("README");
   });
 });
@@ -242,9 +246,9 @@ describe("failed/ and the operator's commands", () => {
 
     await spool.moveToFailed(a.id, "refused: 550 5.1.1 no such user");
     await spool.moveToFailed(b.id, "refused: 550 5.1.1 no such user");
-    expect(await spool.purgeFailed()).toBe(2);
+    expect(await spool.purgeFailed()).toEqual({ removed: [a.id, b.id].sort(), skipped: [] });
     expect(names("failed")).toEqual([]);
-    expect(await spool.purgeFailed()).toBe(0);
+    expect(await spool.purgeFailed()).toEqual({ removed: [], skipped: [] });
   });
 
   test("retryFailed refuses a path instead of an id", async () => {
@@ -326,6 +330,7 @@ describe("the header is measured in bytes", () => {
     expect(entry.header.from).toBe("jürgen@exämple.org");
     expect(entry.header.message_id).toBe(info.messageId);
     expect(Buffer.from(await readAll(await spool.body(header.id))).equals(body)).toBe(true);
+    expect((await spool.scan()).unreadable).toEqual([]);
   });
 
   test("the largest envelope the contract allows, at the costliest encoding, fits: 100 recipients and a sender of 254 lone surrogates, a 998-character Message-ID of control characters", async () => {
@@ -382,6 +387,43 @@ describe("the header is measured in bytes", () => {
     expect(Buffer.from(await readAll(await spool.body(id))).equals(Buffer.from(body))).toBe(true);
   });
 
+  test("a version 1 file whose non-ASCII header overran its space (what sizing in characters did) is reported, never read as a message", async () => {
+    const id = "0000000000overran";
+    const h = { id, size: 10, from: "jürgen@example.org", to: ["user@example.test"], received_at: 1, message_id: "<é@x>" };
+    const line = Buffer.from(`RELAY-SPOOL 1 ${JSON.stringify(h)}`.padEnd(32 * 1024 - 1, " ") + "\n", "utf8"); // 32 KiB + 2 bytes
+    const file = Buffer.alloc(32 * 1024 + 10, 0x41);
+    line.copy(file, 0);
+    writeFileSync(join(dir, "queue", id), file);
+    const { entries, unreadable } = await spool.scan();
+    expect(entries).toEqual([]);
+    expect(unreadable).toEqual([{ name: id, problem: "damaged header (it overruns its reserved space)" }]);
+  });
+
+  test("headers that are damaged in other ways are reported with what is wrong: not UTF-8, not JSON, another id, no recipients", async () => {
+    const good = await spoolMessage([awkwardBytes(50)]);
+    const original = readFileSync(join(dir, "queue", good.id));
+    const variant = (name: string, edit: (b: Buffer) => void) => {
+      const b = Buffer.from(original);
+      edit(b);
+      writeFileSync(join(dir, "queue", name), b);
+    };
+    const at = original.indexOf('"from"');
+    variant("0000000000badutf8", (b) => (b[at + 1] = 0xff));
+    variant("0000000000badjson", (b) => (b[at] = 0x7d));
+    variant("0000000000otherid", () => {});
+    const other = await spoolMessage([awkwardBytes(50)]);
+    const path = join(dir, "queue", other.id);
+    const norcpt = readFileSync(path);
+    norcpt.write('"tx"', norcpt.indexOf('"to"'), "latin1");
+    writeFileSync(path, norcpt);
+    const problems = Object.fromEntries((await spool.scan()).unreadable.map((u) => [u.name, u.problem]));
+    expect(problems["0000000000badutf8"]).toStartWith("damaged header (");
+    expect(problems["0000000000badjson"]).toStartWith("damaged header (");
+    expect(problems["0000000000otherid"]).toBe(`damaged header (its id is ${JSON.stringify(good.id)}, not the file's name)`);
+    expect(problems[other.id]).toBe("damaged header (no recipients)");
+    expect((await spool.list()).map((e) => e.header.id)).toEqual([good.id]);
+  });
+
   // Any UTF-16 code unit at all, lone surrogates and controls included.
   const anyUnit = fc.integer({ min: 0, max: 0xffff }).map((c) => String.fromCharCode(c));
   const anyString = (maxLength: number) => fc.oneof(fc.string({ unit: anyUnit, maxLength }), fc.string({ unit: "grapheme", maxLength: Math.ceil(maxLength / 4) }), fc.string({ maxLength }));
@@ -425,5 +467,118 @@ describe("the header is measured in bytes", () => {
       }),
       { numRuns: 40 },
     );
+  });
+});
+
+describe("reading never changes the spool, and shows what it cannot read", () => {
+  test("junk, a directory, a FIFO, links (to /etc/passwd, and to a valid spool file outside the spool): scan() reports each, follows none, moves nothing", async () => {
+    const good = await spoolMessage([awkwardBytes(300, 11)]);
+    // A valid spool file outside the spool, linked in under its id: following the link would list it.
+    const outside = await mkdtemp("/tmp/spool-outside-");
+    const elsewhere = new Spool(outside);
+    elsewhere.prepare();
+    const staged = elsewhere.stage();
+    await staged.write(awkwardBytes(10));
+    const foreign = await staged.commit(meta());
+    symlinkSync(join(outside, "queue", foreign.id), join(dir, "queue", foreign.id));
+    symlinkSync("/etc/passwd", join(dir, "queue", "0000000000passwd"));
+    mkdirSync(join(dir, "queue", "0000000000adirectory"));
+    writeFileSync(join(dir, "queue", "0000000000junk"), "junk");
+    expect(Bun.spawnSync(["mkfifo", join(dir, "queue", "0000000000fifo")]).exitCode).toBe(0);
+    writeFileSync(join(dir, "failed", "0000000000junk"), "junk in failed/");
+    writeFileSync(join(dir, "failed", "0000000000junk.state"), JSON.stringify({ attempts: 3, next_at: 0, last_reply: null, remaining: [], reason: "unreadable spool file: not a spool file" }));
+    // A state file that is a link: not followed either (the message reads with default state).
+    symlinkSync(join(outside, "queue", foreign.id), join(dir, "queue", `${good.id}.state`));
+
+    const before = snapshot(dir);
+    const queue = await spool.scan("queue");
+    const failed = await spool.scan("failed");
+    expect(snapshot(dir)).toEqual(before);
+
+    expect(queue.entries.map((e) => e.header.id)).toEqual([good.id]);
+    expect(queue.entries[0]!.state).toEqual({ attempts: 0, next_at: 0, last_reply: null, remaining: good.to });
+    expect(Object.fromEntries(queue.unreadable.map((u) => [u.name, u.problem]))).toEqual({
+      [foreign.id]: "a symbolic link, not a spool file (not followed)",
+      "0000000000passwd": "a symbolic link, not a spool file (not followed)",
+      "0000000000adirectory": "a directory, not a spool file",
+      "0000000000junk": "not a spool file (no spool header)",
+      "0000000000fifo": "not a regular file",
+    });
+    expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }] });
+    await rm(outside, { recursive: true, force: true });
+  });
+
+  test("read() refuses a path instead of an id", async () => {
+    await expect(spool.read("../../etc/passwd")).rejects.toThrow("not a spool id");
+    await expect(spool.body("../failed/x")).rejects.toThrow();
+  });
+
+  test("a state file that is not a spool state ({} or junk) reads as the default state, never as a broken one", async () => {
+    const h = await spoolMessage([awkwardBytes(10)]);
+    for (const junk of ["{}", "[1]", "null", "not json", JSON.stringify({ attempts: 1, next_at: 0, last_reply: null, remaining: "x" })]) {
+      writeFileSync(join(dir, "queue", `${h.id}.state`), junk);
+      expect((await spool.read(h.id)).state).toEqual({ attempts: 0, next_at: 0, last_reply: null, remaining: h.to });
+    }
+  });
+});
+
+describe("purge-failed", () => {
+  test("removes every message in failed/, readable or not, and a link (never its target); leaves a directory and foreign names, and says so", async () => {
+    const a = await spoolMessage([awkwardBytes(10)]);
+    await spool.moveToFailed(a.id, "refused: 550 5.1.1 no such user");
+    writeFileSync(join(dir, "failed", "0000000000junk"), "junk");
+    const target = join(dir, "outside-target");
+    writeFileSync(target, "must survive");
+    symlinkSync(target, join(dir, "failed", "0000000000link"));
+    mkdirSync(join(dir, "failed", "0000000000adirectory"));
+    writeFileSync(join(dir, "failed", "0000000000adirectory", "inside"), "kept");
+    writeFileSync(join(dir, "failed", "notes.txt"), "the operator's");
+
+    const result = await spool.purgeFailed();
+    expect(result.removed).toEqual(["0000000000junk", "0000000000link", a.id].sort());
+    expect(result.skipped).toEqual([
+      { name: "0000000000adirectory", why: "a directory (the spool never makes one here)" },
+      { name: "notes.txt", why: "not a spool file (its name is not a spool id)" },
+    ]);
+    expect(names("failed")).toEqual(["0000000000adirectory", "notes.txt"]);
+    expect(readFileSync(target, "utf8")).toBe("must survive");
+    expect(readFileSync(join(dir, "failed", "0000000000adirectory", "inside"), "utf8")).toBe("kept");
+  });
+});
+
+describe("file modes", () => {
+  const mode = (p: string) => (lstatSync(p).mode & 0o777).toString(8);
+
+  test("prepare() makes the spool folders 0700 (and the spool folder itself when it creates it); messages, states and the flush request are 0600", async () => {
+    const root = join(dir, "fresh", "spool");
+    const s = new Spool(root);
+    s.prepare();
+    for (const d of [root, join(root, "tmp"), join(root, "queue"), join(root, "failed")]) expect(`${d} ${mode(d)}`).toBe(`${d} 700`);
+    const staged = s.stage();
+    await staged.write(awkwardBytes(10));
+    const h = await staged.commit(meta());
+    await s.saveState(h.id, { attempts: 1, next_at: 0, last_reply: null, remaining: h.to });
+    s.requestFlush();
+    expect(mode(join(root, "queue", h.id))).toBe("600");
+    expect(mode(join(root, "queue", `${h.id}.state`))).toBe("600");
+    expect(mode(join(root, FLUSH_REQUEST))).toBe("600");
+    await s.moveToFailed(h.id, "refused");
+    expect(mode(join(root, "failed", h.id))).toBe("600");
+    expect(mode(join(root, "failed", `${h.id}.state`))).toBe("600");
+  });
+
+  test("folders an older version left 0755 are made 0700 by prepare()", () => {
+    for (const d of ["tmp", "queue", "failed"]) chmodSync(join(dir, d), 0o755);
+    new Spool(dir).prepare();
+    for (const d of ["tmp", "queue", "failed"]) expect(mode(join(dir, d))).toBe("700");
+  });
+});
+
+describe("prepare() at start-up", () => {
+  test("clears whatever a crash left in tmp/, directories included, instead of stopping the host", () => {
+    mkdirSync(join(dir, "tmp", "leftover-dir", "deeper"), { recursive: true });
+    writeFileSync(join(dir, "tmp", "leftover-dir", "deeper", "f"), "x");
+    expect(new Spool(dir).prepare().discarded).toEqual(["leftover-dir"]);
+    expect(names("tmp")).toEqual([]);
   });
 });

@@ -114,11 +114,12 @@ describe("non-ASCII envelopes through the spool, real Dovecot", () => {
         expect(b.status).toBe(202);
         expect((await b.json()).status).toBe("queued");
 
-        // What the operator sees meanwhile: both queued, with the sender as sent.
+        // What the operator sees meanwhile: both queued, with the sender as sent; nothing unreadable.
         const listed = await runRelayCommand({ SPOOL_DIR: dir }, ["queue", "list"]);
         expect(listed.code).toBe(0);
         expect(listed.stdout).toContain("queued: 2\n");
         expect(listed.stdout).toContain(`jürgen@exämple.org -> ${USER}`);
+        expect(listed.stdout).toContain("unreadable: 0\n");
 
         if (restart) {
           await relay.kill("SIGKILL");
@@ -132,8 +133,9 @@ describe("non-ASCII envelopes through the spool, real Dovecot", () => {
         await expectDelivered([raw, json]);
         const m = await relay.metrics();
         expect(m.relay_spool_delivered_total).toBe(2);
+        expect(m.relay_spool_unreadable_files).toBe(0);
         expect(m.relay_spool_failed_messages).toBe(0);
-        expect(relay.lines.filter((l) => l.event === "spool_failed")).toEqual([]);
+        expect(relay.lines.filter((l) => l.event === "spool_unreadable" || l.event === "spool_failed")).toEqual([]);
         expect(readdirSync(join(dir, "queue"))).toEqual([]);
         expect(readdirSync(join(dir, "failed"))).toEqual([]);
       } finally {
