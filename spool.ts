@@ -17,7 +17,7 @@
 // as unreadable and left where it is, for the operator. Files and folders are the owner's only
 // (0600, 0700): they hold who wrote to whom.
 
-import { chmodSync, closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { lstat, open, readdir, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import { MAX_RECIPIENTS } from "./contract.ts";
@@ -112,6 +112,8 @@ export class Spool {
   /**
    * Creates the folders (owner only) and clears tmp/. Whatever is in tmp/ was never acknowledged
    * (the sender was answered 503 or nothing, and retries), so it is removed; each one is reported.
+   * Then proves that tmp/ takes a written, fsynced file: a spool on a full or read-only disk
+   * throws here, at start-up, instead of at the first message that needs it.
    */
   prepare(): { discarded: string[] } {
     for (const d of [this.tmp, this.queue, this.failed]) {
@@ -123,6 +125,16 @@ export class Spool {
     }
     const discarded = readdirSync(this.tmp);
     for (const f of discarded) rmSync(join(this.tmp, f), { recursive: true, force: true });
+    const probe = join(this.tmp, `write-test-${process.pid}`);
+    const fd = openSync(probe, "w", 0o600);
+    try {
+      const bytes = new TextEncoder().encode("the spool takes writes\n");
+      if (writeSync(fd, bytes) !== bytes.byteLength) throw new Error("short write in tmp/ (disk full?)");
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+      rmSync(probe, { force: true });
+    }
     return { discarded };
   }
 

@@ -581,4 +581,27 @@ describe("prepare() at start-up", () => {
     expect(new Spool(dir).prepare().discarded).toEqual(["leftover-dir"]);
     expect(names("tmp")).toEqual([]);
   });
+
+  test("throws on a full disk (a 64 KiB tmpfs filled up), where creating the folders alone succeeds", async () => {
+    const mnt = await mkdtemp("/tmp/spool-full-");
+    const mounted = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt]);
+    // CI runs as root on the same kind of machine: a mount that fails is a broken test set-up, not a skip.
+    if (mounted.exitCode !== 0) throw new Error(`this test mounts a tmpfs and needs root: mount failed: ${mounted.stderr.toString().trim()}`);
+    try {
+      writeFileSync(join(mnt, "fill"), Buffer.alloc(64 * 1024)); // exactly full
+      const err = (() => {
+        try {
+          new Spool(join(mnt, "spool")).prepare();
+        } catch (e) {
+          return e as NodeJS.ErrnoException;
+        }
+        return null;
+      })();
+      expect(err?.code).toBe("ENOSPC");
+      expect(readdirSync(join(mnt, "spool", "tmp"))).toEqual([]); // the write test leaves nothing
+    } finally {
+      expect(Bun.spawnSync(["umount", mnt]).exitCode).toBe(0);
+      await rm(mnt, { recursive: true, force: true });
+    }
+  });
 });
