@@ -242,7 +242,8 @@ describe("giving up", () => {
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 452, "4.2.2 Mailbox full")]);
     runner = new QueueRunner(spool, deliver, { maxAgeMs: 300, baseBackoffMs: 40, maxBackoffMs: 80, metrics, log: (l) => logs.push(l) });
     await runner.start();
-    await until("failed", () => failedFiles().length === 1, 5_000);
+    // The file reaches failed/ before the move is done (its queue/ state removed, the runner told).
+    await until("failed", () => failedFiles().length === 1 && runner!.size === 0, 5_000);
     expect(calls.length).toBeGreaterThanOrEqual(1);
     const [e] = await spool.list("failed");
     expect(e!.header.id).toBe(h.id);
