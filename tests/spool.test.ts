@@ -23,8 +23,12 @@ beforeEach(async () => {
   spool.prepare();
 });
 
+/** Spools made outside `dir` by a test, removed after it whatever its outcome. */
+const outsideDirs: string[] = [];
+
 afterEach(async () => {
   await rm(dir, { recursive: true, force: true });
+  for (const d of outsideDirs.splice(0)) await rm(d, { recursive: true, force: true });
 });
 
 /** Bytes 0..255 repeated, with CRLF, bare LF, lone CR, dots and NULs: nothing a text path would keep. */
@@ -475,6 +479,7 @@ describe("reading never changes the spool, and shows what it cannot read", () =>
     const good = await spoolMessage([awkwardBytes(300, 11)]);
     // A valid spool file outside the spool, linked in under its id: following the link would list it.
     const outside = await mkdtemp("/tmp/spool-outside-");
+    outsideDirs.push(outside);
     const elsewhere = new Spool(outside);
     elsewhere.prepare();
     const staged = elsewhere.stage();
@@ -505,7 +510,6 @@ describe("reading never changes the spool, and shows what it cannot read", () =>
       "0000000000fifo": "not a regular file",
     });
     expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }] });
-    await rm(outside, { recursive: true, force: true });
   });
 
   test("read() refuses a path instead of an id", async () => {
