@@ -5,6 +5,7 @@
 // costs a duplicate, never a message.
 
 import { Database } from "bun:sqlite";
+import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 
 export const DEDUPE_WINDOW_MS = 24 * 60 * 60 * 1000;
 
@@ -20,6 +21,11 @@ const keyOf = (messageId: string, recipient: string, size: number | null) => `${
 const FLUSH_EVERY_MS = 250;
 
 export function openDeliveredLog(path: string | null, windowMs = DEDUPE_WINDOW_MS): DeliveredLog {
+  // Owner only, like the spool (it says who got mail). SQLite gives -wal and -shm the main file's mode.
+  if (path) {
+    closeSync(openSync(path, "a", 0o600));
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
+  }
   const db = new Database(path ?? ":memory:", { create: true });
   db.run("PRAGMA journal_mode = WAL");
   db.run("PRAGMA synchronous = NORMAL");

@@ -37,7 +37,7 @@ export class Metrics {
   private sum = 0;
   private count = 0;
   /** Set by the host: current spool depth and age. */
-  spoolGauge: () => { queued: number; failed: number; oldestAgeSeconds: number } = () => ({ queued: 0, failed: 0, oldestAgeSeconds: 0 });
+  spoolGauge: () => { queued: number; failed: number; unreadable: number; oldestAgeSeconds: number } = () => ({ queued: 0, failed: 0, unreadable: 0, oldestAgeSeconds: 0 });
 
   inc(name: Counter, by = 1): void {
     this.counters.set(name, (this.counters.get(name) ?? 0) + by);
@@ -67,6 +67,9 @@ export class Metrics {
       "# HELP relay_spool_failed_messages Messages in the spool's failed/ area.",
       "# TYPE relay_spool_failed_messages gauge",
       `relay_spool_failed_messages ${g.failed}`,
+      "# HELP relay_spool_unreadable_files Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).",
+      "# TYPE relay_spool_unreadable_files gauge",
+      `relay_spool_unreadable_files ${g.unreadable}`,
       "# HELP relay_spool_oldest_age_seconds Age of the oldest message waiting in the spool (0 when empty).",
       "# TYPE relay_spool_oldest_age_seconds gauge",
       `relay_spool_oldest_age_seconds ${g.oldestAgeSeconds.toFixed(3)}`,

@@ -1,6 +1,8 @@
 // The background deliverer (Postfix's qmgr): takes spooled messages to LMTP, retries temporary
 // failures with exponential backoff and jitter, and gives up only after the maximum age, moving
 // the message to failed/ with its last reply. Never deletes a message it has not delivered.
+// A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
+// gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
 
 import { replyClass, type RecipientResult } from "./contract.ts";
 import type { Metrics } from "./metrics.ts";
@@ -49,6 +51,8 @@ export class QueueRunner {
   private watcher: FSWatcher | null = null;
   private stopped = false;
   private failedCount = 0;
+  /** "queue/<name>" or "failed/<name>" -> why it cannot be read, as of the last look. */
+  private unreadable = new Map<string, string>();
   private readonly maxAgeMs: number;
   private readonly base: number;
   private readonly cap: number;
@@ -109,14 +113,24 @@ export class QueueRunner {
   /** Loads what the spool holds that this process does not know of yet (left by a crash, or retried by the operator): due at once. */
   private async rescan(): Promise<number> {
     let found = 0;
-    for (const e of await this.spool.list()) {
+    const queue = await this.spool.scan("queue");
+    for (const e of queue.entries) {
       if (this.entries.has(e.header.id)) continue;
       this.entries.set(e.header.id, { ...e, state: { ...e.state, next_at: 0 } });
       found++;
     }
-    this.failedCount = (await this.spool.list("failed")).length;
+    const failed = await this.spool.scan("failed");
+    this.failedCount = failed.entries.length + failed.unreadable.length;
+    this.unreadable.clear();
+    for (const u of queue.unreadable) this.noteUnreadable(`queue/${u.name}`, u.problem);
+    for (const u of failed.unreadable) this.noteUnreadable(`failed/${u.name}`, u.problem, u.reason);
     this.schedule();
     return found;
+  }
+
+  private noteUnreadable(file: string, problem: string, reason?: string): void {
+    this.unreadable.set(file, problem);
+    this.log({ event: "spool_unreadable", file, problem, ...(reason ? { reason } : {}) });
   }
 
   /** A message just spooled by the receiving side. */
@@ -156,6 +170,7 @@ export class QueueRunner {
     return {
       queued: this.entries.size,
       failed: this.failedCount,
+      unreadable: this.unreadable.size,
       oldestAgeSeconds: oldest === Infinity ? 0 : (Date.now() - oldest) / 1000,
     };
   }
@@ -221,8 +236,11 @@ export class QueueRunner {
         this.log({ event: "spool_vanished", id });
         return;
       }
-      // Damaged on disk: retrying cannot help; keep it in failed/ for the operator.
-      return this.giveUp(id, state, `unreadable spool file: ${(e as Error).message}; last reply: ${state.last_reply ?? "none"}`);
+      // Damaged on disk: retrying cannot help, and its bytes are not what was acknowledged.
+      // Left in queue/ for the operator (`queue list` shows it); read again at the next flush.
+      this.entries.delete(id);
+      this.noteUnreadable(`queue/${id}`, (e as Error).message, `last reply: ${state.last_reply ?? "none"}`);
+      return;
     }
     const age = Date.now() - header.received_at;
     if (age > this.maxAgeMs) {

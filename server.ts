@@ -8,7 +8,7 @@
 import { join } from "node:path";
 import { createApp, maxJsonBytes } from "./app.ts";
 import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./config.ts";
-import { openDeliveredLog } from "./delivered-log.ts";
+import { openDeliveredLog, type DeliveredLog } from "./delivered-log.ts";
 import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./delivery.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { Metrics } from "./metrics.ts";
@@ -54,7 +54,14 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
     metrics.inc("spool_incomplete_discarded", discarded.length);
   }
-  const delivered = openDeliveredLog(config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null);
+  const deliveredPath = config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null;
+  let delivered: DeliveredLog;
+  try {
+    delivered = openDeliveredLog(deliveredPath);
+  } catch (e) {
+    // A full or read-only disk, or something else in its place: the same as an unusable spool.
+    throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
+  }
   const host: HostDelivery = { pool, delivered, metrics, log };
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
@@ -120,6 +127,16 @@ function countAnswer(metrics: Metrics, line: Record<string, unknown>): void {
 
 // ---------------------------------------------------------------------------------------------
 
+/** The one line for a start-up failure caused by the configuration or the machine; null for a bug. */
+function startupProblem(e: unknown, config: ServerConfig): string | null {
+  if (e instanceof ConfigError) return e.message;
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === "EADDRINUSE" || code === "EADDRNOTAVAIL" || code === "EACCES") {
+    return `HOST=${config.host} PORT=${config.port} cannot be listened on: ${(e as Error).message}`;
+  }
+  return null;
+}
+
 async function main(argv: string[]): Promise<number> {
   if (argv[0] === "healthcheck") {
     const port = process.env.PORT || "8080";
@@ -151,8 +168,9 @@ async function main(argv: string[]): Promise<number> {
   try {
     running = startServer(config);
   } catch (e) {
-    if (!(e instanceof ConfigError)) throw e;
-    console.error(e.message);
+    const line = startupProblem(e, config);
+    if (!line) throw e;
+    console.error(line);
     return 2;
   }
   const shutdown = async (signal: string) => {

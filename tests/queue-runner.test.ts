@@ -3,13 +3,13 @@
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { existsSync, readFileSync, readdirSync, rmSync, truncateSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { RecipientResult } from "../contract.ts";
 import { Metrics } from "../metrics.ts";
 import { QueueRunner, backoffMs, type SpoolDeliver } from "../queue-runner.ts";
-import { Spool, type SpoolHeader } from "../spool.ts";
+import { HEADER_RESERVED, Spool, type SpoolHeader } from "../spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -242,7 +242,8 @@ describe("giving up", () => {
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 452, "4.2.2 Mailbox full")]);
     runner = new QueueRunner(spool, deliver, { maxAgeMs: 300, baseBackoffMs: 40, maxBackoffMs: 80, metrics, log: (l) => logs.push(l) });
     await runner.start();
-    await until("failed", () => failedFiles().length === 1, 5_000);
+    // The file reaches failed/ before the move is done (its queue/ state removed, the runner told).
+    await until("failed", () => failedFiles().length === 1 && runner!.size === 0, 5_000);
     expect(calls.length).toBeGreaterThanOrEqual(1);
     const [e] = await spool.list("failed");
     expect(e!.header.id).toBe(h.id);
@@ -331,22 +332,65 @@ describe("giving up", () => {
     expect(calls.map((c) => c.to)).toEqual([["a@example.test", "b@example.test"], ["a@example.test", "b@example.test"], ["b@example.test"]]);
   });
 
-  test("a file damaged after it was loaded goes to failed/ instead of being retried for days", async () => {
+  test("a file damaged after it was loaded is never offered to LMTP nor retried: logged, counted, left in queue/ for the operator", async () => {
     const h = await spoolMessage("x".repeat(1000));
     let fail = true;
+    const metrics = new Metrics();
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, "4.3.0 later")]);
-    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30 });
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30, metrics, log: (l) => logs.push(l) });
+    metrics.spoolGauge = () => runner!.stats();
     await runner.start();
     await until("first attempt", () => calls.length >= 1);
-    truncateSync(join(dir, "queue", h.id), 32 * 1024 + 10);
+    truncateSync(join(dir, "queue", h.id), HEADER_RESERVED + 10);
     fail = false;
-    await until("failed", () => failedFiles().length === 1);
+    await until("noticed", () => logs.some((l) => l.event === "spool_unreadable"));
     expect(runner.size).toBe(0);
-    expect(failedFiles()).toEqual([h.id]);
-    const state = JSON.parse(readFileSync(join(dir, "failed", `${h.id}.state`), "utf8"));
-    expect(state.reason).toContain("unreadable spool file: truncated");
-    expect(state.reason).toContain("451 4.3.0 later");
+    const line = logs.find((l) => l.event === "spool_unreadable")!;
+    expect(line.file).toBe(`queue/${h.id}`);
+    expect(line.problem).toBe("truncated: 10 of 1000 bytes");
+    expect(line.reason).toContain("451 4.3.0 later");
+    expect(runner.stats().unreadable).toBe(1);
+    expect(metrics.render()).toContain("relay_spool_unreadable_files 1");
+    await Bun.sleep(200);
     expect(calls.length).toBe(1); // the damaged bytes were never offered to LMTP
+    expect(queueFiles()).toContain(h.id);
+    expect(statSync(join(dir, "queue", h.id)).size).toBe(HEADER_RESERVED + 10);
+    expect(failedFiles()).toEqual([]);
+    expect(metrics.get("spool_failed")).toBe(0);
+  });
+
+  test("unreadable files found at start (junk, a directory, a link, in queue/ and failed/) are logged and counted, left where they are; the readable message is delivered", async () => {
+    const h = await spoolMessage("readable");
+    writeFileSync(join(dir, "queue", "0000000000junk"), "junk");
+    mkdirSync(join(dir, "queue", "0000000000adirectory"));
+    symlinkSync("/etc/passwd", join(dir, "queue", "0000000000passwd"));
+    writeFileSync(join(dir, "failed", "0000000000oldjunk"), "junk");
+    const before = readdirSync(join(dir, "queue")).filter((n) => n !== h.id).sort();
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
+    runner = new QueueRunner(spool, deliver, { metrics, log: (l) => logs.push(l) });
+    metrics.spoolGauge = () => runner!.stats();
+    await runner.start();
+    await runner.drained(10);
+    expect(calls.map((c) => c.id)).toEqual([h.id]);
+    const reported = logs.filter((l) => l.event === "spool_unreadable").map((l) => `${l.file}: ${l.problem}`).sort();
+    expect(reported).toEqual([
+      "failed/0000000000oldjunk: not a spool file (no spool header)",
+      "queue/0000000000adirectory: a directory, not a spool file",
+      "queue/0000000000junk: not a spool file (no spool header)",
+      "queue/0000000000passwd: a symbolic link, not a spool file (not followed)",
+    ]);
+    expect(runner.stats()).toMatchObject({ queued: 0, failed: 1, unreadable: 4 });
+    const text = metrics.render();
+    expect(text).toContain("relay_spool_unreadable_files 4");
+    expect(text).toContain("relay_spool_failed_messages 1");
+    expect(readdirSync(join(dir, "queue")).sort()).toEqual(before);
+    expect(readdirSync(join(dir, "failed"))).toEqual(["0000000000oldjunk"]);
+
+    // Once the operator removed them, the next look (a flush) says so.
+    for (const n of before) rmSync(join(dir, "queue", n), { recursive: true });
+    await runner.flush();
+    expect(runner.stats().unreadable).toBe(1);
   });
 
   test("a file that vanished from queue/ is forgotten, not retried in a loop", async () => {
@@ -443,7 +487,7 @@ describe("stop and flush", () => {
     expect(logs.some((l) => l.event === "spool_recovered" && l.messages === 1)).toBe(true);
     release();
     await runner.drained(10);
-    expect(runner.stats()).toEqual({ queued: 0, failed: 0, oldestAgeSeconds: 0 });
+    expect(runner.stats()).toEqual({ queued: 0, failed: 0, unreadable: 0, oldestAgeSeconds: 0 });
   });
 });
 
