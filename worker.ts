@@ -313,7 +313,7 @@ export function runDrain(config: WorkerConfig, trigger: DrainTrigger): Promise<D
   const limits = RUN_LIMITS[trigger];
   const send = sendHeld({ ...config, timeoutMs: limits.perMessageMs ?? config.timeoutMs });
   return drain(new EdgeSpool(config.spool!), { trigger, send, maxAgeMs: config.maxAgeMs, postmaster: config.postmaster, budgetMs: limits.budgetMs, log }).then((summary) => {
-    if (summary.state === "ran") log({ event: "edge_drain", ...summary });
+    if (summary.state !== "idle") log({ event: "edge_drain", ...summary });
     return summary;
   });
 }

@@ -157,13 +157,19 @@ async function send(w: WranglerDev, from: string, to: string, raw: Uint8Array): 
   return { status: res.status, text, log: mine()[0]! };
 }
 
-/** One cron run, as Cloudflare triggers it. */
-async function cron(w: WranglerDev): Promise<LogLine[]> {
+/**
+ * One cron run, as Cloudflare triggers it; its log lines. A run that found something to do ends
+ * with an edge_drain line (waited for: the output arrives through wrangler); an idle one is silent.
+ */
+async function cron(w: WranglerDev, expected: "ran" | "idle" = "ran"): Promise<LogLine[]> {
   const start = w.output().length;
   const res = await fetch(`${w.url}/cdn-cgi/handler/scheduled`);
   expect(res.status).toBe(200);
-  await Bun.sleep(200); // its last log lines
-  return lines(w, start);
+  if (expected === "ran") await waitFor("the drain's summary line", () => lines(w, start).some((l) => l.event === "edge_drain"));
+  else await Bun.sleep(500);
+  const out = lines(w, start);
+  expect(out.filter((l) => l.event === "edge_drain").length).toBe(expected === "ran" ? 1 : 0);
+  return out;
 }
 
 interface Listing {
@@ -262,7 +268,7 @@ describe("the edge spool in workerd, with the real host and Dovecot", () => {
     expect((await listing(worker)).held).toBe(0);
 
     const requests = hostLines.length;
-    const again = await cron(worker);
+    const again = await cron(worker, "idle");
     expect(again.filter((l) => l.event === "edge_delivered")).toHaveLength(0);
     expect(hostLines.length).toBe(requests);
     expect(await dv.messages(USER)).toHaveLength(1);
@@ -364,7 +370,7 @@ describe("the edge spool in workerd, with the real host and Dovecot", () => {
     // The notice is mail like any other: delivered through the host by the next run.
     const next = await cron(worker);
     expect(next.filter((l) => l.event === "edge_delivered" && l.to === POSTMASTER)).toHaveLength(1);
-    for (let i = 0; i < 2; i++) await cron(worker);
+    for (let i = 0; i < 2; i++) await cron(worker, "idle");
     const notices = await dv.messages(POSTMASTER);
     expect(notices).toHaveLength(1);
     const text = new TextDecoder().decode(notices[0]!);
@@ -420,19 +426,39 @@ describe("the edge spool in workerd, with the real host and Dovecot", () => {
     }
     await dv.clear();
     const failedId = (await listing(shortAge)).failed_messages[0]!.id;
+    // The operator's script: the same listing, from the shell.
+    // Not spawnSync: the host and the relay run in this process and must keep answering.
+    const cli = async (args: string[], key = KEY) => {
+      const p = Bun.spawn([process.execPath, "run", "edge-queue", ...args], { cwd: join(import.meta.dir, "..", ".."), env: { ...process.env, EDGE_URL: shortAge.url, API_KEY: key }, stdout: "pipe", stderr: "pipe" });
+      const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+      return { code, out, err };
+    };
+    const listed = await cli(["list"]);
+    expect(listed.code).toBe(0);
+    expect(listed.out).toContain("held: 0");
+    expect(listed.out).toContain("failed: 1");
+    expect(listed.out).toContain(`${failedId} `);
+    expect(listed.out).toContain(`-> ${LISTED}`);
+    expect((await cli(["retry"])).code).toBe(2);
+    const refused = await cli(["list"], OTHER_KEY);
+    expect(refused.code).toBe(1);
+    expect(refused.err).toContain("HTTP 401");
     const metrics = await (await fetch(`${shortAge.url}/edge/metrics`, { headers: { "X-API-Key": KEY } })).text();
     expect(metrics).toContain("edge_spool_failed_messages 1");
     expect(metrics).toContain("edge_spool_messages 0");
 
     const missing = await fetch(`${shortAge.url}/edge/retry/20250101T000000000Z-00000000`, { method: "POST", headers: { "X-API-Key": KEY } });
     expect(missing.status).toBe(404);
-    const retry = await fetch(`${shortAge.url}/edge/retry/${failedId}`, { method: "POST", headers: { "X-API-Key": KEY } });
-    expect(retry.status).toBe(200);
+    const retry = await cli(["retry", failedId]);
+    expect(retry).toMatchObject({ code: 0 });
+    expect(retry.out).toContain(`${failedId} is back in the edge queue`);
     expect((await listing(shortAge)).messages.map((m) => m.id)).toEqual([failedId]);
 
-    const flush = await fetch(`${shortAge.url}/edge/flush`, { method: "POST", headers: { "X-API-Key": KEY } });
-    expect(flush.status).toBe(200);
-    expect(await flush.json()).toMatchObject({ status: "ok", delivered: 1, remaining: 0 });
+    const flush = await cli(["flush"]);
+    expect(flush).toMatchObject({ code: 0 });
+    expect(flush.out).toContain("delivered 1, retried 0, failed 0, still held 0");
+    const again = await fetch(`${shortAge.url}/edge/flush`, { method: "POST", headers: { "X-API-Key": KEY } });
+    expect(await again.json()).toMatchObject({ status: "ok", state: "ran", delivered: 0, remaining: 0 });
     expect(await dv.messages(LISTED)).toHaveLength(1);
     const l = await listing(shortAge);
     expect([l.held, l.failed]).toEqual([0, 0]);
