@@ -18,6 +18,8 @@ import { freePort } from "./free-port.ts";
 export interface WranglerDev {
   url: string;
   port: number;
+  /** wrangler's process group (bun x and everything it started: node, workerd). */
+  pid: number;
   /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
   stop(): Promise<void>;
@@ -134,5 +136,5 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
     }
     await Bun.sleep(100);
   }
-  return { url, port, output, stop };
+  return { url, port, pid, output, stop };
 }

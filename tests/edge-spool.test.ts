@@ -138,8 +138,21 @@ describe("email() with EDGE_SPOOL", () => {
     for (let i = 0; i < 5; i++) expect(await run(incoming(rfc822(`healthy ${i}`)), e)).toBeNull();
     expect(fake.received).toHaveLength(5);
     expect(bucket.calls.filter((c) => c.startsWith("put "))).toEqual([`put known/${USER}`]);
-    expect(bucket.ops).toEqual({ A: 1, B: 6, free: 0 }); // known: one HEAD + one PUT; held: a HEAD each
+    // known: one HEAD and one PUT; held: one HEAD, then none for a while (nothing was held).
+    expect(bucket.ops).toEqual({ A: 1, B: 2, free: 0 });
     expect(bucket.keys()).toEqual([`known/${USER}`]);
+  });
+
+  test("a live success delivers what the edge holds right after it", async () => {
+    const bucket = new MemoryR2();
+    const held = rfc822("held, then follows a live one");
+    expect(await run(incoming(held), env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }))).toBeNull();
+    expect(heldKeys(bucket)).toHaveLength(1);
+    const live = rfc822("live");
+    expect(await run(incoming(live), env(bucket, "real"))).toBeNull();
+    expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1"))).toEqual([live, held].map((b) => Buffer.from(b).toString("latin1")));
+    expect(heldKeys(bucket)).toEqual([]);
+    expect(workerLines.some((l) => l.event === "edge_delivered" && l.trigger === "live")).toBe(true);
   });
 
   test("host down: an unknown recipient is thrown back (nothing written); once learned, the same recipient is held", async () => {

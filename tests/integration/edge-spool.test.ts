@@ -297,15 +297,19 @@ describe("the edge spool in workerd, with the real host and Dovecot", () => {
       expect(l.messages).toHaveLength(1);
       expect(l.messages[0]!.last_reply).toContain("401");
 
-      // The fix: the host accepts the Worker's key (rotation: both keys).
+      // The fix: the host accepts the Worker's key (rotation: both keys). The next live delivery
+      // succeeds, and the held message follows it at once (no cron needed).
       await stopHost();
       hostKeys = [OTHER_KEY, KEY];
       startHost();
-      const fixed = await cron(worker);
-      expect(fixed.filter((x) => x.event === "edge_delivered")).toHaveLength(1);
+      const start = worker.output().length;
+      const nextFrom = uniqueSender("afterfix");
+      const nextRaw = rfc822(nextFrom, USER, "after the fix");
+      expect((await send(worker, nextFrom, USER, nextRaw)).log).toMatchObject({ outcome: "accept" });
+      await waitFor("the held message to follow the live one", () => lines(worker, start).some((l) => l.event === "edge_delivered" && l.trigger === "live" && l.from === from));
       const stored = await dv.messages(USER);
-      expect(stored).toHaveLength(1);
-      expectStoredAs(stored[0]!, raw);
+      expect(stored).toHaveLength(2);
+      for (const sent of [raw, nextRaw]) expect(stored.filter((m) => { try { expectStoredAs(m, sent); return true; } catch { return false; } })).toHaveLength(1);
       expect((await listing(worker)).held).toBe(0);
     } finally {
       hostKeys = [KEY];
