@@ -30,7 +30,7 @@ const MESSAGE_BYTES = 10 * 1024;
 const BIG_BYTES = 24 * 1024 * 1024;
 const CPU_ITERATIONS = quick ? [40, 8, 2] : [200, 30, 5];
 /** Messages per variant in workerd, 10 KB and 1 MB. */
-const WORKERD_MESSAGES = quick ? [20, 5] : [200, 30];
+const WORKERD_MESSAGES = quick ? [20, 10] : [200, 100];
 const API_KEY = `bench-${crypto.randomUUID().replace(/-/g, "")}${crypto.randomUUID().replace(/-/g, "")}`;
 
 const startedAt = new Date().toISOString();

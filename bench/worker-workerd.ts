@@ -44,16 +44,17 @@ export const WORKERD_SIZES = [
   { label: "1 MB", bytes: 1_000_000 },
 ] as const;
 
-/** On-CPU time of every thread of a process, in ns (0 if it is gone). */
+/**
+ * On-CPU time of every thread of a process, in ns. Throws when the process is gone: wrangler
+ * restarts workerd when a watched file changes, and a new process would count from zero.
+ */
 function processCpuNs(pid: number): number {
   let total = 0;
-  try {
-    for (const t of readdirSync(`/proc/${pid}/task`)) {
-      try {
-        total += Number(readFileSync(`/proc/${pid}/task/${t}/schedstat`, "utf8").split(" ")[0]);
-      } catch {}
-    }
-  } catch {}
+  for (const t of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      total += Number(readFileSync(`/proc/${pid}/task/${t}/schedstat`, "utf8").split(" ")[0]);
+    } catch {} // a thread that just ended
+  }
   return total;
 }
 

@@ -211,6 +211,18 @@ describe("email() with EDGE_SPOOL", () => {
     expect(heldKeys(bucket)).toEqual([]);
   });
 
+  for (const [name, extra, pattern] of [
+    ["EDGE_SPOOL_MAX_AGE_HOURS not a number", { EDGE_SPOOL_MAX_AGE_HOURS: "five days" }, /EDGE_SPOOL_MAX_AGE_HOURS must be a number/],
+    ["EDGE_SPOOL_MAX_AGE_HOURS zero", { EDGE_SPOOL_MAX_AGE_HOURS: "0" }, /EDGE_SPOOL_MAX_AGE_HOURS must be more than 0/],
+    ["POSTMASTER not an address", { POSTMASTER: "postmaster" }, /POSTMASTER must be an address/],
+  ] as const) {
+    test(`${name}: a configuration error naming it`, async () => {
+      const msg = incoming(rfc822(name));
+      expect((await run(msg, env(new MemoryR2(), "real", extra)))?.message).toMatch(pattern);
+      expect(msg.rejects).toEqual([]);
+    });
+  }
+
   test("EDGE_SPOOL bound without POSTMASTER: a configuration error naming it (thrown, never a bounce)", async () => {
     const bucket = new MemoryR2();
     const e: Record<string, unknown> = env(bucket, "real");
