@@ -277,9 +277,8 @@ test("wrangler deploy --dry-run bundles the Worker with nothing Bun- or Node-onl
     const js = readFileSync(bundle, "utf8");
     expect(readdirSync(out)).toContain("worker.js");
     expect(js).not.toContain("Bun.");
-    expect(js).not.toContain("node:");
-    expect(js).not.toContain("bun:");
-    expect(js).not.toContain("cloudflare:");
+    // Module specifiers, quoted ("node:fs"): postal-mime has an object key "node:" that is none.
+    expect(js).not.toMatch(/["'`](node|bun|cloudflare):/);
     // The key is a secret, never bundled; the endpoint is a var from wrangler.toml.
     expect(js).not.toContain("API_KEY=");
     const size = statSync(bundle).size;
