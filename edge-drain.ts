@@ -1,11 +1,11 @@
 // The drain: hands what the edge spool holds to the host, oldest first, streamed from R2. Run by
 // the cron (every minute), right after a live delivery succeeded, and by an operator's flush.
 //   - A message is deleted only after the host's own confirmation (success, queued, duplicate).
-//   - While nothing has been confirmed in a run, its first temporary failure ends it: the host is
-//     not taking mail, and one attempt a minute is enough to notice its return. That first
-//     message is the one due soonest, even if its backoff has not run out (the probe).
-//   - Once the host has confirmed a message (in this run, or the live delivery that started it),
-//     the rest follow at once, whatever their backoff.
+//   - A cron run starts with one message, the one due soonest, even if its backoff has not run
+//     out (the probe). If it fails for now, the run ends: the host is not taking mail, and one
+//     attempt a minute is enough to notice its return.
+//   - Once the host has answered (in this run, or the live delivery that started it), the rest
+//     follow at once, oldest first, whatever their backoff.
 //   - Backoff per message as Postfix's: 5 min after the first failed attempt, doubling, at most 1 h.
 //   - A permanent refusal, or EDGE_SPOOL_MAX_AGE_HOURS passed: failed/, and one notice to
 //     POSTMASTER (queued here like any held message; none for a notice).
@@ -82,13 +82,16 @@ export async function drain(spool: EdgeSpool, opts: DrainOptions): Promise<Drain
       summary.failed++;
     }
 
+    // The host answered in this run (or the live delivery that started it): it is up.
     let hostUp = opts.trigger !== "cron";
-    const order = ready.filter((m) => left.has(m.id)).sort((a, b) => a.next - b.next || (a.id < b.id ? -1 : 1));
+    const waiting = ready.filter((m) => left.has(m.id)); // in arrival order
+    // Not known to be up: the message due soonest goes first (the probe), and alone unless the host answers.
+    const probe = hostUp ? undefined : [...waiting].sort((a, b) => a.next - b.next || (a.id < b.id ? -1 : 1))[0];
+    const order = probe ? [probe, ...waiting.filter((m) => m !== probe)] : waiting;
     let attempted = 0;
     for (const m of order) {
       if (now() - started > opts.budgetMs || spool.calls + Math.max(CALLS_PER_DELIVERY, CALLS_PER_GIVE_UP) + 2 > MAX_CALLS) break;
-      // Nothing confirmed yet: only the first (the probe) goes ahead of its backoff.
-      if (!hostUp && attempted > 0 && m.next > now()) break;
+      if (!hostUp && attempted > 0) break;
       attempted++;
       const r = await attempt(spool, m, opts);
       if (r.outcome === "confirmed") {
@@ -101,6 +104,7 @@ export async function drain(spool: EdgeSpool, opts: DrainOptions): Promise<Drain
         await giveUp(spool, m, "refused", r.reply, opts, now());
         left.delete(m.id);
         summary.failed++;
+        hostUp = true;
       } else {
         const next = now() + backoffMs(m.attempts + 1);
         await spool.retryLater(m, r.reply, next, now());

@@ -296,6 +296,8 @@ describe("drain", () => {
     h.answer(() => ({ outcome: "confirmed", reply: "250 2.0.0 ok" }));
     h.advance(MINUTE);
     expect(await h.drain()).toMatchObject({ delivered: 3, remaining: 0 });
+    // The probe first, then the others in the order they arrived.
+    expect(h.sent.slice(1).map((s) => s.id)).toEqual(h.ids.filter((id) => id !== h.sent[0]!.id));
     expect(await h.held()).toEqual([]);
     expect(h.bucket.keys("queue/")).toEqual([]);
     expect(h.bucket.keys()).toEqual([]); // no marker left: the next idle run is one HEAD
@@ -440,6 +442,37 @@ describe("drain", () => {
     expect(await spool.sweepFailed(Date.UTC(2026, 0, 1) + 31 * DAY)).toBe(1);
     expect(h.bucket.keys("failed/")).toEqual([]);
   });
+});
+
+test("a drain has a longer limit per message than the live attempt: a message too slow for the SMTP session still arrives", async () => {
+  const slowHost = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      await req.arrayBuffer();
+      await Bun.sleep(1_500);
+      return Response.json({ status: "success", message: "delivered, slowly", recipients: [{ address: USER, code: 250, enhanced: "2.0.0", reply: "250 2.0.0 Saved" }] });
+    },
+  });
+  try {
+    const bucket = new MemoryR2();
+    const e = { ...env(bucket, "real", { HOST_TIMEOUT_MS: "1000", ALLOWED_RECIPIENTS: USER }), DELL_API_ENDPOINT: `http://127.0.0.1:${slowHost.port}/api/v1/inbound-mail` };
+    const raw = rfc822("slow");
+    expect(await run(incoming(raw), e)).toBeNull();
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "held" });
+    expect(String(workerLines.at(-1)!.reason)).toContain("no answer within 1000 ms");
+    // Past the grace for a message held without an answer (as if 30 s had gone by).
+    const [key] = heldKeys(bucket);
+    const meta = JSON.parse(bucket.objects.get(key!)!.meta.customMetadata!.m!);
+    bucket.objects.get(key!)!.meta.customMetadata = { m: JSON.stringify({ ...meta, received: meta.received - NO_ANSWER_GRACE_MS }) };
+
+    const config = workerConfig(e);
+    expect(await runDrain(config, "live")).toMatchObject({ delivered: 0, retried: 1 }); // the live limit: 1 s
+    expect(await runDrain(config, "cron")).toMatchObject({ delivered: 1, remaining: 0 }); // the cron's: minutes
+    expect(heldKeys(bucket)).toEqual([]);
+  } finally {
+    await slowHost.stop(true);
+  }
 });
 
 describe("the notice reads the header block only", () => {
