@@ -5,11 +5,18 @@
 // It goes through the same Hono app as the host (app.ts), whose Deliverer here is a streamed fetch
 // to the host, so both sides validate a message the same way. Nothing here reads the body: no
 // decoding, no parsing, nothing whose cost grows with the message.
+// With an R2 bucket bound as EDGE_SPOOL (edge-spool.ts), a message the host cannot take now, for
+// a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
+// and every live success drain it (edge-drain.ts). Without the binding, nothing of that runs.
 
+import { Hono, type Context } from "hono";
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./app.ts";
 import { MIN_KEY_LENGTH } from "./config.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, outcomeForStatus, replyClass, type RecipientResult } from "./contract.ts";
+import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge-drain.ts";
+import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge-spool.ts";
+import { apiKey } from "./middleware/api-key.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {
@@ -23,6 +30,11 @@ export interface IncomingEmail {
    * unless it is awaited, email() can finish first and wrangler reports the message as accepted.
    */
   setReject(reason: string): void | Promise<void>;
+}
+
+/** What this file needs of the ExecutionContext workerd passes to email() and scheduled(). */
+export interface WaitUntil {
+  waitUntil(promise: Promise<unknown>): void;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -50,6 +62,13 @@ export const WorkerEnv = z
       .default("")
       .transform((s) => s.split(",").map((e) => e.trim().toLowerCase()).filter(Boolean))
       .pipe(z.array(allowEntry)),
+    /** With EDGE_SPOOL: how long a held message is retried before it goes to failed/ (Postfix's 5 days). */
+    EDGE_SPOOL_MAX_AGE_HOURS: z.coerce.number({ error: "must be a number" }).positive("must be more than 0").default(120),
+    /** With EDGE_SPOOL: who hears of a held message the edge gave up on. */
+    POSTMASTER: z
+      .string()
+      .refine((a) => addressProblem(a) === null, { message: "must be an address (postmaster@example.com)" })
+      .optional(),
   })
   .transform((e) => ({
     endpoint: e.DELL_API_ENDPOINT,
@@ -57,8 +76,10 @@ export const WorkerEnv = z
     timeoutMs: e.HOST_TIMEOUT_MS,
     maxMessageBytes: e.MAX_MESSAGE_BYTES,
     allowed: e.ALLOWED_RECIPIENTS,
+    maxAgeMs: e.EDGE_SPOOL_MAX_AGE_HOURS * HOUR,
+    postmaster: e.POSTMASTER ?? "",
   }));
-export type WorkerConfig = z.output<typeof WorkerEnv>;
+export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null };
 
 function isHttpsOrLocal(u: string): boolean {
   let url: URL;
@@ -74,9 +95,14 @@ function isHttpsOrLocal(u: string): boolean {
 export function workerConfig(env: Record<string, unknown>): WorkerConfig {
   const set = Object.fromEntries(Object.entries(env).filter(([, v]) => typeof v === "string" && v !== ""));
   const r = WorkerEnv.safeParse(set);
-  if (r.success) return r.data;
-  const issue = r.error.issues[0]!;
-  throw new Error(`worker configuration: ${issue.path.map(String).join(".")} ${issue.message}`);
+  if (!r.success) {
+    const issue = r.error.issues[0]!;
+    throw new Error(`worker configuration: ${issue.path.map(String).join(".")} ${issue.message}`);
+  }
+  const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
+  // Mail held at the edge can fail after the sender heard 250: someone must be told.
+  if (spool && !r.data.postmaster) throw new Error("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
+  return { ...r.data, spool };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,6 +189,8 @@ interface EdgeApps {
   mail: ReturnType<typeof createApp>;
   /** For fetch(): the app's access log on. */
   http: ReturnType<typeof createApp>;
+  /** For fetch() under /edge/: the edge spool's listing and controls. */
+  edge: ReturnType<typeof edgeQueueApp>;
 }
 const edgeApps = new WeakMap<Env, EdgeApps>();
 
@@ -171,13 +199,13 @@ function edgeApp(env: Env): EdgeApps {
   if (!built) {
     const config = workerConfig(env); // throws: temporary (and not cached, so a fix takes effect)
     const opts = { apiKeys: [config.apiKey], deliver: forwardToHost(config), maxMessageBytes: config.maxMessageBytes };
-    built = { config, mail: createApp({ ...opts, log: () => {} }), http: createApp(opts) };
+    built = { config, mail: createApp({ ...opts, log: () => {} }), http: createApp(opts), edge: edgeQueueApp(config) };
     edgeApps.set(env, built);
   }
   return built;
 }
 
-export async function email(message: IncomingEmail, env: Env): Promise<void> {
+export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): Promise<void> {
   const started = Date.now();
   const requestId = crypto.randomUUID();
   const base = { request_id: requestId, from: message.from, to: message.to, size: message.rawSize };
@@ -190,6 +218,11 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
     return;
   }
 
+  // message.raw can be read once. With the edge spool, a second branch keeps the bytes while the
+  // first goes to the host (tee() buffers what the host has read): if the host cannot take the
+  // message, that branch goes to R2. On any other outcome it is cancelled and the buffer freed.
+  const spool = config.spool ? new EdgeSpool(config.spool) : null;
+  const [live, kept] = spool ? message.raw.tee() : [message.raw, null];
   const res = await app.fetch(
     new Request(`http://edge${INBOUND_PATH}`, {
       method: "POST",
@@ -201,7 +234,7 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
         "x-envelope-to": message.to,
         "x-request-id": requestId,
       },
-      body: message.raw,
+      body: live,
       // @ts-expect-error - see forwardToHost
       duplex: "half",
     }),
@@ -209,15 +242,118 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
   const answer = InboundResponse.safeParse(await res.json().catch(() => null));
   const text = answer.success ? answer.data.message : `HTTP ${res.status}`;
   const outcome = outcomeForStatus(res.status);
-  log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
 
-  if (outcome === "accept") return;
-  if (outcome === "reject") {
-    await message.setReject(smtpReason(res.status === 413 ? `552 5.3.4 ${text}` : text));
-    return;
+  if (outcome !== "retry" || !spool || !kept) {
+    void kept?.cancel();
+    log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
+    if (outcome === "accept") {
+      if (spool) await later(ctx, afterLiveSuccess(config, spool, rcpt));
+      return;
+    }
+    if (outcome === "reject") {
+      await message.setReject(smtpReason(res.status === 413 ? `552 5.3.4 ${text}` : text));
+      return;
+    }
+    // Thrown: Email Routing answers the sender with a temporary failure and the sender retries.
+    throw new Error(`temporary failure, try again later: ${text}`);
   }
-  // Thrown: Email Routing answers the sender with a temporary failure and the sender retries.
+
+  // The host cannot take it now. Held only for a recipient known to exist: anyone else is asked
+  // to retry, so that mail to random addresses is never accepted for a bounce later.
+  try {
+    const known = config.allowed.includes(rcpt) || (await spool.isKnown(rcpt));
+    if (known) {
+      const id = await spool.hold(kept, { from: message.from, to: message.to, size: message.rawSize, reason: text, noAnswer: !text.includes(HOST_ANSWERED) });
+      nothingHeldUntil.delete(spool.bucket);
+      log({ ...base, outcome: "held", status: res.status, id, reason: `the host cannot take it now (${text}); held at the edge for delivery when it can`, ms: Date.now() - started });
+      return;
+    }
+    void kept.cancel();
+    log({ ...base, outcome: "retry", status: res.status, message: text, held: false, why_not_held: "recipient not known at the edge", ms: Date.now() - started });
+  } catch (e) {
+    void kept.cancel();
+    log({ ...base, outcome: "retry", status: res.status, message: text, held: false, why_not_held: `edge spool: ${(e as Error).message}`, ms: Date.now() - started });
+  }
   throw new Error(`temporary failure, try again later: ${text}`);
+}
+
+/** In workerd, after email() has answered; in Bun (tests, bench) there is no ctx: before it answers. */
+async function later(ctx: WaitUntil | undefined, work: Promise<unknown>): Promise<void> {
+  if (ctx) ctx.waitUntil(work);
+  else await work;
+}
+
+/**
+ * Per bucket, until when this isolate need not look for held mail after a live success: a drain
+ * found nothing a moment ago. Saves an R2 HEAD per healthy message; held mail from another
+ * isolate then follows the next success after that moment, or the cron, within a minute.
+ */
+const nothingHeldUntil = new WeakMap<R2BucketLike, number>();
+const NOTHING_HELD_FOR_MS = 10_000;
+
+/** The host took a message: remember its recipient, and deliver what the edge holds while it is up. */
+async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: string): Promise<void> {
+  try {
+    if (await spool.learn(rcpt)) log({ event: "edge_known", to: rcpt, message: "the host accepted mail for this address: it may be held at the edge for 60 days" });
+    if (Date.now() < (nothingHeldUntil.get(spool.bucket) ?? 0)) return;
+    const summary = await runDrain(config, "live");
+    if (summary.state === "idle") nothingHeldUntil.set(spool.bucket, Date.now() + NOTHING_HELD_FOR_MS);
+  } catch (e) {
+    log({ event: "edge_spool_error", during: "after a live delivery", error: (e as Error).message });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The drain: scheduled() every minute, after a live success, and on an operator's flush
+
+/** forwardToHost's answer for a host that answered; its "unreachable" text has none of it. */
+const HOST_ANSWERED = "host answered";
+
+/**
+ * How long each kind of run may go on, and one message in it. A scheduled run may last minutes
+ * (the cron's own limit is 15), so a message too large or too slow for the SMTP session's 25 s
+ * still arrives; after a live delivery, the drain runs in that invocation's remaining time.
+ */
+const RUN_LIMITS: Record<DrainTrigger, { budgetMs: number; perMessageMs: number | null }> = {
+  cron: { budgetMs: 8 * MINUTE, perMessageMs: 5 * MINUTE },
+  flush: { budgetMs: 30_000, perMessageMs: 5 * MINUTE },
+  live: { budgetMs: 20_000, perMessageMs: null }, // HOST_TIMEOUT_MS
+};
+
+export function runDrain(config: WorkerConfig, trigger: DrainTrigger): Promise<DrainSummary> {
+  const limits = RUN_LIMITS[trigger];
+  const send = sendHeld({ ...config, timeoutMs: limits.perMessageMs ?? config.timeoutMs });
+  return drain(new EdgeSpool(config.spool!), { trigger, send, maxAgeMs: config.maxAgeMs, postmaster: config.postmaster, budgetMs: limits.budgetMs, log }).then((summary) => {
+    if (summary.state !== "idle") log({ event: "edge_drain", ...summary });
+    return summary;
+  });
+}
+
+/** One held message to the host, as email() would have sent it; the answer as the drain needs it. */
+function sendHeld(config: WorkerConfig) {
+  const forward = forwardToHost(config);
+  return async (m: HeldMessage, body: ReadableStream<Uint8Array>, requestId: string): Promise<SendResult> => {
+    try {
+      const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId });
+      const replies = results.map((r) => r.reply).join("; ");
+      if (results.every((r) => replyClass(r.code) === "accepted")) return { outcome: "confirmed", reply: replies };
+      return { outcome: results.some((r) => replyClass(r.code) === "permanent") ? "permanent" : "temporary", reply: replies };
+    } catch (e) {
+      if (e instanceof Refusal) return { outcome: "permanent", reply: `${e.status} ${e.message}` };
+      return { outcome: "temporary", reply: (e as Error).message };
+    }
+  };
+}
+
+export async function scheduled(controller: { scheduledTime: number }, env: Env): Promise<void> {
+  const { config } = edgeApp(env);
+  if (!config.spool) return;
+  await runDrain(config, "cron");
+  // Once an hour: failed/ keeps a message 30 days.
+  if (new Date(controller.scheduledTime).getUTCMinutes() === 0) {
+    const removed = await new EdgeSpool(config.spool).sweepFailed();
+    if (removed) log({ event: "edge_failed_expired", removed });
+  }
 }
 
 /**
@@ -231,15 +367,79 @@ export function smtpReason(text: string): string {
   return (line || "550 5.0.0 message refused by the host").slice(0, 450);
 }
 
-/** The edge's own HTTP face: the same app, forwarding to the host (GET /health answers locally). */
+/**
+ * The edge's own HTTP face: the same app, forwarding to the host (GET /health answers locally),
+ * and, with the key, the edge spool: GET /edge/queue, GET /edge/metrics, POST /edge/flush,
+ * POST /edge/retry/:id.
+ */
 async function fetchHandler(request: Request, env: Env): Promise<Response> {
-  let app;
+  let built;
   try {
-    ({ http: app } = edgeApp(env));
+    built = edgeApp(env);
   } catch (e) {
     return Response.json({ status: "error", error: "misconfigured", message: (e as Error).message }, { status: 500 });
   }
-  return app.fetch(request);
+  return (new URL(request.url).pathname.startsWith("/edge/") ? built.edge : built.http).fetch(request);
 }
 
-export default { fetch: fetchHandler, email };
+function edgeQueueApp(config: WorkerConfig) {
+  const app = new Hono();
+  app.use("*", apiKey([config.apiKey], (c: Context, message: string) => c.json({ status: "error", error: "unauthorized", message }, 401)));
+  app.use("*", async (c, next) => {
+    if (!config.spool) return c.json({ status: "error", error: "no_edge_spool", message: "no R2 bucket is bound as EDGE_SPOOL" }, 404);
+    await next();
+  });
+  const spool = () => new EdgeSpool(config.spool!);
+
+  app.get("/edge/queue", async (c) => c.json(await edgeListing(spool())));
+  app.get("/edge/metrics", async (c) => {
+    const l = await edgeListing(spool());
+    const lines = [
+      "# HELP edge_spool_messages Messages held at the edge for the host.",
+      "# TYPE edge_spool_messages gauge",
+      `edge_spool_messages ${l.held}`,
+      "# HELP edge_spool_oldest_age_seconds Age of the oldest held message.",
+      "# TYPE edge_spool_oldest_age_seconds gauge",
+      `edge_spool_oldest_age_seconds ${l.oldest_held_age_seconds ?? 0}`,
+      "# HELP edge_spool_failed_messages Messages the edge gave up on (failed/).",
+      "# TYPE edge_spool_failed_messages gauge",
+      `edge_spool_failed_messages ${l.failed}`,
+    ];
+    return c.text(lines.join("\n") + "\n", 200, { "content-type": "text/plain; version=0.0.4" });
+  });
+  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await runDrain(config, "flush")) }));
+  app.post("/edge/retry/:id", async (c) => {
+    const id = c.req.param("id");
+    if (!isId(id) || !(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id.slice(0, 80))}` }, 404);
+    log({ event: "edge_retry_failed", id });
+    return c.json({ status: "ok", id, message: "back in the edge queue; the next drain delivers it" });
+  });
+  app.notFound((c) => c.json({ status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }, 404));
+  return app;
+}
+
+async function edgeListing(spool: EdgeSpool) {
+  const now = Date.now();
+  const [{ messages, complete }, failed] = await Promise.all([spool.held(10), spool.failed()]);
+  const row = (m: HeldMessage) => ({
+    id: m.id,
+    kind: m.kind,
+    from: m.from === "" ? "<>" : m.from,
+    to: m.to,
+    size: m.size,
+    age_seconds: Math.round((now - m.received) / 1000),
+    attempts: m.attempts,
+    next_attempt: m.next ? new Date(m.next).toISOString() : null,
+    last_reply: m.lastReply || m.reason,
+  });
+  return {
+    held: messages.length,
+    oldest_held_age_seconds: messages.length ? Math.round((now - Math.min(...messages.map((m) => m.received))) / 1000) : null,
+    failed: failed.length,
+    complete,
+    messages: messages.map(row),
+    failed_messages: failed.map((f) => ({ ...row(f), why: f.why, failed_at: new Date(f.failed).toISOString() })),
+  };
+}
+
+export default { fetch: fetchHandler, email, scheduled };

@@ -7,6 +7,7 @@ import type { LoadResult } from "./load.ts";
 import type { MemoryResult } from "./memory.ts";
 import type { Machine } from "./proc.ts";
 import type { WorkerCpuRow } from "./worker-cpu.ts";
+import { BASELINE, type WorkerdCpuRow } from "./worker-workerd.ts";
 
 export type PathName = "ceiling" | "relay-raw" | "relay-json" | "baseline-raw" | "baseline-json";
 
@@ -63,6 +64,8 @@ export interface Results {
   baseline?: { ref: string; sha: string; comparison: ComparisonRow[] };
   big: { ceilingMs: number | null; memory: MemoryResult | null };
   workerCpu: WorkerCpuRow[];
+  /** The Worker in workerd: today's worker.ts, the edge spool's healthy and holding paths, the alternative, the floor. */
+  workerdCpu: WorkerdCpuRow[];
   targets: Target[];
   failures: string[];
   notes: string[];
@@ -176,6 +179,17 @@ export function renderTable(r: Results): string {
   }
   out.push(...table(wr, ["l", "r", "r", "r", "r", "r", "r", "r"]));
   out.push("  (fetch floor: one fetch() of the same bytes to the same sink, no handler, from one buffer and from a stream of 64 KiB chunks as email() gets them here: the cost of sending in this runtime)");
+  out.push("");
+
+  out.push(`Worker CPU per message in workerd (wrangler dev; the Worker runtime's process, every thread, /proc schedstat; mean over the run)`);
+  const kr = [["size", "n", `today (${BASELINE}) ms`, "healthy ms", "healthy/today", "holding ms", "write-first ms", "floor ms", "wall ms: today", "healthy", "holding", "write-first"]];
+  for (const w of r.workerdCpu) {
+    const c = w.cpuMs;
+    kr.push([w.label, String(w.messages), f(c.today, 2), f(c.healthy, 2), `${f(w.ratio, 2)}x`, f(c.holding, 2), f(c.writeFirst, 2), f(c.floor, 2), f(w.wallMs.today, 1), f(w.wallMs.healthy, 1), f(w.wallMs.holding, 1), f(w.wallMs.writeFirst, 1)]);
+  }
+  out.push(...table(kr, ["l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r"]));
+  out.push("  (healthy: the host takes every message; holding: it answers 503 and each message goes to the local R2, whose simulation runs in the same process;");
+  out.push("   write-first: the alternative design, R2 first and delivered from there; floor: an email() that only reads the message, the local runtime's own share)");
   out.push("");
 
   out.push("Targets (measured as is; never tuned to)");

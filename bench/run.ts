@@ -24,6 +24,7 @@ import { dovecotVersion, machine, memStatus } from "./proc.ts";
 import { marker, renderTable, writeOutputs, type ComparisonRow, type PathName, type RatioRow, type Results, type Target, type ThroughputRun } from "./report.ts";
 import { OUT_DIR, spawnServer, type ServerChild } from "./server-child.ts";
 import { workerCpu, type WorkerCpuRow } from "./worker-cpu.ts";
+import { workerdCpu, type WorkerdCpuRow } from "./worker-workerd.ts";
 
 const quick = process.argv.includes("--quick") || process.env.BENCH_QUICK === "1";
 const PER_RUN = Number(process.env.BENCH_MESSAGES) || (quick ? 40 : 2000);
@@ -31,6 +32,8 @@ const CONCURRENCY = [1, 8] as const;
 const MESSAGE_BYTES = 10 * 1024;
 const BIG_BYTES = 24 * 1024 * 1024;
 const CPU_ITERATIONS = quick ? [40, 8, 2] : [200, 30, 5];
+/** Messages per variant in workerd, 10 KB and 1 MB. */
+const WORKERD_MESSAGES = quick ? [20, 10] : [200, 100];
 const API_KEY = `bench-${crypto.randomUUID().replace(/-/g, "")}${crypto.randomUUID().replace(/-/g, "")}`;
 
 const startedAt = new Date().toISOString();
@@ -52,6 +55,7 @@ const runs: ThroughputRun[] = [];
 let memory: MemoryResult | null = null;
 let bigCeilingMs: number | null = null;
 let cpuRows: WorkerCpuRow[] = [];
+let workerdRows: WorkerdCpuRow[] = [];
 
 /** Clears the mailbox, warms the path up (connections, JIT), clears again, runs, counts what was stored. */
 async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
@@ -163,6 +167,14 @@ try {
   failures.push(`worker CPU: ${(e as Error).stack ?? e}`);
 }
 
+// --- 7: the Worker's CPU per message in workerd, today's and the edge spool's paths -----------
+try {
+  workerdRows = await workerdCpu(WORKERD_MESSAGES, progress);
+  for (const row of workerdRows) for (const x of row.failures) failures.push(`workerd CPU ${row.label}: ${x}`);
+} catch (e) {
+  failures.push(`workerd CPU: ${(e as Error).stack ?? e}`);
+}
+
 await backend.dispose().catch((e: Error) => failures.push(`stopping the LMTP server: ${e.message}`));
 
 // --- 4, 7: ratios and targets ------------------------------------------------------------------
@@ -231,6 +243,15 @@ targets.push({
   met: cpu1 ? cpu1.streamedCpuMs < 2 : null,
 });
 
+for (const row of workerdRows) {
+  targets.push({
+    name: `Worker CPU in workerd at ${row.label}: healthy path / today's worker.ts`,
+    target: "<= 1.20x",
+    measured: Number.isFinite(row.ratio) ? `${row.ratio.toFixed(2)}x (${row.cpuMs.healthy.toFixed(2)} / ${row.cpuMs.today.toFixed(2)} ms)` : "-",
+    met: Number.isFinite(row.ratio) ? row.ratio <= 1.2 : null,
+  });
+}
+
 notes.push(
   `one ${machine(null, backend.kind).cores}-core machine runs everything: the bench's HTTP client, the host and ${backend.kind === "dovecot" ? "Dovecot's lmtp processes (which fsync each message)" : "the fake LMTP"} share the cores, so relay runs pay for the client too`,
 );
@@ -248,6 +269,7 @@ const results: Results = {
   ...(baseline ? { baseline: { ref: baseline.ref, sha: baseline.sha, comparison } } : {}),
   big: { ceilingMs: bigCeilingMs, memory },
   workerCpu: cpuRows,
+  workerdCpu: workerdRows,
   targets,
   failures,
   notes,

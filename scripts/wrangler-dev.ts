@@ -10,7 +10,7 @@
 //   wrangler's own refusals         -> 400 (no Message-ID, no From/To parameter, over 1 MiB locally)
 //                                      and 500 when the message has no From header at all.
 
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { freePort } from "./free-port.ts";
@@ -18,6 +18,8 @@ import { freePort } from "./free-port.ts";
 export interface WranglerDev {
   url: string;
   port: number;
+  /** wrangler's process group (bun x and everything it started: node, workerd). */
+  pid: number;
   /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
   stop(): Promise<void>;
@@ -39,7 +41,33 @@ function killGroup(pid: number, signal: NodeJS.Signals | 0): boolean {
   }
 }
 
-export async function startWranglerDev(opts: { port?: number; vars: Record<string, string>; readyTimeoutMs?: number }): Promise<WranglerDev> {
+export interface WranglerDevOptions {
+  port?: number;
+  vars: Record<string, string>;
+  readyTimeoutMs?: number;
+  /** Local state (R2) kept here and left in place on stop, so a restart finds it; else a temp dir. */
+  persistTo?: string;
+  /** false: wrangler.toml without the EDGE_SPOOL bucket and the cron (the Worker as it runs without them). */
+  edgeSpool?: boolean;
+  /** Another entry module instead of worker.ts (the bench's copy of an earlier version). */
+  main?: string;
+}
+
+/**
+ * wrangler.toml as it is, or rewritten: without the R2 bucket and the cron, or with another main.
+ * Null: the repository's own file.
+ */
+function configFor(opts: WranglerDevOptions, dir: string): string | null {
+  if (opts.edgeSpool !== false && !opts.main) return null;
+  let toml = readFileSync(join(root, "wrangler.toml"), "utf8");
+  if (opts.edgeSpool === false) toml = toml.replace(/^\[\[r2_buckets\]\]\n(?:(?!\[).*(?:\n|$))*/m, "").replace(/^\[triggers\]\n(?:(?!\[).*(?:\n|$))*/m, "");
+  toml = toml.replace(/^main = .*$/m, `main = ${JSON.stringify(opts.main ?? join(root, "worker.ts"))}`);
+  const path = join(dir, "wrangler.toml");
+  writeFileSync(path, toml);
+  return path;
+}
+
+export async function startWranglerDev(opts: WranglerDevOptions): Promise<WranglerDev> {
   const port = opts.port || (await freePort());
   // Its devtools port too: the default 9229 lets only one wrangler dev run at a time.
   const inspectorPort = await freePort();
@@ -48,9 +76,14 @@ export async function startWranglerDev(opts: { port?: number; vars: Record<strin
   const dir = mkdtempSync(join(tmpdir(), "relay-wrangler-"));
   const envFile = join(dir, "worker.env");
   writeFileSync(envFile, Object.entries(opts.vars).map(([k, v]) => `${k}=${v}`).join("\n") + "\n", { mode: 0o600 });
+  const config = configFor(opts, dir);
 
   const proc = Bun.spawn(
-    [process.execPath, "x", "wrangler", "dev", "--port", String(port), "--ip", "127.0.0.1", "--env-file", envFile, "--persist-to", join(dir, "state"), "--inspector-ip", "127.0.0.1", "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false"],
+    [
+      process.execPath, "x", "wrangler", "dev", ...(config ? ["--config", config] : []),
+      "--port", String(port), "--ip", "127.0.0.1", "--env-file", envFile, "--persist-to", opts.persistTo ?? join(dir, "state"),
+      "--inspector-ip", "127.0.0.1", "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false",
+    ],
     {
       cwd: root,
       env: { ...process.env, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1", FORCE_COLOR: "0" },
@@ -103,5 +136,5 @@ export async function startWranglerDev(opts: { port?: number; vars: Record<strin
     }
     await Bun.sleep(100);
   }
-  return { url, port, output, stop };
+  return { url, port, pid, output, stop };
 }

@@ -1,0 +1,503 @@
+// The edge spool's code in Bun, on an in-memory R2 bucket (tests/support/memory-r2.ts): what
+// local workerd cannot show (messages over its 1 MiB local limit, a bucket that fails, days and
+// weeks passing) and the drain's rules one by one, with R2 operations counted. email() runs
+// against the real host (startServer) in front of the fake LMTP, or a stub host.
+
+import { afterAll, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
+import type { Server } from "bun";
+import { backoffMs, drain, LOCK_LEASE_MS, MAX_CALLS, type DrainOptions, type SendResult } from "../edge-drain.ts";
+import { headerBlock, summarizeHeaders } from "../edge-notice.ts";
+import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge-spool.ts";
+import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
+import { startServer, type RunningServer } from "../server.ts";
+import { email, runDrain, scheduled, workerConfig, type IncomingEmail } from "../worker.ts";
+import { MemoryR2 } from "./support/memory-r2.ts";
+import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+
+allowSlowTests();
+
+const KEY = `ekey_${Buffer.from(crypto.getRandomValues(new Uint8Array(20))).toString("hex")}`;
+const MiB = 1024 * 1024;
+const USER = "user@kuma8088.com";
+const SENDER = "sender@example.org";
+const POSTMASTER = "postmaster@kuma8088.com";
+
+let fake: FakeLmtpServer;
+let server: RunningServer;
+let stub: Server<undefined>;
+let stubStatus = 503;
+let consoleSpy: Mock<typeof console.log>;
+const workerLines: Record<string, unknown>[] = [];
+
+beforeAll(async () => {
+  fake = await startFakeLmtp();
+  server = startServer({ apiKeys: [KEY], lmtpHost: fake.host, lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: 25 * MiB }, { log: () => {} });
+  stub = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      await req.arrayBuffer();
+      return Response.json({ status: "error", message: `stub says ${stubStatus}` }, { status: stubStatus });
+    },
+  });
+  consoleSpy = spyOn(console, "log").mockImplementation((...args: unknown[]) => {
+    for (const a of args) {
+      try {
+        workerLines.push(JSON.parse(String(a)));
+      } catch {}
+    }
+  });
+}, HOOK_TIMEOUT_MS);
+
+afterAll(async () => {
+  consoleSpy.mockRestore();
+  await server.stop();
+  await stub.stop(true);
+  await fake.close();
+}, HOOK_TIMEOUT_MS);
+
+beforeEach(() => {
+  fake.reset();
+  stubStatus = 503;
+});
+
+// --- helpers --------------------------------------------------------------------------------
+
+function rfc822(subject: string, body: Uint8Array | string = "Hello.\r\n", extra: string[] = []): Uint8Array {
+  const head = [`From: Sender <${SENDER}>`, `To: <${USER}>`, `Subject: ${subject}`, `Message-ID: <${crypto.randomUUID()}@example.org>`, ...extra].join("\r\n");
+  return new Uint8Array(Buffer.concat([Buffer.from(head + "\r\n\r\n", "latin1"), Buffer.from(body as Uint8Array)]));
+}
+
+type Msg = IncomingEmail & { rejects: string[] };
+function incoming(raw: Uint8Array, to = USER): Msg {
+  let at = 0;
+  const m: Msg = {
+    from: SENDER,
+    to,
+    headers: new Headers(),
+    raw: new ReadableStream<Uint8Array>({
+      pull(c) {
+        if (at >= raw.length) return c.close();
+        c.enqueue(raw.slice(at, at + 64 * 1024));
+        at += 64 * 1024;
+      },
+    }),
+    rawSize: raw.length,
+    rejects: [],
+    setReject: (r) => void m.rejects.push(r),
+  };
+  return m;
+}
+
+/** An env whose host is the real one (up) or the stub (answering stubStatus). */
+const env = (bucket: MemoryR2, host: "real" | "stub", extra: Record<string, string> = {}) => ({
+  API_KEY: KEY,
+  DELL_API_ENDPOINT: host === "real" ? `${server.url}/api/v1/inbound-mail` : `http://127.0.0.1:${stub.port}/api/v1/inbound-mail`,
+  POSTMASTER,
+  EDGE_SPOOL: bucket,
+  ...extra,
+});
+
+async function run(msg: Msg, e: Record<string, unknown>): Promise<Error | null> {
+  try {
+    await email(msg, e);
+    return null;
+  } catch (err) {
+    return err as Error;
+  }
+}
+
+const heldKeys = (b: MemoryR2) => b.keys("queue/").filter((k) => !k.endsWith(".retry"));
+
+// --- holding and learning, through email() ----------------------------------------------------
+
+describe("email() with EDGE_SPOOL", () => {
+  test("a 25 MiB 8-bit message for a known recipient is held byte for byte while the host is down, and the drain delivers it byte for byte", async () => {
+    const bucket = new MemoryR2();
+    const body = new Uint8Array(78 * 336_000); // 8-bit lines of 78 bytes with their CR LF: just under 25 MiB
+    for (let i = 0; i < body.length; i++) body[i] = i % 78 === 76 ? 0x0d : i % 78 === 77 ? 0x0a : 0x80 + (i % 128);
+    const raw = rfc822("big", body, ["Content-Transfer-Encoding: 8bit"]);
+    const err = await run(incoming(raw), env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }));
+    expect(err).toBeNull();
+    const [key] = heldKeys(bucket);
+    expect(Buffer.from(bucket.bytesOf(key!)!).equals(Buffer.from(raw))).toBe(true);
+
+    const summary = await runDrain(workerConfig(env(bucket, "real")), "cron");
+    expect(summary).toMatchObject({ delivered: 1, remaining: 0 });
+    expect(fake.received).toHaveLength(1);
+    const got = Buffer.from(fake.received[0]!.data);
+    expect(got.length).toBe(raw.length);
+    const firstDiff = got.findIndex((b, i) => b !== raw[i]);
+    expect(firstDiff).toBe(-1);
+    expect(heldKeys(bucket)).toEqual([]);
+  });
+
+  test("the healthy path: no R2 write but the first for a new recipient; one HEAD per message (is anything held?)", async () => {
+    const bucket = new MemoryR2();
+    const e = env(bucket, "real");
+    for (let i = 0; i < 5; i++) expect(await run(incoming(rfc822(`healthy ${i}`)), e)).toBeNull();
+    expect(fake.received).toHaveLength(5);
+    expect(bucket.calls.filter((c) => c.startsWith("put "))).toEqual([`put known/${USER}`]);
+    // known: one HEAD and one PUT; held: one HEAD, then none for a while (nothing was held).
+    expect(bucket.ops).toEqual({ A: 1, B: 2, free: 0 });
+    expect(bucket.keys()).toEqual([`known/${USER}`]);
+  });
+
+  test("a live success delivers what the edge holds right after it", async () => {
+    const bucket = new MemoryR2();
+    const held = rfc822("held, then follows a live one");
+    expect(await run(incoming(held), env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }))).toBeNull();
+    expect(heldKeys(bucket)).toHaveLength(1);
+    const live = rfc822("live");
+    expect(await run(incoming(live), env(bucket, "real"))).toBeNull();
+    expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1"))).toEqual([live, held].map((b) => Buffer.from(b).toString("latin1")));
+    expect(heldKeys(bucket)).toEqual([]);
+    expect(workerLines.some((l) => l.event === "edge_delivered" && l.trigger === "live")).toBe(true);
+  });
+
+  test("host down: an unknown recipient is thrown back (nothing written); once learned, the same recipient is held", async () => {
+    const bucket = new MemoryR2();
+    const err = await run(incoming(rfc822("unknown")), env(bucket, "stub"));
+    expect(err?.message).toContain("temporary failure");
+    expect(bucket.ops.A).toBe(0);
+    expect(bucket.keys()).toEqual([]);
+
+    expect(await run(incoming(rfc822("learn")), env(bucket, "real"))).toBeNull();
+    const msg = incoming(rfc822("now known"));
+    expect(await run(msg, env(bucket, "stub"))).toBeNull();
+    expect(msg.rejects).toEqual([]);
+    expect(heldKeys(bucket)).toHaveLength(1);
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "held", status: 503 });
+  });
+
+  test("a domain entry in ALLOWED_RECIPIENTS is a filter only: it does not make its addresses known", async () => {
+    const bucket = new MemoryR2();
+    const err = await run(incoming(rfc822("domain")), env(bucket, "stub", { ALLOWED_RECIPIENTS: "kuma8088.com" }));
+    expect(err?.message).toContain("temporary failure");
+    expect(heldKeys(bucket)).toEqual([]);
+  });
+
+  test("a recipient is known for 60 days after the host last accepted mail for it, then no longer", async () => {
+    const bucket = new MemoryR2();
+    const spool = new EdgeSpool(bucket);
+    const t0 = Date.now();
+    bucket.now = () => t0;
+    expect(await spool.learn("Someone@Example.test", t0)).toBe(true);
+    expect(await spool.learn("someone@example.test", t0 + HOUR)).toBe(false); // no second write the same day
+    expect(await spool.isKnown("someone@example.test", t0 + 59 * DAY)).toBe(true);
+    expect(await spool.isKnown("someone@example.test", t0 + 61 * DAY)).toBe(false);
+    expect(bucket.calls.filter((c) => c.startsWith("put"))).toHaveLength(1);
+  });
+
+  test("R2 failing while holding: a temporary failure (thrown), never an acceptance", async () => {
+    const bucket = new MemoryR2();
+    await run(incoming(rfc822("learn")), env(bucket, "real"));
+    bucket.failPuts = "queue/";
+    const msg = incoming(rfc822("bucket down"));
+    const err = await run(msg, env(bucket, "stub"));
+    expect(err?.message).toContain("temporary failure");
+    expect(msg.rejects).toEqual([]);
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "retry", held: false });
+    expect(String(workerLines.at(-1)!.why_not_held)).toContain("internal error");
+  });
+
+  test("a host refusal (422) is still a bounce in the session with the spool bound: nothing held", async () => {
+    const bucket = new MemoryR2();
+    await run(incoming(rfc822("learn")), env(bucket, "real"));
+    fake.behaviour.rcpt = () => 550;
+    const msg = incoming(rfc822("refused"));
+    expect(await run(msg, env(bucket, "real"))).toBeNull();
+    expect(msg.rejects[0]).toMatch(/^550 5\.1\.1 /);
+    expect(heldKeys(bucket)).toEqual([]);
+  });
+
+  for (const [name, extra, pattern] of [
+    ["EDGE_SPOOL_MAX_AGE_HOURS not a number", { EDGE_SPOOL_MAX_AGE_HOURS: "five days" }, /EDGE_SPOOL_MAX_AGE_HOURS must be a number/],
+    ["EDGE_SPOOL_MAX_AGE_HOURS zero", { EDGE_SPOOL_MAX_AGE_HOURS: "0" }, /EDGE_SPOOL_MAX_AGE_HOURS must be more than 0/],
+    ["POSTMASTER not an address", { POSTMASTER: "postmaster" }, /POSTMASTER must be an address/],
+  ] as const) {
+    test(`${name}: a configuration error naming it`, async () => {
+      const msg = incoming(rfc822(name));
+      expect((await run(msg, env(new MemoryR2(), "real", extra)))?.message).toMatch(pattern);
+      expect(msg.rejects).toEqual([]);
+    });
+  }
+
+  test("EDGE_SPOOL bound without POSTMASTER: a configuration error naming it (thrown, never a bounce)", async () => {
+    const bucket = new MemoryR2();
+    const e: Record<string, unknown> = env(bucket, "real");
+    delete e.POSTMASTER;
+    const msg = incoming(rfc822("no postmaster"));
+    expect((await run(msg, e))?.message).toContain("POSTMASTER is not set");
+    expect(msg.rejects).toEqual([]);
+  });
+});
+
+// --- the drain's rules ------------------------------------------------------------------------
+
+/** A spool with held messages and a scriptable host; time moves only when the test says so. */
+function harness(count: number, opts: { noAnswer?: boolean; kind?: "mail" | "notice"; to?: string } = {}) {
+  const bucket = new MemoryR2();
+  let t = Date.UTC(2026, 0, 1);
+  bucket.now = () => t;
+  const sent: { id: string; to: string; bytes: Uint8Array }[] = [];
+  let answer: (m: HeldMessage) => SendResult = () => ({ outcome: "temporary", reply: "host answered 502: origin unreachable" });
+  const logs: Record<string, unknown>[] = [];
+  const ids: string[] = [];
+  const ready = (async () => {
+    for (let i = 0; i < count; i++) {
+      t += 1000;
+      const raw = rfc822(`held ${i}`);
+      ids.push(await new EdgeSpool(bucket).hold(new TextDecoder("latin1").decode(raw), { from: SENDER, to: opts.to ?? USER, size: raw.length, reason: "host down", noAnswer: opts.noAnswer ?? false, kind: opts.kind }, t));
+    }
+  })();
+  const options = (trigger: DrainOptions["trigger"] = "cron"): DrainOptions => ({
+    trigger,
+    maxAgeMs: 120 * HOUR,
+    postmaster: POSTMASTER,
+    budgetMs: 8 * MINUTE,
+    now: () => t,
+    log: (l) => void logs.push(l),
+    send: async (m, body) => {
+      sent.push({ id: m.id, to: m.to, bytes: new Uint8Array(await new Response(body).arrayBuffer()) });
+      return answer(m);
+    },
+  });
+  return {
+    bucket,
+    sent,
+    logs,
+    ids,
+    ready,
+    advance: (ms: number) => void (t += ms),
+    now: () => t,
+    answer: (f: (m: HeldMessage) => SendResult) => void (answer = f),
+    drain: (trigger?: DrainOptions["trigger"]) => drain(new EdgeSpool(bucket), options(trigger)),
+    held: async () => (await new EdgeSpool(bucket).held()).messages,
+  };
+}
+
+describe("drain", () => {
+  test("backoff like Postfix's: 5 min after the first failed attempt, doubling, at most an hour", () => {
+    expect([1, 2, 3, 4, 5, 6, 20].map((n) => backoffMs(n) / MINUTE)).toEqual([5, 10, 20, 40, 60, 60, 60]);
+  });
+
+  test("host down: one attempt per run (the probe), the others untouched; the host back: everything in one run, oldest first", async () => {
+    const h = harness(3);
+    await h.ready;
+    for (let run = 0; run < 3; run++) {
+      h.advance(MINUTE);
+      expect(await h.drain()).toMatchObject({ state: "ran", retried: 1, delivered: 0, remaining: 3 });
+    }
+    expect(h.sent).toHaveLength(3);
+    // Each probe took the message due soonest: the backoff rotates them.
+    expect(new Set(h.sent.map((s) => s.id)).size).toBe(3);
+    h.sent.length = 0;
+    h.answer(() => ({ outcome: "confirmed", reply: "250 2.0.0 ok" }));
+    h.advance(MINUTE);
+    expect(await h.drain()).toMatchObject({ delivered: 3, remaining: 0 });
+    // The probe first, then the others in the order they arrived.
+    expect(h.sent.slice(1).map((s) => s.id)).toEqual(h.ids.filter((id) => id !== h.sent[0]!.id));
+    expect(await h.held()).toEqual([]);
+    expect(h.bucket.keys("queue/")).toEqual([]);
+    expect(h.bucket.keys()).toEqual([]); // no marker left: the next idle run is one HEAD
+  });
+
+  test("nothing confirmed: a message whose backoff has not run out is not tried besides the probe", async () => {
+    const h = harness(2);
+    await h.ready;
+    await h.drain(); // the probe fails: the first message waits 5 min
+    h.advance(2 * MINUTE);
+    await h.drain(); // probe: the second (next = 0), fails
+    h.advance(MINUTE);
+    h.sent.length = 0;
+    await h.drain(); // both in backoff: only one probe again
+    expect(h.sent).toHaveLength(1);
+  });
+
+  test("a message held without the host's answer is not offered again within the grace period (its first copy may be arriving)", async () => {
+    const h = harness(1, { noAnswer: true });
+    await h.ready;
+    h.answer(() => ({ outcome: "confirmed", reply: "250 2.0.0 already delivered" }));
+    await h.drain();
+    expect(h.sent).toHaveLength(0);
+    expect(await h.held()).toHaveLength(1);
+    h.advance(NO_ANSWER_GRACE_MS);
+    await h.drain();
+    expect(h.sent).toHaveLength(1);
+    expect(await h.held()).toHaveLength(0);
+  });
+
+  test("a permanent refusal: failed/, one notice (itself queued for the host), no retry of the message after", async () => {
+    const h = harness(1);
+    await h.ready;
+    h.answer((m) => (m.kind === "notice" ? { outcome: "confirmed", reply: "250 ok" } : { outcome: "permanent", reply: "422 550 5.1.1 <user@kuma8088.com> User unknown" }));
+    expect(await h.drain()).toMatchObject({ failed: 1 });
+    expect(h.bucket.keys("failed/")).toEqual([`failed/${h.ids[0]}`]);
+    const held = await h.held();
+    expect(held.map((m) => [m.kind, m.to, m.from, m.noticeFor])).toEqual([["notice", POSTMASTER, "", h.ids[0]]]);
+    for (let i = 0; i < 3; i++) {
+      h.advance(HOUR);
+      await h.drain();
+    }
+    expect(h.sent.map((s) => s.to)).toEqual([USER, POSTMASTER]);
+    const notice = new TextDecoder().decode(h.sent[1]!.bytes);
+    expect(notice).toContain(`id:          ${h.ids[0]}`);
+    expect(notice).toContain("host reply:  422 550 5.1.1");
+    expect(notice).toContain("Subject:     held 0");
+    expect(notice).toContain(`From:        Sender <${SENDER}>`);
+    // The failed copy is the message, byte for byte, with its story.
+    expect(h.bucket.bytesOf(`failed/${h.ids[0]}`)!.length).toBe(held.length ? h.sent[0]!.bytes.length : 0);
+  });
+
+  test("never a notice about a notice: a refused notice goes to failed/ and nothing is queued", async () => {
+    const h = harness(1, { kind: "notice", to: POSTMASTER });
+    await h.ready;
+    h.answer(() => ({ outcome: "permanent", reply: "422 550 5.1.1 no such postmaster" }));
+    expect(await h.drain()).toMatchObject({ failed: 1, remaining: 0 });
+    expect(await h.held()).toEqual([]);
+    expect(h.bucket.keys("failed/")).toHaveLength(1);
+  });
+
+  test("past the maximum age: failed/ and a notice, without another attempt", async () => {
+    const h = harness(1);
+    await h.ready;
+    h.advance(120 * HOUR);
+    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    expect(await h.drain()).toMatchObject({ failed: 1 });
+    expect(h.sent).toEqual([]);
+    const failed = await new EdgeSpool(h.bucket).failed();
+    expect(failed.map((f) => f.why)).toEqual(["expired"]);
+    expect((await h.held()).map((m) => m.kind)).toEqual(["notice"]);
+  });
+
+  test("two drains at once: one runs, the other says busy; a dead drain's lock is taken over after its lease", async () => {
+    const h = harness(2);
+    await h.ready;
+    h.answer((m) => (m.kind === "notice" ? { outcome: "confirmed", reply: "250 ok" } : { outcome: "permanent", reply: "422 refused" }));
+    const [a, b] = await Promise.all([h.drain(), h.drain()]);
+    expect([a.state, b.state].sort()).toEqual(["busy", "ran"]);
+    expect((await h.held()).filter((m) => m.kind === "notice")).toHaveLength(2); // one per message, not per drain
+
+    expect(await new EdgeSpool(h.bucket).lock(LOCK_LEASE_MS, h.now())).toBe(true); // a drain that then dies
+    expect((await h.drain()).state).toBe("busy");
+    h.advance(LOCK_LEASE_MS + 1);
+    expect((await h.drain()).state).toBe("ran");
+  });
+
+  test("bounded: one run stays under the free plan's 50 subrequests; the rest wait with the marker set", async () => {
+    const h = harness(30);
+    await h.ready;
+    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    h.bucket.resetCounts();
+    const first = await h.drain();
+    expect(h.bucket.calls.length + first.delivered).toBeLessThanOrEqual(MAX_CALLS + 2);
+    expect(h.bucket.calls.length + first.delivered).toBeLessThan(50);
+    expect(first.delivered).toBeGreaterThan(5);
+    expect(first.remaining).toBe(30 - first.delivered);
+    expect(h.bucket.keys()).toContain("held");
+    let runs = 1;
+    while ((await h.held()).length && runs < 10) {
+      await h.drain();
+      runs++;
+    }
+    expect(h.sent).toHaveLength(30);
+    expect(new Set(h.sent.map((s) => s.id)).size).toBe(30);
+  });
+
+  test("an idle run costs one HEAD (class B) and nothing else", async () => {
+    const h = harness(0);
+    await h.ready;
+    h.bucket.resetCounts();
+    expect(await h.drain()).toMatchObject({ state: "idle" });
+    expect(h.bucket.calls).toEqual(["head held"]);
+  });
+
+  test("a message held while a drain lists is found by it or by the next one (the marker is cleared before the list)", async () => {
+    const h = harness(0);
+    await h.ready;
+    const spool = new EdgeSpool(h.bucket);
+    await spool.markHeld();
+    // The hold lands between the drain's listing and its end: the marker it writes survives.
+    const realList = h.bucket.list.bind(h.bucket);
+    h.bucket.list = async (o) => {
+      const res = await realList(o);
+      await new EdgeSpool(h.bucket).hold("Subject: late\r\n\r\nx\r\n", { from: SENDER, to: USER, size: 20, reason: "late", noAnswer: false }, h.now());
+      h.bucket.list = realList;
+      return res;
+    };
+    await h.drain();
+    expect(h.bucket.keys()).toContain("held");
+    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    expect(await h.drain()).toMatchObject({ delivered: 1 });
+  });
+
+  test("failed/ keeps a message 30 days", async () => {
+    const h = harness(1);
+    await h.ready;
+    h.answer(() => ({ outcome: "permanent", reply: "422 refused" }));
+    await h.drain();
+    const spool = new EdgeSpool(h.bucket);
+    expect(await spool.sweepFailed(Date.UTC(2026, 0, 1) + 29 * DAY)).toBe(0);
+    expect(await spool.sweepFailed(Date.UTC(2026, 0, 1) + 31 * DAY)).toBe(1);
+    expect(h.bucket.keys("failed/")).toEqual([]);
+  });
+});
+
+test("a drain has a longer limit per message than the live attempt: a message too slow for the SMTP session still arrives", async () => {
+  const slowHost = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      await req.arrayBuffer();
+      await Bun.sleep(1_500);
+      return Response.json({ status: "success", message: "delivered, slowly", recipients: [{ address: USER, code: 250, enhanced: "2.0.0", reply: "250 2.0.0 Saved" }] });
+    },
+  });
+  try {
+    const bucket = new MemoryR2();
+    const e = { ...env(bucket, "real", { HOST_TIMEOUT_MS: "1000", ALLOWED_RECIPIENTS: USER }), DELL_API_ENDPOINT: `http://127.0.0.1:${slowHost.port}/api/v1/inbound-mail` };
+    const raw = rfc822("slow");
+    expect(await run(incoming(raw), e)).toBeNull();
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "held" });
+    expect(String(workerLines.at(-1)!.reason)).toContain("no answer within 1000 ms");
+    // Past the grace for a message held without an answer (as if 30 s had gone by).
+    const [key] = heldKeys(bucket);
+    const meta = JSON.parse(bucket.objects.get(key!)!.meta.customMetadata!.m!);
+    bucket.objects.get(key!)!.meta.customMetadata = { m: JSON.stringify({ ...meta, received: meta.received - NO_ANSWER_GRACE_MS }) };
+
+    const config = workerConfig(e);
+    expect(await runDrain(config, "live")).toMatchObject({ delivered: 0, retried: 1 }); // the live limit: 1 s
+    expect(await runDrain(config, "cron")).toMatchObject({ delivered: 1, remaining: 0 }); // the cron's: minutes
+    expect(heldKeys(bucket)).toEqual([]);
+  } finally {
+    await slowHost.stop(true);
+  }
+});
+
+describe("the notice reads the header block only", () => {
+  test("decoded From, Subject, Date and the Message-ID from the header; nothing from the body", async () => {
+    const raw = new TextEncoder().encode(
+      "From: =?UTF-8?B?5bGx55Sw?= <yamada@example.jp>\r\nSubject: =?ISO-2022-JP?B?GyRCRnxLXDhsGyhC?=\r\nDate: Sat, 01 Mar 2025 12:00:00 +0900\r\nMessage-ID: <abc@example.jp>\r\n\r\nFrom: body@evil.example\r\nSubject: from the body\r\n",
+    );
+    expect(new TextDecoder().decode(headerBlock(raw))).not.toContain("body@evil");
+    expect(await summarizeHeaders(raw)).toEqual({ messageId: "<abc@example.jp>", from: "山田 <yamada@example.jp>", subject: "日本語", date: "2025-03-01T03:00:00.000Z" });
+  });
+
+  test("a decoded CR LF cannot add a line to the notice", async () => {
+    const raw = new TextEncoder().encode(`Subject: =?UTF-8?B?${btoa("a\r\nBcc: x@evil.example")}?=\r\n\r\nbody\r\n`);
+    const h = await summarizeHeaders(raw);
+    expect(h.subject).not.toMatch(/[\r\n]/);
+  });
+});
+
+test("scheduled() without the bucket does nothing; with it, one cron run drains", async () => {
+  await scheduled({ scheduledTime: Date.now() }, { API_KEY: KEY, DELL_API_ENDPOINT: `${server.url}/api/v1/inbound-mail` });
+  const bucket = new MemoryR2();
+  await run(incoming(rfc822("learn")), env(bucket, "real"));
+  const raw = rfc822("held then drained by the cron");
+  expect(await run(incoming(raw), env(bucket, "stub"))).toBeNull();
+  fake.reset();
+  await scheduled({ scheduledTime: Date.UTC(2026, 0, 1, 12, 1) }, env(bucket, "real"));
+  expect(fake.received.map((r) => Buffer.from(r.data).equals(Buffer.from(raw)))).toEqual([true]);
+});
