@@ -55,7 +55,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     metrics.inc("spool_incomplete_discarded", discarded.length);
   }
   const delivered = openDeliveredLog(config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null);
-  const host: HostDelivery = { pool, delivered, metrics, log };
+  const host: HostDelivery = { pool, delivered, metrics, log, exactlyOnce: config.exactlyOnce ?? false };
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
     host.spool = { spool, runner };
