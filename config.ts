@@ -12,6 +12,8 @@ const port = (fallback: number) =>
 const positiveInt = (fallback: number) =>
   z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").default(fallback);
 
+const flag = z.enum(["true", "false"], { error: "must be true or false" }).default("false").transform((v) => v === "true");
+
 /** API_KEYS (comma-separated, all accepted at once, for rotation without a window) plus API_KEY. */
 function keysOf(env: { API_KEY?: string; API_KEYS?: string }): string[] {
   return namedKeys(env).map(([, k]) => k);
@@ -39,6 +41,7 @@ export const ServerEnv = z
     MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
     SPOOL_DIR: z.string().trim().optional(),
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
+    EXACTLY_ONCE: flag,
   })
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
@@ -47,6 +50,8 @@ export const ServerEnv = z
       if (k.length < MIN_KEY_LENGTH) ctx.addIssue({ code: "custom", path: [name], message: `is shorter than ${MIN_KEY_LENGTH} characters (bun run keygen makes one)` });
       else if (/\s/.test(k)) ctx.addIssue({ code: "custom", path: [name], message: "contains whitespace" });
     }
+    // The delivery ids are the spool's: without a spool there is no retry to recognise.
+    if (env.EXACTLY_ONCE && !env.SPOOL_DIR) ctx.addIssue({ code: "custom", path: ["EXACTLY_ONCE"], message: "needs SPOOL_DIR (the retries it recognises come from the spool)" });
   })
   .transform(
     (env): ServerConfig => ({
@@ -58,6 +63,7 @@ export const ServerEnv = z
       maxMessageBytes: env.MAX_MESSAGE_BYTES,
       spoolDir: env.SPOOL_DIR || undefined,
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
+      exactlyOnce: env.EXACTLY_ONCE,
     }),
   );
 
@@ -72,6 +78,11 @@ export interface ServerConfig {
   spoolDir?: string;
   /** How long a spooled message is retried before it goes to failed/ (default 5 days). */
   spoolMaxAgeMs?: number;
+  /**
+   * Dovecot runs the relay's duplicate Sieve script (docs/operations.md, "Exactly once"): every
+   * delivery carries its spool id, and deliveries to one mailbox save one at a time.
+   */
+  exactlyOnce?: boolean;
 }
 
 export class ConfigError extends Error {

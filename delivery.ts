@@ -7,7 +7,7 @@
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
 import { replyClass, type RecipientResult } from "./contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
-import { BodyAborted, LmtpFault, formatReply, type LmtpPool, type MessageBody } from "./lmtp.ts";
+import { BodyAborted, LmtpFault, formatReply, type LmtpEnvelope, type LmtpPool, type MessageBody } from "./lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { LogWriter } from "./middleware/access-log.ts";
@@ -21,13 +21,15 @@ export interface HostDelivery {
   log: LogWriter;
   /** With a spool, temporary failures are queued (202); without, they are answered 503. */
   spool?: { spool: Spool; runner: QueueRunner };
+  /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
+  exactlyOnce?: boolean;
 }
 
 const isOk = (r: { code: number }) => replyClass(r.code) === "accepted";
 const isTemporary = (r: { code: number }) => replyClass(r.code) === "temporary";
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
-async function lmtpTransaction(h: HostDelivery, envelope: { from: string; to: string[] }, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
+async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
   const started = performance.now();
   try {
     const replies = await h.pool.deliver(envelope, body, size);
@@ -72,7 +74,9 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
   let results: RecipientResult[] | null = null;
   let fault: Error | null = null;
   try {
-    results = await lmtpTransaction(h, envelope, body, size);
+    // The spool id names the delivery on this attempt and on every retry from the spool, so that
+    // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
+    results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? staged?.id : undefined }, body, size);
   } catch (e) {
     if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
     fault = e;
@@ -114,7 +118,7 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
 /** The background deliverer's way to LMTP, recording deliveries for duplicate suppression. */
 export function deliverSpooled(h: HostDelivery): SpoolDeliver {
   return async (envelope, body, size, header) => {
-    const results = await lmtpTransaction(h, envelope, body, size);
+    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
     if (header.message_id) for (const r of results) if (isOk(r)) h.delivered.add(header.message_id, r.address, size);
     return results;
   };

@@ -62,7 +62,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const host: HostDelivery = { pool, delivered, metrics, log };
+  const host: HostDelivery = { pool, delivered, metrics, log, exactlyOnce: config.exactlyOnce ?? false };
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
     host.spool = { spool, runner };

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides Bun and the npm packages: Dovecot's LMTP server
-# from Debian's packages (the integration tests start a private instance of it) and curl (the
+# and its Sieve plugin (Pigeonhole) from Debian's packages (the integration tests start private
+# instances, some with the "exactly once" Sieve script of docs/operations.md) and curl (the
 # runbook's own test commands are run as written).
 set -euo pipefail
 
 need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
+[ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] && command -v sievec >/dev/null 2>&1 || need+=(dovecot-sieve)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "setup: dovecot and curl already installed"
+  echo "setup: dovecot, its Sieve plugin and curl already installed"
   exit 0
 fi
 

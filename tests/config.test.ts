@@ -34,8 +34,17 @@ describe("fromEnv(ServerEnv)", () => {
       maxMessageBytes: 25 * 1024 * 1024,
       spoolDir: undefined,
       spoolMaxAgeMs: 5 * 24 * 3_600_000,
+      exactlyOnce: false,
     });
     expect(DEFAULT_MAX_MESSAGE_BYTES).toBe(26_214_400);
+  });
+
+  test("EXACTLY_ONCE: true or false, and only with a spool", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, SPOOL_DIR: "/var/spool/x", EXACTLY_ONCE: "true" }).exactlyOnce).toBe(true);
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, EXACTLY_ONCE: "false" }).exactlyOnce).toBe(false);
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, EXACTLY_ONCE: "" }).exactlyOnce).toBe(false);
+    for (const v of ["1", "yes", "TRUE", "on"]) expect(refusal({ API_KEY: KEY_A, SPOOL_DIR: "/s", EXACTLY_ONCE: v }).message).toBe("configuration: EXACTLY_ONCE must be true or false");
+    expect(refusal({ API_KEY: KEY_A, EXACTLY_ONCE: "true" }).message).toMatch(/^configuration: EXACTLY_ONCE needs SPOOL_DIR/);
   });
 
   test("an empty variable means unset: the default applies", () => {

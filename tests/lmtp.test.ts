@@ -17,6 +17,7 @@ import {
   LmtpConnection,
   LmtpFault,
   LmtpPool,
+  MailboxTurns,
   ReplyParser,
   describeTarget,
   formatReply,
@@ -506,6 +507,57 @@ describe("DotStuffer", () => {
   });
 });
 
+describe("MailboxTurns", () => {
+  /** Whether p has settled after the pending callbacks ran. */
+  async function settled(p: Promise<unknown>): Promise<boolean> {
+    let done = false;
+    p.then(
+      () => (done = true),
+      () => (done = true),
+    );
+    await sleep(5);
+    return done;
+  }
+
+  test("one turn per mailbox: case and a +detail do not matter; other mailboxes go at once; the turn goes on first come, first served", async () => {
+    const turns = new MailboxTurns();
+    const first = await turns.take(["User@Example.org"], Infinity);
+    const order: string[] = [];
+    const second = turns.take(["user+lists@example.org"], Infinity).then((r) => (order.push("second"), r));
+    const third = turns.take(["USER@example.org"], Infinity).then((r) => (order.push("third"), r));
+    expect(await settled(turns.take(["other@example.org"], Infinity))).toBe(true);
+    expect(await settled(second)).toBe(false);
+    first();
+    first(); // a second release changes nothing
+    (await second)();
+    (await third)();
+    expect(order).toEqual(["second", "third"]);
+    expect(await settled(turns.take(["user@example.org"], Infinity))).toBe(true);
+  });
+
+  test("waiting past the deadline fails with a timeout before the dot, and leaves the line", async () => {
+    const turns = new MailboxTurns();
+    const first = await turns.take(["a@x.org"], Infinity);
+    const late = await expectFault(turns.take(["a@x.org", "b@x.org"], performance.now() + 30), "timeout", "body");
+    expect(late.message).toContain("a@x.org");
+    // b@x.org was not kept by the caller that gave up, and the next in line for a@x.org gets it.
+    expect(await settled(turns.take(["b@x.org"], Infinity))).toBe(true);
+    const next = turns.take(["a@x.org"], Infinity);
+    first();
+    expect(await settled(next)).toBe(true);
+  });
+
+  test("several recipients: taken in one order, so two transactions never wait for each other", async () => {
+    const turns = new MailboxTurns();
+    const held = await turns.take(["b@x.org", "a@x.org"], Infinity);
+    const x = turns.take(["a@x.org", "b@x.org"], performance.now() + 1_000);
+    const y = turns.take(["b@x.org", "a@x.org"], performance.now() + 1_000);
+    held();
+    (await x)();
+    (await y)();
+  });
+});
+
 describe("targets", () => {
   test("LMTP_HOST with a leading / is a unix socket", () => {
     expect(lmtpTarget("/run/dovecot/lmtp", 24)).toEqual({ kind: "unix", path: "/run/dovecot/lmtp" });
@@ -882,6 +934,46 @@ describe("against the fake LMTP server", () => {
       }
     });
 
+    test("a delivery id: LHLO <id>.mail-relay alone, then the envelope in one write, on fresh and reused connections alike", async () => {
+      const proxy = await startProxy(fake.port);
+      try {
+        const p = new LmtpPool({ kind: "tcp", host: "127.0.0.1", port: proxy.port }, { timeouts: FAST });
+        pools.push(p);
+        await p.deliver({ from: "s@x.org", to: ["a@x.org"], deliveryId: "0mf1abc" }, msg("one\r\n"), 5);
+        await p.deliver({ from: "s@x.org", to: ["b@x.org"], deliveryId: "0mf1def" }, msg("two\r\n"), 5);
+        await p.deliver({ from: "s@x.org", to: ["c@x.org"] }, msg("three\r\n"), 7);
+        expect(proxy.chunks).toHaveLength(1);
+        const sent = proxy.chunks[0]!.filter((c) => c.startsWith("LHLO") || c.includes("MAIL FROM"));
+        expect(sent).toEqual([
+          "LHLO mail-relay\r\n",
+          // LHLO may only end a pipelined group (RFC 2920), and it resets the transaction: no RSET.
+          "LHLO 0mf1abc.mail-relay\r\n",
+          "MAIL FROM:<s@x.org> SIZE=5 BODY=8BITMIME\r\nRCPT TO:<a@x.org>\r\nDATA\r\n",
+          "LHLO 0mf1def.mail-relay\r\n",
+          "MAIL FROM:<s@x.org> SIZE=5 BODY=8BITMIME\r\nRCPT TO:<b@x.org>\r\nDATA\r\n",
+          "RSET\r\nMAIL FROM:<s@x.org> SIZE=7 BODY=8BITMIME\r\nRCPT TO:<c@x.org>\r\nDATA\r\n",
+        ]);
+        expect(fake.received.map((m) => [m.to, latin1(m.data)])).toEqual([
+          [["a@x.org"], "one\r\n"],
+          [["b@x.org"], "two\r\n"],
+          [["c@x.org"], "three\r\n"],
+        ]);
+      } finally {
+        await proxy.close();
+      }
+    });
+
+    test("a delivery id that is not one DNS label of letters and digits is refused before anything is sent", async () => {
+      const c = await open();
+      for (const id of ["", "a.b", "Abc", "a-b", "x\r\nRSET", "a".repeat(64)]) {
+        const e = await c.deliver({ from: "s@x.org", to: ["a@x.org"], deliveryId: id }, msg("x\r\n"), null).catch((e: unknown) => e);
+        expect(e).toBeInstanceOf(Error);
+        expect(e).not.toBeInstanceOf(LmtpFault);
+      }
+      expect(fake.commands).toEqual(["LHLO mail-relay"]);
+      expect(c.reusable).toBe(true);
+    });
+
     test("without PIPELINING: one command at a time, and no DATA when every recipient was refused", async () => {
       const proxy = await startProxy(fake.port, { fromServer: (s) => s.replace("250-PIPELINING\r\n", "") });
       try {
@@ -1033,6 +1125,30 @@ describe("against the fake LMTP server", () => {
         expect(cut).toBe(true);
         expect(r.map((x) => x.code)).toEqual([250]);
         expect(proxy.chunks).toHaveLength(2);
+        expect(fake.received.map((m) => dec.decode(m.data))).toEqual(["one\r\n", "two\r\n"]);
+      } finally {
+        await proxy.close();
+      }
+    });
+
+    test("an idle connection closed by the server right at a delivery id's LHLO -> delivery retried once on a fresh connection", async () => {
+      let cut = false;
+      const proxy = await startProxy(fake.port, {
+        fromClient: (s) => {
+          if (cut || !s.startsWith("LHLO two.")) return true;
+          cut = true;
+          return false;
+        },
+      });
+      try {
+        const p = new LmtpPool({ kind: "tcp", host: "127.0.0.1", port: proxy.port }, { timeouts: FAST });
+        pools.push(p);
+        await p.deliver({ from: "s@x.org", to: ["a@x.org"], deliveryId: "one" }, msg("one\r\n"), null);
+        const r = await p.deliver({ from: "s@x.org", to: ["a@x.org"], deliveryId: "two" }, msg("two\r\n"), null);
+        expect(cut).toBe(true);
+        expect(r.map((x) => x.code)).toEqual([250]);
+        expect(proxy.chunks).toHaveLength(2);
+        expect(proxy.chunks[1]!.filter((c) => c.startsWith("LHLO"))).toEqual(["LHLO mail-relay\r\n", "LHLO two.mail-relay\r\n"]);
         expect(fake.received.map((m) => dec.decode(m.data))).toEqual(["one\r\n", "two\r\n"]);
       } finally {
         await proxy.close();
