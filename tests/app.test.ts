@@ -3,7 +3,7 @@
 // A 500 needs a deliverer that throws, so that one uses createApp directly.
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { TemporaryFailure, createApp, type Deliverer } from "../app.ts";
+import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../app.ts";
 import { ServerEnv, fromEnv } from "../config.ts";
 import { INBOUND_PATH, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
@@ -822,5 +822,47 @@ describe("access log", () => {
       [400, "malformed_json"],
     ]);
     expect(inboundLines()[0]!.replies).toEqual(["550 5.1.1 <nobody@example.com> User unknown"]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Validation in time linear in the input
+
+describe("validation takes time linear in the input", () => {
+  // The patterns these checks replaced backtracked over runs of blanks: each request below held
+  // the event loop (and /health with it) for hours. A linear check answers it at once. Each is
+  // about the size of the JSON limit here (1 MiB + 8 KiB).
+  const MiB = 1024 * 1024;
+
+  test("raw_base64: a megabyte of blanks, then a bad character -> 400 naming it", async () => {
+    const a = await json({ from: "a@example.org", to: "user@example.com", raw_base64: " ".repeat(MiB) + "!" });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toBe(`raw_base64: is not base64: "!" at character ${MiB} is not a base64 character`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("raw_base64 among a megabyte of blanks and line breaks is accepted, and its bytes arrive exactly", async () => {
+    const message = bytes("Subject: base64\r\n\r\n", [0x82, 0xa0, 0xff, 0x00], "\r\n");
+    const lines = Buffer.from(message).toString("base64").match(/.{1,8}/g)!.join("\n");
+    const raw_base64 = " ".repeat(MiB) + lines + " \t\r\n";
+    expect(JSON.stringify({ raw_base64 }).length).toBeLessThan(maxJsonBytes(LIMIT));
+    const a = await json({ from: "a@example.org", to: "user@example.com", raw_base64 });
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.data).toEqual(message);
+  });
+
+  test("to: a megabyte of blanks inside an address -> 400 naming its length", async () => {
+    const to = `x${" ".repeat(MiB)}y@example.com`;
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toEndWith(`is ${to.length} characters long (at most 254)`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("/health answers while such a request is being checked", async () => {
+    const slow = json({ from: "a@example.org", to: `x${" ".repeat(MiB / 2)}y@example.com`, raw_base64: " ".repeat(MiB / 2) + "!" });
+    const health = await fetch(`${server.url}/health`);
+    expect(health.status).toBe(200);
+    expect((await slow).status).toBe(400);
   });
 });

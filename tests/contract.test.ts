@@ -2,12 +2,15 @@
 // replies gives, and what the envelope and JSON schemas accept.
 
 import { describe, expect, test } from "bun:test";
+import { maxJsonBytes } from "../app.ts";
 import {
+  DEFAULT_MAX_MESSAGE_BYTES,
   EnvelopeHeaders,
   InboundEnvelope,
   InboundJsonBody,
   MAX_RECIPIENTS,
   addressProblem,
+  base64Problem,
   describeIssues,
   outcomeForStatus,
   statusForReplies,
@@ -185,6 +188,60 @@ describe("InboundJsonBody", () => {
   test("wrong types are named", () => {
     expect(issues({ from: "a@x", to: 5, raw: "x" })).toBe("to: must be an address or a list of addresses");
     expect(issues({ from: 1, to: "b@x", raw: "x" })).toBe("from: must be a string");
-    expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe("raw_base64: is not base64");
+    expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe('raw_base64: is not base64: "!" at character 10 is not a base64 character');
   });
+});
+
+describe("base64Problem: strict RFC 4648 base64", () => {
+  test.each([
+    ["padded", ["QUJD", "QUI=", "QQ=="]],
+    ["wrapped at 76 with CRLF, blanks anywhere", ["QUJD\r\nREVG\n", " Q U J D ", "\tQQ==\r\n"]],
+    ["empty (refused later as an empty message)", ["", " \r\n"]],
+  ])("accepts %s", (_name, values) => {
+    for (const v of values) expect(base64Problem(v)).toBeNull();
+  });
+
+  test.each([
+    ["unpadded", "QQ", "2 base64 characters, not a multiple of 4"],
+    ["a length of 4n+1", "QUJDR", "5 base64 characters, not a multiple of 4"],
+    ["three = of padding", "QQ===", 'more than two "=" at character 4'],
+    ["data after the padding", "QQ==QUJD", 'data after the "=" padding, at character 4'],
+    ["padding in the middle", "Q=QQ", 'data after the "=" padding, at character 2'],
+    ["stray bits before ==", "QR==", "stray bits after the last byte"],
+    ["stray bits before =", "QUJ=", "stray bits after the last byte"],
+    ["base64url's -", "ab-_", '"-" at character 2 is not a base64 character'],
+    ["a form feed", "QUJD\f", '"\\f" at character 4 is not a base64 character'],
+    ["a non-ASCII letter", "QUJé", '"é" at character 3 is not a base64 character'],
+  ])("refuses %s", (_name, value, problem) => {
+    expect(base64Problem(value)).toStartWith(problem);
+  });
+
+  test("agrees with atob on every value it accepts", () => {
+    const bytes = Uint8Array.from({ length: 300 }, (_, i) => (i * 37) % 256);
+    for (let n = 0; n <= bytes.length; n += 7) {
+      const b64 = Buffer.from(bytes.subarray(0, n)).toString("base64");
+      expect(base64Problem(b64)).toBeNull();
+      expect(atob(b64)).toBe(Buffer.from(bytes.subarray(0, n)).toString("latin1"));
+    }
+  });
+});
+
+describe("validation in linear time, at the full JSON limit", () => {
+  // maxJsonBytes of the default 25 MiB: about 51 MiB. The patterns these checks replaced were
+  // quadratic in such inputs (hours); here each is answered in one pass.
+  const n = maxJsonBytes(DEFAULT_MAX_MESSAGE_BYTES);
+
+  test("raw_base64: blanks up to the limit, then one bad character -> refused, naming where", () => {
+    expect(base64Problem(" ".repeat(n) + "!")).toBe(`"!" at character ${n} is not a base64 character`);
+    expect(base64Problem("\r\n".repeat(n / 2) + "QQ==")).toBeNull();
+    expect(base64Problem("A".repeat(n) + "!")).toBe(`"!" at character ${n} is not a base64 character`);
+  });
+
+  test("an address with blanks up to the limit inside it -> refused by its length", () => {
+    const to = `x${" ".repeat(n)}y@x`;
+    const r = InboundEnvelope.safeParse({ from: "s@x", to });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toEndWith(`is ${to.length} characters long (at most 254)`);
+  });
+
 });
