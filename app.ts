@@ -11,6 +11,7 @@ import {
   INBOUND_PATH,
   InboundJsonBody,
   describeIssues,
+  headerText,
   statusForReplies,
   type InboundEnvelope,
   type InboundResponse,
@@ -109,6 +110,7 @@ export function createApp(opts: AppOptions) {
   }
 
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
+    refuseEncoded(c.req.header("content-encoding"));
     const type = mediaType(c.req.header("content-type"));
     const parsed =
       type === "message/rfc822"
@@ -171,8 +173,8 @@ interface ParsedRequest {
 /** message/rfc822: the body is the message; the envelope is in X-Envelope-From / X-Envelope-To. */
 function rawMessage(c: Context, max: number): ParsedRequest {
   const env = EnvelopeHeaders.safeParse({
-    "x-envelope-from": c.req.header("x-envelope-from"),
-    "x-envelope-to": c.req.header("x-envelope-to"),
+    "x-envelope-from": envelopeHeader(c, "x-envelope-from"),
+    "x-envelope-to": envelopeHeader(c, "x-envelope-to"),
   });
   if (!env.success) throw new Refusal(400, "invalid_envelope", describeIssues(env.error));
   const envelope = { from: env.data["x-envelope-from"], to: env.data["x-envelope-to"] };
@@ -188,13 +190,29 @@ function rawMessage(c: Context, max: number): ParsedRequest {
   return { envelope, body: counted.stream, size: null, overLimit: counted.exceeded };
 }
 
+/** An envelope header as text (UTF-8 on the wire); bytes that are not UTF-8 are refused, not replaced. */
+function envelopeHeader(c: Context, name: "x-envelope-from" | "x-envelope-to"): string | undefined {
+  const value = c.req.header(name);
+  if (value === undefined) return undefined;
+  const text = headerText(value);
+  if (text === null) throw new Refusal(400, "invalid_envelope", `${name}: is not valid UTF-8`);
+  return text;
+}
+
 /** application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact bytes. */
 async function jsonMessage(req: Request, maxMessage: number, maxJson: number): Promise<ParsedRequest> {
   const bytes = await readAtMost(req, maxJson);
   if (bytes === null) throw tooLarge(maxMessage);
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    // Not replaced with U+FFFD: that would change the message without a word.
+    throw new Refusal(400, "invalid_utf8", "the request body is not valid UTF-8 (JSON must be, RFC 8259): send a message that is not UTF-8 as raw_base64");
+  }
   let json: unknown;
   try {
-    json = JSON.parse(new TextDecoder().decode(bytes));
+    json = JSON.parse(text);
   } catch (e) {
     throw new Refusal(400, "malformed_json", `the request body is not valid JSON: ${(e as Error).message}`);
   }
@@ -212,6 +230,20 @@ function unsupported(type: string): never {
     415,
     "unsupported_media_type",
     `Content-Type ${type ? JSON.stringify(type) : "is missing"}: send message/rfc822 (the message as the body) or application/json`,
+  );
+}
+
+/**
+ * Nothing decodes a Content-Encoding (Bun does not, and neither does the app): a gzip body would be
+ * delivered still compressed. Only the identity is taken.
+ */
+function refuseEncoded(header: string | undefined): void {
+  const coding = (header ?? "").trim().toLowerCase();
+  if (coding === "" || coding === "identity") return;
+  throw new Refusal(
+    415,
+    "unsupported_content_encoding",
+    `Content-Encoding ${JSON.stringify(coding)} is not accepted: the message is delivered as its bytes arrive, so send it uncompressed`,
   );
 }
 

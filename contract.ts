@@ -25,6 +25,8 @@ export function addressProblem(address: string): string | null {
   // eslint-disable-next-line no-control-regex
   const bad = /[\x00-\x20\x7f<>,]/.exec(address);
   if (bad) return `contains a forbidden character (${JSON.stringify(bad[0])})`;
+  const lone = loneSurrogateAt(address);
+  if (lone >= 0) return `contains a lone surrogate (${JSON.stringify(address[lone])}), which has no UTF-8 form`;
   const at = address.lastIndexOf("@");
   if (at <= 0 || at === address.length - 1) return "is not of the form local@domain";
   if (at > 64) return `has a local part of ${at} characters (at most 64)`;
@@ -44,6 +46,31 @@ function trimBlanks(s: string): string {
   while (start < end && blank(start)) start++;
   while (end > start && blank(end - 1)) end--;
   return s.slice(start, end);
+}
+
+/**
+ * Where the first UTF-16 surrogate without its other half is (JSON's "\ud800" makes one), or -1.
+ * Such a string has no UTF-8 form: TextEncoder would quietly write U+FFFD in its place.
+ */
+export function loneSurrogateAt(s: string): number {
+  if ((s as { isWellFormed?: () => boolean }).isWellFormed?.()) return -1;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0xd800 || c > 0xdfff) continue;
+    const next = s.charCodeAt(i + 1); // NaN past the end
+    if (c <= 0xdbff && next >= 0xdc00 && next <= 0xdfff) i++;
+    else return i;
+  }
+  return -1;
+}
+
+/**
+ * The key under which Dovecot finds a recipient's mailbox: its default auth_username_format %Lu
+ * lowercases the whole address (C's tolower: ASCII letters only) before the userdb lookup, so
+ * "User@Example.Test" and "user@example.test" are one mailbox and must get one copy.
+ */
+export function mailboxKey(address: string): string {
+  return address.replace(/[A-Z]+/g, (letters) => letters.toLowerCase());
 }
 
 /** Removes one pair of surrounding angle brackets: "<a@b>" and "a@b" mean the same. */
@@ -73,17 +100,66 @@ const sender = z
     if (p) ctx.addIssue({ code: "custom", message: `${JSON.stringify(a.slice(0, 80))} ${p}` });
   });
 
-/** "a@x, b@y" or ["a@x", "b@y"] -> ["a@x", "b@y"]; duplicates dropped (one copy per mailbox). */
+/**
+ * "a@x, b@y" or ["a@x", "b@y"] -> ["a@x", "b@y"]; spellings of one mailbox (mailboxKey) dropped
+ * after the first, which is the one the envelope keeps.
+ */
 const recipientList = z
   .union([z.string(), z.array(z.string())], required("an address or a list of addresses"))
   .transform((v) => (Array.isArray(v) ? v : v.split(",")).map(trimBlanks).filter((s, i, all) => s !== "" || all.length === 1))
   .pipe(z.array(recipient).min(1, "needs at least one recipient").max(MAX_RECIPIENTS, `has more than ${MAX_RECIPIENTS} recipients`))
-  .transform((list) => [...new Set(list)]);
+  .transform((list) => {
+    const seen = new Set<string>();
+    return list.filter((a) => {
+      const key = mailboxKey(a);
+      if (seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    });
+  });
 
 export const InboundEnvelope = z.object({ from: sender, to: recipientList });
 export type InboundEnvelope = z.output<typeof InboundEnvelope>;
 
-/** The envelope of a message/rfc822 request, from its headers. */
+/**
+ * X-Envelope-From and X-Envelope-To carry UTF-8 on the wire. Runtimes hand header values over in
+ * one of two ways: Bun, like Fetch's ByteString, gives the bytes, one character per byte, and its
+ * fetch() sends each character as one byte; workerd decodes what it receives as UTF-8 and encodes
+ * what it sends the same way. Which one this runtime is shows in whether Headers takes a character
+ * above U+00FF.
+ */
+const HEADERS_HOLD_TEXT = (() => {
+  try {
+    new Headers({ probe: "\u0100" });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+// eslint-disable-next-line no-control-regex
+const ASCII = /^[\x00-\x7f]*$/;
+
+/** A received header value as text; null if its bytes are not UTF-8 (never U+FFFD instead). */
+export function headerText(value: string): string | null {
+  if (HEADERS_HOLD_TEXT || ASCII.test(value)) return value;
+  const bytes = new Uint8Array(value.length);
+  for (let i = 0; i < value.length; i++) bytes[i] = value.charCodeAt(i);
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    return null;
+  }
+}
+
+/** What to give Headers so that `text` goes out as UTF-8 (the inverse of headerText). */
+export function headerValue(text: string): string {
+  if (HEADERS_HOLD_TEXT || ASCII.test(text)) return text;
+  let bytes = "";
+  for (const b of new TextEncoder().encode(text)) bytes += String.fromCharCode(b);
+  return bytes;
+}
+
+/** The envelope of a message/rfc822 request, from its headers (as text: see headerText). */
 export const EnvelopeHeaders = z.object({
   "x-envelope-from": sender,
   "x-envelope-to": recipientList,
@@ -97,7 +173,15 @@ export const InboundJsonBody = z
     from: sender,
     to: recipientList,
     subject: z.string(required("a string")).optional(),
-    raw: z.string(required("a string")).optional(),
+    raw: z
+      .string(required("a string"))
+      .superRefine((raw, ctx) => {
+        const at = loneSurrogateAt(raw);
+        if (at >= 0) {
+          ctx.addIssue({ code: "custom", message: `contains a lone surrogate (${JSON.stringify(raw[at])}) at character ${at}, which has no UTF-8 form: send the bytes as raw_base64` });
+        }
+      })
+      .optional(),
     raw_base64: z
       .string(required("a base64 string"))
       .superRefine((b64, ctx) => {

@@ -9,7 +9,7 @@
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./app.ts";
 import { MIN_KEY_LENGTH } from "./config.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, outcomeForStatus, type RecipientResult } from "./contract.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, type RecipientResult } from "./contract.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {
@@ -87,8 +87,9 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
     const headers: Record<string, string> = {
       "content-type": "message/rfc822",
       "x-api-key": config.apiKey,
-      "x-envelope-from": envelope.from === "" ? "<>" : envelope.from,
-      "x-envelope-to": envelope.to.join(", "),
+      // UTF-8 on the wire (headerValue).
+      "x-envelope-from": headerValue(envelope.from === "" ? "<>" : envelope.from),
+      "x-envelope-to": headerValue(envelope.to.join(", ")),
       "x-request-id": requestId,
       "user-agent": "mailserver-inbound-relay-worker/1",
     };
@@ -197,8 +198,8 @@ export async function email(message: IncomingEmail, env: Env): Promise<void> {
         "content-type": "message/rfc822",
         "content-length": String(message.rawSize),
         "x-api-key": config.apiKey,
-        "x-envelope-from": message.from || "<>",
-        "x-envelope-to": message.to,
+        "x-envelope-from": headerValue(message.from || "<>"),
+        "x-envelope-to": headerValue(message.to),
         "x-request-id": requestId,
       },
       body: message.raw,

@@ -134,19 +134,18 @@ const inboundLines = () => logs.filter((l) => l.path === INBOUND_PATH);
  * A hand-written HTTP/1.1 request over TCP, for what fetch will not send (a Content-Length
  * without the body, control characters in a header). Answers the status and the body.
  */
-function rawHttp(port: number, head: string): Promise<{ status: number; body: string }> {
+function rawHttp(port: number, head: string | Uint8Array): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     let buf = new Uint8Array(0);
     const done = () => {
-      const text = new TextDecoder().decode(buf);
+      const text = Buffer.from(buf).toString("latin1"); // one character per byte
       const m = /^HTTP\/1\.[01] (\d{3})/.exec(text);
       if (!m) return false;
       const end = text.indexOf("\r\n\r\n");
       if (end < 0) return false;
       const length = /\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end));
-      const body = text.slice(end + 4);
-      if (length && body.length < Number(length[1])) return false;
-      resolve({ status: Number(m[1]), body });
+      if (length && buf.length - (end + 4) < Number(length[1])) return false;
+      resolve({ status: Number(m[1]), body: new TextDecoder().decode(buf.subarray(end + 4)) });
       return true;
     };
     Bun.connect({
@@ -864,5 +863,127 @@ describe("validation takes time linear in the input", () => {
     const health = await fetch(`${server.url}/health`);
     expect(health.status).toBe(200);
     expect((await slow).status).toBe(400);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Bad input is refused with its reason, never changed
+
+describe("400: bad input is refused, never changed", () => {
+  const jsonBytes = (body: Uint8Array) => post({ "Content-Type": "application/json", "X-API-Key": KEY_1 }, body as BodyInit);
+
+  test("a JSON body that is not UTF-8 -> 400 invalid_utf8, nothing delivered (not U+FFFD)", async () => {
+    // "été" in Latin-1 inside raw.
+    const body = bytes('{"from":"a@example.org","to":"user@example.com","raw":"Subject: x\\r\\n\\r\\n', [0xe9, 0x74, 0xe9], '\\r\\n"}');
+    const a = await jsonBytes(body);
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_utf8");
+    expect(a.body.message).toContain("not valid UTF-8");
+    expect(outcomeForStatus(a.status)).toBe("reject");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test.each([
+    ["a lone high surrogate", "\\ud800"],
+    ["a lone low surrogate", "\\udc00"],
+    ["a pair in the wrong order", "\\udc00\\ud800"],
+    ["a high surrogate at the very end", "\\ud83d"],
+  ])("raw with %s -> 400 naming raw, nothing delivered", async (_name, escaped) => {
+    const prefix = "Subject: x\\r\\n\\r\\nab";
+    const a = await json(`{"from":"a@example.org","to":"user@example.com","raw":"${prefix}${escaped}"}`);
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_request");
+    expect(a.body.message).toMatch(/^raw: contains a lone surrogate \("\\ud[89a-f][0-9a-f]{2}"\) at character 16, which has no UTF-8 form/);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("a surrogate pair (an emoji) in raw is delivered as its four UTF-8 bytes", async () => {
+    const a = await json('{"from":"a@example.org","to":"user@example.com","raw":"Subject: \\ud83d\\ude00\\r\\n\\r\\nx\\r\\n"}');
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.data).toEqual(bytes("Subject: ", [0xf0, 0x9f, 0x98, 0x80], "\r\n\r\nx\r\n"));
+  });
+
+  test.each(["from", "to"])("%s with a lone surrogate -> 400 naming the field", async (field) => {
+    const envelope = { from: '"a@example.org"', to: '"user@example.com"', [field]: '"us\\udfffer@example.com"' };
+    const a = await json(`{"from":${envelope.from},"to":${envelope.to},"raw":"x"}`);
+    expect(a.status).toBe(400);
+    expect(a.body.message).toMatch(new RegExp(`^${field}(\\.0)?: "us\\\\udfffer@example.com" contains a lone surrogate`));
+    expect(fake.commands).toEqual([]);
+  });
+
+  /** A message/rfc822 request by hand, its envelope headers as the given bytes. */
+  const withEnvelopeBytes = (from: Uint8Array, to: Uint8Array) =>
+    rawHttp(
+      server.port,
+      bytes(
+        `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\nX-API-Key: ${KEY_1}\r\nContent-Type: message/rfc822\r\n`,
+        "X-Envelope-From: ", [...from], "\r\nX-Envelope-To: ", [...to], "\r\n",
+        `Content-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`,
+      ),
+    );
+  const utf8 = (s: string) => new TextEncoder().encode(s);
+
+  test("X-Envelope-From and X-Envelope-To are UTF-8 on the wire: jürgen stays jürgen", async () => {
+    const a = await withEnvelopeBytes(utf8("jürgen@example.org"), utf8("user@example.com, 用户@example.com"));
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.from).toBe("jürgen@example.org");
+    expect(fake.received[0]!.to).toEqual(["user@example.com", "用户@example.com"]);
+    expect(inboundLines()[0]).toMatchObject({ from: "jürgen@example.org", to: ["user@example.com", "用户@example.com"] });
+  });
+
+  test.each([
+    ["X-Envelope-From", "a Latin-1 byte", [0x6a, 0xfc, ...utf8("rgen@example.org")]],
+    ["X-Envelope-To", "a cut UTF-8 sequence", [...utf8("user@example.com, j"), 0xc3]],
+    ["X-Envelope-To", "an overlong encoding of \"@\"", [...utf8("user"), 0xc1, 0x80, ...utf8("example.com")]],
+  ])("%s with %s -> 400 naming the header, nothing delivered", async (header, _what, value) => {
+    const good = utf8(header === "X-Envelope-From" ? "user@example.com" : "a@example.org");
+    const a = header === "X-Envelope-From" ? await withEnvelopeBytes(Uint8Array.from(value), good) : await withEnvelopeBytes(good, Uint8Array.from(value));
+    expect(a.status).toBe(400);
+    expect(JSON.parse(a.body)).toMatchObject({ error: "invalid_envelope", message: `${header.toLowerCase()}: is not valid UTF-8` });
+    expect(fake.commands).toEqual([]);
+  });
+});
+
+describe("415 a Content-Encoding other than identity", () => {
+  const envelope = { from: "a@example.org", to: "user@example.com" };
+
+  test.each(["gzip", "deflate", "br", "x-gzip", "GZIP", "gzip, identity"])("message/rfc822 with Content-Encoding: %s -> 415, nothing delivered", async (coding) => {
+    const a = await rfc822(envelope, Bun.gzipSync(new TextEncoder().encode(MESSAGE)), { "Content-Encoding": coding });
+    expect(a.status).toBe(415);
+    expect(a.body.error).toBe("unsupported_content_encoding");
+    expect(a.body.message).toContain(JSON.stringify(coding.toLowerCase()));
+    expect(outcomeForStatus(a.status)).toBe("reject");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("JSON with Content-Encoding: gzip -> 415, nothing delivered", async () => {
+    const body = Bun.gzipSync(new TextEncoder().encode(JSON.stringify({ ...envelope, raw: MESSAGE })));
+    const a = await post({ "Content-Type": "application/json", "Content-Encoding": "gzip", "X-API-Key": KEY_1 }, body);
+    expect(a.status).toBe(415);
+    expect(a.body.error).toBe("unsupported_content_encoding");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("Content-Encoding: identity is the message as it is: delivered", async () => {
+    const a = await rfc822(envelope, MESSAGE, { "Content-Encoding": "identity" });
+    expect(a.status).toBe(200);
+    expect(new TextDecoder().decode(fake.received[0]!.data)).toBe(MESSAGE);
+  });
+});
+
+describe("recipients: one copy per mailbox, as Dovecot resolves them", () => {
+  test("the same address in another case is one recipient: one RCPT, the first spelling kept", async () => {
+    const a = await rfc822({ from: "a@example.org", to: "User@Example.com, user@example.com, <USER@EXAMPLE.COM>, b@example.com" });
+    expect(a.status).toBe(200);
+    expect(fake.commands.filter((c) => c.startsWith("RCPT TO:"))).toEqual(["RCPT TO:<User@Example.com>", "RCPT TO:<b@example.com>"]);
+    expect(a.body.recipients!.map((r) => r.address)).toEqual(["User@Example.com", "b@example.com"]);
+    expect(fake.received).toHaveLength(1);
+  });
+
+  test("JSON: a list in several cases is delivered once, to the single recipient named", async () => {
+    const a = await json({ from: "a@example.org", to: ["user@example.com", "USER@example.COM"], raw: MESSAGE });
+    expect(a.status).toBe(200);
+    expect(a.body.recipient).toBe("user@example.com");
+    expect(fake.received.map((m) => m.to)).toEqual([["user@example.com"]]);
   });
 });

@@ -12,6 +12,10 @@ import {
   addressProblem,
   base64Problem,
   describeIssues,
+  headerText,
+  headerValue,
+  loneSurrogateAt,
+  mailboxKey,
   outcomeForStatus,
   statusForReplies,
 } from "../contract.ts";
@@ -190,6 +194,13 @@ describe("InboundJsonBody", () => {
     expect(issues({ from: 1, to: "b@x", raw: "x" })).toBe("from: must be a string");
     expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe('raw_base64: is not base64: "!" at character 10 is not a base64 character');
   });
+
+  test("raw with a lone surrogate is refused (TextEncoder would write U+FFFD), a pair is not", () => {
+    expect(issues({ from: "a@x", to: "b@x", raw: "Subject: x\r\n\r\n\ud800" })).toBe(
+      'raw: contains a lone surrogate ("\\ud800") at character 14, which has no UTF-8 form: send the bytes as raw_base64',
+    );
+    expect(InboundJsonBody.safeParse({ from: "a@x", to: "b@x", raw: "Subject: \ud83d\ude00" }).success).toBe(true);
+  });
 });
 
 describe("base64Problem: strict RFC 4648 base64", () => {
@@ -244,4 +255,42 @@ describe("validation in linear time, at the full JSON limit", () => {
     if (!r.success) expect(describeIssues(r.error)).toEndWith(`is ${to.length} characters long (at most 254)`);
   });
 
+  test("raw: a lone surrogate after the limit's worth of text is found", () => {
+    expect(loneSurrogateAt("a".repeat(n) + "\udc00")).toBe(n);
+    expect(loneSurrogateAt("\ud83d\ude00".repeat(n / 4))).toBe(-1);
+  });
+});
+
+describe("recipients: one per mailbox, as Dovecot's default auth_username_format %Lu resolves them", () => {
+  const to = (list: string | string[]) => InboundEnvelope.parse({ from: "s@x", to: list }).to;
+
+  test("spellings that differ in ASCII case are one recipient; the first is kept", () => {
+    expect(to("User@Example.Test, user@example.test, USER@EXAMPLE.TEST")).toEqual(["User@Example.Test"]);
+    expect(to(["b@x", "a@x", "B@X"])).toEqual(["b@x", "a@x"]);
+    expect(mailboxKey("Jürgen@Example.TEST")).toBe("jürgen@example.test");
+  });
+
+  test("letters outside ASCII are not folded (Dovecot's tolower is ASCII only): two recipients", () => {
+    expect(to("jürgen@x, JÜRGEN@x, Jürgen@x")).toEqual(["jürgen@x", "JÜRGEN@x"]);
+  });
+});
+
+describe("envelope headers carry UTF-8", () => {
+  test("in Bun a header value is bytes: headerValue writes UTF-8, headerText reads it back", () => {
+    expect(headerValue("jürgen@x")).toBe("j\xc3\xbcrgen@x");
+    expect(headerText("j\xc3\xbcrgen@x")).toBe("jürgen@x");
+    expect(headerText(headerValue("用户@例子.广告, a@x"))).toBe("用户@例子.广告, a@x");
+    expect(headerValue("plain@x")).toBe("plain@x");
+  });
+
+  test("bytes that are not UTF-8 are refused (null), never U+FFFD", () => {
+    expect(headerText("j\xfcrgen@x")).toBeNull(); // Latin-1
+    expect(headerText("a@x\xc3")).toBeNull(); // cut short
+    expect(headerText("\xc0\xaf@x")).toBeNull(); // overlong
+    expect(headerText("\xed\xa0\x80@x")).toBeNull(); // an encoded surrogate
+  });
+
+  test("addresses with a lone surrogate are refused", () => {
+    expect(addressProblem("a\ud800@x")).toBe('contains a lone surrogate ("\\ud800"), which has no UTF-8 form');
+  });
 });

@@ -10,6 +10,7 @@ import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
+import { headerText } from "../contract.ts";
 import { email, type IncomingEmail } from "../worker.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
@@ -532,6 +533,25 @@ describe("ALLOWED_RECIPIENTS", () => {
 });
 
 // --- logs ---------------------------------------------------------------------------------------
+
+describe("a non-ASCII envelope (SMTPUTF8 mail) crosses to the host as UTF-8", () => {
+  for (const from of ["jürgen@example.org", "用户@例子.广告"]) {
+    test(`sender ${from}: the host reads it as sent, and so does LMTP`, async () => {
+      const msg = incoming(rfc822("utf-8 envelope"), { from });
+      const { error, host } = await run(msg, hostEnv());
+      expect(error).toBeNull();
+      expect(msg.rejects).toEqual([]);
+      expect(host[0]).toMatchObject({ status: 200, from, to: [USER] });
+      expect(fake.received[0]!.from).toBe(from);
+
+      // On the wire: the UTF-8 bytes, one header character per byte as Bun hands them over.
+      await run(incoming(rfc822("utf-8 envelope, stub"), { from }), stubEnv());
+      const sent = stubRequests[0]!.headers.get("x-envelope-from")!;
+      expect(Buffer.from(sent, "latin1")).toEqual(Buffer.from(from, "utf8"));
+      expect(headerText(sent)).toBe(from);
+    });
+  }
+});
 
 test("no log line, the Worker's or the host's, contains the API key (the wrong one included)", () => {
   // afterEach checked every test; this one says so by name and makes sure there was something to check.
