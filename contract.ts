@@ -9,6 +9,13 @@ export const INBOUND_PATH = "/api/v1/inbound-mail";
 export const DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024;
 /** RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; more is not a real message. */
 export const MAX_RECIPIENTS = 100;
+/**
+ * The recipient list as X-Envelope-To carries it ("a@x, b@y"), in UTF-8 bytes. Bun refuses a
+ * header block of 16 KiB or more (431) before the app sees it, and the key, X-Envelope-From and
+ * the tunnel's own headers need room beside it: 100 addresses of 254 characters (25.6 KB) cannot
+ * be sent in a header at all, so the contract says how many bytes of them can.
+ */
+export const MAX_ENVELOPE_TO_BYTES = 8 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Envelope
@@ -73,6 +80,8 @@ export function mailboxKey(address: string): string {
   return address.replace(/[A-Z]+/g, (letters) => letters.toLowerCase());
 }
 
+const utf8Length = (s: string) => new TextEncoder().encode(s).length;
+
 /** Removes one pair of surrounding angle brackets: "<a@b>" and "a@b" mean the same. */
 function unbracket(s: string): string {
   const t = trimBlanks(s);
@@ -102,7 +111,8 @@ const sender = z
 
 /**
  * "a@x, b@y" or ["a@x", "b@y"] -> ["a@x", "b@y"]; spellings of one mailbox (mailboxKey) dropped
- * after the first, which is the one the envelope keeps.
+ * after the first, which is the one the envelope keeps. Written as X-Envelope-To, the list must
+ * fit in MAX_ENVELOPE_TO_BYTES, whichever way it came: what the host accepts, the edge can send.
  */
 const recipientList = z
   .union([z.string(), z.array(z.string())], required("an address or a list of addresses"))
@@ -116,6 +126,15 @@ const recipientList = z
       seen.add(key);
       return true;
     });
+  })
+  .superRefine((list, ctx) => {
+    const bytes = utf8Length(list.join(", "));
+    if (bytes > MAX_ENVELOPE_TO_BYTES) {
+      ctx.addIssue({
+        code: "custom",
+        message: `${list.length} recipients take ${bytes} bytes as "a, b" (X-Envelope-To), more than ${MAX_ENVELOPE_TO_BYTES}: send the message in several requests`,
+      });
+    }
   });
 
 export const InboundEnvelope = z.object({ from: sender, to: recipientList });

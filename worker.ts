@@ -87,7 +87,8 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
     const headers: Record<string, string> = {
       "content-type": "message/rfc822",
       "x-api-key": config.apiKey,
-      // UTF-8 on the wire (headerValue).
+      // UTF-8 on the wire (headerValue); the contract's MAX_ENVELOPE_TO_BYTES keeps the list
+      // well inside the host's 16 KiB for all headers.
       "x-envelope-from": headerValue(envelope.from === "" ? "<>" : envelope.from),
       "x-envelope-to": headerValue(envelope.to.join(", ")),
       "x-request-id": requestId,

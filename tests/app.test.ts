@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../app.ts";
 import { ServerEnv, fromEnv } from "../config.ts";
-import { INBOUND_PATH, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
+import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
@@ -985,5 +985,56 @@ describe("recipients: one copy per mailbox, as Dovecot resolves them", () => {
     expect(a.status).toBe(200);
     expect(a.body.recipient).toBe("user@example.com");
     expect(fake.received.map((m) => m.to)).toEqual([["user@example.com"]]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// The envelope fits in the host's header limit
+
+/** `count` distinct addresses that take exactly `total` bytes as "a, b" (X-Envelope-To). */
+function recipientsOfBytes(total: number, count: number): string[] {
+  const each = Math.floor((total - 2 * (count - 1)) / count);
+  const out = Array.from({ length: count }, (_, i) => {
+    const local = `r${i}`.padEnd(40, "x");
+    return `${local}@${"d".repeat(each - 45)}.com`;
+  });
+  const short = total - out.join(", ").length;
+  out[0] = `${out[0]!.slice(0, 41)}${"d".repeat(each - 45 + short)}.com`;
+  if (out.join(", ").length !== total || out.some((a) => a.length > 254)) throw new Error("recipientsOfBytes: bad arithmetic");
+  return out;
+}
+
+describe(`X-Envelope-To fits in a header: at most ${MAX_ENVELOPE_TO_BYTES} bytes of recipients`, () => {
+  test("exactly the limit is delivered to every recipient; one byte more -> 400 naming the limit, nothing sent", async () => {
+    const at = recipientsOfBytes(MAX_ENVELOPE_TO_BYTES, 34);
+    const ok = await rfc822({ from: "a@example.org", to: at.join(", ") });
+    expect(ok.status).toBe(200);
+    expect(fake.received[0]!.to).toEqual(at);
+    fake.reset();
+
+    const over = recipientsOfBytes(MAX_ENVELOPE_TO_BYTES + 1, 34);
+    const a = await rfc822({ from: "a@example.org", to: over.join(", ") });
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_envelope");
+    expect(a.body.message).toBe(`x-envelope-to: 34 recipients take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To), more than ${MAX_ENVELOPE_TO_BYTES}: send the message in several requests`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("the limit counts UTF-8 bytes, not characters", async () => {
+    // 5000 characters, over 9000 bytes: "é" takes two.
+    const to = recipientsOfBytes(5000, 20).map((a) => a.replace(/d/g, "é"));
+    expect(to.join(", ").length).toBeLessThan(MAX_ENVELOPE_TO_BYTES);
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toContain(`take ${new TextEncoder().encode(to.join(", ")).length} bytes`);
+  });
+
+  test(`${MAX_RECIPIENTS} recipients of 254 characters (25.6 KB as a header) -> 400 with the reason, in JSON as well`, async () => {
+    const to = Array.from({ length: MAX_RECIPIENTS }, (_, i) => `${`r${i}`.padEnd(64, "x")}@${"d".repeat(185)}.com`);
+    expect(to.every((a) => a.length === 254)).toBe(true);
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toStartWith(`to: ${MAX_RECIPIENTS} recipients take 25598 bytes`);
+    expect(fake.commands).toEqual([]);
   });
 });

@@ -8,6 +8,7 @@ import {
   EnvelopeHeaders,
   InboundEnvelope,
   InboundJsonBody,
+  MAX_ENVELOPE_TO_BYTES,
   MAX_RECIPIENTS,
   addressProblem,
   base64Problem,
@@ -272,6 +273,30 @@ describe("recipients: one per mailbox, as Dovecot's default auth_username_format
 
   test("letters outside ASCII are not folded (Dovecot's tolower is ASCII only): two recipients", () => {
     expect(to("jürgen@x, JÜRGEN@x, Jürgen@x")).toEqual(["jürgen@x", "JÜRGEN@x"]);
+  });
+});
+
+describe(`MAX_ENVELOPE_TO_BYTES: the recipients as X-Envelope-To fit in ${MAX_ENVELOPE_TO_BYTES} bytes`, () => {
+  /** Distinct addresses that take exactly `total` bytes joined with ", ". */
+  const listOf = (total: number) => {
+    const list = Array.from({ length: 41 }, (_, i) => `r${i}`.padEnd(40, "x") + "@" + "d".repeat(152) + ".com");
+    const rest = total - list.join(", ").length;
+    list[0] = list[0]!.replace("@", "@" + "d".repeat(rest));
+    return list;
+  };
+
+  test("exactly the limit passes; one byte more is refused, saying how many", () => {
+    expect(listOf(MAX_ENVELOPE_TO_BYTES).join(", ").length).toBe(MAX_ENVELOPE_TO_BYTES);
+    expect(listOf(MAX_ENVELOPE_TO_BYTES + 1).every((a) => addressProblem(a) === null)).toBe(true);
+    expect(InboundEnvelope.safeParse({ from: "s@x", to: listOf(MAX_ENVELOPE_TO_BYTES) }).success).toBe(true);
+    const r = InboundEnvelope.safeParse({ from: "s@x", to: listOf(MAX_ENVELOPE_TO_BYTES + 1) });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toBe(`to: 41 recipients take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To), more than ${MAX_ENVELOPE_TO_BYTES}: send the message in several requests`);
+  });
+
+  test("duplicates dropped first: a list that fits once deduplicated passes", () => {
+    const list = listOf(MAX_ENVELOPE_TO_BYTES);
+    expect(InboundEnvelope.parse({ from: "s@x", to: [...list, list[1]!.toUpperCase()] }).to).toEqual(list);
   });
 });
 

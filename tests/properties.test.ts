@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { createApp, type Deliverer, type InboundMessage } from "../app.ts";
-import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../contract.ts";
+import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../contract.ts";
 import { DotStuffer, LmtpFault, ReplyParser, type LmtpReply } from "../lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
@@ -271,7 +271,9 @@ function refEnvelope(from: unknown, to: unknown): { from: string; to: string[] }
     const key = a.replace(/[A-Z]/g, (c) => c.toLowerCase());
     if (!mailboxes.has(key)) mailboxes.set(key, a);
   }
-  return { from: f, to: [...mailboxes.values()] };
+  const unique = [...mailboxes.values()];
+  if (enc.encode(unique.join(", ")).length > MAX_ENVELOPE_TO_BYTES) return null;
+  return { from: f, to: unique };
 }
 
 /** What must hold for anything the validation accepts, whatever it was given. */

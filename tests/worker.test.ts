@@ -10,8 +10,8 @@ import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { headerText } from "../contract.ts";
-import { email, type IncomingEmail } from "../worker.ts";
+import { MAX_ENVELOPE_TO_BYTES, headerText } from "../contract.ts";
+import worker, { email, type IncomingEmail } from "../worker.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -551,6 +551,37 @@ describe("a non-ASCII envelope (SMTPUTF8 mail) crosses to the host as UTF-8", ()
       expect(headerText(sent)).toBe(from);
     });
   }
+});
+
+describe(`the Worker's HTTP face refuses recipients over ${MAX_ENVELOPE_TO_BYTES} bytes before sending anything`, () => {
+  const post = (to: string[]) =>
+    worker.fetch(
+      new Request("http://edge/api/v1/inbound-mail", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-api-key": KEY },
+        body: JSON.stringify({ from: SENDER, to, raw: "Subject: x\r\n\r\nx\r\n" }),
+      }),
+      stubEnv(),
+    );
+  /** 41 distinct addresses that take `total` bytes as "a, b". */
+  const listOf = (total: number) => {
+    const list = Array.from({ length: 41 }, (_, i) => `r${i}`.padEnd(40, "x") + "@" + "d".repeat(152) + ".com");
+    list[0] = list[0]!.replace("@", "@" + "d".repeat(total - list.join(", ").length));
+    return list;
+  };
+
+  test("exactly the limit goes to the host in X-Envelope-To; one byte more is a 400 and the host hears nothing", async () => {
+    const ok = await post(listOf(MAX_ENVELOPE_TO_BYTES));
+    expect(ok.status).toBe(200);
+    expect(stubRequests).toHaveLength(1);
+    expect(stubRequests[0]!.headers.get("x-envelope-to")).toHaveLength(MAX_ENVELOPE_TO_BYTES);
+
+    stubRequests = [];
+    const over = await post(listOf(MAX_ENVELOPE_TO_BYTES + 1));
+    expect(over.status).toBe(400);
+    expect(((await over.json()) as { message: string }).message).toContain(`take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To)`);
+    expect(stubRequests).toEqual([]);
+  });
 });
 
 test("no log line, the Worker's or the host's, contains the API key (the wrong one included)", () => {
