@@ -28,6 +28,11 @@ export interface InboundMessage {
   /** Its size in bytes when known before reading (Content-Length, or a decoded JSON body). */
   size: number | null;
   requestId: string;
+  /**
+   * Aborted when the request's connection is gone: no answer can reach the sender any more, so
+   * from then on nothing may be delivered (the host checks it just before the final dot).
+   */
+  signal: AbortSignal;
 }
 
 /** Delivers one message; answers one result per recipient, in envelope order. */
@@ -121,11 +126,19 @@ export function createApp(opts: AppOptions) {
     const { envelope, body, size, overLimit } = parsed;
     logFields(c, { from: envelope.from, to: envelope.to, size, body: type });
 
+    // The connection is gone before the message went anywhere: nobody can hear an answer, so
+    // nothing may be delivered. Bun (1.4.5) closes a connection as soon as a second request
+    // arrives on it before the first is answered (HTTP pipelining), and the first one's answer is
+    // lost with it.
+    const signal = c.req.raw.signal;
+    if (signal.aborted) throw clientGone();
+
     let results: RecipientResult[];
     try {
-      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId") });
+      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId"), signal });
     } catch (e) {
       if (overLimit?.()) throw tooLarge(maxMessage);
+      if (signal.aborted) throw clientGone();
       if (e instanceof TemporaryFailure) throw new Refusal(503, "lmtp_unavailable", `temporary failure, not delivered: ${e.message}`);
       // Hono hands only Error instances to onError; anything else would reach the runtime's own
       // error page (which shows the thrown value in development) instead of our 500.
@@ -245,6 +258,10 @@ function refuseEncoded(header: string | undefined): void {
     "unsupported_content_encoding",
     `Content-Encoding ${JSON.stringify(coding)} is not accepted: the message is delivered as its bytes arrive, so send it uncompressed`,
   );
+}
+
+function clientGone(): Refusal {
+  return new Refusal(503, "client_gone", "the connection was closed before the answer could be sent; not delivered");
 }
 
 function tooLarge(max: number): Refusal {

@@ -127,8 +127,12 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
           return r && r.code < 300 ? r : { address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 ${text}` };
         });
       case "reject":
+        // A bounce cannot be taken back: only the host's own refusal, with its reason, bounces.
+        // A bare 400 or 413 comes from something in front of the app (Bun answers a few requests
+        // itself, without a body; a proxy, with its own page) and is retried.
+        if (!answer.success) throw new TemporaryFailure(`host answered ${res.status} without its JSON reason`);
         if (res.status === 422 && recipients?.length) return recipients;
-        throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.success ? (answer.data.error ?? "host_refused") : "host_refused", text);
+        throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.data.error ?? "host_refused", text);
       case "retry":
         throw new TemporaryFailure(`host answered ${res.status}: ${text}`);
     }

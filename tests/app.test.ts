@@ -3,6 +3,9 @@
 // A 500 needs a deliverer that throws, so that one uses createApp directly.
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../app.ts";
 import { ServerEnv, fromEnv } from "../config.ts";
 import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
@@ -1036,5 +1039,130 @@ describe(`X-Envelope-To fits in a header: at most ${MAX_ENVELOPE_TO_BYTES} bytes
     expect(a.status).toBe(400);
     expect(a.body.message).toStartWith(`to: ${MAX_RECIPIENTS} recipients take 25598 bytes`);
     expect(fake.commands).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// What Bun answers before the app runs (the last rows of the README's contract table)
+
+describe("answers from Bun's HTTP parser, before the app runs", () => {
+  const start = `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nX-API-Key: ${KEY_1}\r\nContent-Type: message/rfc822\r\nX-Envelope-From: a@example.org\r\nX-Envelope-To: user@example.com\r\n`;
+  const chunked = `${MESSAGE.length.toString(16)}\r\n${MESSAGE}\r\n0\r\n\r\n`;
+
+  test.each([
+    ["Transfer-Encoding with Content-Length", `Transfer-Encoding: chunked\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${chunked}`],
+    ["Transfer-Encoding: gzip, chunked (a coding other than chunked)", `Transfer-Encoding: gzip, chunked\r\n\r\n${chunked}`],
+    ["an obs-folded header line", `X-Note: one\r\n two\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`],
+  ])("%s -> Bun's own 400 without a body; nothing delivered", async (_what, rest) => {
+    const a = await rawHttp(server.port, start + rest);
+    expect(a).toEqual({ status: 400, body: "" });
+    expect(fake.commands).toEqual([]);
+    expect(inboundLines()).toEqual([]);
+  });
+
+  test("a body declared larger than Bun's limit (the JSON limit, 2 x MAX_MESSAGE_BYTES + 1 MiB) -> Bun's own 413 without a body", async () => {
+    const over = maxJsonBytes(LIMIT) + 1;
+    const a = await rawHttp(server.port, `${start}Content-Length: ${over}\r\n\r\n`);
+    expect(a).toEqual({ status: 413, body: "" });
+    expect(fake.commands).toEqual([]);
+    // Up to it, the app answers, with its reason.
+    const b = await rawHttp(server.port, `${start}Content-Length: ${over - 1}\r\nConnection: close\r\n\r\n`);
+    expect(b.status).toBe(413);
+    expect(JSON.parse(b.body)).toMatchObject({ error: "payload_too_large" });
+  });
+
+  test("a header block of 16 KiB -> Bun's own 431 without a body, nothing delivered; the Worker retries it", async () => {
+    const a = await rawHttp(server.port, `${start}X-Padding: ${"p".repeat(16 * 1024)}\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`);
+    expect(a).toEqual({ status: 431, body: "" });
+    expect(outcomeForStatus(431)).toBe("retry");
+    expect(fake.commands).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining: a second request sent before the first is answered
+
+/** Writes `parts` on one connection (waiting for each `before` condition first); answers every byte received until it closes. */
+function rawExchange(port: number, parts: { data: string | Uint8Array; before?: () => boolean }[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let received = "";
+    Bun.connect({
+      hostname: "127.0.0.1",
+      port,
+      socket: {
+        async open(s) {
+          for (const p of parts) {
+            while (p.before && !p.before()) await Bun.sleep(5);
+            s.write(p.data);
+          }
+        },
+        data: (_s, chunk) => void (received += Buffer.from(chunk).toString("latin1")),
+        close: () => resolve(received),
+        error: (_s, e) => reject(e),
+      },
+    }).catch(reject);
+  });
+}
+
+const answersIn = (received: string) => received.match(/^HTTP\/1\.1 \d{3}/gm) ?? [];
+
+describe("pipelined requests: every request answered, or nothing delivered", () => {
+  // Bun 1.4.5 closes a connection on which a request arrives before the one ahead of it is
+  // answered; the answer is lost. A message its sender never hears about must not be delivered.
+  const request = (body: string, to = "user@example.com", type = "message/rfc822") =>
+    `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nX-API-Key: ${KEY_1}\r\nContent-Type: ${type}\r\n` +
+    `X-Envelope-From: a@example.org\r\nX-Envelope-To: ${to}\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+  const health = "GET /health HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n";
+
+  async function settled(requests: number) {
+    // The access log writes one line per request the app handled, answered or not.
+    while (inboundLines().length < requests) await Bun.sleep(5);
+  }
+
+  test("two POSTs in one write", async () => {
+    const received = await rawExchange(server.port, [{ data: request(MESSAGE) + request(MESSAGE.replace("hello", "second")) }]);
+    await settled(1);
+    const answers = answersIn(received).length;
+    expect(fake.received.length).toBeLessThanOrEqual(answers);
+    if (answers === 0) expect(inboundLines()[0]).toMatchObject({ status: 503, error: "client_gone" });
+  });
+
+  test("two JSON POSTs in one write", async () => {
+    const body = JSON.stringify({ from: "a@example.org", to: "user@example.com", raw: MESSAGE });
+    const received = await rawExchange(server.port, [{ data: request(body, "user@example.com", "application/json").repeat(2) }]);
+    await settled(1);
+    expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
+  });
+
+  test("with a spool: nothing delivered and nothing queued behind the client's back", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "relay-pipelining-"));
+    const lines: LogLine[] = [];
+    const config = fromEnv(ServerEnv, { API_KEYS: KEY_1, LMTP_HOST: "127.0.0.1", LMTP_PORT: String(fake.port), MAX_MESSAGE_BYTES: String(LIMIT), SPOOL_DIR: dir });
+    const s = startServer({ ...config, port: 0 }, { log: (l) => lines.push(l) });
+    try {
+      fake.behaviour.rcpt = () => 450; // Dovecot busy: the spool would take it
+      const received = await rawExchange(s.port, [{ data: request(MESSAGE) + health }]);
+      while (!lines.some((l) => l.path === INBOUND_PATH)) await Bun.sleep(5);
+      expect(answersIn(received)).toEqual([]);
+      expect(lines.find((l) => l.path === INBOUND_PATH)).toMatchObject({ status: 503, error: "client_gone" });
+      expect(fake.received).toEqual([]);
+      expect(readdirSync(join(dir, "queue"))).toEqual([]);
+    } finally {
+      await s.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a second request that arrives while LMTP already reads the first one's body", async () => {
+    const message = `Subject: slow\r\n\r\n${"x".repeat(100)}\r\n`;
+    const whole = request(message);
+    const cut = whole.length - 20;
+    const received = await rawExchange(server.port, [
+      { data: whole.slice(0, cut) },
+      // The transaction is under way: LMTP waits for the rest of the body.
+      { data: whole.slice(cut) + health, before: () => fake.commands.includes("DATA") },
+    ]);
+    await settled(1);
+    expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
   });
 });

@@ -534,6 +534,21 @@ describe("ALLOWED_RECIPIENTS", () => {
 
 // --- logs ---------------------------------------------------------------------------------------
 
+describe("answers that are not the host's own (Bun's HTTP parser, a proxy) never bounce", () => {
+  // Bun answers 400 (a header it cannot parse) and 431 (a header block of 16 KiB or more) before
+  // the app runs, without a body: no reason to bounce with, and not the host's refusal.
+  for (const status of [400, 413, 415, 422, 431]) {
+    test(`a bare ${status} without the host's JSON -> throws (the sender retries), no setReject`, async () => {
+      stubHandler = () => new Response(null, { status, headers: { connection: "close" } });
+      const msg = incoming(rfc822(`bare ${status}`));
+      const { error, worker: lines } = await run(msg, stubEnv());
+      expect(error?.message).toContain(`host answered ${status}`);
+      expect(msg.rejects).toEqual([]);
+      expect(lines[0]).toMatchObject({ outcome: "retry" });
+    });
+  }
+});
+
 describe("a non-ASCII envelope (SMTPUTF8 mail) crosses to the host as UTF-8", () => {
   for (const from of ["jürgen@example.org", "用户@例子.广告"]) {
     test(`sender ${from}: the host reads it as sent, and so does LMTP`, async () => {
