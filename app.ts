@@ -12,6 +12,7 @@ import {
   InboundJsonBody,
   describeIssues,
   replyClass,
+  headerText,
   statusForReplies,
   type InboundEnvelope,
   type InboundResponse,
@@ -28,6 +29,11 @@ export interface InboundMessage {
   /** Its size in bytes when known before reading (Content-Length, or a decoded JSON body). */
   size: number | null;
   requestId: string;
+  /**
+   * Aborted when the request's connection is gone: no answer can reach the sender any more, so
+   * from then on nothing may be delivered (the host checks it just before the final dot).
+   */
+  signal: AbortSignal;
 }
 
 /** Delivers one message; answers one result per recipient, in envelope order. */
@@ -110,6 +116,7 @@ export function createApp(opts: AppOptions) {
   }
 
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
+    refuseEncoded(c.req.header("content-encoding"));
     const type = mediaType(c.req.header("content-type"));
     const parsed =
       type === "message/rfc822"
@@ -120,11 +127,19 @@ export function createApp(opts: AppOptions) {
     const { envelope, body, size, overLimit } = parsed;
     logFields(c, { from: envelope.from, to: envelope.to, size, body: type });
 
+    // The connection is gone before the message went anywhere: nobody can hear an answer, so
+    // nothing may be delivered. Bun (1.4.5) closes a connection as soon as a second request
+    // arrives on it before the first is answered (HTTP pipelining), and the first one's answer is
+    // lost with it.
+    const signal = c.req.raw.signal;
+    if (signal.aborted) throw clientGone();
+
     let results: RecipientResult[];
     try {
-      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId") });
+      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId"), signal });
     } catch (e) {
       if (overLimit?.()) throw tooLarge(maxMessage);
+      if (signal.aborted) throw clientGone();
       if (e instanceof TemporaryFailure) throw new Refusal(503, "lmtp_unavailable", `temporary failure, not delivered: ${e.message}`);
       // Hono hands only Error instances to onError; anything else would reach the runtime's own
       // error page (which shows the thrown value in development) instead of our 500.
@@ -172,8 +187,8 @@ interface ParsedRequest {
 /** message/rfc822: the body is the message; the envelope is in X-Envelope-From / X-Envelope-To. */
 function rawMessage(c: Context, max: number): ParsedRequest {
   const env = EnvelopeHeaders.safeParse({
-    "x-envelope-from": c.req.header("x-envelope-from"),
-    "x-envelope-to": c.req.header("x-envelope-to"),
+    "x-envelope-from": envelopeHeader(c, "x-envelope-from"),
+    "x-envelope-to": envelopeHeader(c, "x-envelope-to"),
   });
   if (!env.success) throw new Refusal(400, "invalid_envelope", describeIssues(env.error));
   const envelope = { from: env.data["x-envelope-from"], to: env.data["x-envelope-to"] };
@@ -189,13 +204,29 @@ function rawMessage(c: Context, max: number): ParsedRequest {
   return { envelope, body: counted.stream, size: null, overLimit: counted.exceeded };
 }
 
+/** An envelope header as text (UTF-8 on the wire); bytes that are not UTF-8 are refused, not replaced. */
+function envelopeHeader(c: Context, name: "x-envelope-from" | "x-envelope-to"): string | undefined {
+  const value = c.req.header(name);
+  if (value === undefined) return undefined;
+  const text = headerText(value);
+  if (text === null) throw new Refusal(400, "invalid_envelope", `${name}: is not valid UTF-8`);
+  return text;
+}
+
 /** application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact bytes. */
 async function jsonMessage(req: Request, maxMessage: number, maxJson: number): Promise<ParsedRequest> {
   const bytes = await readAtMost(req, maxJson);
   if (bytes === null) throw tooLarge(maxMessage);
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    // Not replaced with U+FFFD: that would change the message without a word.
+    throw new Refusal(400, "invalid_utf8", "the request body is not valid UTF-8 (JSON must be, RFC 8259): send a message that is not UTF-8 as raw_base64");
+  }
   let json: unknown;
   try {
-    json = JSON.parse(new TextDecoder().decode(bytes));
+    json = JSON.parse(text);
   } catch (e) {
     throw new Refusal(400, "malformed_json", `the request body is not valid JSON: ${(e as Error).message}`);
   }
@@ -216,6 +247,24 @@ function unsupported(type: string): never {
   );
 }
 
+/**
+ * Nothing decodes a Content-Encoding (Bun does not, and neither does the app): a gzip body would be
+ * delivered still compressed. Only the identity is taken.
+ */
+function refuseEncoded(header: string | undefined): void {
+  const coding = (header ?? "").trim().toLowerCase();
+  if (coding === "" || coding === "identity") return;
+  throw new Refusal(
+    415,
+    "unsupported_content_encoding",
+    `Content-Encoding ${JSON.stringify(coding)} is not accepted: the message is delivered as its bytes arrive, so send it uncompressed`,
+  );
+}
+
+function clientGone(): Refusal {
+  return new Refusal(503, "client_gone", "the connection was closed before the answer could be sent; not delivered");
+}
+
 function tooLarge(max: number): Refusal {
   return new Refusal(413, "payload_too_large", `the message is larger than ${max} bytes`);
 }
@@ -224,14 +273,9 @@ function mediaType(header: string | undefined): string {
   return (header ?? "").split(";")[0]!.trim().toLowerCase();
 }
 
-/** raw_base64 to bytes; what atob cannot decode (e.g. a length of 4n+1) is the client's error: 400. */
+/** raw_base64 to bytes; the schema has checked it is strict base64 (atob skips the blanks). */
 function decodeBase64(b64: string): Uint8Array {
-  let bin: string;
-  try {
-    bin = atob(b64.replace(/\s+/g, ""));
-  } catch {
-    throw new Refusal(400, "invalid_request", "raw_base64: is not valid base64");
-  }
+  const bin = atob(b64);
   const out = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
   return out;

@@ -48,7 +48,7 @@ export function deliverNowOrSpool(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
     const { envelope, size } = message;
     const peeked = await peekHeaders(message.body);
-    message = { ...message, body: peeked.body };
+    message = { ...message, body: untilAborted(peeked.body, message.signal) };
     const messageId = peeked.info.messageId;
 
     // A repeat of something already delivered (the Worker retrying after a lost answer).
@@ -135,6 +135,34 @@ function teeInto(body: MessageBody, staged: StagedMessage): MessageBody {
       async transform(chunk, controller) {
         await staged.write(chunk);
         controller.enqueue(chunk);
+      },
+    }),
+  );
+}
+
+/**
+ * The body as a stream that fails instead of ending if the request has been aborted by then: LMTP
+ * reads the end just before it sends the final dot, so a message whose sender can no longer hear
+ * the answer (the connection closed, as Bun does when a request is pipelined behind it) is not
+ * delivered. The end waits one turn of the event loop first: a request pipelined in the same
+ * packet as the body's last bytes is parsed, and the connection closed, only after those bytes
+ * have been handed on.
+ */
+function untilAborted(body: MessageBody, signal: AbortSignal): ReadableStream<Uint8Array> {
+  const source =
+    body instanceof Uint8Array
+      ? new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(body);
+            controller.close();
+          },
+        })
+      : body;
+  return source.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      async flush(controller) {
+        await new Promise((resolve) => setImmediate(resolve));
+        if (signal.aborted) controller.error(new Error("the connection was closed before the answer"));
       },
     }),
   );

@@ -13,7 +13,7 @@ import { Hono, type Context } from "hono";
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./app.ts";
 import { MIN_KEY_LENGTH } from "./config.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, outcomeForStatus, replyClass, type RecipientResult } from "./contract.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, replyClass, type RecipientResult } from "./contract.ts";
 import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge-drain.ts";
 import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge-spool.ts";
 import { apiKey } from "./middleware/api-key.ts";
@@ -113,8 +113,10 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
     const headers: Record<string, string> = {
       "content-type": "message/rfc822",
       "x-api-key": config.apiKey,
-      "x-envelope-from": envelope.from === "" ? "<>" : envelope.from,
-      "x-envelope-to": envelope.to.join(", "),
+      // UTF-8 on the wire (headerValue); the contract's MAX_ENVELOPE_TO_BYTES keeps the list
+      // well inside the host's 16 KiB for all headers.
+      "x-envelope-from": headerValue(envelope.from === "" ? "<>" : envelope.from),
+      "x-envelope-to": headerValue(envelope.to.join(", ")),
       "x-request-id": requestId,
       "user-agent": "mailserver-inbound-relay-worker/1",
     };
@@ -151,8 +153,12 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
           return r && replyClass(r.code) === "accepted" ? r : { address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 ${text}` };
         });
       case "reject":
+        // A bounce cannot be taken back: only the host's own refusal, with its reason, bounces.
+        // A bare 400 or 413 comes from something in front of the app (Bun answers a few requests
+        // itself, without a body; a proxy, with its own page) and is retried.
+        if (!answer.success) throw new TemporaryFailure(`host answered ${res.status} without its JSON reason`);
         if (res.status === 422 && recipients?.length) return recipients;
-        throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.success ? (answer.data.error ?? "host_refused") : "host_refused", text);
+        throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.data.error ?? "host_refused", text);
       case "retry":
         throw new TemporaryFailure(`host answered ${res.status}: ${text}`);
     }
@@ -230,8 +236,8 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
         "content-type": "message/rfc822",
         "content-length": String(message.rawSize),
         "x-api-key": config.apiKey,
-        "x-envelope-from": message.from || "<>",
-        "x-envelope-to": message.to,
+        "x-envelope-from": headerValue(message.from || "<>"),
+        "x-envelope-to": headerValue(message.to),
         "x-request-id": requestId,
       },
       body: live,
@@ -334,7 +340,8 @@ function sendHeld(config: WorkerConfig) {
   const forward = forwardToHost(config);
   return async (m: HeldMessage, body: ReadableStream<Uint8Array>, requestId: string): Promise<SendResult> => {
     try {
-      const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId });
+      // Nobody waits on the other end of a drain: only forwardToHost's own time limit ends it.
+      const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId, signal: new AbortController().signal });
       const replies = results.map((r) => r.reply).join("; ");
       if (results.every((r) => replyClass(r.code) === "accepted")) return { outcome: "confirmed", reply: replies };
       return { outcome: results.some((r) => replyClass(r.code) === "permanent") ? "permanent" : "temporary", reply: replies };

@@ -15,6 +15,7 @@
 import { existsSync, readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { headerValue } from "../contract.ts";
 
 const INBOUND_PATH = "/api/v1/inbound-mail";
 
@@ -81,8 +82,9 @@ export async function sendToHost(hostUrl: string, apiKey: string, msg: TestMessa
     headers: {
       "content-type": "message/rfc822",
       "x-api-key": apiKey,
-      "x-envelope-from": msg.from || "<>",
-      "x-envelope-to": msg.to,
+      // UTF-8 on the wire, as the Worker sends them (Bun's fetch would write Latin-1).
+      "x-envelope-from": headerValue(msg.from || "<>"),
+      "x-envelope-to": headerValue(msg.to),
     },
     body: msg.raw,
     signal: AbortSignal.timeout(timeoutMs),

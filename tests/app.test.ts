@@ -3,9 +3,12 @@
 // A 500 needs a deliverer that throws, so that one uses createApp directly.
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { TemporaryFailure, createApp, type Deliverer } from "../app.ts";
+import { mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../app.ts";
 import { ServerEnv, fromEnv } from "../config.ts";
-import { INBOUND_PATH, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
+import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
@@ -134,19 +137,18 @@ const inboundLines = () => logs.filter((l) => l.path === INBOUND_PATH);
  * A hand-written HTTP/1.1 request over TCP, for what fetch will not send (a Content-Length
  * without the body, control characters in a header). Answers the status and the body.
  */
-function rawHttp(port: number, head: string): Promise<{ status: number; body: string }> {
+function rawHttp(port: number, head: string | Uint8Array): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     let buf = new Uint8Array(0);
     const done = () => {
-      const text = new TextDecoder().decode(buf);
+      const text = Buffer.from(buf).toString("latin1"); // one character per byte
       const m = /^HTTP\/1\.[01] (\d{3})/.exec(text);
       if (!m) return false;
       const end = text.indexOf("\r\n\r\n");
       if (end < 0) return false;
       const length = /\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end));
-      const body = text.slice(end + 4);
-      if (length && body.length < Number(length[1])) return false;
-      resolve({ status: Number(m[1]), body });
+      if (length && buf.length - (end + 4) < Number(length[1])) return false;
+      resolve({ status: Number(m[1]), body: new TextDecoder().decode(buf.subarray(end + 4)) });
       return true;
     };
     Bun.connect({
@@ -822,5 +824,345 @@ describe("access log", () => {
       [400, "malformed_json"],
     ]);
     expect(inboundLines()[0]!.replies).toEqual(["550 5.1.1 <nobody@example.com> User unknown"]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Validation in time linear in the input
+
+describe("validation takes time linear in the input", () => {
+  // The patterns these checks replaced backtracked over runs of blanks: each request below held
+  // the event loop (and /health with it) for hours. A linear check answers it at once. Each is
+  // about the size of the JSON limit here (1 MiB + 8 KiB).
+  const MiB = 1024 * 1024;
+
+  test("raw_base64: a megabyte of blanks, then a bad character -> 400 naming it", async () => {
+    const a = await json({ from: "a@example.org", to: "user@example.com", raw_base64: " ".repeat(MiB) + "!" });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toBe(`raw_base64: is not base64: "!" at character ${MiB} is not a base64 character`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("raw_base64 among a megabyte of blanks and line breaks is accepted, and its bytes arrive exactly", async () => {
+    const message = bytes("Subject: base64\r\n\r\n", [0x82, 0xa0, 0xff, 0x00], "\r\n");
+    const lines = Buffer.from(message).toString("base64").match(/.{1,8}/g)!.join("\n");
+    const raw_base64 = " ".repeat(MiB) + lines + " \t\r\n";
+    expect(JSON.stringify({ raw_base64 }).length).toBeLessThan(maxJsonBytes(LIMIT));
+    const a = await json({ from: "a@example.org", to: "user@example.com", raw_base64 });
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.data).toEqual(message);
+  });
+
+  test("to: a megabyte of blanks inside an address -> 400 naming its length", async () => {
+    const to = `x${" ".repeat(MiB)}y@example.com`;
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toEndWith(`is ${to.length} characters long (at most 254)`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("/health answers while such a request is being checked", async () => {
+    const slow = json({ from: "a@example.org", to: `x${" ".repeat(MiB / 2)}y@example.com`, raw_base64: " ".repeat(MiB / 2) + "!" });
+    const health = await fetch(`${server.url}/health`);
+    expect(health.status).toBe(200);
+    expect((await slow).status).toBe(400);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Bad input is refused with its reason, never changed
+
+describe("400: bad input is refused, never changed", () => {
+  const jsonBytes = (body: Uint8Array) => post({ "Content-Type": "application/json", "X-API-Key": KEY_1 }, body as BodyInit);
+
+  test("a JSON body that is not UTF-8 -> 400 invalid_utf8, nothing delivered (not U+FFFD)", async () => {
+    // "été" in Latin-1 inside raw.
+    const body = bytes('{"from":"a@example.org","to":"user@example.com","raw":"Subject: x\\r\\n\\r\\n', [0xe9, 0x74, 0xe9], '\\r\\n"}');
+    const a = await jsonBytes(body);
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_utf8");
+    expect(a.body.message).toContain("not valid UTF-8");
+    expect(outcomeForStatus(a.status)).toBe("reject");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test.each([
+    ["a lone high surrogate", "\\ud800"],
+    ["a lone low surrogate", "\\udc00"],
+    ["a pair in the wrong order", "\\udc00\\ud800"],
+    ["a high surrogate at the very end", "\\ud83d"],
+  ])("raw with %s -> 400 naming raw, nothing delivered", async (_name, escaped) => {
+    const prefix = "Subject: x\\r\\n\\r\\nab";
+    const a = await json(`{"from":"a@example.org","to":"user@example.com","raw":"${prefix}${escaped}"}`);
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_request");
+    expect(a.body.message).toMatch(/^raw: contains a lone surrogate \("\\ud[89a-f][0-9a-f]{2}"\) at character 16, which has no UTF-8 form/);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("a surrogate pair (an emoji) in raw is delivered as its four UTF-8 bytes", async () => {
+    const a = await json('{"from":"a@example.org","to":"user@example.com","raw":"Subject: \\ud83d\\ude00\\r\\n\\r\\nx\\r\\n"}');
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.data).toEqual(bytes("Subject: ", [0xf0, 0x9f, 0x98, 0x80], "\r\n\r\nx\r\n"));
+  });
+
+  test.each(["from", "to"])("%s with a lone surrogate -> 400 naming the field", async (field) => {
+    const envelope = { from: '"a@example.org"', to: '"user@example.com"', [field]: '"us\\udfffer@example.com"' };
+    const a = await json(`{"from":${envelope.from},"to":${envelope.to},"raw":"x"}`);
+    expect(a.status).toBe(400);
+    expect(a.body.message).toMatch(new RegExp(`^${field}(\\.0)?: "us\\\\udfffer@example.com" contains a lone surrogate`));
+    expect(fake.commands).toEqual([]);
+  });
+
+  /** A message/rfc822 request by hand, its envelope headers as the given bytes. */
+  const withEnvelopeBytes = (from: Uint8Array, to: Uint8Array) =>
+    rawHttp(
+      server.port,
+      bytes(
+        `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\nX-API-Key: ${KEY_1}\r\nContent-Type: message/rfc822\r\n`,
+        "X-Envelope-From: ", [...from], "\r\nX-Envelope-To: ", [...to], "\r\n",
+        `Content-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`,
+      ),
+    );
+  const utf8 = (s: string) => new TextEncoder().encode(s);
+
+  test("X-Envelope-From and X-Envelope-To are UTF-8 on the wire: jürgen stays jürgen", async () => {
+    const a = await withEnvelopeBytes(utf8("jürgen@example.org"), utf8("user@example.com, 用户@example.com"));
+    expect(a.status).toBe(200);
+    expect(fake.received[0]!.from).toBe("jürgen@example.org");
+    expect(fake.received[0]!.to).toEqual(["user@example.com", "用户@example.com"]);
+    expect(inboundLines()[0]).toMatchObject({ from: "jürgen@example.org", to: ["user@example.com", "用户@example.com"] });
+  });
+
+  test.each([
+    ["X-Envelope-From", "a Latin-1 byte", [0x6a, 0xfc, ...utf8("rgen@example.org")]],
+    ["X-Envelope-To", "a cut UTF-8 sequence", [...utf8("user@example.com, j"), 0xc3]],
+    ["X-Envelope-To", "an overlong encoding of \"@\"", [...utf8("user"), 0xc1, 0x80, ...utf8("example.com")]],
+  ])("%s with %s -> 400 naming the header, nothing delivered", async (header, _what, value) => {
+    const good = utf8(header === "X-Envelope-From" ? "user@example.com" : "a@example.org");
+    const a = header === "X-Envelope-From" ? await withEnvelopeBytes(Uint8Array.from(value), good) : await withEnvelopeBytes(good, Uint8Array.from(value));
+    expect(a.status).toBe(400);
+    expect(JSON.parse(a.body)).toMatchObject({ error: "invalid_envelope", message: `${header.toLowerCase()}: is not valid UTF-8` });
+    expect(fake.commands).toEqual([]);
+  });
+});
+
+describe("415 a Content-Encoding other than identity", () => {
+  const envelope = { from: "a@example.org", to: "user@example.com" };
+
+  test.each(["gzip", "deflate", "br", "x-gzip", "GZIP", "gzip, identity"])("message/rfc822 with Content-Encoding: %s -> 415, nothing delivered", async (coding) => {
+    const a = await rfc822(envelope, Bun.gzipSync(new TextEncoder().encode(MESSAGE)), { "Content-Encoding": coding });
+    expect(a.status).toBe(415);
+    expect(a.body.error).toBe("unsupported_content_encoding");
+    expect(a.body.message).toContain(JSON.stringify(coding.toLowerCase()));
+    expect(outcomeForStatus(a.status)).toBe("reject");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("JSON with Content-Encoding: gzip -> 415, nothing delivered", async () => {
+    const body = Bun.gzipSync(new TextEncoder().encode(JSON.stringify({ ...envelope, raw: MESSAGE })));
+    const a = await post({ "Content-Type": "application/json", "Content-Encoding": "gzip", "X-API-Key": KEY_1 }, body);
+    expect(a.status).toBe(415);
+    expect(a.body.error).toBe("unsupported_content_encoding");
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("Content-Encoding: identity is the message as it is: delivered", async () => {
+    const a = await rfc822(envelope, MESSAGE, { "Content-Encoding": "identity" });
+    expect(a.status).toBe(200);
+    expect(new TextDecoder().decode(fake.received[0]!.data)).toBe(MESSAGE);
+  });
+});
+
+describe("recipients: one copy per mailbox, as Dovecot resolves them", () => {
+  test("the same address in another case is one recipient: one RCPT, the first spelling kept", async () => {
+    const a = await rfc822({ from: "a@example.org", to: "User@Example.com, user@example.com, <USER@EXAMPLE.COM>, b@example.com" });
+    expect(a.status).toBe(200);
+    expect(fake.commands.filter((c) => c.startsWith("RCPT TO:"))).toEqual(["RCPT TO:<User@Example.com>", "RCPT TO:<b@example.com>"]);
+    expect(a.body.recipients!.map((r) => r.address)).toEqual(["User@Example.com", "b@example.com"]);
+    expect(fake.received).toHaveLength(1);
+  });
+
+  test("JSON: a list in several cases is delivered once, to the single recipient named", async () => {
+    const a = await json({ from: "a@example.org", to: ["user@example.com", "USER@example.COM"], raw: MESSAGE });
+    expect(a.status).toBe(200);
+    expect(a.body.recipient).toBe("user@example.com");
+    expect(fake.received.map((m) => m.to)).toEqual([["user@example.com"]]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// The envelope fits in the host's header limit
+
+/** `count` distinct addresses that take exactly `total` bytes as "a, b" (X-Envelope-To). */
+function recipientsOfBytes(total: number, count: number): string[] {
+  const each = Math.floor((total - 2 * (count - 1)) / count);
+  const out = Array.from({ length: count }, (_, i) => {
+    const local = `r${i}`.padEnd(40, "x");
+    return `${local}@${"d".repeat(each - 45)}.com`;
+  });
+  const short = total - out.join(", ").length;
+  out[0] = `${out[0]!.slice(0, 41)}${"d".repeat(each - 45 + short)}.com`;
+  if (out.join(", ").length !== total || out.some((a) => a.length > 254)) throw new Error("recipientsOfBytes: bad arithmetic");
+  return out;
+}
+
+describe(`X-Envelope-To fits in a header: at most ${MAX_ENVELOPE_TO_BYTES} bytes of recipients`, () => {
+  test("exactly the limit is delivered to every recipient; one byte more -> 400 naming the limit, nothing sent", async () => {
+    const at = recipientsOfBytes(MAX_ENVELOPE_TO_BYTES, 34);
+    const ok = await rfc822({ from: "a@example.org", to: at.join(", ") });
+    expect(ok.status).toBe(200);
+    expect(fake.received[0]!.to).toEqual(at);
+    fake.reset();
+
+    const over = recipientsOfBytes(MAX_ENVELOPE_TO_BYTES + 1, 34);
+    const a = await rfc822({ from: "a@example.org", to: over.join(", ") });
+    expect(a.status).toBe(400);
+    expect(a.body.error).toBe("invalid_envelope");
+    expect(a.body.message).toBe(`x-envelope-to: 34 recipients take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To), more than ${MAX_ENVELOPE_TO_BYTES}: send the message in several requests`);
+    expect(fake.commands).toEqual([]);
+  });
+
+  test("the limit counts UTF-8 bytes, not characters", async () => {
+    // 5000 characters, over 9000 bytes: "é" takes two.
+    const to = recipientsOfBytes(5000, 20).map((a) => a.replace(/d/g, "é"));
+    expect(to.join(", ").length).toBeLessThan(MAX_ENVELOPE_TO_BYTES);
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toContain(`take ${new TextEncoder().encode(to.join(", ")).length} bytes`);
+  });
+
+  test(`${MAX_RECIPIENTS} recipients of 254 characters (25.6 KB as a header) -> 400 with the reason, in JSON as well`, async () => {
+    const to = Array.from({ length: MAX_RECIPIENTS }, (_, i) => `${`r${i}`.padEnd(64, "x")}@${"d".repeat(185)}.com`);
+    expect(to.every((a) => a.length === 254)).toBe(true);
+    const a = await json({ from: "a@example.org", to, raw: MESSAGE });
+    expect(a.status).toBe(400);
+    expect(a.body.message).toStartWith(`to: ${MAX_RECIPIENTS} recipients take 25598 bytes`);
+    expect(fake.commands).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// What Bun answers before the app runs (the last rows of the README's contract table)
+
+describe("answers from Bun's HTTP parser, before the app runs", () => {
+  const start = `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nX-API-Key: ${KEY_1}\r\nContent-Type: message/rfc822\r\nX-Envelope-From: a@example.org\r\nX-Envelope-To: user@example.com\r\n`;
+  const chunked = `${MESSAGE.length.toString(16)}\r\n${MESSAGE}\r\n0\r\n\r\n`;
+
+  test.each([
+    ["Transfer-Encoding with Content-Length", `Transfer-Encoding: chunked\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${chunked}`],
+    ["Transfer-Encoding: gzip, chunked (a coding other than chunked)", `Transfer-Encoding: gzip, chunked\r\n\r\n${chunked}`],
+    ["an obs-folded header line", `X-Note: one\r\n two\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`],
+  ])("%s -> Bun's own 400 without a body; nothing delivered", async (_what, rest) => {
+    const a = await rawHttp(server.port, start + rest);
+    expect(a).toEqual({ status: 400, body: "" });
+    expect(fake.commands).toEqual([]);
+    expect(inboundLines()).toEqual([]);
+  });
+
+  test("a body declared larger than Bun's limit (the JSON limit, 2 x MAX_MESSAGE_BYTES + 1 MiB) -> Bun's own 413 without a body", async () => {
+    const over = maxJsonBytes(LIMIT) + 1;
+    const a = await rawHttp(server.port, `${start}Content-Length: ${over}\r\n\r\n`);
+    expect(a).toEqual({ status: 413, body: "" });
+    expect(fake.commands).toEqual([]);
+    // Up to it, the app answers, with its reason.
+    const b = await rawHttp(server.port, `${start}Content-Length: ${over - 1}\r\nConnection: close\r\n\r\n`);
+    expect(b.status).toBe(413);
+    expect(JSON.parse(b.body)).toMatchObject({ error: "payload_too_large" });
+  });
+
+  test("a header block of 16 KiB -> Bun's own 431 without a body, nothing delivered; the Worker retries it", async () => {
+    const a = await rawHttp(server.port, `${start}X-Padding: ${"p".repeat(16 * 1024)}\r\nContent-Length: ${MESSAGE.length}\r\n\r\n${MESSAGE}`);
+    expect(a).toEqual({ status: 431, body: "" });
+    expect(outcomeForStatus(431)).toBe("retry");
+    expect(fake.commands).toEqual([]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining: a second request sent before the first is answered
+
+/** Writes `parts` on one connection (waiting for each `before` condition first); answers every byte received until it closes. */
+function rawExchange(port: number, parts: { data: string | Uint8Array; before?: () => boolean }[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let received = "";
+    Bun.connect({
+      hostname: "127.0.0.1",
+      port,
+      socket: {
+        async open(s) {
+          for (const p of parts) {
+            while (p.before && !p.before()) await Bun.sleep(5);
+            s.write(p.data);
+          }
+        },
+        data: (_s, chunk) => void (received += Buffer.from(chunk).toString("latin1")),
+        close: () => resolve(received),
+        error: (_s, e) => reject(e),
+      },
+    }).catch(reject);
+  });
+}
+
+const answersIn = (received: string) => received.match(/^HTTP\/1\.1 \d{3}/gm) ?? [];
+
+describe("pipelined requests: every request answered, or nothing delivered", () => {
+  // Bun 1.4.5 closes a connection on which a request arrives before the one ahead of it is
+  // answered; the answer is lost. A message its sender never hears about must not be delivered.
+  const request = (body: string, to = "user@example.com", type = "message/rfc822") =>
+    `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nX-API-Key: ${KEY_1}\r\nContent-Type: ${type}\r\n` +
+    `X-Envelope-From: a@example.org\r\nX-Envelope-To: ${to}\r\nContent-Length: ${body.length}\r\n\r\n${body}`;
+  const health = "GET /health HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n";
+
+  async function settled(requests: number) {
+    // The access log writes one line per request the app handled, answered or not.
+    while (inboundLines().length < requests) await Bun.sleep(5);
+  }
+
+  test("two POSTs in one write", async () => {
+    const received = await rawExchange(server.port, [{ data: request(MESSAGE) + request(MESSAGE.replace("hello", "second")) }]);
+    await settled(1);
+    const answers = answersIn(received).length;
+    expect(fake.received.length).toBeLessThanOrEqual(answers);
+    if (answers === 0) expect(inboundLines()[0]).toMatchObject({ status: 503, error: "client_gone" });
+  });
+
+  test("two JSON POSTs in one write", async () => {
+    const body = JSON.stringify({ from: "a@example.org", to: "user@example.com", raw: MESSAGE });
+    const received = await rawExchange(server.port, [{ data: request(body, "user@example.com", "application/json").repeat(2) }]);
+    await settled(1);
+    expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
+  });
+
+  test("with a spool: nothing delivered and nothing queued behind the client's back", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "relay-pipelining-"));
+    const lines: LogLine[] = [];
+    const config = fromEnv(ServerEnv, { API_KEYS: KEY_1, LMTP_HOST: "127.0.0.1", LMTP_PORT: String(fake.port), MAX_MESSAGE_BYTES: String(LIMIT), SPOOL_DIR: dir });
+    const s = startServer({ ...config, port: 0 }, { log: (l) => lines.push(l) });
+    try {
+      fake.behaviour.rcpt = () => 450; // Dovecot busy: the spool would take it
+      const received = await rawExchange(s.port, [{ data: request(MESSAGE) + health }]);
+      while (!lines.some((l) => l.path === INBOUND_PATH)) await Bun.sleep(5);
+      expect(answersIn(received)).toEqual([]);
+      expect(lines.find((l) => l.path === INBOUND_PATH)).toMatchObject({ status: 503, error: "client_gone" });
+      expect(fake.received).toEqual([]);
+      expect(readdirSync(join(dir, "queue"))).toEqual([]);
+    } finally {
+      await s.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("a second request that arrives while LMTP already reads the first one's body", async () => {
+    const message = `Subject: slow\r\n\r\n${"x".repeat(100)}\r\n`;
+    const whole = request(message);
+    const cut = whole.length - 20;
+    const received = await rawExchange(server.port, [
+      { data: whole.slice(0, cut) },
+      // The transaction is under way: LMTP waits for the rest of the body.
+      { data: whole.slice(cut) + health, before: () => fake.commands.includes("DATA") },
+    ]);
+    await settled(1);
+    expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
   });
 });

@@ -2,13 +2,21 @@
 // replies gives, and what the envelope and JSON schemas accept.
 
 import { describe, expect, test } from "bun:test";
+import { maxJsonBytes } from "../app.ts";
 import {
+  DEFAULT_MAX_MESSAGE_BYTES,
   EnvelopeHeaders,
   InboundEnvelope,
   InboundJsonBody,
+  MAX_ENVELOPE_TO_BYTES,
   MAX_RECIPIENTS,
   addressProblem,
+  base64Problem,
   describeIssues,
+  headerText,
+  headerValue,
+  loneSurrogateAt,
+  mailboxKey,
   outcomeForStatus,
   replyClass,
   statusForReplies,
@@ -217,6 +225,129 @@ describe("InboundJsonBody", () => {
   test("wrong types are named", () => {
     expect(issues({ from: "a@x", to: 5, raw: "x" })).toBe("to: must be an address or a list of addresses");
     expect(issues({ from: 1, to: "b@x", raw: "x" })).toBe("from: must be a string");
-    expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe("raw_base64: is not base64");
+    expect(issues({ from: "a@x", to: "b@x", raw_base64: "not base64!" })).toBe('raw_base64: is not base64: "!" at character 10 is not a base64 character');
+  });
+
+  test("raw with a lone surrogate is refused (TextEncoder would write U+FFFD), a pair is not", () => {
+    expect(issues({ from: "a@x", to: "b@x", raw: "Subject: x\r\n\r\n\ud800" })).toBe(
+      'raw: contains a lone surrogate ("\\ud800") at character 14, which has no UTF-8 form: send the bytes as raw_base64',
+    );
+    expect(InboundJsonBody.safeParse({ from: "a@x", to: "b@x", raw: "Subject: \ud83d\ude00" }).success).toBe(true);
+  });
+});
+
+describe("base64Problem: strict RFC 4648 base64", () => {
+  test.each([
+    ["padded", ["QUJD", "QUI=", "QQ=="]],
+    ["wrapped at 76 with CRLF, blanks anywhere", ["QUJD\r\nREVG\n", " Q U J D ", "\tQQ==\r\n"]],
+    ["empty (refused later as an empty message)", ["", " \r\n"]],
+  ])("accepts %s", (_name, values) => {
+    for (const v of values) expect(base64Problem(v)).toBeNull();
+  });
+
+  test.each([
+    ["unpadded", "QQ", "2 base64 characters, not a multiple of 4"],
+    ["a length of 4n+1", "QUJDR", "5 base64 characters, not a multiple of 4"],
+    ["three = of padding", "QQ===", 'more than two "=" at character 4'],
+    ["data after the padding", "QQ==QUJD", 'data after the "=" padding, at character 4'],
+    ["padding in the middle", "Q=QQ", 'data after the "=" padding, at character 2'],
+    ["stray bits before ==", "QR==", "stray bits after the last byte"],
+    ["stray bits before =", "QUJ=", "stray bits after the last byte"],
+    ["base64url's -", "ab-_", '"-" at character 2 is not a base64 character'],
+    ["a form feed", "QUJD\f", '"\\f" at character 4 is not a base64 character'],
+    ["a non-ASCII letter", "QUJé", '"é" at character 3 is not a base64 character'],
+  ])("refuses %s", (_name, value, problem) => {
+    expect(base64Problem(value)).toStartWith(problem);
+  });
+
+  test("agrees with atob on every value it accepts", () => {
+    const bytes = Uint8Array.from({ length: 300 }, (_, i) => (i * 37) % 256);
+    for (let n = 0; n <= bytes.length; n += 7) {
+      const b64 = Buffer.from(bytes.subarray(0, n)).toString("base64");
+      expect(base64Problem(b64)).toBeNull();
+      expect(atob(b64)).toBe(Buffer.from(bytes.subarray(0, n)).toString("latin1"));
+    }
+  });
+});
+
+describe("validation in linear time, at the full JSON limit", () => {
+  // maxJsonBytes of the default 25 MiB: about 51 MiB. The patterns these checks replaced were
+  // quadratic in such inputs (hours); here each is answered in one pass.
+  const n = maxJsonBytes(DEFAULT_MAX_MESSAGE_BYTES);
+
+  test("raw_base64: blanks up to the limit, then one bad character -> refused, naming where", () => {
+    expect(base64Problem(" ".repeat(n) + "!")).toBe(`"!" at character ${n} is not a base64 character`);
+    expect(base64Problem("\r\n".repeat(n / 2) + "QQ==")).toBeNull();
+    expect(base64Problem("A".repeat(n) + "!")).toBe(`"!" at character ${n} is not a base64 character`);
+  });
+
+  test("an address with blanks up to the limit inside it -> refused by its length", () => {
+    const to = `x${" ".repeat(n)}y@x`;
+    const r = InboundEnvelope.safeParse({ from: "s@x", to });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toEndWith(`is ${to.length} characters long (at most 254)`);
+  });
+
+  test("raw: a lone surrogate after the limit's worth of text is found", () => {
+    expect(loneSurrogateAt("a".repeat(n) + "\udc00")).toBe(n);
+    expect(loneSurrogateAt("\ud83d\ude00".repeat(n / 4))).toBe(-1);
+  });
+});
+
+describe("recipients: one per mailbox, as Dovecot's default auth_username_format %Lu resolves them", () => {
+  const to = (list: string | string[]) => InboundEnvelope.parse({ from: "s@x", to: list }).to;
+
+  test("spellings that differ in ASCII case are one recipient; the first is kept", () => {
+    expect(to("User@Example.Test, user@example.test, USER@EXAMPLE.TEST")).toEqual(["User@Example.Test"]);
+    expect(to(["b@x", "a@x", "B@X"])).toEqual(["b@x", "a@x"]);
+    expect(mailboxKey("Jürgen@Example.TEST")).toBe("jürgen@example.test");
+  });
+
+  test("letters outside ASCII are not folded (Dovecot's tolower is ASCII only): two recipients", () => {
+    expect(to("jürgen@x, JÜRGEN@x, Jürgen@x")).toEqual(["jürgen@x", "JÜRGEN@x"]);
+  });
+});
+
+describe(`MAX_ENVELOPE_TO_BYTES: the recipients as X-Envelope-To fit in ${MAX_ENVELOPE_TO_BYTES} bytes`, () => {
+  /** Distinct addresses that take exactly `total` bytes joined with ", ". */
+  const listOf = (total: number) => {
+    const list = Array.from({ length: 41 }, (_, i) => `r${i}`.padEnd(40, "x") + "@" + "d".repeat(152) + ".com");
+    const rest = total - list.join(", ").length;
+    list[0] = list[0]!.replace("@", "@" + "d".repeat(rest));
+    return list;
+  };
+
+  test("exactly the limit passes; one byte more is refused, saying how many", () => {
+    expect(listOf(MAX_ENVELOPE_TO_BYTES).join(", ").length).toBe(MAX_ENVELOPE_TO_BYTES);
+    expect(listOf(MAX_ENVELOPE_TO_BYTES + 1).every((a) => addressProblem(a) === null)).toBe(true);
+    expect(InboundEnvelope.safeParse({ from: "s@x", to: listOf(MAX_ENVELOPE_TO_BYTES) }).success).toBe(true);
+    const r = InboundEnvelope.safeParse({ from: "s@x", to: listOf(MAX_ENVELOPE_TO_BYTES + 1) });
+    expect(r.success).toBe(false);
+    if (!r.success) expect(describeIssues(r.error)).toBe(`to: 41 recipients take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To), more than ${MAX_ENVELOPE_TO_BYTES}: send the message in several requests`);
+  });
+
+  test("duplicates dropped first: a list that fits once deduplicated passes", () => {
+    const list = listOf(MAX_ENVELOPE_TO_BYTES);
+    expect(InboundEnvelope.parse({ from: "s@x", to: [...list, list[1]!.toUpperCase()] }).to).toEqual(list);
+  });
+});
+
+describe("envelope headers carry UTF-8", () => {
+  test("in Bun a header value is bytes: headerValue writes UTF-8, headerText reads it back", () => {
+    expect(headerValue("jürgen@x")).toBe("j\xc3\xbcrgen@x");
+    expect(headerText("j\xc3\xbcrgen@x")).toBe("jürgen@x");
+    expect(headerText(headerValue("用户@例子.广告, a@x"))).toBe("用户@例子.广告, a@x");
+    expect(headerValue("plain@x")).toBe("plain@x");
+  });
+
+  test("bytes that are not UTF-8 are refused (null), never U+FFFD", () => {
+    expect(headerText("j\xfcrgen@x")).toBeNull(); // Latin-1
+    expect(headerText("a@x\xc3")).toBeNull(); // cut short
+    expect(headerText("\xc0\xaf@x")).toBeNull(); // overlong
+    expect(headerText("\xed\xa0\x80@x")).toBeNull(); // an encoded surrogate
+  });
+
+  test("addresses with a lone surrogate are refused", () => {
+    expect(addressProblem("a\ud800@x")).toBe('contains a lone surrogate ("\\ud800"), which has no UTF-8 form');
   });
 });

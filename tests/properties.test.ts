@@ -5,7 +5,7 @@
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
 import { createApp, type Deliverer, type InboundMessage } from "../app.ts";
-import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_RECIPIENTS, addressProblem } from "../contract.ts";
+import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../contract.ts";
 import { DotStuffer, LmtpFault, ReplyParser, type LmtpReply } from "../lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
@@ -232,11 +232,22 @@ const unbracket = (s: string) => {
   return t.startsWith("<") && t.endsWith(">") ? t.slice(1, -1) : t;
 };
 
+/** Whether a string has a UTF-8 form (no lone surrogate): encodeURIComponent throws on one. */
+function wellFormed(s: string): boolean {
+  try {
+    encodeURIComponent(s);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** The rules of the contract, restated: what an address that may go into MAIL FROM/RCPT TO is. */
 function refAddressOk(a: string): boolean {
   if (a.length < 1 || a.length > 254) return false;
   // eslint-disable-next-line no-control-regex
   if (/[\x00-\x20\x7f<>,]/.test(a)) return false;
+  if (!wellFormed(a)) return false;
   const at = a.lastIndexOf("@");
   return at > 0 && at < a.length - 1 && at <= 64;
 }
@@ -254,7 +265,15 @@ function refEnvelope(from: unknown, to: unknown): { from: string; to: string[] }
   if (kept.length < 1 || kept.length > MAX_RECIPIENTS) return null;
   const out = kept.map(unbracket);
   if (!out.every(refAddressOk)) return null;
-  return { from: f, to: [...new Set(out)] };
+  // One per mailbox as Dovecot's %Lu sees it (ASCII letters folded), the first spelling kept.
+  const mailboxes = new Map<string, string>();
+  for (const a of out) {
+    const key = a.replace(/[A-Z]/g, (c) => c.toLowerCase());
+    if (!mailboxes.has(key)) mailboxes.set(key, a);
+  }
+  const unique = [...mailboxes.values()];
+  if (enc.encode(unique.join(", ")).length > MAX_ENVELOPE_TO_BYTES) return null;
+  return { from: f, to: unique };
 }
 
 /** What must hold for anything the validation accepts, whatever it was given. */
@@ -352,9 +371,14 @@ function stubApp() {
 }
 
 /** A header value as the app will see it, or null if fetch cannot send it at all. */
-function headerValue(v: string): string | null {
+/**
+ * A header value as the app receives it, or null if Headers refuse it (CR, LF, NUL): `v` sent as
+ * UTF-8 (the contract's wire form), or, for `asBytes`, its characters taken as bytes as they
+ * are (0x80-0xFF alone is not UTF-8).
+ */
+function received(v: string, asBytes: boolean): string | null {
   try {
-    return new Headers({ x: v }).get("x");
+    return new Headers({ x: asBytes ? v : headerValue(v) }).get("x");
   } catch {
     return null;
   }
@@ -364,25 +388,28 @@ describe("the app, fuzzed (property)", () => {
   test("message/rfc822 with fuzzed envelope headers: 2xx exactly for valid envelopes (delivered as validated), else 400, never 5xx", async () => {
     const { app, calls } = stubApp();
     await fc.assert(
-      fc.asyncProperty(fc.option(fc.oneof(addressish, validAddress), { nil: undefined }), fc.option(fc.oneof(addressish, recipientsArb.filter((x): x is string => typeof x === "string")), { nil: undefined }), async (from, to) => {
+      fc.asyncProperty(fc.option(fc.oneof(addressish, validAddress), { nil: undefined }), fc.option(fc.oneof(addressish, recipientsArb.filter((x): x is string => typeof x === "string")), { nil: undefined }), fc.boolean(), async (from, to, asBytes) => {
         const headers: Record<string, string> = { "Content-Type": "message/rfc822", "X-API-Key": KEY };
-        let seenFrom: string | undefined;
-        let seenTo: string | undefined;
+        let seenFrom: string | null | undefined;
+        let seenTo: string | null | undefined;
+        // Bytes as they are only where each character is one byte; else as UTF-8.
+        const bytes = asBytes && [from ?? "", to ?? ""].every((v) => /^[\x00-\xff]*$/.test(v));
         if (from !== undefined) {
-          const v = headerValue(from);
+          const v = received(from, bytes);
           fc.pre(v !== null);
-          headers["X-Envelope-From"] = from;
-          seenFrom = v!;
+          headers["X-Envelope-From"] = bytes ? from : headerValue(from);
+          seenFrom = headerText(v!);
         }
         if (to !== undefined) {
-          const v = headerValue(to);
+          const v = received(to, bytes);
           fc.pre(v !== null);
-          headers["X-Envelope-To"] = to;
-          seenTo = v!;
+          headers["X-Envelope-To"] = bytes ? to : headerValue(to);
+          seenTo = headerText(v!);
         }
         const before = calls.length;
         const res = await app.request(INBOUND_PATH, { method: "POST", headers, body: "Subject: x\r\n\r\nbody\r\n" });
-        const ref = seenFrom === undefined || seenTo === undefined ? null : refEnvelope(seenFrom, seenTo);
+        // Text that is not UTF-8 (null) is refused like any bad envelope.
+        const ref = seenFrom == null || seenTo == null ? null : refEnvelope(seenFrom, seenTo);
         expect(res.status).toBeLessThan(500);
         if (ref) {
           expect(res.status).toBe(200);
@@ -415,7 +442,7 @@ describe("the app, fuzzed (property)", () => {
         const res = await app.request(INBOUND_PATH, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": KEY }, body: JSON.stringify(fields) });
         expect(res.status).toBeLessThan(500);
         const ref = refEnvelope(fields.from, fields.to);
-        const rawOk = typeof fields.raw === "string" && fields.raw.length > 0 && enc.encode(fields.raw).length <= MAX;
+        const rawOk = typeof fields.raw === "string" && fields.raw.length > 0 && wellFormed(fields.raw) && enc.encode(fields.raw).length <= MAX;
         if (ref && rawOk) {
           expect(res.status).toBe(200);
           expect(calls[calls.length - 1]!.envelope).toEqual(ref);

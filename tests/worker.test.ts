@@ -10,7 +10,8 @@ import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LogLine } from "../middleware/access-log.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { email, type IncomingEmail } from "../worker.ts";
+import { MAX_ENVELOPE_TO_BYTES, headerText } from "../contract.ts";
+import worker, { email, type IncomingEmail } from "../worker.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -532,6 +533,71 @@ describe("ALLOWED_RECIPIENTS", () => {
 });
 
 // --- logs ---------------------------------------------------------------------------------------
+
+describe("answers that are not the host's own (Bun's HTTP parser, a proxy) never bounce", () => {
+  // Bun answers 400 (a header it cannot parse) and 431 (a header block of 16 KiB or more) before
+  // the app runs, without a body: no reason to bounce with, and not the host's refusal.
+  for (const status of [400, 413, 415, 422, 431]) {
+    test(`a bare ${status} without the host's JSON -> throws (the sender retries), no setReject`, async () => {
+      stubHandler = () => new Response(null, { status, headers: { connection: "close" } });
+      const msg = incoming(rfc822(`bare ${status}`));
+      const { error, worker: lines } = await run(msg, stubEnv());
+      expect(error?.message).toContain(`host answered ${status}`);
+      expect(msg.rejects).toEqual([]);
+      expect(lines[0]).toMatchObject({ outcome: "retry" });
+    });
+  }
+});
+
+describe("a non-ASCII envelope (SMTPUTF8 mail) crosses to the host as UTF-8", () => {
+  for (const from of ["jürgen@example.org", "用户@例子.广告"]) {
+    test(`sender ${from}: the host reads it as sent, and so does LMTP`, async () => {
+      const msg = incoming(rfc822("utf-8 envelope"), { from });
+      const { error, host } = await run(msg, hostEnv());
+      expect(error).toBeNull();
+      expect(msg.rejects).toEqual([]);
+      expect(host[0]).toMatchObject({ status: 200, from, to: [USER] });
+      expect(fake.received[0]!.from).toBe(from);
+
+      // On the wire: the UTF-8 bytes, one header character per byte as Bun hands them over.
+      await run(incoming(rfc822("utf-8 envelope, stub"), { from }), stubEnv());
+      const sent = stubRequests[0]!.headers.get("x-envelope-from")!;
+      expect(Buffer.from(sent, "latin1")).toEqual(Buffer.from(from, "utf8"));
+      expect(headerText(sent)).toBe(from);
+    });
+  }
+});
+
+describe(`the Worker's HTTP face refuses recipients over ${MAX_ENVELOPE_TO_BYTES} bytes before sending anything`, () => {
+  const post = (to: string[]) =>
+    worker.fetch(
+      new Request("http://edge/api/v1/inbound-mail", {
+        method: "POST",
+        headers: { "content-type": "application/json", "x-api-key": KEY },
+        body: JSON.stringify({ from: SENDER, to, raw: "Subject: x\r\n\r\nx\r\n" }),
+      }),
+      stubEnv(),
+    );
+  /** 41 distinct addresses that take `total` bytes as "a, b". */
+  const listOf = (total: number) => {
+    const list = Array.from({ length: 41 }, (_, i) => `r${i}`.padEnd(40, "x") + "@" + "d".repeat(152) + ".com");
+    list[0] = list[0]!.replace("@", "@" + "d".repeat(total - list.join(", ").length));
+    return list;
+  };
+
+  test("exactly the limit goes to the host in X-Envelope-To; one byte more is a 400 and the host hears nothing", async () => {
+    const ok = await post(listOf(MAX_ENVELOPE_TO_BYTES));
+    expect(ok.status).toBe(200);
+    expect(stubRequests).toHaveLength(1);
+    expect(stubRequests[0]!.headers.get("x-envelope-to")).toHaveLength(MAX_ENVELOPE_TO_BYTES);
+
+    stubRequests = [];
+    const over = await post(listOf(MAX_ENVELOPE_TO_BYTES + 1));
+    expect(over.status).toBe(400);
+    expect(((await over.json()) as { message: string }).message).toContain(`take ${MAX_ENVELOPE_TO_BYTES + 1} bytes as "a, b" (X-Envelope-To)`);
+    expect(stubRequests).toEqual([]);
+  });
+});
 
 test("no log line, the Worker's or the host's, contains the API key (the wrong one included)", () => {
   // afterEach checked every test; this one says so by name and makes sure there was something to check.

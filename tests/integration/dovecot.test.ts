@@ -401,6 +401,21 @@ describe("envelopes and answers", () => {
     await expectNothingStored();
   });
 
+  test("a recipient in another case reaches the same mailbox (Dovecot's default auth_username_format %Lu)", async () => {
+    const message = rfc822("mixed case", [marker("mixedcase"), "\r\n"]);
+    const a = await post(message, { to: "Alice@Example.TEST" });
+    expectDelivered(a, ["Alice@Example.TEST"]);
+    expectStoredAs(await onlyMessage(ALICE), message);
+  });
+
+  test("the same recipient twice in different cases gets one copy, not two", async () => {
+    const message = rfc822("same mailbox twice", [marker("twice"), "\r\n"]);
+    const a = await post(message, { to: `${ALICE}, ALICE@EXAMPLE.TEST, ${USER}, User@Kuma8088.com` });
+    expectDelivered(a, [ALICE, USER]);
+    expectStoredAs(await onlyMessage(ALICE), message);
+    expectStoredAs(await onlyMessage(USER), message);
+  });
+
   test("a known and an unknown recipient: the known one gets exactly one copy, the answer says which failed", async () => {
     const message = rfc822("half known", [marker("halfknown"), "\r\n"]);
     const a = await post(message, { to: `nobody-here@kuma8088.com, ${USER}` });

@@ -167,6 +167,18 @@ describe("email() in workerd -> host -> Dovecot", () => {
     expect(expectStoredAs(stored[0]!, raw).find((f) => f.name === "Return-Path")?.value).toBe("<>");
   });
 
+  test("a UTF-8 envelope sender reaches the host as sent: workerd's fetch writes the header as UTF-8", async () => {
+    const from = `jürgen-${crypto.randomUUID().slice(0, 8)}@example.org`;
+    const r = await send(worker, from, USER, rfc822(from, USER, "utf-8 sender", ["hello\r\n"]));
+    expect(r.host).toHaveLength(1);
+    // Not "jÃ¼rgen" (Latin-1) and not refused as an envelope the host cannot read.
+    expect(r.host[0]!.from).toBe(from);
+    expect(r.host[0]!.error).not.toBe("invalid_envelope");
+    // What Dovecot makes of a UTF-8 sender is the LMTP client's business (SMTPUTF8); whether it
+    // bounced, the reason is counted with the others.
+    if (r.status === 400) expectedRejections.push(r.text.slice("Worker rejected email with the following reason: ".length));
+  });
+
   test("an unknown user is bounced with Dovecot's own 550 5.1.1 reason; nothing is stored", async () => {
     const from = uniqueSender("unknown");
     const to = "nosuchuser@kuma8088.com";
@@ -252,7 +264,7 @@ describe("email() in workerd -> host -> Dovecot", () => {
     const all = worker.output() + wrongKeyWorker.output();
     const printed = [...all.matchAll(/Email handler rejected message with the following reason: "(.*)"$/gm)].map((m) => m[1]);
     expect(printed).toEqual(expectedRejections);
-    expect(expectedRejections).toHaveLength(2);
+    expect(expectedRejections.length).toBeGreaterThanOrEqual(2);
     for (const secret of [KEY, WRONG_KEY]) {
       expect(all).not.toContain(secret.slice(0, 12));
       expect(JSON.stringify(hostLines)).not.toContain(secret.slice(0, 12));
