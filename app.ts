@@ -17,7 +17,7 @@ import {
   type RecipientResult,
 } from "./contract.ts";
 import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine, type LogWriter } from "./middleware/access-log.ts";
-import { apiKey } from "./middleware/api-key.ts";
+import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { countBytes, readAtMost } from "./body-limit.ts";
 
 export interface InboundMessage {
@@ -52,7 +52,7 @@ export interface AppOptions {
   apiKeys: readonly string[];
   deliver: Deliverer;
   maxMessageBytes?: number;
-  /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. */
+  /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. What it returns, and its error, are shown only to a caller with the key. */
   ready?: () => Promise<LogLine>;
   /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
   metrics?: () => string | Promise<string>;
@@ -91,13 +91,17 @@ export function createApp(opts: AppOptions) {
   });
   app.get("/ready", (c) => readiness(c));
 
+  // Reached through the tunnel without a key: the status only. The LMTP target, its
+  // capabilities, the spool depth and the error text are for a caller with the key.
+  const hasKey = keyCheck(opts.apiKeys);
   async function readiness(c: Context<AccessLogEnv>) {
+    const details = (await hasKey(c)) === "valid";
     try {
       const detail = (await opts.ready?.()) ?? {};
-      return c.json({ status: "ready", timestamp: new Date().toISOString(), ...detail });
+      return c.json({ status: "ready", timestamp: new Date().toISOString(), ...(details ? detail : {}) });
     } catch (e) {
       c.header("Retry-After", retryAfter);
-      return c.json({ status: "unavailable", timestamp: new Date().toISOString(), error: (e as Error).message }, 503);
+      return c.json({ status: "unavailable", timestamp: new Date().toISOString(), ...(details ? { error: (e as Error).message } : {}) }, 503);
     }
   }
 
