@@ -24,14 +24,53 @@ export function countBytes(body: ReadableStream<Uint8Array>, max: number) {
   return { stream, exceeded: () => over };
 }
 
-/** The whole body, or null if it is (or declares itself) larger than `max` bytes. */
-export async function readAtMost(req: Request, max: number): Promise<Uint8Array | null> {
+/** A request body that stopped: no bytes for the idle limit. Nothing of it was delivered. */
+export class BodyStalled extends Error {
+  override name = "BodyStalled";
+}
+
+/**
+ * Passes the stream through and fails it with BodyStalled once a read has waited `idleMs` for
+ * the next bytes: a client that stops sending costs only its own request, and is answered instead
+ * of holding on until the server's socket timeout. Only time spent waiting for the client counts
+ * (highWaterMark 0: nothing is read ahead while the consumer is busy).
+ */
+export function idleLimited(body: ReadableStream<Uint8Array>, idleMs: number): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  return new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        let timer: Timer | undefined;
+        const stalled = new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new BodyStalled(`the request body stopped: no bytes for ${idleMs / 1000} s`)), idleMs);
+        });
+        try {
+          const r = await Promise.race([reader.read(), stalled]);
+          if (r.done) controller.close();
+          else controller.enqueue(r.value);
+        } catch (e) {
+          if (e instanceof BodyStalled) reader.cancel(e).catch(() => {});
+          controller.error(e);
+        } finally {
+          clearTimeout(timer);
+        }
+      },
+      cancel(reason) {
+        return reader.cancel(reason);
+      },
+    },
+    { highWaterMark: 0 },
+  );
+}
+
+/** The whole body, or null if it is (or declares itself) larger than `max` bytes. Fails with BodyStalled past `idleMs` without bytes. */
+export async function readAtMost(req: Request, max: number, idleMs?: number): Promise<Uint8Array | null> {
   const declared = Number(req.headers.get("content-length") ?? NaN);
   if (declared > max) return null;
   if (!req.body) return new Uint8Array(0);
   const chunks: Uint8Array[] = [];
   let total = 0;
-  const reader = req.body.getReader();
+  const reader = (idleMs ? idleLimited(req.body, idleMs) : req.body).getReader();
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;

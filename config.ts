@@ -39,6 +39,8 @@ export const ServerEnv = z
     MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
     SPOOL_DIR: z.string().trim().optional(),
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
+    // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
+    BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
   })
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
@@ -58,6 +60,7 @@ export const ServerEnv = z
       maxMessageBytes: env.MAX_MESSAGE_BYTES,
       spoolDir: env.SPOOL_DIR || undefined,
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
+      bodyIdleMs: env.BODY_IDLE_SECONDS * 1000,
     }),
   );
 
@@ -72,6 +75,8 @@ export interface ServerConfig {
   spoolDir?: string;
   /** How long a spooled message is retried before it goes to failed/ (default 5 days). */
   spoolMaxAgeMs?: number;
+  /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
+  bodyIdleMs?: number;
 }
 
 export class ConfigError extends Error {

@@ -54,7 +54,14 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
     metrics.inc("spool_incomplete_discarded", discarded.length);
   }
-  const delivered = openDeliveredLog(config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null);
+  // Best effort (a lost record costs a duplicate, never a message): a full disk is logged and
+  // counted, and delivery goes on.
+  const delivered = openDeliveredLog(config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null, {
+    onError: (e, during) => {
+      metrics.inc("delivered_log_errors");
+      log({ time: now(), event: "delivered_log_error", during, error: e.message });
+    },
+  });
   const host: HostDelivery = { pool, delivered, metrics, log };
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
@@ -66,6 +73,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const app = createApp({
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
+    bodyIdleMs: config.bodyIdleMs ?? 10_000,
     deliver: deliverNowOrSpool(host),
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
