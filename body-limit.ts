@@ -33,29 +33,58 @@ export class BodyStalled extends Error {
  * Passes the stream through and fails it with BodyStalled once a read has waited `idleMs` for
  * the next bytes: a client that stops sending costs only its own request, and is answered instead
  * of holding on until the server's socket timeout. Only time spent waiting for the client counts
- * (highWaterMark 0: nothing is read ahead while the consumer is busy).
+ * (highWaterMark 0: nothing is read ahead while the consumer is busy). One timer per idle period,
+ * not per chunk: it looks at how long the read under way has waited, and sets itself again.
  */
 export function idleLimited(body: ReadableStream<Uint8Array>, idleMs: number): ReadableStream<Uint8Array> {
   const reader = body.getReader();
+  /** performance.now() when the read under way began; null while none is. */
+  let waitingSince: number | null = null;
+  let timer: Timer | null = null;
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const stop = () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+    waitingSince = null;
+  };
+  const check = () => {
+    timer = null;
+    if (waitingSince === null) return; // the next read sets it again
+    const left = idleMs - (performance.now() - waitingSince);
+    if (left > 0) {
+      timer = setTimeout(check, left);
+      return;
+    }
+    stop();
+    const e = new BodyStalled(`the request body stopped: no bytes for ${idleMs / 1000} s`);
+    controller.error(e);
+    reader.cancel(e).catch(() => {});
+  };
   return new ReadableStream<Uint8Array>(
     {
-      async pull(controller) {
-        let timer: Timer | undefined;
-        const stalled = new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new BodyStalled(`the request body stopped: no bytes for ${idleMs / 1000} s`)), idleMs);
-        });
+      start(c) {
+        controller = c;
+      },
+      async pull(c) {
+        waitingSince = performance.now();
+        timer ??= setTimeout(check, idleMs);
+        let r: Awaited<ReturnType<typeof reader.read>>;
         try {
-          const r = await Promise.race([reader.read(), stalled]);
-          if (r.done) controller.close();
-          else controller.enqueue(r.value);
+          r = await reader.read();
         } catch (e) {
-          if (e instanceof BodyStalled) reader.cancel(e).catch(() => {});
-          controller.error(e);
-        } finally {
-          clearTimeout(timer);
+          if (waitingSince === null) return; // failed as stalled already
+          stop();
+          return c.error(e);
         }
+        if (waitingSince === null) return;
+        waitingSince = null;
+        if (r.done) {
+          stop();
+          c.close();
+        } else c.enqueue(r.value);
       },
       cancel(reason) {
+        stop();
         return reader.cancel(reason);
       },
     },
