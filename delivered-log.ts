@@ -39,8 +39,13 @@ export function openDeliveredLog(path: string | null, opts: DeliveredLogOptions 
   db.run("PRAGMA synchronous = NORMAL");
   // The table before this one keyed records by (Message-ID, recipient, size): a different message
   // with the same Message-ID and no size (a chunked request) matched it and was never delivered.
-  // Its rows say nothing about content, so none may be carried over.
-  db.run("DROP TABLE IF EXISTS delivered");
+  // Its rows say nothing about content: none is read again, and the table goes (housekeeping
+  // only, so a disk too full for it does not stop the host).
+  try {
+    db.run("DROP TABLE IF EXISTS delivered");
+  } catch (e) {
+    onError(e as Error, "prune");
+  }
   db.run("CREATE TABLE IF NOT EXISTS delivered_sha256 (key TEXT PRIMARY KEY, at INTEGER NOT NULL)");
   db.run("CREATE INDEX IF NOT EXISTS delivered_sha256_at ON delivered_sha256 (at)");
   const find = db.query<{ at: number }, [string]>("SELECT at FROM delivered_sha256 WHERE key = ?");
