@@ -19,8 +19,8 @@ import {
   type RecipientResult,
 } from "./contract.ts";
 import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine, type LogWriter } from "./middleware/access-log.ts";
-import { apiKey } from "./middleware/api-key.ts";
-import { countBytes, readAtMost } from "./body-limit.ts";
+import { apiKey, keyCheck } from "./middleware/api-key.ts";
+import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
 
 export interface InboundMessage {
   envelope: InboundEnvelope;
@@ -59,13 +59,15 @@ export interface AppOptions {
   apiKeys: readonly string[];
   deliver: Deliverer;
   maxMessageBytes?: number;
-  /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. */
+  /** Readiness probe (e.g. opens LMTP); throws when the deliverer cannot work now. What it returns, and its error, are shown only to a caller with the key. */
   ready?: () => Promise<LogLine>;
   /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
   metrics?: () => string | Promise<string>;
   log?: LogWriter;
   /** Seconds a 503 asks the client to wait. */
   retryAfterSeconds?: number;
+  /** A request body that sends no bytes for this long is answered 503 (body_stalled); unset: no limit. */
+  bodyIdleMs?: number;
 }
 
 export function createApp(opts: AppOptions) {
@@ -79,6 +81,7 @@ export function createApp(opts: AppOptions) {
   app.use(requestId(), accessLog(log));
 
   app.onError((err, c) => {
+    if (err instanceof BodyStalled) err = new Refusal(503, "body_stalled", `${err.message}; nothing was delivered, send it again`);
     if (err instanceof Refusal) {
       logFields(c, { error: err.code });
       if (err.status === 503) c.header("Retry-After", retryAfter);
@@ -98,13 +101,17 @@ export function createApp(opts: AppOptions) {
   });
   app.get("/ready", (c) => readiness(c));
 
+  // Reached through the tunnel without a key: the status only. The LMTP target, its
+  // capabilities, the spool depth and the error text are for a caller with the key.
+  const hasKey = keyCheck(opts.apiKeys);
   async function readiness(c: Context<AccessLogEnv>) {
+    const details = (await hasKey(c)) === "valid";
     try {
       const detail = (await opts.ready?.()) ?? {};
-      return c.json({ status: "ready", timestamp: new Date().toISOString(), ...detail });
+      return c.json({ status: "ready", timestamp: new Date().toISOString(), ...(details ? detail : {}) });
     } catch (e) {
       c.header("Retry-After", retryAfter);
-      return c.json({ status: "unavailable", timestamp: new Date().toISOString(), error: (e as Error).message }, 503);
+      return c.json({ status: "unavailable", timestamp: new Date().toISOString(), ...(details ? { error: (e as Error).message } : {}) }, 503);
     }
   }
 
@@ -120,9 +127,9 @@ export function createApp(opts: AppOptions) {
     const type = mediaType(c.req.header("content-type"));
     const parsed =
       type === "message/rfc822"
-        ? rawMessage(c, maxMessage)
+        ? rawMessage(c, maxMessage, opts.bodyIdleMs)
         : type === "application/json"
-          ? await jsonMessage(c.req.raw, maxMessage, maxJson)
+          ? await jsonMessage(c.req.raw, maxMessage, maxJson, opts.bodyIdleMs)
           : unsupported(type);
     const { envelope, body, size, overLimit } = parsed;
     logFields(c, { from: envelope.from, to: envelope.to, size, body: type });
@@ -185,7 +192,7 @@ interface ParsedRequest {
 }
 
 /** message/rfc822: the body is the message; the envelope is in X-Envelope-From / X-Envelope-To. */
-function rawMessage(c: Context, max: number): ParsedRequest {
+function rawMessage(c: Context, max: number, idleMs?: number): ParsedRequest {
   const env = EnvelopeHeaders.safeParse({
     "x-envelope-from": envelopeHeader(c, "x-envelope-from"),
     "x-envelope-to": envelopeHeader(c, "x-envelope-to"),
@@ -197,10 +204,11 @@ function rawMessage(c: Context, max: number): ParsedRequest {
   const size = length !== undefined && /^\d+$/.test(length) ? Number(length) : null;
   if (size !== null && size > max) throw tooLarge(max);
   if (size === 0 || !c.req.raw.body) throw new Refusal(400, "empty_message", "the request body (the message) is empty");
-  if (size !== null) return { envelope, body: c.req.raw.body, size };
+  const body = idleMs ? idleLimited(c.req.raw.body, idleMs) : c.req.raw.body;
+  if (size !== null) return { envelope, body, size };
   // No Content-Length (chunked): count while streaming; the stream fails past the limit and the
   // LMTP transaction is abandoned before its final dot.
-  const counted = countBytes(c.req.raw.body, max);
+  const counted = countBytes(body, max);
   return { envelope, body: counted.stream, size: null, overLimit: counted.exceeded };
 }
 
@@ -214,8 +222,8 @@ function envelopeHeader(c: Context, name: "x-envelope-from" | "x-envelope-to"): 
 }
 
 /** application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact bytes. */
-async function jsonMessage(req: Request, maxMessage: number, maxJson: number): Promise<ParsedRequest> {
-  const bytes = await readAtMost(req, maxJson);
+async function jsonMessage(req: Request, maxMessage: number, maxJson: number, idleMs?: number): Promise<ParsedRequest> {
+  const bytes = await readAtMost(req, maxJson, idleMs);
   if (bytes === null) throw tooLarge(maxMessage);
   let text: string;
   try {

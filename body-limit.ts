@@ -24,14 +24,82 @@ export function countBytes(body: ReadableStream<Uint8Array>, max: number) {
   return { stream, exceeded: () => over };
 }
 
-/** The whole body, or null if it is (or declares itself) larger than `max` bytes. */
-export async function readAtMost(req: Request, max: number): Promise<Uint8Array | null> {
+/** A request body that stopped: no bytes for the idle limit. Nothing of it was delivered. */
+export class BodyStalled extends Error {
+  override name = "BodyStalled";
+}
+
+/**
+ * Passes the stream through and fails it with BodyStalled once a read has waited `idleMs` for
+ * the next bytes: a client that stops sending costs only its own request, and is answered instead
+ * of holding on until the server's socket timeout. Only time spent waiting for the client counts
+ * (highWaterMark 0: nothing is read ahead while the consumer is busy). One timer per idle period,
+ * not per chunk: it looks at how long the read under way has waited, and sets itself again.
+ */
+export function idleLimited(body: ReadableStream<Uint8Array>, idleMs: number): ReadableStream<Uint8Array> {
+  const reader = body.getReader();
+  /** performance.now() when the read under way began; null while none is. */
+  let waitingSince: number | null = null;
+  let timer: Timer | null = null;
+  let controller!: ReadableStreamDefaultController<Uint8Array>;
+  const stop = () => {
+    if (timer) clearTimeout(timer);
+    timer = null;
+    waitingSince = null;
+  };
+  const check = () => {
+    timer = null;
+    if (waitingSince === null) return; // the next read sets it again
+    const left = idleMs - (performance.now() - waitingSince);
+    if (left > 0) {
+      timer = setTimeout(check, left);
+      return;
+    }
+    stop();
+    const e = new BodyStalled(`the request body stopped: no bytes for ${idleMs / 1000} s`);
+    controller.error(e);
+    reader.cancel(e).catch(() => {});
+  };
+  return new ReadableStream<Uint8Array>(
+    {
+      start(c) {
+        controller = c;
+      },
+      async pull(c) {
+        waitingSince = performance.now();
+        timer ??= setTimeout(check, idleMs);
+        let r: Awaited<ReturnType<typeof reader.read>>;
+        try {
+          r = await reader.read();
+        } catch (e) {
+          if (waitingSince === null) return; // failed as stalled already
+          stop();
+          return c.error(e);
+        }
+        if (waitingSince === null) return;
+        waitingSince = null;
+        if (r.done) {
+          stop();
+          c.close();
+        } else c.enqueue(r.value);
+      },
+      cancel(reason) {
+        stop();
+        return reader.cancel(reason);
+      },
+    },
+    { highWaterMark: 0 },
+  );
+}
+
+/** The whole body, or null if it is (or declares itself) larger than `max` bytes. Fails with BodyStalled past `idleMs` without bytes. */
+export async function readAtMost(req: Request, max: number, idleMs?: number): Promise<Uint8Array | null> {
   const declared = Number(req.headers.get("content-length") ?? NaN);
   if (declared > max) return null;
   if (!req.body) return new Uint8Array(0);
   const chunks: Uint8Array[] = [];
   let total = 0;
-  const reader = req.body.getReader();
+  const reader = (idleMs ? idleLimited(req.body, idleMs) : req.body).getReader();
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;

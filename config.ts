@@ -42,6 +42,8 @@ export const ServerEnv = z
     SPOOL_DIR: z.string().trim().optional(),
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
     EXACTLY_ONCE: flag,
+    // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
+    BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
   })
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
@@ -64,6 +66,7 @@ export const ServerEnv = z
       spoolDir: env.SPOOL_DIR || undefined,
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
       exactlyOnce: env.EXACTLY_ONCE,
+      bodyIdleMs: env.BODY_IDLE_SECONDS * 1000,
     }),
   );
 
@@ -83,6 +86,8 @@ export interface ServerConfig {
    * delivery carries its spool id, and deliveries to one mailbox save one at a time.
    */
   exactlyOnce?: boolean;
+  /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
+  bodyIdleMs?: number;
 }
 
 export class ConfigError extends Error {

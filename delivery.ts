@@ -1,18 +1,26 @@
-// The host's Deliverer: deliver at once over LMTP, and if Dovecot cannot take the message now,
-// keep it in the durable spool and let the background deliverer retry (Postfix's smtpd -> queue ->
-// lmtp, in one process). While the message streams to LMTP it is also kept for the spool (its first
-// MiB in memory, the rest in tmp/, not fsynced: cheap); only when LMTP fails temporarily is the
-// rest of the body read in, written to queue/ fsynced, and the sender answered 202.
+// The host's Deliverer (Postfix's smtpd -> queue -> lmtp, in one process): receive the whole
+// message first, then deliver it over LMTP, and if Dovecot cannot take it now, keep it in the
+// durable spool and let the background deliverer retry. Receiving comes first so that a slow or
+// stalled client holds only its own request: no pooled LMTP connection and no Dovecot process
+// waits on its bytes. With a spool the message is received into a StagedMessage (its first MiB in
+// memory, the rest in tmp/, not fsynced: cheap), and only when LMTP fails temporarily is it
+// fsynced into queue/ and the sender answered 202. Without a spool the first MiB is held in
+// memory before LMTP is tried and the rest streams to LMTP as it arrives.
+//
+// The SHA-256 of the bytes is taken while they arrive: with the Message-ID and the recipient it
+// is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
+// "duplicate", never another message that reuses a Message-ID.
 
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
 import { replyClass, type RecipientResult } from "./contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
+import { BodyStalled } from "./body-limit.ts";
 import { BodyAborted, LmtpFault, formatReply, type LmtpEnvelope, type LmtpPool, type MessageBody } from "./lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { LogWriter } from "./middleware/access-log.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
-import { SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
+import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
 
 export interface HostDelivery {
   pool: LmtpPool;
@@ -46,44 +54,137 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
 
 export function deliverNowOrSpool(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
-    const { envelope, size } = message;
     const peeked = await peekHeaders(message.body);
-    message = { ...message, body: untilAborted(peeked.body, message.signal) };
     const messageId = peeked.info.messageId;
-
-    // A repeat of something already delivered (the Worker retrying after a lost answer).
-    if (messageId && envelope.to.every((rcpt) => h.delivered.has(messageId, rcpt, size))) {
-      return envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 already delivered (Message-ID ${messageId})`, duplicate: true }));
-    }
-
+    const body = untilAborted(peeked.body, message.signal);
     const staged = h.spool ? h.spool.spool.stage() : null;
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
     try {
-      return await deliverWith(h, message, messageId, staged);
+      let received: Received;
+      try {
+        received = staged ? await receiveStaged(body, staged) : await receiveHeld(body);
+      } catch (e) {
+        if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
+        // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
+        spoolUnwritable(h, message, e);
+        throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
+      }
+      return await deliverWith(h, message, messageId, received, staged);
     } finally {
       await staged?.discard();
     }
   };
 }
 
-async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: string | null, staged: StagedMessage | null): Promise<RecipientResult[]> {
-  const { envelope, size } = message;
-  const body = staged ? teeInto(message.body, staged) : message.body;
+/** A message as received, ready for LMTP. */
+interface Received {
+  body: MessageBody;
+  /** Its size, when known before LMTP reads it (always, except when streamed without a spool). */
+  size: number | null;
+  /** SHA-256 of its bytes (hex); for a streamed body known only once LMTP has read all of it. */
+  sha256(): string | null;
+}
+
+/** With a spool: the whole body into the staged message; LMTP then reads it back from there. */
+async function receiveStaged(body: MessageBody, staged: StagedMessage): Promise<Received> {
+  const hash = new Bun.CryptoHasher("sha256");
+  if (body instanceof Uint8Array) {
+    hash.update(body);
+    void staged.write(body); // a write error shows at commit(); LMTP takes the bytes from memory
+    const sha256 = hash.digest("hex");
+    return { body, size: body.byteLength, sha256: () => sha256 };
+  }
+  for await (const chunk of body) {
+    hash.update(chunk);
+    await staged.write(chunk);
+  }
+  const sha256 = hash.digest("hex");
+  return { body: await staged.content(), size: staged.size, sha256: () => sha256 };
+}
+
+/**
+ * Without a spool: up to HELD_BYTES in memory before LMTP is tried, so that a client that stalls
+ * in its first MiB holds no connection. A larger body streams on to LMTP as it arrives (memory
+ * stays bounded; from there on one connection waits on this client, within LMTP's time limits).
+ */
+async function receiveHeld(body: MessageBody): Promise<Received> {
+  const hash = new Bun.CryptoHasher("sha256");
+  if (body instanceof Uint8Array) {
+    hash.update(body);
+    const sha256 = hash.digest("hex");
+    return { body, size: body.byteLength, sha256: () => sha256 };
+  }
+  const reader = body.getReader();
+  const held: Uint8Array[] = [];
+  let size = 0;
+  while (size <= HELD_BYTES) {
+    const r = await reader.read();
+    if (r.done) {
+      const sha256 = hash.digest("hex");
+      return { body: held.length === 1 ? held[0]! : Buffer.concat(held), size, sha256: () => sha256 };
+    }
+    hash.update(r.value);
+    held.push(r.value);
+    size += r.value.byteLength;
+  }
+  let sha256: string | null = null;
+  const stream = new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const next = held.shift();
+        if (next) return controller.enqueue(next);
+        const r = await reader.read();
+        if (r.done) {
+          sha256 = hash.digest("hex");
+          controller.close();
+        } else {
+          hash.update(r.value);
+          controller.enqueue(r.value);
+        }
+      },
+      cancel(reason) {
+        return reader.cancel(reason);
+      },
+    },
+    { highWaterMark: 0 },
+  );
+  return { body: stream, size: null, sha256: () => sha256 };
+}
+
+function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
+  h.metrics.inc("spool_write_errors");
+  h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: e.message });
+}
+
+async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage | null): Promise<RecipientResult[]> {
+  const { envelope } = message;
+  const known = received.sha256();
+  // A repeat of the same bytes already delivered (the Worker retrying after a lost answer).
+  if (messageId && known && envelope.to.every((rcpt) => h.delivered.has(messageId, rcpt, known))) {
+    return envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 already delivered (Message-ID ${messageId})`, duplicate: true }));
+  }
 
   let results: RecipientResult[] | null = null;
   let fault: Error | null = null;
   try {
     // The spool id names the delivery on this attempt and on every retry from the spool, so that
     // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
-    results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? staged?.id : undefined }, body, size);
+    const deliveryId = h.exactlyOnce ? staged?.id : undefined;
+    results = await lmtpTransaction(h, { ...envelope, deliveryId }, received.body, received.size ?? message.size);
   } catch (e) {
+    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
+    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
     if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
     fault = e;
+  } finally {
+    // What LMTP did not read (refused before DATA, failed mid-way): the tmp/ file's reader, or the request's.
+    if (received.body instanceof ReadableStream && !received.body.locked) await received.body.cancel().catch(() => {});
   }
 
+  const sha256 = received.sha256();
   if (results) {
-    if (messageId) for (const r of results) if (isOk(r)) h.delivered.add(messageId, r.address, size);
+    if (messageId && sha256) for (const r of results) if (isOk(r)) h.delivered.add(messageId, r.address, sha256);
     if (results.some(isOk)) h.spool?.runner.kick();
   }
   const waiting = results ? results.filter(isTemporary).map((r) => r.address) : envelope.to;
@@ -92,20 +193,20 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
     return results!;
   }
 
-  // Dovecot could not take it now: the spool takes it.
+  // Dovecot could not take it now: the spool takes it (the whole message is staged already).
   const why = fault ? fault.message : results!.filter(isTemporary).map((r) => r.reply).join("; ");
-  try {
-    await drain(body); // the part LMTP never read (it failed mid-way, or before DATA)
-  } catch (e) {
-    // The request body itself failed (client gone, size limit): the message is incomplete.
-    throw fault && !(fault instanceof BodyAborted) ? new TemporaryFailure(why) : e;
-  }
   let header;
   try {
-    header = await staged.commit({ from: envelope.from, to: waiting, received_at: Date.now(), request_id: message.requestId, message_id: messageId });
+    header = await staged.commit({
+      from: envelope.from,
+      to: waiting,
+      received_at: Date.now(),
+      request_id: message.requestId,
+      message_id: messageId,
+      ...(sha256 ? { sha256 } : {}),
+    });
   } catch (e) {
-    h.metrics.inc("spool_write_errors");
-    h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: (e as Error).message });
+    spoolUnwritable(h, message, e as Error);
     throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
   }
   h.spool!.runner.add(header, why);
@@ -119,25 +220,12 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
 export function deliverSpooled(h: HostDelivery): SpoolDeliver {
   return async (envelope, body, size, header) => {
     const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
-    if (header.message_id) for (const r of results) if (isOk(r)) h.delivered.add(header.message_id, r.address, size);
+    // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
+    // it would be delivered again: a duplicate, never a loss).
+    const { message_id, sha256 } = header;
+    if (message_id && sha256) for (const r of results) if (isOk(r)) h.delivered.add(message_id, r.address, sha256);
     return results;
   };
-}
-
-/** Passes the body on to LMTP and appends every chunk to the staged spool file as it goes. */
-function teeInto(body: MessageBody, staged: StagedMessage): MessageBody {
-  if (body instanceof Uint8Array) {
-    void staged.write(body);
-    return body;
-  }
-  return body.pipeThrough(
-    new TransformStream<Uint8Array, Uint8Array>({
-      async transform(chunk, controller) {
-        await staged.write(chunk);
-        controller.enqueue(chunk);
-      },
-    }),
-  );
 }
 
 /**
@@ -166,11 +254,4 @@ function untilAborted(body: MessageBody, signal: AbortSignal): ReadableStream<Ui
       },
     }),
   );
-}
-
-async function drain(body: MessageBody): Promise<void> {
-  if (body instanceof Uint8Array) return;
-  if (body.locked) throw new Error("message stream still locked");
-  const reader = body.getReader();
-  for (;;) if ((await reader.read()).done) break;
 }

@@ -789,6 +789,11 @@ function mailboxKey(address: string): string {
 // ---------------------------------------------------------------------------------------------
 // The pool
 
+/** How long a readiness probe's outcome is reused (LmtpPool.check). */
+const CHECK_REUSE_MS = 1_000;
+
+type Probe = { result: Promise<string[]>; settledAt: number | null; failed: boolean };
+
 export interface LmtpPoolOptions extends LmtpConnectionOptions {
   /** Most connections open at once; further deliveries wait for one. */
   maxConnections?: number;
@@ -842,19 +847,35 @@ export class LmtpPool {
     });
   }
 
-  /** Readiness: a new connection that greets, answers LHLO and NOOP. Returns the capabilities. */
-  async check(): Promise<string[]> {
-    await this.takeSlot(); // a probe counts against the limit like a delivery
+  /**
+   * Readiness: a new connection that greets, answers LHLO and NOOP. Returns the capabilities.
+   * Probes must not compete with deliveries: a probe takes no delivery slot, callers at the same
+   * time share one probe, and its outcome (either way) is reused for CHECK_REUSE_MS after it, so
+   * a flood of /ready calls opens one connection at a time, at most a few a second. A failure is
+   * forgotten as soon as a delivery has worked again.
+   */
+  check(): Promise<string[]> {
+    const last = this.lastCheck;
+    if (last && (last.settledAt === null || performance.now() - last.settledAt < CHECK_REUSE_MS)) return last.result;
+    const probe: Probe = { result: this.probe(), settledAt: null, failed: false };
+    probe.result.then(
+      () => void (probe.settledAt = performance.now()),
+      () => void ((probe.settledAt = performance.now()), (probe.failed = true)),
+    );
+    this.lastCheck = probe;
+    return probe.result;
+  }
+
+  private lastCheck: Probe | null = null;
+
+  private async probe(): Promise<string[]> {
+    if (this.closed) throw new LmtpFault("closed", "connect", "LMTP pool is shut down");
+    const conn = await LmtpConnection.open(this.target, this.opts);
     try {
-      const conn = await LmtpConnection.open(this.target, this.opts);
-      try {
-        await conn.noop();
-        return [...conn.capabilities.keys()];
-      } finally {
-        await conn.quit();
-      }
+      await conn.noop();
+      return [...conn.capabilities.keys()];
     } finally {
-      this.giveSlot();
+      await conn.quit();
     }
   }
 
@@ -899,6 +920,7 @@ export class LmtpPool {
     } finally {
       if (!conn.reusable) conn.close(new Error("not reusable"));
       else {
+        if (this.lastCheck?.failed) this.lastCheck = null; // LMTP answers again
         if (this.closed || this.idle.length >= this.maxIdle) void conn.quit();
         else this.idle.push({ conn, since: Date.now() });
       }

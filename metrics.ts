@@ -14,7 +14,8 @@ export type Counter =
   | "spool_retried"
   | "spool_failed"
   | "spool_incomplete_discarded"
-  | "spool_write_errors";
+  | "spool_write_errors"
+  | "delivered_log_errors";
 
 const HELP: Record<Counter, string> = {
   received: "Messages received over HTTP (authenticated POSTs).",
@@ -29,6 +30,7 @@ const HELP: Record<Counter, string> = {
   spool_failed: "Spooled messages given up on (too old, or refused permanently) and moved to failed/.",
   spool_incomplete_discarded: "Half-written spool files found at start-up (never acknowledged) and removed.",
   spool_write_errors: "Attempts to spool a message that failed (the sender got 503).",
+  delivered_log_errors: "Reads and writes of the record of deliveries (delivered.sqlite) that failed; delivery goes on, a repeat may not be recognised.",
 };
 
 export class Metrics {

@@ -57,7 +57,14 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const deliveredPath = config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null;
   let delivered: DeliveredLog;
   try {
-    delivered = openDeliveredLog(deliveredPath);
+    // Best effort once open (a lost record costs a duplicate, never a message): a full disk is
+    // logged and counted, and delivery goes on.
+    delivered = openDeliveredLog(deliveredPath, {
+      onError: (e, during) => {
+        metrics.inc("delivered_log_errors");
+        log({ time: now(), event: "delivered_log_error", during, error: e.message });
+      },
+    });
   } catch (e) {
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
@@ -73,6 +80,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const app = createApp({
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
+    bodyIdleMs: config.bodyIdleMs ?? 10_000,
     deliver: deliverNowOrSpool(host),
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),

@@ -44,6 +44,8 @@ export interface SpoolHeader extends SpooledEnvelope {
   size: number;
   request_id?: string;
   message_id?: string | null;
+  /** SHA-256 of the message bytes (hex): with message_id, the record of its delivery (delivered-log.ts). */
+  sha256?: string;
 }
 
 /** Retry bookkeeping; changes with each attempt. */
@@ -273,16 +275,28 @@ export class Spool {
 
   /** Commit step shared by StagedMessage: fsync'd file renamed into queue/, then the directory fsynced. */
   async publish(tmpPath: string, id: string): Promise<void> {
-    await rename(tmpPath, join(this.queue, id));
-    fsyncDir(this.queue);
+    const path = join(this.queue, id);
+    await rename(tmpPath, path);
+    try {
+      fsyncDir(this.queue);
+    } catch (e) {
+      // Not known to be durable, so not acknowledged (503, the sender retries): it must not be
+      // delivered from queue/ as well.
+      await rm(path, { force: true }).catch(() => {});
+      throw e;
+    }
   }
 }
 
+/** How a StagedMessage opens its file (node:fs/promises' open; tests hand in a faulty one). */
+export type OpenFile = (path: string, flags: string, mode: number) => Promise<FileHandle>;
+
 /**
- * A message that streams past while the host tries LMTP, kept so that it can be spooled if LMTP
+ * A message being received, before the host tries LMTP, kept so that it can be spooled if LMTP
  * fails. The first HELD_BYTES stay in memory; a larger message goes on into tmp/<id> as it
- * streams (memory stays bounded). Most messages are delivered at once and small, so most never
- * touch the disk here. commit() makes it durable and visible in queue/; discard() forgets it.
+ * arrives (memory stays bounded). Most messages are delivered at once and small, so most never
+ * touch the disk here. content() gives the bytes back for LMTP; commit() makes them durable and
+ * visible in queue/; discard() forgets them.
  */
 export class StagedMessage {
   private bytes = 0;
@@ -300,6 +314,7 @@ export class StagedMessage {
     private readonly spool: Spool,
     readonly id: string,
     private readonly path: string,
+    private readonly openFile: OpenFile = open,
   ) {}
 
   /** Appends a chunk (in order). A write error is remembered and surfaces at commit(). */
@@ -313,7 +328,7 @@ export class StagedMessage {
     const p = this.ready.then(async () => {
       if (this.failed) return;
       try {
-        await (await this.file()).write(chunk, 0, chunk.byteLength, at);
+        await writeFully(await this.file(), chunk, at);
       } catch (e) {
         this.failed = e as Error;
       }
@@ -328,13 +343,13 @@ export class StagedMessage {
     const held = this.held ?? [];
     this.held = null;
     try {
-      this.fh = await open(this.path, "wx", 0o600);
+      this.fh = await this.openFile(this.path, "wx", 0o600);
     } catch (e) {
       throw new SpoolWriteError(`spool not writable: ${(e as Error).message}`);
     }
     let at = HEADER_RESERVED;
     for (const c of held) {
-      await this.fh.write(c, 0, c.byteLength, at);
+      await writeFully(this.fh, c, at);
       at += c.byteLength;
     }
     return this.fh;
@@ -342,6 +357,18 @@ export class StagedMessage {
 
   get size(): number {
     return this.bytes;
+  }
+
+  /**
+   * Everything written so far, for LMTP: the bytes themselves when they are held in memory,
+   * otherwise a stream of them from tmp/. A message that could not be written to tmp/ cannot be
+   * delivered either (it is not held anywhere): SpoolWriteError.
+   */
+  async content(): Promise<Uint8Array | ReadableStream<Uint8Array>> {
+    await this.ready;
+    if (this.failed) throw new SpoolWriteError(`spool write failed: ${this.failed.message}`);
+    if (this.held) return this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
+    return Bun.file(this.path).slice(HEADER_RESERVED, HEADER_RESERVED + this.bytes).stream();
   }
 
   /** Durable from here on: only now may the sender be told 2xx. */
@@ -355,8 +382,8 @@ export class StagedMessage {
     try {
       const line = encodeHeader(header);
       const fh = await this.file();
-      await fh.write(line, 0, line.byteLength, 0);
-      await fh.write(HEADER_END, 0, 1, HEADER_RESERVED - 1);
+      await writeFully(fh, line, 0);
+      await writeFully(fh, HEADER_END, HEADER_RESERVED - 1);
       await fh.sync();
       this.closed = true;
       await fh.close();
@@ -381,6 +408,19 @@ export class StagedMessage {
       await this.fh.close().catch(() => {});
     }
     await rm(this.path, { force: true }).catch(() => {});
+  }
+}
+
+/**
+ * Writes all of `bytes` at `at`, or throws. On a full disk a write can take only part of what it
+ * was given and report that without an error: the rest is written again (and then fails with
+ * ENOSPC), never left as a hole of zeros in the message.
+ */
+async function writeFully(fh: FileHandle, bytes: Uint8Array, at: number): Promise<void> {
+  for (let done = 0; done < bytes.byteLength; ) {
+    const { bytesWritten } = await fh.write(bytes, done, bytes.byteLength - done, at + done);
+    if (!(bytesWritten > 0)) throw new Error(`short write: ${done} of ${bytes.byteLength} bytes written`);
+    done += bytesWritten;
   }
 }
 
@@ -421,7 +461,7 @@ const MAGIC_V1 = "RELAY-SPOOL 1 ";
 const HEADER_RESERVED_V1 = 32 * 1024;
 
 /** How much of a message is held in memory before it goes to tmp/ (per delivery under way). */
-const HELD_BYTES = 1024 * 1024;
+export const HELD_BYTES = 1024 * 1024;
 
 /** The header's bytes from offset 0 (the "\n" at HEADER_RESERVED - 1 is written apart). */
 export function encodeHeader(h: SpoolHeader): Uint8Array {

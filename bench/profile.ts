@@ -5,6 +5,7 @@
 //   raw   server.ts, message/rfc822 bodies (what the Worker sends)
 //   json  server.ts, the runbook's JSON bodies
 //   bare  bench/bare-relay.ts: HTTP -> LmtpPool with nothing else, the floor of an HTTP hop
+// BENCH_SPOOL=1 runs the host with a spool (SPOOL_DIR), as the container runs it.
 // The whole profile (.cpuprofile for Chrome DevTools, and .md) stays under .bench/profile/.
 
 import { readdirSync, readFileSync, rmSync } from "node:fs";
@@ -34,6 +35,7 @@ try {
     name: `profile-${kind}`,
     script: kind === "bare" ? "bench/bare-relay.ts" : "server.ts",
     bunArgs: ["--cpu-prof", "--cpu-prof-md", `--cpu-prof-dir=${dir}`],
+    spoolDir: process.env.BENCH_SPOOL === "1" ? join(dir, "spool") : undefined,
   });
   const make = messageFactory(`profile-${kind}`, 10 * 1024);
   const messages = Array.from({ length: n }, (_, i) => make(i));

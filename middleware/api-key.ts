@@ -12,17 +12,27 @@
 import type { Context, MiddlewareHandler } from "hono";
 
 export function apiKey(keys: readonly string[], refuse: (c: Context, message: string) => Response): MiddlewareHandler {
+  const check = keyCheck(keys);
+  return async (c, next) => {
+    const result = await check(c);
+    if (result === "missing") return refuse(c, "missing API key: send it in X-API-Key or Authorization: Bearer");
+    if (result === "invalid") return refuse(c, "invalid API key");
+    await next();
+  };
+}
+
+/** The same check without an answer, for routes that say less to a caller without the key (/ready). */
+export function keyCheck(keys: readonly string[]): (c: Context) => Promise<"valid" | "missing" | "invalid"> {
   if (keys.length === 0) throw new Error("apiKey: no keys configured");
   let digests: Promise<Uint8Array[]> | null = null;
-  return async (c, next) => {
+  return async (c) => {
     const given = c.req.header("x-api-key") ?? bearerToken(c.req.header("authorization"));
-    if (!given) return refuse(c, "missing API key: send it in X-API-Key or Authorization: Bearer");
+    if (!given) return "missing";
     digests ??= Promise.all(keys.map(sha256));
     const presented = await sha256(given);
     let match = false;
     for (const d of await digests) match = sameBytes(d, presented) || match;
-    if (!match) return refuse(c, "invalid API key");
-    await next();
+    return match ? "valid" : "invalid";
   };
 }
 

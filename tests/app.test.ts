@@ -747,23 +747,74 @@ describe("health and readiness", () => {
     expect(fake.commands).toEqual([]); // the shallow check does not touch LMTP
   });
 
-  test.each(["/ready", "/health?deep=1"])("%s -> 200 with LMTP up, after LHLO", async (path) => {
-    const r = await fetch(server.url + path);
-    expect(r.status).toBe(200);
-    expect(((await r.json()) as { status: string }).status).toBe("ready");
-    expect(fake.commands.some((c) => c.startsWith("LHLO"))).toBe(true);
-  });
+  const readyBody = async (r: Response) => (await r.json()) as Record<string, unknown>;
 
-  test("with LMTP down: /ready and /health?deep=1 -> 503, /health stays 200", async () => {
-    const s = startFor(deadPort());
+  for (const path of ["/ready", "/health?deep=1"]) {
+    test(`${path} without a key -> 200 with its status and timestamp only; with the key (X-API-Key or Bearer) -> the LMTP target, capabilities, spool`, async () => {
+      const s = startFor(fake.port);
+      try {
+        const bare = await fetch(s.url + path);
+        expect(bare.status).toBe(200);
+        const text = await bare.text();
+        expect(Object.keys(JSON.parse(text)).sort()).toEqual(["status", "timestamp"]);
+        expect(JSON.parse(text).status).toBe("ready");
+        for (const secret of ["127.0.0.1", String(fake.port), "PIPELINING", "spooled", "lmtp"]) expect(text).not.toContain(secret);
+        expect(fake.commands.some((c) => c.startsWith("LHLO"))).toBe(true); // it did look
+        // A wrong key is no key.
+        expect(Object.keys(await readyBody(await fetch(s.url + path, { headers: { "X-API-Key": KEY_3 } }))).sort()).toEqual(["status", "timestamp"]);
+
+        for (const headers of [{ "X-API-Key": KEY_1 }, { Authorization: `Bearer ${KEY_2}` }] as Record<string, string>[]) {
+          const r = await fetch(s.url + path, { headers });
+          expect(r.status).toBe(200);
+          const body = await readyBody(r);
+          expect(body).toMatchObject({ status: "ready", lmtp: `127.0.0.1:${fake.port}`, spooled: null });
+          expect(body.capabilities).toContain("PIPELINING");
+        }
+      } finally {
+        await s.stop();
+      }
+    });
+  }
+
+  test("with LMTP down: /ready and /health?deep=1 -> 503 without the error text; with the key, the error; /health stays 200", async () => {
+    const port = deadPort();
+    const s = startFor(port);
     try {
       for (const path of ["/ready", "/health?deep=1"]) {
         const r = await fetch(s.url + path);
         expect(r.status).toBe(503);
         expect(r.headers.get("retry-after")).toMatch(/^\d+$/);
-        expect(((await r.json()) as { status: string }).status).toBe("unavailable");
+        const text = await r.text();
+        expect(JSON.parse(text)).toEqual({ status: "unavailable", timestamp: expect.any(String) });
+        expect(text).not.toContain(String(port));
+
+        const keyed = await fetch(s.url + path, { headers: { "X-API-Key": KEY_1 } });
+        expect(keyed.status).toBe(503);
+        const body = await readyBody(keyed);
+        expect(body.status).toBe("unavailable");
+        expect(String(body.error)).toContain(`127.0.0.1:${port}`);
       }
       expect((await fetch(`${s.url}/health`)).status).toBe(200);
+    } finally {
+      await s.stop();
+    }
+  });
+
+  test("1000 concurrent /ready calls while messages are delivered: every delivery 200, and LMTP sees only a few probe connections", async () => {
+    const s = startFor(fake.port);
+    try {
+      const probes = Array.from({ length: 1000 }, () => fetch(s.url + "/ready").then(async (r) => (await r.arrayBuffer(), r.status)));
+      const deliveries = Array.from({ length: 40 }, (_, i) =>
+        rfc822({ from: "a@example.org", to: "user@example.com" }, `Message-ID: <ready-${i}@x>\r\n\r\nbody ${i}\r\n`, {}, s.url).then((a) => a.status),
+      );
+      const [probed, delivered] = await Promise.all([Promise.all(probes), Promise.all(deliveries)]);
+      expect(probed.filter((st) => st !== 200)).toEqual([]);
+      expect(delivered).toEqual(deliveries.map(() => 200));
+      expect(fake.received.length).toBe(40);
+      // A probe is the one connection that sends NOOP: they share one check, reused for a second.
+      const noops = fake.commands.filter((c) => c.toUpperCase() === "NOOP").length;
+      expect(noops).toBeGreaterThanOrEqual(1);
+      expect(noops).toBeLessThanOrEqual(5);
     } finally {
       await s.stop();
     }

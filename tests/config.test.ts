@@ -23,7 +23,7 @@ function refusal(env: Record<string, string | undefined>): ConfigError {
 }
 
 describe("fromEnv(ServerEnv)", () => {
-  test("defaults: LMTP dovecot:2525, port 8080 on 127.0.0.1, 25 MiB, no spool, 5 days", () => {
+  test("defaults: LMTP dovecot:2525, port 8080 on 127.0.0.1, 25 MiB, no spool, 5 days, a body idle limit of 10 s", () => {
     const c = fromEnv(ServerEnv, { API_KEY: KEY_A });
     expect(c).toEqual({
       apiKeys: [KEY_A],
@@ -35,6 +35,7 @@ describe("fromEnv(ServerEnv)", () => {
       spoolDir: undefined,
       spoolMaxAgeMs: 5 * 24 * 3_600_000,
       exactlyOnce: false,
+      bodyIdleMs: 10_000,
     });
     expect(DEFAULT_MAX_MESSAGE_BYTES).toBe(26_214_400);
   });
@@ -45,6 +46,13 @@ describe("fromEnv(ServerEnv)", () => {
     expect(fromEnv(ServerEnv, { API_KEY: KEY_A, EXACTLY_ONCE: "" }).exactlyOnce).toBe(false);
     for (const v of ["1", "yes", "TRUE", "on"]) expect(refusal({ API_KEY: KEY_A, SPOOL_DIR: "/s", EXACTLY_ONCE: v }).message).toBe("configuration: EXACTLY_ONCE must be true or false");
     expect(refusal({ API_KEY: KEY_A, EXACTLY_ONCE: "true" }).message).toMatch(/^configuration: EXACTLY_ONCE needs SPOOL_DIR/);
+  });
+
+  test("BODY_IDLE_SECONDS in whole seconds, 1 to 60; 0, 61 or a fraction is refused with its name", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, BODY_IDLE_SECONDS: "3" }).bodyIdleMs).toBe(3_000);
+    expect(refusal({ API_KEY: KEY_A, BODY_IDLE_SECONDS: "61" }).message).toContain("at most 60");
+    expect(refusal({ API_KEY: KEY_A, BODY_IDLE_SECONDS: "0" }).message).toContain("BODY_IDLE_SECONDS");
+    expect(refusal({ API_KEY: KEY_A, BODY_IDLE_SECONDS: "1.5" }).message).toContain("BODY_IDLE_SECONDS");
   });
 
   test("an empty variable means unset: the default applies", () => {

@@ -3,7 +3,7 @@
 // the background deliverer; what cannot be spooled is answered 503; duplicates; /metrics.
 
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { readdirSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, mkdirSync, openSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../contract.ts";
@@ -13,6 +13,7 @@ import type { LogLine } from "../middleware/access-log.ts";
 import type { QueueRunnerOptions } from "../queue-runner.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { Spool } from "../spool.ts";
+import { jsonOf, stalledUpload, statusOf, type StalledUpload } from "./support/stalled-upload.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -51,7 +52,7 @@ interface Host {
   spool: Spool | null;
 }
 
-async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lmtp?: LmtpPoolOptions; queue?: QueueRunnerOptions } = {}): Promise<Host> {
+async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lmtp?: LmtpPoolOptions; queue?: QueueRunnerOptions; bodyIdleMs?: number } = {}): Promise<Host> {
   let dir: string | null = null;
   if (opts.spool !== false) {
     dir = opts.dir ?? (await mkdtemp("/tmp/delivery-test-"));
@@ -66,6 +67,7 @@ async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lm
       host: "127.0.0.1",
       maxMessageBytes: 8 * 1024 * 1024,
       spoolDir: dir ?? undefined,
+      bodyIdleMs: opts.bodyIdleMs,
     },
     { log: (l) => logs.push(l), lmtp: opts.lmtp, queue: { baseBackoffMs: 100, maxBackoffMs: 200, ...opts.queue } },
   );
@@ -597,7 +599,7 @@ describe("nothing acknowledged that is not safe", () => {
 });
 
 describe("duplicates", () => {
-  test("same Message-ID, recipient and size twice: the second is a duplicate, delivered once", async () => {
+  test("the same bytes, Message-ID and recipient twice: the second is a duplicate, delivered once", async () => {
     const h = await host();
     const sent = message("dup");
     const first = await post(h, sent);
@@ -622,6 +624,41 @@ describe("duplicates", () => {
     const other = await post(h, message("resent"), "alice@example.test");
     expect(other.body.status).toBe("success");
     expect(fake.received.length).toBe(3);
+  });
+
+  for (const [label, mkBody] of [
+    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, 7)],
+    ["with Content-Length", (b: Uint8Array<ArrayBuffer>) => b],
+  ] as const) {
+    test(`two different messages with the same Message-ID and the same size (${label}): both delivered, neither is a duplicate`, async () => {
+      const h = await host();
+      const first = message("reused-id", "first text\r\n");
+      const second = message("reused-id", "other text\r\n");
+      expect(second.length).toBe(first.length);
+      expect((await post(h, mkBody(first))).body.status).toBe("success");
+      const again = await post(h, mkBody(second));
+      expect(again.status).toBe(200);
+      expect(again.body.status).toBe("success");
+      expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1"))).toEqual([first, second].map((m) => Buffer.from(m).toString("latin1")));
+      // The same bytes again, either way they are sent: a duplicate.
+      expect((await post(h, mkBody(second))).body.status).toBe("duplicate");
+      expect((await post(h, streamOf(first, 100))).body.status).toBe("duplicate");
+      expect(fake.received.length).toBe(2);
+    });
+  }
+
+  test("a spooled message carries the SHA-256 of its bytes; once delivered from the spool, another message with its Message-ID is still delivered", async () => {
+    const h = await host();
+    fake.behaviour.rcpt = () => 450;
+    const sent = message("spooled-digest");
+    expect((await post(h, streamOf(sent, 10))).status).toBe(202);
+    const [entry] = await h.spool!.list();
+    expect(entry!.header.sha256).toBe(new Bun.CryptoHasher("sha256").update(sent).digest("hex"));
+    fake.behaviour.rcpt = () => 250;
+    await until("delivered from the spool", () => fake.received.length === 1 && h.server.runner!.size === 0);
+    expect((await post(h, sent)).body.status).toBe("duplicate");
+    expect((await post(h, message("spooled-digest", "changed\r\n"))).body.status).toBe("success");
+    expect(fake.received.length).toBe(2);
   });
 
   test("a message without Message-ID is never taken for a duplicate", async () => {
@@ -734,5 +771,126 @@ describe("/metrics", () => {
   test("/metrics needs the key", async () => {
     const h = await host();
     expect((await fetch(h.server.url + "/metrics")).status).toBe(401);
+  });
+});
+
+const sendHeaders = { "Content-Type": "message/rfc822", "X-API-Key": KEY, "X-Envelope-From": "sender@example.org", "X-Envelope-To": USER };
+
+/** `n` uploads that send their headers and 500 bytes of a 10 KB message, then stop (half of them chunked). */
+function stallUploads(h: Host, n: number): Promise<StalledUpload[]> {
+  return Promise.all(
+    Array.from({ length: n }, (_, i) =>
+      stalledUpload({ url: h.server.url, path: INBOUND_PATH, headers: sendHeaders, sent: message(`stalled-${i}`, "x".repeat(500)).subarray(0, 500), length: i % 2 ? "chunked" : 10_000 }),
+    ),
+  );
+}
+
+describe("a slow or stalled client costs only itself", () => {
+  test("a body that stops sending is answered 503 body_stalled with Retry-After once the idle limit has passed; nothing delivered, nothing spooled", async () => {
+    const h = await host({ bodyIdleMs: 500 });
+    const [chunked, declared] = await Promise.all([0, 1].map((i) =>
+      stalledUpload({ url: h.server.url, path: INBOUND_PATH, headers: sendHeaders, sent: message(`idle-${i}`).subarray(0, 40), length: i ? 10_000 : "chunked" }),
+    ));
+    for (const u of [chunked!, declared!]) {
+      const answer = await u.answer;
+      expect(statusOf(answer)).toBe(503);
+      expect(answer).toMatch(/\r\nretry-after: \d+\r\n/i);
+      expect(jsonOf(answer)).toMatchObject({ status: "deferred", error: "body_stalled" });
+      expect(String(jsonOf(answer).message)).toContain("no bytes for 0.5 s");
+      u.close();
+    }
+    expect(fake.received).toEqual([]);
+    expect(fake.commands.filter((c) => c.startsWith("MAIL"))).toEqual([]); // LMTP was never even started
+    expect(files(h, "queue")).toEqual([]);
+    expect(files(h, "tmp")).toEqual([]);
+  });
+
+  test("a JSON body that stops sending: 503 body_stalled as well", async () => {
+    const h = await host({ spool: false, bodyIdleMs: 500 });
+    const u = await stalledUpload({ url: h.server.url, path: INBOUND_PATH, headers: { "Content-Type": "application/json", "X-API-Key": KEY }, sent: enc.encode('{"from": "a@b.c", "to'), length: 5_000 });
+    const answer = await u.answer;
+    u.close();
+    expect(statusOf(answer)).toBe(503);
+    expect(jsonOf(answer).error).toBe("body_stalled");
+  });
+
+  for (const spool of [true, false]) {
+    test(`16 stalled uploads (the pool's every connection) ${spool ? "with" : "without"} a spool: messages sent meanwhile are delivered at once, 200 each`, async () => {
+      const h = await host({ spool, bodyIdleMs: 30_000, lmtp: { timeouts: { transaction: 3_000 } } });
+      const stalled = await stallUploads(h, 16);
+      await Bun.sleep(200); // the relay has them all by now
+      const answers = await Promise.all(Array.from({ length: 20 }, (_, i) => post(h, message(`beside-stalls-${i}`))));
+      expect(answers.map((a) => a.status)).toEqual(answers.map(() => 200));
+      expect(fake.received.length).toBe(20);
+      expect(stalled.map((u) => u.received())).toEqual(stalled.map(() => "")); // still waiting, unanswered
+      for (const u of stalled) u.close();
+    });
+  }
+
+  test("with a spool, a message past the MiB held in memory is received into tmp/ and delivered from there, byte-exact; nothing is left", async () => {
+    const h = await host();
+    const sent = bigMessage("big-from-tmp", 3 * 1024 * 1024 + 5);
+    const a = await post(h, streamOf(sent, 50_000));
+    expect(a.status).toBe(200);
+    expect(same(fake.received[0]!.data, sent)).toBe(true);
+    expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
+    expect(files(h, "queue")).toEqual([]);
+  });
+
+  test("with a spool whose tmp/ cannot be written, a message past the MiB held in memory cannot be received: 503, nothing delivered", async () => {
+    const h = await host();
+    rmSync(join(h.dir!, "tmp"), { recursive: true });
+    writeFileSync(join(h.dir!, "tmp"), "x");
+    const a = await post(h, streamOf(bigMessage("big-no-tmp", 2 * 1024 * 1024), 50_000));
+    expect(a.status).toBe(503);
+    expect(a.headers.get("retry-after")).toBeTruthy();
+    expect(String(a.body.message)).toContain("spool");
+    expect(fake.received).toEqual([]);
+    expect((await metrics(h)).relay_spool_write_errors_total).toBe(1);
+  });
+});
+
+describe("a full spool disk (a real tmpfs)", () => {
+  test("a message that does not fit: 503, nothing in queue/ or tmp/; after space is freed the same message is spooled whole", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const mnt = join(dir, "spool");
+    mkdirSync(mnt);
+    // Root in the test environment: if the tmpfs cannot be mounted this fails, it is never skipped.
+    const mounted = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt]);
+    if (mounted.exitCode !== 0) throw new Error(`cannot mount a tmpfs for the full-disk test: ${mounted.stderr.toString()}`);
+    try {
+      const h = await host({ dir: mnt, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      fake.behaviour.rcpt = () => 450;
+      // Fill the disk but for about 100 KiB.
+      const filler = join(mnt, "filler");
+      const fd = openSync(filler, "w");
+      try {
+        for (;;) writeSync(fd, new Uint8Array(4096));
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== "ENOSPC") throw e;
+      } finally {
+        closeSync(fd);
+      }
+      truncateSync(filler, statSync(filler).size - 100 * 1024);
+
+      const sent = bigMessage("disk-full", 300_000);
+      const a = await post(h, sent);
+      expect(a.status).toBe(503);
+      expect(a.headers.get("retry-after")).toBeTruthy();
+      expect(readdirSync(join(mnt, "queue"))).toEqual([]);
+      expect(readdirSync(join(mnt, "tmp"))).toEqual([]);
+      expect((await metrics(h)).relay_spool_write_errors_total).toBe(1);
+
+      rmSync(filler);
+      const b = await post(h, sent);
+      expect(b.status).toBe(202);
+      const [entry] = await h.spool!.list();
+      expect(entry!.header.size).toBe(sent.length);
+      expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
+      await h.server.stop();
+    } finally {
+      Bun.spawnSync(["umount", "-l", mnt]);
+    }
   });
 });

@@ -1059,6 +1059,40 @@ describe("against the fake LMTP server", () => {
       await expectFault(p.check(), "timeout", "greeting");
     });
 
+    test("check() takes no delivery slot: with the only connection busy, it answers before the delivery ends", async () => {
+      const p = pool({ maxConnections: 1, timeouts: { ...FAST, dataEnd: 2_000 } });
+      fake.behaviour.stall = "afterData"; // the delivery holds its connection for 2 s
+      const order: string[] = [];
+      const delivery = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("x\r\n"), null).catch(() => order.push("delivery"));
+      await until(() => fake.commands.includes("DATA"));
+      expect(p.stats.busy).toBe(1);
+      await p.check();
+      order.push("check");
+      await delivery;
+      expect(order).toEqual(["check", "delivery"]);
+    });
+
+    test("concurrent check() calls share one probe, reused for a moment; a failure is forgotten once a delivery works again", async () => {
+      const p = pool();
+      const noops = () => fake.commands.filter((c) => c === "NOOP").length;
+      const caps = await Promise.all(Array.from({ length: 50 }, () => p.check()));
+      expect(new Set(caps.map((c) => c.join())).size).toBe(1);
+      expect(noops()).toBe(1);
+      await p.check();
+      expect(noops()).toBe(1); // reused, no new connection
+      expect(fake.connections).toBe(1);
+
+      const failing = pool();
+      fake.behaviour.stall = "greeting";
+      await expectFault(failing.check(), "timeout", "greeting");
+      fake.behaviour.stall = null;
+      const before = fake.connections;
+      await expectFault(failing.check(), "timeout", "greeting"); // the same outcome, reused
+      expect(fake.connections).toBe(before);
+      await failing.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("x\r\n"), null);
+      expect(await failing.check()).toContain("PIPELINING"); // LMTP works again: probed afresh
+    });
+
     test("close() sends QUIT on idle connections and refuses new deliveries", async () => {
       const p = new LmtpPool(tcp(fake), { timeouts: FAST });
       await p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("x\r\n"), null);

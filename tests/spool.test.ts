@@ -3,12 +3,12 @@
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, open, rm, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import fc from "fast-check";
 import { MAX_RECIPIENTS } from "../contract.ts";
 import { peekHeaders } from "../message-headers.ts";
-import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, type SpoolHeader } from "../spool.ts";
+import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, StagedMessage, type OpenFile, type SpoolHeader } from "../spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
 
@@ -607,5 +607,99 @@ describe("prepare() at start-up", () => {
       expect(Bun.spawnSync(["umount", mnt]).exitCode).toBe(0);
       await rm(mnt, { recursive: true, force: true });
     }
+  });
+});
+
+describe("short writes and failed syncs (a full disk)", () => {
+  type Faults = { maxPerWrite?: number; budget?: number; syncFails?: boolean };
+  /**
+   * node:fs/promises' open, with a file handle that behaves like one on a filling disk: each write
+   * takes at most `maxPerWrite` bytes and reports that (without an error, as write(2) does); past
+   * `budget` bytes in all, a write that can take nothing fails with ENOSPC; sync() may fail (EIO).
+   */
+  function faultyOpen(f: Faults): OpenFile {
+    return async (path, flags, mode) => {
+      const fh = await open(path, flags, mode);
+      let total = 0;
+      const write = async (buf: Uint8Array, offset: number, length: number, position: number) => {
+        let n = Math.min(length, f.maxPerWrite ?? length, (f.budget ?? Infinity) - total);
+        if (n <= 0) throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+        const r = await fh.write(buf, offset, n, position);
+        total += r.bytesWritten;
+        n = r.bytesWritten;
+        return { bytesWritten: n, buffer: buf };
+      };
+      const sync = async () => {
+        if (f.syncFails) throw Object.assign(new Error("EIO: i/o error, fsync"), { code: "EIO" });
+        return fh.sync();
+      };
+      // What StagedMessage uses of a FileHandle.
+      return { write, sync, close: () => fh.close() } as unknown as FileHandle;
+    };
+  }
+  const stageWith = (f: Faults) => {
+    const id = `${Date.now().toString(36)}faulty${Math.random().toString(36).slice(2, 8)}`;
+    return new StagedMessage(spool, id, join(spool.tmp, id), faultyOpen(f));
+  };
+
+  for (const [label, size] of [
+    ["held in memory until commit", 300_000],
+    ["spilled into tmp/ while it arrives", 2 * 1024 * 1024 + 333],
+  ] as const) {
+    test(`writes that take only part of a chunk are completed: the spooled message is whole and byte-exact (${label})`, async () => {
+      const bytes = awkwardBytes(size, 21);
+      const staged = stageWith({ maxPerWrite: 4093 });
+      for (let at = 0; at < bytes.length; at += 65_536) await staged.write(bytes.subarray(at, at + 65_536));
+      const header = await staged.commit(meta());
+      expect(header.size).toBe(size);
+      const body = await readAll(await spool.body(header.id));
+      expect(body.length).toBe(size);
+      expect(Buffer.from(body).equals(Buffer.from(bytes))).toBe(true);
+    });
+  }
+
+  test("a disk that fills up part-way through a message: commit fails with SpoolWriteError, nothing in queue/ or tmp/", async () => {
+    const staged = stageWith({ maxPerWrite: 10_000, budget: 150_000 });
+    for (let i = 0; i < 5; i++) await staged.write(awkwardBytes(60_000, 30 + i));
+    const err = await staged.commit(meta()).catch((e) => e);
+    expect(err).toBeInstanceOf(SpoolWriteError);
+    expect(String(err.message)).toContain("ENOSPC");
+    expect(names("queue")).toEqual([]);
+    expect(names("tmp")).toEqual([]);
+  });
+
+  test("a failed fsync fails the commit: SpoolWriteError, nothing in queue/ or tmp/", async () => {
+    const staged = stageWith({ syncFails: true });
+    await staged.write(awkwardBytes(5_000));
+    const err = await staged.commit(meta()).catch((e) => e);
+    expect(err).toBeInstanceOf(SpoolWriteError);
+    expect(String(err.message)).toContain("EIO");
+    expect(names("queue")).toEqual([]);
+    expect(names("tmp")).toEqual([]);
+  });
+
+  test("content() gives back exactly what was written, held or spilled; a spill that failed is SpoolWriteError", async () => {
+    const small = awkwardBytes(70_000, 40);
+    const held = spool.stage();
+    await held.write(small.subarray(0, 1000));
+    await held.write(small.subarray(1000));
+    const c1 = await held.content();
+    expect(c1).toBeInstanceOf(Uint8Array);
+    expect(Buffer.from(c1 as Uint8Array).equals(Buffer.from(small))).toBe(true);
+    await held.discard();
+
+    const big = awkwardBytes(3 * 1024 * 1024, 41);
+    const spilled = spool.stage();
+    for (let at = 0; at < big.length; at += 100_000) await spilled.write(big.subarray(at, at + 100_000));
+    const c2 = await spilled.content();
+    expect(c2).toBeInstanceOf(ReadableStream);
+    expect(Buffer.from(await readAll(c2 as ReadableStream<Uint8Array>)).equals(Buffer.from(big))).toBe(true);
+    await spilled.discard();
+
+    const full = stageWith({ budget: 1024 * 1024 });
+    await full.write(big);
+    expect(await full.content().catch((e) => e)).toBeInstanceOf(SpoolWriteError);
+    await full.discard();
+    expect(names("tmp")).toEqual([]);
   });
 });
