@@ -1,5 +1,5 @@
 // What the host knows it has delivered: (Message-ID, recipient, SHA-256 of the message bytes) for
-// 24 hours, recorded after Dovecot's 250. A repeat of the same bytes (the Worker retrying after a
+// 6 days, recorded after Dovecot's 250. A repeat of the same bytes (the Worker retrying after a
 // lost HTTP answer) is answered "duplicate" instead of being delivered twice; a different message
 // that reuses a Message-ID has another digest and is delivered. Kept in SQLite beside the spool so
 // it survives restarts; in memory when there is no spool. Best effort by design: losing a record
@@ -9,7 +9,11 @@
 import { Database } from "bun:sqlite";
 import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 
-export const DEDUPE_WINDOW_MS = 24 * 60 * 60 * 1000;
+/**
+ * Longer than anything may come again: the edge holds mail for up to 5 days
+ * (EDGE_SPOOL_MAX_AGE_HOURS) and offers again what the host may have delivered without an answer.
+ */
+export const DEDUPE_WINDOW_MS = 6 * 24 * 60 * 60 * 1000;
 
 export interface DeliveredLog {
   has(messageId: string, recipient: string, sha256: string): boolean;

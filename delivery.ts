@@ -15,7 +15,7 @@ import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts"
 import { replyClass, type RecipientResult } from "./contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
 import { BodyStalled } from "./body-limit.ts";
-import { BodyAborted, LmtpFault, formatReply, type LmtpEnvelope, type LmtpPool, type MessageBody } from "./lmtp.ts";
+import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "./lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { LogWriter } from "./middleware/access-log.ts";
@@ -195,6 +195,12 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
 
   // Dovecot could not take it now: the spool takes it (the whole message is staged already).
   const why = fault ? fault.message : results!.filter(isTemporary).map((r) => r.reply).join("; ");
+  // Unless it could never take it: a non-ASCII address needs SMTPUTF8 (RFC 6531), and a server not
+  // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
+  // retries, and hears the refusal with its reason once Dovecot answers.
+  if ([envelope.from, ...waiting].some(nonAscii) && h.pool.offered("SMTPUTF8") !== true) {
+    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the LMTP server has not been seen to offer SMTPUTF8`);
+  }
   let header;
   try {
     header = await staged.commit({

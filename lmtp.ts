@@ -689,8 +689,8 @@ const UNKNOWN = "outcome unknown: the LMTP server may have stored the message";
 
 const accepted = (r: { code: number }) => replyClass(r.code) === "accepted";
 
-// eslint-disable-next-line no-control-regex
-const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
+/** An address that needs SMTPUTF8 (RFC 6531): any character outside ASCII. */
+export const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
 
 /** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
 function notSendable(address: string, what: string): LmtpReply {
@@ -910,8 +910,20 @@ export class LmtpPool {
     return this.settle(conn, () => fn(conn));
   }
 
+  /**
+   * Whether the server offered a capability when a connection of this pool last greeted it; null
+   * before any has. The host asks it of SMTPUTF8 before it spools a non-ASCII envelope that it
+   * could not deliver now: one the server does not take would sit in the spool only to fail.
+   */
+  offered(capability: string): boolean | null {
+    return this.seen ? this.seen.has(capability) : null;
+  }
+
+  private seen: ReadonlyMap<string, string> | null = null;
+
   /** Runs fn on conn; afterwards the connection is kept idle if healthy, otherwise closed. */
   private async settle<T>(conn: LmtpConnection, fn: () => Promise<T>): Promise<T> {
+    this.seen = conn.capabilities;
     try {
       return await fn();
     } catch (e) {

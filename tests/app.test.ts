@@ -1204,16 +1204,24 @@ describe("pipelined requests: every request answered, or nothing delivered", () 
     }
   });
 
-  test("a second request that arrives while LMTP already reads the first one's body", async () => {
-    const message = `Subject: slow\r\n\r\n${"x".repeat(100)}\r\n`;
-    const whole = request(message);
-    const cut = whole.length - 20;
-    const received = await rawExchange(server.port, [
-      { data: whole.slice(0, cut) },
-      // The transaction is under way: LMTP waits for the rest of the body.
-      { data: whole.slice(cut) + health, before: () => fake.commands.includes("DATA") },
-    ]);
-    await settled(1);
-    expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
+  // Without a spool, a body past its first MiB streams into an LMTP transaction while it arrives.
+  test("a second request that arrives while LMTP already reads the first one's body (a body past its first MiB, no spool)", async () => {
+    const lines: LogLine[] = [];
+    const config = fromEnv(ServerEnv, { API_KEYS: KEY_1, LMTP_HOST: "127.0.0.1", LMTP_PORT: String(fake.port), MAX_MESSAGE_BYTES: String(4 * 1024 * 1024) });
+    const s = startServer({ ...config, port: 0 }, { log: (l) => lines.push(l) });
+    try {
+      const message = `Subject: slow\r\n\r\n${`${"x".repeat(76)}\r\n`.repeat(15_000)}`;
+      const whole = request(message);
+      const cut = whole.length - 20;
+      const received = await rawExchange(s.port, [
+        { data: whole.slice(0, cut) },
+        // The transaction is under way: LMTP waits for the rest of the body.
+        { data: whole.slice(cut) + health, before: () => fake.commands.includes("DATA") },
+      ]);
+      while (!lines.some((l) => l.path === INBOUND_PATH)) await Bun.sleep(5);
+      expect(fake.received.length).toBeLessThanOrEqual(answersIn(received).length);
+    } finally {
+      await s.stop();
+    }
   });
 });

@@ -476,11 +476,13 @@ describe("non-ASCII envelopes: Dovecot 2.3 does not offer SMTPUTF8", () => {
 });
 
 describe("time limits", () => {
-  test("a body that arrives slower than the delivery's limit: 503 'not delivered', and truly nothing in the mailbox", async () => {
+  // Without a spool the host holds the first MiB before it takes a connection, then streams the
+  // rest: past that MiB a slow body meets the delivery's limit inside the LMTP transaction.
+  test("a body past its first MiB that arrives slower than the delivery's limit: 503 'not delivered', and truly nothing in the mailbox", async () => {
     const slow = startServer(config(dv.host), { log: collect, lmtp: { timeouts: { transaction: 1_000 } } });
     try {
       const messageId = `<${crypto.randomUUID()}@itest.example>`;
-      const head = rfc822("slow body", [marker("slow"), "\r\n"], { messageId });
+      const head = rfc822("slow body", [marker("slow"), "\r\n", `${"x".repeat(76)}\r\n`.repeat(15_000)], { messageId });
       const unfinished = (t: string) => t.split("(unfinished DATA command)").length - 1;
       const unfinishedBefore = unfinished(await dovecotLog());
       let sent = 0;
