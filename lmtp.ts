@@ -13,17 +13,9 @@
 
 import type { Socket } from "bun";
 import { replyClass } from "./contract.ts";
+import { describeTarget, type LmtpTarget } from "./lmtp/target.ts";
 
-export type LmtpTarget = { kind: "tcp"; host: string; port: number } | { kind: "unix"; path: string };
-
-/** LMTP_HOST starting with "/" names a unix socket; anything else is a TCP host. */
-export function lmtpTarget(host: string, port: number): LmtpTarget {
-  return host.startsWith("/") ? { kind: "unix", path: host } : { kind: "tcp", host, port };
-}
-
-export function describeTarget(t: LmtpTarget): string {
-  return t.kind === "unix" ? `unix:${t.path}` : `${t.host}:${t.port}`;
-}
+export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
 
 export interface LmtpEnvelope {
   /** Envelope sender; "" is the null sender of bounces (sent as MAIL FROM:<>). */
