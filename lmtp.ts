@@ -14,8 +14,12 @@
 import type { Socket } from "bun";
 import { replyClass } from "./contract.ts";
 import { describeTarget, type LmtpTarget } from "./lmtp/target.ts";
+import { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
+import { DEFAULT_TIMEOUTS, remaining, within, type LmtpTimeouts } from "./lmtp/timeouts.ts";
 
 export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
+export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
+export { DEFAULT_TIMEOUTS, type LmtpTimeouts } from "./lmtp/timeouts.ts";
 
 export interface LmtpEnvelope {
   /** Envelope sender; "" is the null sender of bounces (sent as MAIL FROM:<>). */
@@ -51,70 +55,6 @@ export interface RecipientReply extends LmtpReply {
    * (it is offered again: a duplicate beats a loss) and the text says the outcome is unknown.
    */
   outcomeUnknown?: true;
-}
-
-export type LmtpPhase =
-  | "connect"
-  | "greeting"
-  | "lhlo"
-  | "rset"
-  | "mail"
-  | "rcpt"
-  | "data"
-  | "body"
-  | "data-end"
-  | "noop"
-  | "quit";
-
-export interface LmtpTimeouts {
-  connect: number;
-  greeting: number;
-  /** LHLO, RSET, MAIL, RCPT, DATA, NOOP, QUIT replies. */
-  command: number;
-  /** Longest wait for the socket to take the next chunk of the message. */
-  body: number;
-  /** Wait for the replies after the final dot (Dovecot writes and fsyncs here). */
-  dataEnd: number;
-  /**
-   * A whole delivery through the pool up to the final dot: waiting for a free connection, opening
-   * one, the envelope and the body. Each wait before the dot is cut short to fit it, so a server
-   * (or a body) that is slow at every step still gets an answer to the sender before the Worker
-   * gives up (25 s). Once it has passed, the final dot is never sent: the transaction is dropped
-   * without it and the server discards the message. Once the dot is sent, the replies get their
-   * full dataEnd, whatever is left of this limit: the server may be storing the message by then.
-   */
-  transaction: number;
-}
-
-// Short enough that the host still answers well inside the Worker's 25 s, long enough for a busy disk.
-export const DEFAULT_TIMEOUTS: LmtpTimeouts = {
-  connect: 5_000,
-  greeting: 10_000,
-  command: 10_000,
-  body: 10_000,
-  dataEnd: 15_000,
-  transaction: 20_000,
-};
-
-/**
- * A fault of the connection itself: the outcome for the message is temporary (retry later).
- * LmtpConnection.deliver() throws one only before the final dot, so it always means "not
- * delivered"; after the dot a fault becomes the unanswered recipients' reply (outcomeUnknown).
- */
-export class LmtpFault extends Error {
-  constructor(
-    readonly kind: "timeout" | "connect" | "closed" | "protocol",
-    readonly phase: LmtpPhase,
-    message: string,
-  ) {
-    super(message);
-    this.name = "LmtpFault";
-  }
-}
-
-/** Thrown by the body stream's reader, it means "abort the transaction": no final dot is sent. */
-export class BodyAborted extends Error {
-  override name = "BodyAborted";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -687,16 +627,6 @@ export const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
 /** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
 function notSendable(address: string, what: string): LmtpReply {
   return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
-}
-
-/** Milliseconds left until a deadline (performance.now() time); Infinity when there is none. */
-function remaining(deadline: number): number {
-  return Math.max(0, Math.ceil(deadline - performance.now()));
-}
-
-/** A phase's own limit, cut to what is left of the delivery's. */
-function within(ms: number, deadline: number): number {
-  return Math.min(ms, remaining(deadline));
 }
 
 // ---------------------------------------------------------------------------------------------

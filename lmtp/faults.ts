@@ -1,0 +1,36 @@
+// How an LMTP exchange fails: the protocol's phases, a fault of the connection (LmtpFault) and a
+// message body that gives out (BodyAborted).
+
+export type LmtpPhase =
+  | "connect"
+  | "greeting"
+  | "lhlo"
+  | "rset"
+  | "mail"
+  | "rcpt"
+  | "data"
+  | "body"
+  | "data-end"
+  | "noop"
+  | "quit";
+
+/**
+ * A fault of the connection itself: the outcome for the message is temporary (retry later).
+ * LmtpConnection.deliver() throws one only before the final dot, so it always means "not
+ * delivered"; after the dot a fault becomes the unanswered recipients' reply (outcomeUnknown).
+ */
+export class LmtpFault extends Error {
+  constructor(
+    readonly kind: "timeout" | "connect" | "closed" | "protocol",
+    readonly phase: LmtpPhase,
+    message: string,
+  ) {
+    super(message);
+    this.name = "LmtpFault";
+  }
+}
+
+/** Thrown by the body stream's reader, it means "abort the transaction": no final dot is sent. */
+export class BodyAborted extends Error {
+  override name = "BodyAborted";
+}
