@@ -1,5 +1,5 @@
 // How long each step of an LMTP delivery may take, and the delivery's own deadline that every wait
-// before the final dot is cut to.
+// before the final dot is cut to, waiting in a line (for a connection, for a mailbox) included.
 
 export interface LmtpTimeouts {
   connect: number;
@@ -39,4 +39,27 @@ export function remaining(deadline: number): number {
 /** A phase's own limit, cut to what is left of the delivery's. */
 export function within(ms: number, deadline: number): number {
   return Math.min(ms, remaining(deadline));
+}
+
+/**
+ * Waits in a line, first come first served, until the one ahead calls the entry left in it (and
+ * so hands its turn on as it is). At the deadline it rejects with late(ms) and leaves the line,
+ * so a turn is never handed to nobody.
+ */
+export function waitInLine(line: (() => void)[], deadline: number, late: (ms: number) => Error): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const ms = remaining(deadline);
+    const timer = Number.isFinite(ms)
+      ? setTimeout(() => {
+          const i = line.indexOf(take);
+          if (i !== -1) line.splice(i, 1);
+          reject(late(ms));
+        }, ms)
+      : undefined;
+    const take = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    line.push(take);
+  });
 }
