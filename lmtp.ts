@@ -16,6 +16,7 @@ import { describeTarget, type LmtpTarget } from "./lmtp/target.ts";
 import { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
 import { DEFAULT_TIMEOUTS, remaining, within, type LmtpTimeouts } from "./lmtp/timeouts.ts";
 import { DotStuffer } from "./lmtp/dot-stuffer.ts";
+import { DELIVERY_ID, nonAscii, notSendable, type LmtpEnvelope, type MessageBody } from "./lmtp/envelope.ts";
 import { MailboxTurns } from "./lmtp/turns.ts";
 import { accepted, formatReply, ReplyParser, type LmtpReply, type RecipientReply } from "./lmtp/replies.ts";
 
@@ -23,25 +24,10 @@ export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
 export { DEFAULT_TIMEOUTS, type LmtpTimeouts } from "./lmtp/timeouts.ts";
 export { DotStuffer } from "./lmtp/dot-stuffer.ts";
+export { nonAscii, type LmtpEnvelope, type MessageBody } from "./lmtp/envelope.ts";
 export { MailboxTurns } from "./lmtp/turns.ts";
 export { LmtpPool, type LmtpPoolOptions } from "./lmtp/pool.ts";
 export { ReplyParser, formatReply, type LmtpReply, type RecipientReply } from "./lmtp/replies.ts";
-
-export interface LmtpEnvelope {
-  /** Envelope sender; "" is the null sender of bounces (sent as MAIL FROM:<>). */
-  from: string;
-  to: string[];
-  /**
-   * Names this message's delivery: the same id on every attempt at the same accepted message,
-   * another id for any other message. It goes out as the client name of an LHLO that opens the
-   * transaction ("LHLO <id>.<lhloName>"); Dovecot writes that name into the Received header it
-   * adds, where a Sieve `duplicate` test finds it (docs/operations.md, "Exactly once"). Letters
-   * and digits only (one DNS label), so it is a valid LHLO domain.
-   */
-  deliveryId?: string;
-}
-
-const DELIVERY_ID = /^[0-9a-z]{1,63}$/;
 
 // ---------------------------------------------------------------------------------------------
 // One connection
@@ -55,9 +41,6 @@ export interface LmtpConnectionOptions {
 }
 
 type Waiter = { resolve: (r: LmtpReply) => void; reject: (e: Error) => void };
-
-/** A body is either bytes already in memory or a stream read chunk by chunk. */
-export type MessageBody = Uint8Array | ReadableStream<Uint8Array>;
 
 const encoder = new TextEncoder();
 
@@ -487,11 +470,3 @@ export class LmtpConnection {
 }
 
 const UNKNOWN = "outcome unknown: the LMTP server may have stored the message";
-
-/** An address that needs SMTPUTF8 (RFC 6531): any character outside ASCII. */
-export const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
-
-/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
-function notSendable(address: string, what: string): LmtpReply {
-  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
-}

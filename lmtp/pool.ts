@@ -2,8 +2,8 @@
 // idle, and the delivery's deadline, which starts when the pool is asked.
 
 import { LmtpConnection, type LmtpConnectionOptions } from "../lmtp.ts";
+import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
 import { LmtpFault } from "./faults.ts";
-import type { LmtpEnvelope, MessageBody } from "../lmtp.ts";
 import type { RecipientReply } from "./replies.ts";
 import type { LmtpTarget } from "./target.ts";
 import { DEFAULT_TIMEOUTS, waitInLine } from "./timeouts.ts";

@@ -1,0 +1,31 @@
+// What one transaction carries: the envelope, the message body, and which addresses may be sent
+// to a server that does not offer SMTPUTF8.
+
+import type { LmtpReply } from "./replies.ts";
+
+export interface LmtpEnvelope {
+  /** Envelope sender; "" is the null sender of bounces (sent as MAIL FROM:<>). */
+  from: string;
+  to: string[];
+  /**
+   * Names this message's delivery: the same id on every attempt at the same accepted message,
+   * another id for any other message. It goes out as the client name of an LHLO that opens the
+   * transaction ("LHLO <id>.<lhloName>"); Dovecot writes that name into the Received header it
+   * adds, where a Sieve `duplicate` test finds it (docs/operations.md, "Exactly once"). Letters
+   * and digits only (one DNS label), so it is a valid LHLO domain.
+   */
+  deliveryId?: string;
+}
+
+export const DELIVERY_ID = /^[0-9a-z]{1,63}$/;
+
+/** A body is either bytes already in memory or a stream read chunk by chunk. */
+export type MessageBody = Uint8Array | ReadableStream<Uint8Array>;
+
+/** An address that needs SMTPUTF8 (RFC 6531): any character outside ASCII. */
+export const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
+
+/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
+export function notSendable(address: string, what: string): LmtpReply {
+  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
+}
