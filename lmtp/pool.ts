@@ -1,7 +1,7 @@
 // A few LMTP connections to one server, reused (LmtpPool): how many run at once, which are kept
 // idle, and the delivery's deadline, which starts when the pool is asked.
 
-import { LmtpConnection, type LmtpConnectionOptions } from "../lmtp.ts";
+import { LmtpConnection, type LmtpConnectionOptions } from "./connection.ts";
 import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
 import { LmtpFault } from "./faults.ts";
 import type { RecipientReply } from "./replies.ts";
