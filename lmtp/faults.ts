@@ -22,7 +22,12 @@ export type LmtpPhase =
 export class LmtpFault extends Error {
   constructor(
     readonly kind: "timeout" | "connect" | "closed" | "protocol",
-    readonly phase: LmtpPhase,
+    /**
+     * The exchange it hit. null on a fault of the socket itself (closed, bytes that are no reply)
+     * until an exchange meets it: every wait on the socket re-labels it with its own phase, so a
+     * fault that deliver() or open() throws always names one.
+     */
+    readonly phase: LmtpPhase | null,
     message: string,
   ) {
     super(message);

@@ -38,7 +38,7 @@ export class ReplyParser {
   private code = 0;
   private readonly decoder = new TextDecoder("utf-8", { fatal: false });
 
-  /** Feed bytes; returns every reply completed by them. Throws LmtpFault("protocol") on garbage. */
+  /** Feed bytes; returns every reply completed by them. Throws LmtpFault("protocol") on garbage, with no phase: the reader knows which. */
   push(chunk: Uint8Array | string): LmtpReply[] {
     this.pending += typeof chunk === "string" ? chunk : this.decoder.decode(chunk, { stream: true });
     const replies: LmtpReply[] = [];
@@ -51,16 +51,16 @@ export class ReplyParser {
       if (reply) replies.push(reply);
     }
     // A reply line is short (RFC 5321: 512 octets); a flood without line ends is not a server.
-    if (this.pending.length > 4096) throw new LmtpFault("protocol", "data", "reply line too long");
+    if (this.pending.length > 4096) throw new LmtpFault("protocol", null, "reply line too long");
     return replies;
   }
 
   private line(line: string): LmtpReply | null {
     const m = REPLY_LINE.exec(line) ?? (/^[2-5]\d\d$/.test(line) ? [line, line, " ", ""] : null);
-    if (!m) throw new LmtpFault("protocol", "data", `not an LMTP reply line: ${JSON.stringify(line.slice(0, 80))}`);
+    if (!m) throw new LmtpFault("protocol", null, `not an LMTP reply line: ${JSON.stringify(line.slice(0, 80))}`);
     const code = Number(m[1]);
     if (this.lines.length > 0 && code !== this.code) {
-      throw new LmtpFault("protocol", "data", `reply code changed inside a multi-line reply (${this.code} then ${code})`);
+      throw new LmtpFault("protocol", null, `reply code changed inside a multi-line reply (${this.code} then ${code})`);
     }
     this.code = code;
     this.lines.push(m[3] ?? "");

@@ -37,7 +37,7 @@ export class LmtpSocket {
   }
 
   private async connect(target: LmtpTarget, deadline: number): Promise<void> {
-    const fail = (e: Error) => this.fail(e instanceof LmtpFault ? e : new LmtpFault("closed", "data", e.message));
+    const fail = (e: Error) => this.close(e instanceof LmtpFault ? e : new LmtpFault("closed", null, e.message));
     const handlers = {
       data: (_s: Socket<undefined>, chunk: Uint8Array) => {
         try {
@@ -52,8 +52,8 @@ export class LmtpSocket {
         this.drainWaiter = null;
         w?.();
       },
-      close: () => this.fail(new LmtpFault("closed", "data", "LMTP server closed the connection")),
-      end: () => this.fail(new LmtpFault("closed", "data", "LMTP server closed the connection")),
+      close: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
+      end: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
       error: (_s: Socket<undefined>, e: Error) => fail(e),
     };
     const where = describeTarget(target);
@@ -78,17 +78,13 @@ export class LmtpSocket {
     }
   }
 
+  /** Breaks the socket for good (the first reason stays) and wakes everyone waiting on it. */
   close(reason: Error = new Error("closed")): void {
-    if (!this.broken) this.broken = reason;
+    if (this.broken) return;
+    this.broken = reason;
     for (const w of this.waiters.splice(0)) w.reject(reason);
     this.drainWaiter?.();
     this.socket?.terminate();
-  }
-
-  /** Marks the connection broken and wakes everyone waiting on it. */
-  private fail(e: Error): void {
-    if (this.broken) return;
-    this.close(e);
   }
 
   send(line: string): void {
@@ -149,7 +145,7 @@ export class LmtpSocket {
     });
   }
 
-  /** Re-labels a connection-level error with the phase that was waiting on it. */
+  /** Labels a fault of the socket (or its phase-free cause) with the phase that was waiting on it. */
   private faultFrom(e: Error, phase: LmtpPhase): Error {
     if (e instanceof LmtpFault) return e.phase === phase || e.kind === "timeout" ? e : new LmtpFault(e.kind, phase, e.message);
     if (e instanceof BodyAborted) return e;

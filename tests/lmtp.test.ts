@@ -63,7 +63,7 @@ async function expectFault(p: Promise<unknown>, kind: LmtpFault["kind"], phase?:
   const f = e as LmtpFault;
   expect(f.kind).toBe(kind);
   if (typeof phase === "string") expect(f.phase).toBe(phase);
-  else if (phase) expect(phase).toContain(f.phase);
+  else if (phase) expect<(LmtpPhase | null)[]>(phase).toContain(f.phase);
   return f;
 }
 
