@@ -1336,6 +1336,50 @@ describe("against a scripted raw server", () => {
       expect(s.messages).toEqual(["first\r\n"]);
       await p.close();
     });
+
+    describe("each step that sends something checks the limit first: DATA, the message data, the final dot", () => {
+      // A server that answers the whole exchange ahead, with its greeting: every reply is in before
+      // it is asked for, so only these checks can stop a delivery whose limit has passed.
+      const answeredAhead = (lhlo: string) => start(`220 hi\r\n${lhlo}250 ok\r\n250 ok\r\n354 go\r\n`, () => null);
+      const envelope = { from: "s@x.org", to: ["a@x.org"] };
+
+      test("lock-step: past the limit, DATA is not sent", async () => {
+        const s = await answeredAhead("250 hi\r\n");
+        const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+        const f = await expectFault(c.deliver(envelope, bytes("x\r\n"), null, performance.now()), "timeout", "data");
+        expect(f.message).toContain("before the final dot");
+        await s.closed;
+        expect(s.lines).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>"]);
+      });
+
+      test("pipelined: past the limit, DATA answered 354 is followed by no message data", async () => {
+        const s = await answeredAhead("250-hi\r\n250 PIPELINING\r\n");
+        const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+        const f = await expectFault(c.deliver(envelope, bytes("x\r\n"), null, performance.now()), "timeout", "body");
+        expect(f.message).toContain("before the final dot");
+        await s.closed;
+        expect(s.lines).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+      });
+
+      test("a mailbox turn handed over after the limit: no final dot", async () => {
+        // The turn is free, but handed over only once the delivery's limit has passed.
+        class LateTurns extends MailboxTurns {
+          override async take(recipients: string[], deadline: number): Promise<() => void> {
+            const release = await super.take(recipients, Infinity);
+            while (performance.now() < deadline) await sleep(5);
+            return release;
+          }
+        }
+        const s = await start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250 hi\r\n" : l === "DATA" ? "354 go\r\n" : "250 ok\r\n"));
+        const c = await LmtpConnection.open(target(s), { timeouts: FAST, turns: new LateTurns() });
+        const deadline = performance.now() + 1_000;
+        const f = await expectFault(c.deliver({ ...envelope, deliveryId: "d1" }, bytes("x\r\n"), null, deadline), "timeout", "body");
+        expect(f.message).toContain("before the final dot");
+        await s.closed;
+        expect(s.lines).toEqual(["LHLO mail-relay", "LHLO d1.mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+        expect(s.messages).toEqual([]); // no "." line ever reached the server
+      });
+    });
   });
 
   describe("any 2xx accepts: 251 and 252 as well as 250 (RFC 5321 4.2.2), in any packet split", () => {
