@@ -2,7 +2,7 @@
 // then transactions one after another, each started afresh by RSET or a new LHLO.
 
 import { DotStuffer } from "./dot-stuffer.ts";
-import { DELIVERY_ID, nonAscii, notSendable, type LmtpEnvelope, type MessageBody } from "./envelope.ts";
+import { checkDeliveryId, mailCommand, nonAscii, notSendable, rcptCommand, type LmtpEnvelope, type MessageBody } from "./envelope.ts";
 import { BodyAborted, LmtpFault, type LmtpPhase } from "./faults.ts";
 import { accepted, formatReply, type LmtpReply, type RecipientReply } from "./replies.ts";
 import { LmtpSocket } from "./socket.ts";
@@ -16,6 +16,13 @@ export interface LmtpConnectionOptions {
   lhloName?: string;
   /** Shared by a pool's connections: see MailboxTurns. Without it, no transaction waits its turn. */
   turns?: MailboxTurns;
+}
+
+/** The replies to the envelope, in order; lock-step leaves out what it did not send. */
+interface EnvelopeReplies {
+  mail: LmtpReply;
+  rcpts: LmtpReply[];
+  data: LmtpReply | null;
 }
 
 export class LmtpConnection {
@@ -103,93 +110,101 @@ export class LmtpConnection {
     return this.transaction(envelope, body, size, deadline);
   }
 
+  /**
+   * RFC 2033 4.2, step by step: the envelope (MAIL FROM, one RCPT TO per recipient, DATA) and its
+   * replies; if a recipient was accepted and DATA answered 354, the message data and the final dot;
+   * then one reply per accepted recipient.
+   */
   private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number): Promise<RecipientReply[]> {
-    if (envelope.deliveryId !== undefined && !DELIVERY_ID.test(envelope.deliveryId)) {
-      throw new Error(`delivery id must be 1-63 letters and digits: ${JSON.stringify(envelope.deliveryId)}`);
-    }
-    const wasUsed = this.used;
-    this.used = true;
-    const read = (phase: LmtpPhase) => this.socket.read(phase, this.timeouts.command, deadline);
-
-    let params = "";
-    if (size !== null && this.capabilities.has("SIZE")) params += ` SIZE=${size}`;
-    if (this.capabilities.has("8BITMIME")) params += " BODY=8BITMIME";
-    if ([envelope.from, ...envelope.to].some(nonAscii)) params += " SMTPUTF8"; // offered, or deliver() refused them
-    const mail = `MAIL FROM:<${envelope.from}>${params}\r\n`;
-    const rcpts = envelope.to.map((r) => `RCPT TO:<${r}>\r\n`);
-    let rset = wasUsed ? "RSET\r\n" : "";
-    if (envelope.deliveryId !== undefined) {
-      // A new LHLO resets the transaction as RSET does. It may only end a pipelined group
-      // (RFC 2920 3.1), so its reply comes before the envelope is sent.
-      this.socket.send(`LHLO ${envelope.deliveryId}.${this.lhloName}\r\n`);
-      await this.expect2xx("lhlo", deadline);
-      rset = "";
-    }
-
-    let mailReply: LmtpReply;
-    const rcptReplies: LmtpReply[] = [];
-    let dataReply: LmtpReply | null = null;
-
-    if (this.pipelining) {
-      // One write for the whole envelope; replies come back in order (RFC 2920).
-      this.socket.send(rset + mail + rcpts.join("") + "DATA\r\n");
-      if (rset) await this.expect2xx("rset", deadline);
-      mailReply = await read("mail");
-      for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await read("rcpt"));
-      dataReply = await read("data");
-    } else {
-      if (rset) {
-        this.socket.send(rset);
-        await this.expect2xx("rset", deadline);
-      }
-      this.socket.send(mail);
-      mailReply = await read("mail");
-      if (accepted(mailReply)) {
-        for (const r of rcpts) {
-          this.socket.send(r);
-          rcptReplies.push(await read("rcpt"));
-        }
-        if (rcptReplies.some(accepted)) {
-          this.abortIfLate(deadline, "data");
-          this.socket.send("DATA\r\n");
-          dataReply = await read("data");
-        }
-      }
-    }
-
+    checkDeliveryId(envelope.deliveryId);
+    const replies = await this.sendEnvelope(envelope, size, deadline);
+    const answers = this.envelopeAnswers(envelope.to, replies);
     // Any 2xx accepts (RFC 5321 4.2.2: 251 and 252 too), and an accepted recipient is sent the message.
-    const taken = envelope.to.filter((_, i) => accepted(mailReply) && rcptReplies[i] !== undefined && accepted(rcptReplies[i]!));
-    // RFC 2920 3.1: a pipelined DATA may be accepted even though MAIL or every RCPT was not. The
-    // server then waits for message data and would take our next RSET as part of it; drop the
-    // connection rather than guess how it answers a lone "." with no recipients.
-    if (taken.length === 0 && dataReply?.code === 354) {
-      this.close(new LmtpFault("protocol", "data", "LMTP server accepted DATA with no recipients"));
-    }
-
-    // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
-    if (!accepted(mailReply)) return envelope.to.map((recipient) => ({ recipient, ...mailReply }));
-
-    const result = envelope.to.map((recipient, i) => ({ recipient, ...rcptReplies[i]! }));
-    if (taken.length === 0) return result;
-    if (!dataReply || dataReply.code !== 354) {
-      let reply = dataReply ?? { code: 451, enhanced: "4.5.0", text: "DATA not answered" };
-      if (accepted(reply)) {
-        // A 2xx to DATA sent nothing: it must not pass for a delivery, and the server is out of step.
-        this.close(new LmtpFault("protocol", "data", `DATA answered ${formatReply(reply)} instead of 354`));
-        reply = { code: 451, enhanced: "4.5.0", text: `DATA answered ${formatReply(reply)} instead of 354; the message was not sent` };
-      }
-      return result.map((r) => (accepted(r) ? { ...r, ...reply } : r));
-    }
-
-    const dot = await this.writeBody(body, deadline);
+    const taken = answers.filter(accepted).map((r) => r.recipient);
+    if (taken.length === 0) return answers;
+    const dot = await this.sendData(body, deadline);
+    // The final dot: in the mailboxes' turn when the delivery is named, and never after the deadline.
     const release = envelope.deliveryId !== undefined ? await this.waitTurn(taken, deadline) : null;
     try {
       this.abortIfLate(deadline, "body");
       await this.socket.write(dot, deadline);
-      return await this.finalReplies(result);
+      return await this.finalReplies(answers);
     } finally {
       release?.();
     }
+  }
+
+  /**
+   * Starts the transaction and sends the envelope; returns its replies. A connection used before
+   * is reset by RSET, or by the LHLO that names the delivery: a new LHLO resets the transaction as
+   * RSET does, and as it may only end a pipelined group (RFC 2920 3.1), it is answered before the
+   * envelope goes out.
+   */
+  private async sendEnvelope(envelope: LmtpEnvelope, size: number | null, deadline: number): Promise<EnvelopeReplies> {
+    let rset = this.used ? "RSET\r\n" : "";
+    this.used = true;
+    if (envelope.deliveryId !== undefined) {
+      this.socket.send(`LHLO ${envelope.deliveryId}.${this.lhloName}\r\n`);
+      await this.expect2xx("lhlo", deadline);
+      rset = "";
+    }
+    const mail = mailCommand(envelope, size, this.capabilities);
+    const rcpts = envelope.to.map(rcptCommand);
+    return this.pipelining ? this.pipelinedEnvelope(rset, mail, rcpts, deadline) : this.lockStepEnvelope(rset, mail, rcpts, deadline);
+  }
+
+  /** RFC 2920: RSET and the whole envelope in one write, then the replies, which come in order. */
+  private async pipelinedEnvelope(rset: string, mail: string, rcpts: string[], deadline: number): Promise<EnvelopeReplies> {
+    this.socket.send(rset + mail + rcpts.join("") + "DATA\r\n");
+    if (rset) await this.expect2xx("rset", deadline);
+    const mailReply = await this.reply("mail", deadline);
+    const rcptReplies: LmtpReply[] = [];
+    for (let i = 0; i < rcpts.length; i++) rcptReplies.push(await this.reply("rcpt", deadline));
+    return { mail: mailReply, rcpts: rcptReplies, data: await this.reply("data", deadline) };
+  }
+
+  /**
+   * One command at a time, each after the reply to the one before: RCPT only once MAIL is
+   * accepted, DATA only once a recipient is, and not after the deadline.
+   */
+  private async lockStepEnvelope(rset: string, mail: string, rcpts: string[], deadline: number): Promise<EnvelopeReplies> {
+    if (rset) {
+      this.socket.send(rset);
+      await this.expect2xx("rset", deadline);
+    }
+    const replies: EnvelopeReplies = { mail: await this.command(mail, "mail", deadline), rcpts: [], data: null };
+    if (!accepted(replies.mail)) return replies;
+    for (const rcpt of rcpts) replies.rcpts.push(await this.command(rcpt, "rcpt", deadline));
+    if (!replies.rcpts.some(accepted)) return replies;
+    this.abortIfLate(deadline, "data");
+    replies.data = await this.command("DATA\r\n", "data", deadline);
+    return replies;
+  }
+
+  /**
+   * Each recipient's answer from the envelope's replies: a refused MAIL is every recipient's
+   * answer, otherwise its RCPT reply; a DATA not answered 354 is the answer of every recipient
+   * RCPT accepted. The recipients still accepted after this are sent the message.
+   */
+  private envelopeAnswers(to: string[], { mail, rcpts, data }: EnvelopeReplies): RecipientReply[] {
+    // MAIL refused: its reply is every recipient's answer (the RCPT replies are only "need MAIL").
+    const answers = accepted(mail) ? to.map((recipient, i) => ({ recipient, ...rcpts[i]! })) : to.map((recipient) => ({ recipient, ...mail }));
+    if (!data) return answers; // lock-step sends DATA only when a recipient is accepted
+    if (!answers.some(accepted)) {
+      // RFC 2920 3.1: a pipelined DATA may be accepted even though MAIL or every RCPT was not. The
+      // server then waits for message data and would take our next RSET as part of it; drop the
+      // connection rather than guess how it answers a lone "." with no recipients.
+      if (data.code === 354) this.close(new LmtpFault("protocol", "data", "LMTP server accepted DATA with no recipients"));
+      return answers;
+    }
+    if (data.code === 354) return answers;
+    let refusal = data;
+    if (accepted(refusal)) {
+      // A 2xx to DATA sent nothing: it must not pass for a delivery, and the server is out of step.
+      this.close(new LmtpFault("protocol", "data", `DATA answered ${formatReply(refusal)} instead of 354`));
+      refusal = { code: 451, enhanced: "4.5.0", text: `DATA answered ${formatReply(refusal)} instead of 354; the message was not sent` };
+    }
+    return answers.map((r) => (accepted(r) ? { ...r, ...refusal } : r));
   }
 
   /**
@@ -197,10 +212,10 @@ export class LmtpConnection {
    * The server has the whole message now: each reply gets its full limit, and a fault leaves the
    * outcome unknown for every recipient still unanswered (never "not delivered").
    */
-  private async finalReplies(result: RecipientReply[]): Promise<RecipientReply[]> {
+  private async finalReplies(answers: RecipientReply[]): Promise<RecipientReply[]> {
     let fault: LmtpFault | null = null;
     const finals: RecipientReply[] = [];
-    for (const r of result) {
+    for (const r of answers) {
       if (!accepted(r)) {
         finals.push(r);
         continue;
@@ -241,7 +256,7 @@ export class LmtpConnection {
   }
 
   /** Sends the message data; returns the final dot (with a line end before it if needed), not yet sent. */
-  private async writeBody(body: MessageBody, deadline: number): Promise<Uint8Array> {
+  private async sendData(body: MessageBody, deadline: number): Promise<Uint8Array> {
     const stuffer = new DotStuffer();
     this.abortIfLate(deadline, "body");
     if (body instanceof Uint8Array) {
@@ -312,8 +327,18 @@ export class LmtpConnection {
     if (performance.now() >= deadline) throw this.abort(phase);
   }
 
+  /** Sends one command and reads its reply. */
+  private command(line: string, phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
+    this.socket.send(line);
+    return this.reply(phase, deadline);
+  }
+
+  private reply(phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
+    return this.socket.read(phase, this.timeouts.command, deadline);
+  }
+
   private async expect2xx(phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
-    const r = await this.socket.read(phase, this.timeouts.command, deadline);
+    const r = await this.reply(phase, deadline);
     if (!accepted(r)) {
       const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
       this.close(e);
