@@ -27,10 +27,9 @@ interface EnvelopeReplies {
 
 export class LmtpConnection {
   readonly capabilities = new Map<string, string>();
-  /** A transaction has run on this connection, so the next one starts with RSET. */
-  used = false;
-
   private readonly lhloName: string;
+  /** A transaction has run on this connection, so the next one starts with RSET. */
+  private used = false;
   private readonly turns: MailboxTurns | null;
 
   private constructor(

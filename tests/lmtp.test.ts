@@ -1483,7 +1483,8 @@ describe("against a scripted raw server", () => {
       expect(s.messages).toEqual([]);
       // Nothing started, so the connection is as good as before (no RSET needed either).
       expect(c.reusable).toBe(true);
-      expect(c.used).toBe(false);
+      await c.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("hello\r\n"), null);
+      expect(s.lines).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org> BODY=8BITMIME", "RCPT TO:<a@x.org>", "DATA"]);
       c.close();
     });
 
