@@ -10,6 +10,18 @@
 // The message body is streamed: one chunk at a time is stuffed and written, and the next chunk is
 // read only once the socket has taken the previous one, so a 25 MiB message is never held whole
 // and a slow reader on the other side slows us down instead of filling memory.
+//
+// This file only re-exports the pieces, one job a file, from lmtp/:
+//   target.ts       where the server listens (TCP or unix)
+//   faults.ts       the protocol's phases, LmtpFault, BodyAborted
+//   timeouts.ts     the limit of each step, the delivery's deadline, waiting in line until it
+//   replies.ts      the server's bytes as replies (ReplyParser), formatReply, which replies accept
+//   dot-stuffer.ts  the message bytes as DATA sends them
+//   envelope.ts     the envelope and body, the MAIL FROM / RCPT TO lines, the SMTPUTF8 rule
+//   socket.ts       one socket: commands out, replies in, each wait with its limit
+//   connection.ts   LmtpConnection: the protocol's state machine, one transaction at a time
+//   turns.ts        MailboxTurns: one final dot at a time per mailbox
+//   pool.ts         LmtpPool: a few connections reused, deliveries waiting for a free one
 
 export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
