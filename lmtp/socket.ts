@@ -13,9 +13,7 @@ type Waiter = { resolve: (r: LmtpReply) => void; reject: (e: Error) => void };
 const encoder = new TextEncoder();
 
 export class LmtpSocket {
-  /** Set once the socket can no longer be trusted. */
-  broken: Error | null = null;
-
+  private fault: Error | null = null;
   private socket!: Socket<undefined>;
   private readonly parser = new ReplyParser();
   private readonly replies: LmtpReply[] = [];
@@ -31,19 +29,24 @@ export class LmtpSocket {
     return s;
   }
 
+  /** Set once the socket can no longer be trusted. */
+  get broken(): Error | null {
+    return this.fault;
+  }
+
   /** No reply waiting that nobody asked for. */
   get inStep(): boolean {
     return this.replies.length === 0;
   }
 
   private async connect(target: LmtpTarget, deadline: number): Promise<void> {
-    const fail = (e: Error) => this.close(e instanceof LmtpFault ? e : new LmtpFault("closed", null, e.message));
+    const lost = (e: Error) => this.close(e instanceof LmtpFault ? e : new LmtpFault("closed", null, e.message));
     const handlers = {
       data: (_s: Socket<undefined>, chunk: Uint8Array) => {
         try {
           for (const r of this.parser.push(chunk)) this.replies.push(r);
         } catch (e) {
-          return fail(e as Error);
+          return lost(e as Error);
         }
         while (this.waiters.length && this.replies.length) this.waiters.shift()!.resolve(this.replies.shift()!);
       },
@@ -54,7 +57,7 @@ export class LmtpSocket {
       },
       close: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
       end: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
-      error: (_s: Socket<undefined>, e: Error) => fail(e),
+      error: (_s: Socket<undefined>, e: Error) => lost(e),
     };
     const where = describeTarget(target);
     const connecting =
@@ -80,8 +83,8 @@ export class LmtpSocket {
 
   /** Breaks the socket for good (the first reason stays) and wakes everyone waiting on it. */
   close(reason: Error = new Error("closed")): void {
-    if (this.broken) return;
-    this.broken = reason;
+    if (this.fault) return;
+    this.fault = reason;
     for (const w of this.waiters.splice(0)) w.reject(reason);
     this.drainWaiter?.();
     this.socket?.terminate();
