@@ -19,7 +19,7 @@ const COMPONENTS: [name: string, test: (url: string, fn: string) => boolean][] =
   ["duplicate log: bun:sqlite", (u) => u.startsWith("bun:sqlite") || u.endsWith("/delivered-log.ts")],
   ["validation: zod", (u) => u.includes("node_modules/zod/")],
   ["access log + metrics", (u, f) => u.endsWith("middleware/access-log.ts") || u.endsWith("/metrics.ts") || (u.endsWith("/server.ts") && f === "log")],
-  ["LMTP client: lmtp.ts", (u) => u.endsWith("/lmtp.ts")],
+  ["LMTP client: lmtp.ts, lmtp/", (u) => u.endsWith("/lmtp.ts") || u.includes("/lmtp/")],
   ["delivery.ts", (u) => u.endsWith("/delivery.ts")],
   ["app.ts / contract.ts / body-limit.ts", (u) => /\/(app|contract|body-limit)\.ts$/.test(u)],
   ["hono (router, context, request)", (u) => u.includes("node_modules/hono/")],

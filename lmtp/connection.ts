@@ -101,7 +101,7 @@ export class LmtpConnection {
       if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
       if (envelope.to.some(nonAscii)) {
         const sendable = envelope.to.filter((r) => !nonAscii(r));
-        const replies = sendable.length ? await this.transaction({ from: envelope.from, to: sendable }, body, size, deadline) : [];
+        const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline) : [];
         let next = 0;
         return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
       }

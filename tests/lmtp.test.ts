@@ -1501,6 +1501,15 @@ describe("against a scripted raw server", () => {
       c.close();
     });
 
+    test("without SMTPUTF8, the ASCII recipients sent alone keep the delivery id (its LHLO and its mailbox turn)", async () => {
+      const s = await server(false);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const r = await c.deliver({ from: "s@x.org", to: ["jürgen@x.org", "a@x.org"], deliveryId: "0mf1abc" }, bytes("hello\r\n"), null);
+      expect(r.map((x) => x.code)).toEqual([553, 250]);
+      expect(unicode(s)).toEqual(["LHLO mail-relay", "LHLO 0mf1abc.mail-relay", "MAIL FROM:<s@x.org> BODY=8BITMIME", "RCPT TO:<a@x.org>", "DATA"]);
+      c.close();
+    });
+
     test("without SMTPUTF8, only non-ASCII recipients: no transaction at all", async () => {
       const s = await server(false);
       const c = await LmtpConnection.open(target(s), { timeouts: FAST });
