@@ -6,15 +6,15 @@
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
-import { createApp, maxJsonBytes } from "./app.ts";
-import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./config.ts";
-import { openDeliveredLog, type DeliveredLog } from "./delivered-log.ts";
-import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./delivery.ts";
+import { createApp, maxJsonBytes } from "./shared/app.ts";
+import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./host/config.ts";
+import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
+import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./host/delivery.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
-import { Metrics } from "./metrics.ts";
-import { jsonLines, type LogWriter } from "./middleware/access-log.ts";
-import { QueueRunner, type QueueRunnerOptions } from "./queue-runner.ts";
-import { Spool } from "./spool.ts";
+import { Metrics } from "./host/metrics.ts";
+import { jsonLines, type LogWriter } from "./shared/middleware/access-log.ts";
+import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
+import { Spool } from "./host/spool.ts";
 
 export interface RunningServer {
   url: string;
@@ -156,7 +156,7 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   if (argv[0] === "queue") {
-    const { queueCommand } = await import("./queue-cli.ts");
+    const { queueCommand } = await import("./host/queue-cli.ts");
     return queueCommand(process.env.SPOOL_DIR, argv.slice(1));
   }
   if (argv.length) {

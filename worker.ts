@@ -2,21 +2,21 @@
 // to the host over HTTPS and turns the host's answer into the SMTP outcome:
 //   2xx -> accept;  400/413/415/422 -> setReject (a bounce, with the host's reason);
 //   anything else, a network error or a timeout -> throw (a temporary failure: the sender retries).
-// It goes through the same Hono app as the host (app.ts), whose Deliverer here is a streamed fetch
+// It goes through the same Hono app as the host (shared/app.ts), whose Deliverer here is a streamed fetch
 // to the host, so both sides validate a message the same way. Nothing here reads the body: no
 // decoding, no parsing, nothing whose cost grows with the message.
-// With an R2 bucket bound as EDGE_SPOOL (edge-spool.ts), a message the host cannot take now, for
+// With an R2 bucket bound as EDGE_SPOOL (edge/spool.ts), a message the host cannot take now, for
 // a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
-// and every live success drain it (edge-drain.ts). Without the binding, nothing of that runs.
+// and every live success drain it (edge/drain.ts). Without the binding, nothing of that runs.
 
 import { Hono, type Context } from "hono";
 import { z } from "zod";
-import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./app.ts";
-import { MIN_KEY_LENGTH } from "./config.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, replyClass, type RecipientResult } from "./contract.ts";
-import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge-drain.ts";
-import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge-spool.ts";
-import { apiKey } from "./middleware/api-key.ts";
+import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./shared/app.ts";
+import { MIN_KEY_LENGTH } from "./host/config.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, replyClass, type RecipientResult } from "./shared/contract.ts";
+import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge/drain.ts";
+import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge/spool.ts";
+import { apiKey } from "./shared/middleware/api-key.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {

@@ -14,7 +14,7 @@ interface Profile {
 }
 
 const COMPONENTS: [name: string, test: (url: string, fn: string) => boolean][] = [
-  ["api key: middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
+  ["api key: shared/middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
   ["header peek: message-headers.ts (stream replay)", (u) => u.endsWith("/message-headers.ts")],
   ["duplicate log: bun:sqlite", (u) => u.startsWith("bun:sqlite") || u.endsWith("/delivered-log.ts")],
   ["validation: zod", (u) => u.includes("node_modules/zod/")],

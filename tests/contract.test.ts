@@ -2,7 +2,7 @@
 // replies gives, and what the envelope and JSON schemas accept.
 
 import { describe, expect, test } from "bun:test";
-import { maxJsonBytes } from "../app.ts";
+import { maxJsonBytes } from "../shared/app.ts";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
   EnvelopeHeaders,
@@ -20,7 +20,7 @@ import {
   outcomeForStatus,
   replyClass,
   statusForReplies,
-} from "../contract.ts";
+} from "../shared/contract.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

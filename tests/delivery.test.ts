@@ -6,13 +6,13 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } fr
 import { closeSync, mkdirSync, openSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../contract.ts";
+import { INBOUND_PATH } from "../shared/contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LmtpPoolOptions } from "../lmtp.ts";
-import type { LogLine } from "../middleware/access-log.ts";
-import type { QueueRunnerOptions } from "../queue-runner.ts";
+import type { LogLine } from "../shared/middleware/access-log.ts";
+import type { QueueRunnerOptions } from "../host/queue-runner.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { Spool } from "../spool.ts";
+import { Spool } from "../host/spool.ts";
 import { jsonOf, stalledUpload, statusOf, type StalledUpload } from "./support/stalled-upload.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 

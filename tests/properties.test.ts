@@ -4,8 +4,8 @@
 
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { createApp, type Deliverer, type InboundMessage } from "../app.ts";
-import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../contract.ts";
+import { createApp, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../shared/contract.ts";
 import { DotStuffer, LmtpFault, ReplyParser, type LmtpReply } from "../lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 

@@ -6,7 +6,7 @@ import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { Spool, type SpoolHeader } from "../spool.ts";
+import { Spool, type SpoolHeader } from "../host/spool.ts";
 import { runRelayCommand } from "./support/relay-process.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";

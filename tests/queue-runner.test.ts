@@ -6,10 +6,10 @@ import fc from "fast-check";
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import type { RecipientResult } from "../contract.ts";
-import { Metrics } from "../metrics.ts";
-import { QueueRunner, backoffMs, type SpoolDeliver } from "../queue-runner.ts";
-import { HEADER_RESERVED, Spool, type SpoolHeader } from "../spool.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import { Metrics } from "../host/metrics.ts";
+import { QueueRunner, backoffMs, type SpoolDeliver } from "../host/queue-runner.ts";
+import { HEADER_RESERVED, Spool, type SpoolHeader } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

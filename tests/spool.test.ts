@@ -6,9 +6,9 @@ import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync,
 import { mkdtemp, open, rm, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import fc from "fast-check";
-import { MAX_RECIPIENTS } from "../contract.ts";
-import { peekHeaders } from "../message-headers.ts";
-import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, StagedMessage, type OpenFile, type SpoolHeader } from "../spool.ts";
+import { MAX_RECIPIENTS } from "../shared/contract.ts";
+import { peekHeaders } from "../host/message-headers.ts";
+import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, StagedMessage, type OpenFile, type SpoolHeader } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
 

@@ -9,7 +9,7 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import net from "node:net";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { LmtpPool } from "../../lmtp.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { checkStoredAs, expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";

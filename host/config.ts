@@ -2,7 +2,7 @@
 // with one line that names it; key values never appear in that line.
 
 import { z } from "zod";
-import { DEFAULT_MAX_MESSAGE_BYTES } from "./contract.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
 
 export const MIN_KEY_LENGTH = 32;
 

@@ -4,7 +4,7 @@
 // header block is read (postal-mime parses it alone); the body is never looked at.
 
 import PostalMime from "postal-mime";
-import type { FailedMessage } from "./edge-spool.ts";
+import type { FailedMessage } from "./spool.ts";
 
 export interface HeaderSummary {
   messageId: string;

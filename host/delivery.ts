@@ -11,14 +11,14 @@
 // is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
 // "duplicate", never another message that reuses a Message-ID.
 
-import { TemporaryFailure, type Deliverer, type InboundMessage } from "./app.ts";
-import { replyClass, type RecipientResult } from "./contract.ts";
+import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { replyClass, type RecipientResult } from "../shared/contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
-import { BodyStalled } from "./body-limit.ts";
-import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "./lmtp.ts";
+import { BodyStalled } from "../shared/body-limit.ts";
+import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
-import type { LogWriter } from "./middleware/access-log.ts";
+import type { LogWriter } from "../shared/middleware/access-log.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
 import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
 

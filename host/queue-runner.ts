@@ -4,13 +4,13 @@
 // A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
 // gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
 
-import { replyClass, type RecipientResult } from "./contract.ts";
+import { replyClass, type RecipientResult } from "../shared/contract.ts";
 import type { Metrics } from "./metrics.ts";
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type Spool } from "./spool.ts";
-import type { LogWriter } from "./middleware/access-log.ts";
+import type { LogWriter } from "../shared/middleware/access-log.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (

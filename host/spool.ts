@@ -20,7 +20,7 @@
 import { chmodSync, closeSync, constants, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { lstat, open, readdir, rename, rm, writeFile, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
-import { MAX_RECIPIENTS } from "./contract.ts";
+import { MAX_RECIPIENTS } from "../shared/contract.ts";
 
 /** A file the CLI drops into the spool directory; the running host's deliverer watches for it. */
 export const FLUSH_REQUEST = "flush-requested";

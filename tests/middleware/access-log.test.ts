@@ -4,7 +4,7 @@
 import { describe, expect, spyOn, test } from "bun:test";
 import { Hono } from "hono";
 import { requestId } from "hono/request-id";
-import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine } from "./access-log.ts";
+import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine } from "../../shared/middleware/access-log.ts";
 
 function appWith(lines: LogLine[]) {
   const app = new Hono<AccessLogEnv>();
