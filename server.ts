@@ -7,14 +7,15 @@
 
 import { join } from "node:path";
 import { createApp, maxJsonBytes } from "./shared/app.ts";
-import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./host/config.ts";
+import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./host/delivery.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { Metrics } from "./host/metrics.ts";
-import { jsonLines, type LogWriter } from "./shared/middleware/access-log.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
+import { ConfigError, fromEnv } from "./shared/config-env.ts";
+import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 
 export interface RunningServer {
   url: string;
@@ -32,10 +33,9 @@ export interface ServerOptions {
   queue?: QueueRunnerOptions;
 }
 
-const now = () => new Date().toISOString();
-
 export function startServer(config: ServerConfig, opts: ServerOptions = {}): RunningServer {
   const log = opts.log ?? jsonLines;
+  const event = stamped(log);
   const metrics = new Metrics();
   const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
@@ -51,7 +51,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used as the spool: ${(e as Error).message}`);
     }
     // Half-written files were never acknowledged (the sender retries); say so, don't hide it.
-    for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
+    for (const name of discarded) event({ event: "spool_incomplete_discarded", file: name });
     metrics.inc("spool_incomplete_discarded", discarded.length);
   }
   const deliveredPath = config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null;
@@ -62,19 +62,19 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     delivered = openDeliveredLog(deliveredPath, {
       onError: (e, during) => {
         metrics.inc("delivered_log_errors");
-        log({ time: now(), event: "delivered_log_error", during, error: e.message });
+        event({ event: "delivered_log_error", during, error: e.message });
       },
     });
   } catch (e) {
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const host: HostDelivery = { pool, delivered, metrics, log, exactlyOnce: config.exactlyOnce ?? false };
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
     host.spool = { spool, runner };
     metrics.spoolGauge = () => runner.stats();
-    runner.start().catch((e) => log({ time: now(), event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
+    runner.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
   }
 
   const app = createApp({
@@ -100,7 +100,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  log({ time: now(), event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
 
   let stopping: Promise<void> | null = null;
   return {
@@ -181,16 +181,17 @@ async function main(argv: string[]): Promise<number> {
     console.error(line);
     return 2;
   }
+  const event = stamped(jsonLines);
   const shutdown = async (signal: string) => {
-    jsonLines({ time: now(), event: "shutdown", signal });
+    event({ event: "shutdown", signal });
     // Bounded: whatever has not answered by then was never acknowledged, and its sender retries.
     const limit = setTimeout(() => {
-      jsonLines({ time: now(), event: "shutdown_forced" });
+      event({ event: "shutdown_forced" });
       process.exit(1);
     }, 25_000);
     await running.stop();
     clearTimeout(limit);
-    jsonLines({ time: now(), event: "stopped" });
+    event({ event: "stopped" });
     process.exit(0);
   };
   process.once("SIGTERM", () => void shutdown("SIGTERM"));

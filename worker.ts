@@ -12,10 +12,11 @@
 import { Hono, type Context } from "hono";
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./shared/app.ts";
-import { MIN_KEY_LENGTH } from "./host/config.ts";
+import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "./shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, replyClass, type RecipientResult } from "./shared/contract.ts";
 import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge/drain.ts";
 import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge/spool.ts";
+import { jsonLines, stamped } from "./shared/log.ts";
 import { apiKey } from "./shared/middleware/api-key.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
@@ -93,16 +94,11 @@ function isHttpsOrLocal(u: string): boolean {
 
 /** A bad setting is the operator's to fix: mail waits at the sender meanwhile (thrown, never a bounce). */
 export function workerConfig(env: Record<string, unknown>): WorkerConfig {
-  const set = Object.fromEntries(Object.entries(env).filter(([, v]) => typeof v === "string" && v !== ""));
-  const r = WorkerEnv.safeParse(set);
-  if (!r.success) {
-    const issue = r.error.issues[0]!;
-    throw new Error(`worker configuration: ${issue.path.map(String).join(".")} ${issue.message}`);
-  }
+  const config = fromEnv(WorkerEnv, env, "worker configuration");
   const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
   // Mail held at the edge can fail after the sender heard 250: someone must be told.
-  if (spool && !r.data.postmaster) throw new Error("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
-  return { ...r.data, spool };
+  if (spool && !config.postmaster) throw new ConfigError("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
+  return { ...config, spool };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,9 +177,7 @@ function withLength(body: ReadableStream<Uint8Array> | Uint8Array, size: number 
 
 type Env = Record<string, unknown>;
 
-function log(line: Record<string, unknown>) {
-  console.log(JSON.stringify({ time: new Date().toISOString(), ...line }));
-}
+const log = stamped(jsonLines);
 
 /**
  * The validated settings and the app built on them, once per env: workerd passes the same env

@@ -18,7 +18,7 @@ import { BodyStalled } from "../shared/body-limit.ts";
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
-import type { LogWriter } from "../shared/middleware/access-log.ts";
+import type { LogWriter } from "../shared/log.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
 import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
 
@@ -26,6 +26,7 @@ export interface HostDelivery {
   pool: LmtpPool;
   delivered: DeliveredLog;
   metrics: Metrics;
+  /** Event lines (stamped with the time by the writer). */
   log: LogWriter;
   /** With a spool, temporary failures are queued (202); without, they are answered 503. */
   spool?: { spool: Spool; runner: QueueRunner };
@@ -154,7 +155,7 @@ async function receiveHeld(body: MessageBody): Promise<Received> {
 
 function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
   h.metrics.inc("spool_write_errors");
-  h.log({ time: new Date().toISOString(), event: "spool_unwritable", request_id: message.requestId, error: e.message });
+  h.log({ event: "spool_unwritable", request_id: message.requestId, error: e.message });
 }
 
 async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage | null): Promise<RecipientResult[]> {

@@ -10,7 +10,7 @@ import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type Spool } from "./spool.ts";
-import type { LogWriter } from "../shared/middleware/access-log.ts";
+import { stamped, type LogWriter } from "../shared/log.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (
@@ -57,6 +57,7 @@ export class QueueRunner {
   private readonly base: number;
   private readonly cap: number;
   private readonly concurrency: number;
+  private readonly log: LogWriter;
 
   constructor(
     private readonly spool: Spool,
@@ -67,6 +68,7 @@ export class QueueRunner {
     this.base = opts.baseBackoffMs ?? 2_000;
     this.cap = opts.maxBackoffMs ?? 5 * 60_000;
     this.concurrency = opts.concurrency ?? 4;
+    this.log = opts.log ? stamped(opts.log) : () => {};
   }
 
   /** Loads what the spool holds (left by a crash or a restart) and delivers it at once. */
@@ -296,9 +298,5 @@ export class QueueRunner {
     this.failedCount++;
     this.opts.metrics?.inc("spool_failed");
     this.log({ event: "spool_failed", id, reason });
-  }
-
-  private log(line: Record<string, unknown>): void {
-    this.opts.log?.({ time: new Date().toISOString(), ...line });
   }
 }

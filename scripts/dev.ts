@@ -4,7 +4,8 @@
 
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
-import { ServerEnv, fromEnv } from "../host/config.ts";
+import { ServerEnv } from "../host/config.ts";
+import { fromEnv } from "../shared/config-env.ts";
 import { INBOUND_PATH } from "../shared/contract.ts";
 import { startFakeLmtp } from "../fake-lmtp.ts";
 import { startServer } from "../server.ts";

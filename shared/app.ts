@@ -18,7 +18,8 @@ import {
   type InboundResponse,
   type RecipientResult,
 } from "./contract.ts";
-import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine, type LogWriter } from "./middleware/access-log.ts";
+import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
+import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
 

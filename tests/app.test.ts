@@ -7,10 +7,11 @@ import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../shared/app.ts";
-import { ServerEnv, fromEnv } from "../host/config.ts";
+import { ServerEnv } from "../host/config.ts";
+import { fromEnv } from "../shared/config-env.ts";
 import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../shared/contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
-import type { LogLine } from "../shared/middleware/access-log.ts";
+import type { LogLine } from "../shared/log.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 

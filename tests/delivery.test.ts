@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { INBOUND_PATH } from "../shared/contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LmtpPoolOptions } from "../lmtp.ts";
-import type { LogLine } from "../shared/middleware/access-log.ts";
+import type { LogLine } from "../shared/log.ts";
 import type { QueueRunnerOptions } from "../host/queue-runner.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { Spool } from "../host/spool.ts";

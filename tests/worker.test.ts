@@ -8,7 +8,7 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
-import type { LogLine } from "../shared/middleware/access-log.ts";
+import type { LogLine } from "../shared/log.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { MAX_ENVELOPE_TO_BYTES, headerText } from "../shared/contract.ts";
 import worker, { email, type IncomingEmail } from "../worker.ts";

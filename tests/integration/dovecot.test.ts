@@ -7,7 +7,7 @@
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { LmtpConnection } from "../../lmtp.ts";
-import type { LogLine } from "../../shared/middleware/access-log.ts";
+import type { LogLine } from "../../shared/log.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance, type PrependedField } from "../support/dovecot.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
