@@ -12,7 +12,7 @@
 // and a slow reader on the other side slows us down instead of filling memory.
 
 import type { Socket } from "bun";
-import { replyClass } from "./shared/contract.ts";
+import { replyClass } from "./shared/replies.ts";
 
 export type LmtpTarget = { kind: "tcp"; host: string; port: number } | { kind: "unix"; path: string };
 

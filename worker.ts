@@ -13,10 +13,11 @@ import { Hono, type Context } from "hono";
 import { z } from "zod";
 import { Refusal, TemporaryFailure, createApp, type Deliverer } from "./shared/app.ts";
 import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "./shared/config-env.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue, outcomeForStatus, replyClass, type RecipientResult } from "./shared/contract.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, INBOUND_PATH, InboundResponse, addressProblem, headerValue } from "./shared/contract.ts";
 import { drain, type DrainSummary, type DrainTrigger, type SendResult } from "./edge/drain.ts";
 import { EdgeSpool, HOUR, MINUTE, isId, type HeldMessage, type R2BucketLike } from "./edge/spool.ts";
 import { jsonLines, stamped } from "./shared/log.ts";
+import { acceptedResult, isAccepted, isPermanent, outcomeForStatus } from "./shared/replies.ts";
 import { apiKey } from "./shared/middleware/api-key.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
@@ -144,9 +145,9 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
           throw new TemporaryFailure(`host answered ${res.status} without a delivery confirmation`);
         }
         // Delivered or safely queued on the host: every recipient is accepted, whatever the details.
-        return envelope.to.map((address): RecipientResult => {
+        return envelope.to.map((address) => {
           const r = recipients?.find((x) => x.address === address);
-          return r && replyClass(r.code) === "accepted" ? r : { address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 ${text}` };
+          return r && isAccepted(r) ? r : acceptedResult(address, text);
         });
       case "reject":
         // A bounce cannot be taken back: only the host's own refusal, with its reason, bounces.
@@ -337,8 +338,8 @@ function sendHeld(config: WorkerConfig) {
       // Nobody waits on the other end of a drain: only forwardToHost's own time limit ends it.
       const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId, signal: new AbortController().signal });
       const replies = results.map((r) => r.reply).join("; ");
-      if (results.every((r) => replyClass(r.code) === "accepted")) return { outcome: "confirmed", reply: replies };
-      return { outcome: results.some((r) => replyClass(r.code) === "permanent") ? "permanent" : "temporary", reply: replies };
+      if (results.every(isAccepted)) return { outcome: "confirmed", reply: replies };
+      return { outcome: results.some(isPermanent) ? "permanent" : "temporary", reply: replies };
     } catch (e) {
       if (e instanceof Refusal) return { outcome: "permanent", reply: `${e.status} ${e.message}` };
       return { outcome: "temporary", reply: (e as Error).message };

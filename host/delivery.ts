@@ -12,7 +12,7 @@
 // "duplicate", never another message that reuses a Message-ID.
 
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
-import { replyClass, type RecipientResult } from "../shared/contract.ts";
+import type { RecipientResult } from "../shared/contract.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
 import { BodyStalled } from "../shared/body-limit.ts";
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
@@ -20,6 +20,7 @@ import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { LogWriter } from "../shared/log.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
+import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
 
 export interface HostDelivery {
@@ -33,9 +34,6 @@ export interface HostDelivery {
   /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
   exactlyOnce?: boolean;
 }
-
-const isOk = (r: { code: number }) => replyClass(r.code) === "accepted";
-const isTemporary = (r: { code: number }) => replyClass(r.code) === "temporary";
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
 async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
@@ -163,7 +161,7 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
   const known = received.sha256();
   // A repeat of the same bytes already delivered (the Worker retrying after a lost answer).
   if (messageId && known && envelope.to.every((rcpt) => h.delivered.has(messageId, rcpt, known))) {
-    return envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 already delivered (Message-ID ${messageId})`, duplicate: true }));
+    return envelope.to.map((address) => duplicateResult(address, messageId));
   }
 
   let results: RecipientResult[] | null = null;
@@ -185,8 +183,8 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
 
   const sha256 = received.sha256();
   if (results) {
-    if (messageId && sha256) for (const r of results) if (isOk(r)) h.delivered.add(messageId, r.address, sha256);
-    if (results.some(isOk)) h.spool?.runner.kick();
+    if (messageId && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
+    if (results.some(isAccepted)) h.spool?.runner.kick();
   }
   const waiting = results ? results.filter(isTemporary).map((r) => r.address) : envelope.to;
   if (waiting.length === 0 || !staged) {
@@ -218,7 +216,7 @@ async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: 
   }
   h.spool!.runner.add(header, why);
   h.metrics.inc("queued");
-  const queued = (address: string): RecipientResult => ({ address, code: 250, enhanced: "2.0.0", reply: `250 2.0.0 queued as ${header.id} (LMTP: ${why})`, queued: true });
+  const queued = (address: string) => queuedResult(address, header.id, why);
   if (!results) return envelope.to.map(queued);
   return results.map((r) => (isTemporary(r) ? queued(r.address) : r));
 }
@@ -230,7 +228,7 @@ export function deliverSpooled(h: HostDelivery): SpoolDeliver {
     // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
     // it would be delivered again: a duplicate, never a loss).
     const { message_id, sha256 } = header;
-    if (message_id && sha256) for (const r of results) if (isOk(r)) h.delivered.add(message_id, r.address, sha256);
+    if (message_id && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(message_id, r.address, sha256);
     return results;
   };
 }

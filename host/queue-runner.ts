@@ -4,7 +4,8 @@
 // A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
 // gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
 
-import { replyClass, type RecipientResult } from "../shared/contract.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
 import type { Metrics } from "./metrics.ts";
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
@@ -264,10 +265,10 @@ export class QueueRunner {
     }
     // No reply confirms nothing: a recipient without one is still to do.
     const answered = new Set(results.map((r) => r.address));
-    const unanswered = to.filter((a) => !answered.has(a)).map((address) => ({ address, code: 451, enhanced: "4.3.0", reply: "451 4.3.0 no reply for this recipient" }));
-    const temporary = [...results.filter((r) => replyClass(r.code) === "temporary"), ...unanswered];
-    const permanent = results.filter((r) => replyClass(r.code) === "permanent");
-    if (results.some((r) => replyClass(r.code) === "accepted")) this.kick();
+    const unanswered = to.filter((a) => !answered.has(a)).map(noReplyResult);
+    const temporary = [...results.filter(isTemporary), ...unanswered];
+    const permanent = results.filter(isPermanent);
+    if (results.some(isAccepted)) this.kick();
     // Refused for good while others wait: remembered, so the message ends in failed/ for them
     // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
     const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];

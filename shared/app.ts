@@ -11,9 +11,7 @@ import {
   INBOUND_PATH,
   InboundJsonBody,
   describeIssues,
-  replyClass,
   headerText,
-  statusForReplies,
   type InboundEnvelope,
   type InboundResponse,
   type RecipientResult,
@@ -22,6 +20,7 @@ import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
 import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
+import { answerForReplies } from "./replies.ts";
 
 export interface InboundMessage {
   envelope: InboundEnvelope;
@@ -155,24 +154,10 @@ export function createApp(opts: AppOptions) {
     }
     logFields(c, { replies: results.map((r) => r.reply) });
 
-    const status = statusForReplies(results);
-    const duplicate = status === 200 && results.every((r) => r.duplicate);
-    const one = envelope.to.length === 1 ? { recipient: envelope.to[0] } : {};
-    logFields(c, { outcome: duplicate ? "duplicate" : status === 202 ? "queued" : undefined });
-    if (duplicate) {
-      return answer(c, 200, { status: "duplicate", message: "already delivered; not delivered again", ...one, recipients: results });
-    }
-    if (status === 200) return answer(c, 200, { status: "success", message: "Email delivered to LMTP", ...one, recipients: results });
-    if (status === 202) {
-      return answer(c, 202, { status: "queued", message: "accepted into the durable spool; it will be delivered when Dovecot takes it", ...one, recipients: results });
-    }
-    if (status === 422) {
-      const refused = results.filter((r) => replyClass(r.code) === "permanent").map((r) => r.reply);
-      return answer(c, 422, { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results });
-    }
-    c.header("Retry-After", retryAfter);
-    const deferred = results.filter((r) => replyClass(r.code) !== "accepted" && !r.queued).map((r) => r.reply);
-    return answer(c, 503, { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results });
+    const reply = answerForReplies(results, envelope.to);
+    logFields(c, { outcome: reply.body.status === "duplicate" ? "duplicate" : reply.status === 202 ? "queued" : undefined });
+    if (reply.status === 503) c.header("Retry-After", retryAfter);
+    return answer(c, reply.status, reply.body);
   });
 
   return app;

@@ -9,7 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { replyClass } from "../shared/contract.ts";
+import { replyClass } from "../shared/replies.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import {
   BodyAborted,
