@@ -36,7 +36,8 @@ export interface ServerOptions {
 export function startServer(config: ServerConfig, opts: ServerOptions = {}): RunningServer {
   const log = opts.log ?? jsonLines;
   const event = stamped(log);
-  const metrics = new Metrics();
+  // The runner below is made with these metrics; they read its stats only when rendered.
+  const metrics = new Metrics(() => runner?.stats());
   const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
@@ -73,7 +74,6 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
   if (spool && runner) {
     host.spool = { spool, runner };
-    metrics.spoolGauge = () => runner.stats();
     runner.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
   }
 
@@ -85,10 +85,8 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
     metrics: async () => (await runner?.scanned(), metrics.render()),
-    log: (line) => {
-      countAnswer(metrics, line);
-      log(line);
-    },
+    log,
+    onAnswer: (outcome) => metrics.countAnswer(outcome),
   });
   const server = Bun.serve({
     hostname: config.host,
@@ -120,17 +118,6 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       return stopping;
     },
   };
-}
-
-/** Counts each answered inbound request by what it meant for the message. */
-function countAnswer(metrics: Metrics, line: Record<string, unknown>): void {
-  if (line.path !== "/api/v1/inbound-mail" || line.method !== "POST" || line.status === 401) return;
-  metrics.inc("received");
-  const status = line.status as number;
-  if (line.outcome === "duplicate") metrics.inc("duplicates");
-  else if (status === 200) metrics.inc("delivered");
-  else if (status === 400 || status === 413 || status === 415 || status === 422) metrics.inc("rejected");
-  else if (status >= 500) metrics.inc("deferred");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 // host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun, node or
 // cloudflare imports.
 
-import { Hono, type Context } from "hono";
+import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { requestId } from "hono/request-id";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -20,7 +20,7 @@ import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
 import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
-import { answerForReplies } from "./replies.ts";
+import { answerForReplies, answerOutcome, type AnswerOutcome } from "./replies.ts";
 
 export interface InboundMessage {
   envelope: InboundEnvelope;
@@ -64,11 +64,15 @@ export interface AppOptions {
   /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
   metrics?: () => string | Promise<string>;
   log?: LogWriter;
+  /** Called once per answered inbound request that passed the key check, with what the answer meant for the message. */
+  onAnswer?: (outcome: AnswerOutcome) => void;
   /** Seconds a 503 asks the client to wait. */
   retryAfterSeconds?: number;
   /** A request body that sends no bytes for this long is answered 503 (body_stalled); unset: no limit. */
   bodyIdleMs?: number;
 }
+
+type AppEnv = { Variables: AccessLogEnv["Variables"] & { duplicate?: boolean } };
 
 export function createApp(opts: AppOptions) {
   const maxMessage = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
@@ -77,7 +81,7 @@ export function createApp(opts: AppOptions) {
   const retryAfter = String(opts.retryAfterSeconds ?? 30);
   const log = opts.log ?? jsonLines;
 
-  const app = new Hono<AccessLogEnv>();
+  const app = new Hono<AppEnv>();
   app.use(requestId(), accessLog(log));
 
   app.onError((err, c) => {
@@ -122,7 +126,14 @@ export function createApp(opts: AppOptions) {
     app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": "text/plain; version=0.0.4" }));
   }
 
-  app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
+  // Counted from the answer itself (refusals and errors included), whatever the log says.
+  const onAnswer = opts.onAnswer;
+  const reportAnswer: MiddlewareHandler<AppEnv> = async (c, next) => {
+    await next();
+    onAnswer?.(answerOutcome(c.res.status, c.get("duplicate") === true));
+  };
+
+  app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), reportAnswer, async (c) => {
     refuseEncoded(c.req.header("content-encoding"));
     const type = mediaType(c.req.header("content-type"));
     const parsed =
@@ -155,7 +166,9 @@ export function createApp(opts: AppOptions) {
     logFields(c, { replies: results.map((r) => r.reply) });
 
     const reply = answerForReplies(results, envelope.to);
-    logFields(c, { outcome: reply.body.status === "duplicate" ? "duplicate" : reply.status === 202 ? "queued" : undefined });
+    const duplicate = reply.body.status === "duplicate";
+    if (duplicate) c.set("duplicate", true);
+    logFields(c, { outcome: duplicate ? "duplicate" : reply.status === 202 ? "queued" : undefined });
     if (reply.status === 503) c.header("Retry-After", retryAfter);
     return answer(c, reply.status, reply.body);
   });

@@ -105,3 +105,15 @@ export function outcomeForStatus(status: number): SmtpOutcome {
   if (status === 400 || status === 413 || status === 415 || status === 422) return "reject";
   return "retry";
 }
+
+/** What an answered inbound request meant for its message (what the host counts for GET /metrics). */
+export type AnswerOutcome = "delivered" | "duplicate" | "queued" | "rejected" | "deferred" | "other";
+
+/** The outcome of an answer with this status; `duplicate` when its results were all duplicates. */
+export function answerOutcome(status: number, duplicate: boolean): AnswerOutcome {
+  if (status === 200) return duplicate ? "duplicate" : "delivered";
+  if (status === 202) return "queued";
+  if (outcomeForStatus(status) === "reject") return "rejected";
+  if (status >= 500) return "deferred";
+  return "other";
+}

@@ -335,10 +335,9 @@ describe("giving up", () => {
   test("a file damaged after it was loaded is never offered to LMTP nor retried: logged, counted, left in queue/ for the operator", async () => {
     const h = await spoolMessage("x".repeat(1000));
     let fail = true;
-    const metrics = new Metrics();
+    const metrics = new Metrics(() => runner!.stats());
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, "4.3.0 later")]);
     runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30, metrics, log: (l) => logs.push(l) });
-    metrics.spoolGauge = () => runner!.stats();
     await runner.start();
     await until("first attempt", () => calls.length >= 1);
     truncateSync(join(dir, "queue", h.id), HEADER_RESERVED + 10);
@@ -366,10 +365,9 @@ describe("giving up", () => {
     symlinkSync("/etc/passwd", join(dir, "queue", "0000000000passwd"));
     writeFileSync(join(dir, "failed", "0000000000oldjunk"), "junk");
     const before = readdirSync(join(dir, "queue")).filter((n) => n !== h.id).sort();
-    const metrics = new Metrics();
+    const metrics = new Metrics(() => runner!.stats());
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
     runner = new QueueRunner(spool, deliver, { metrics, log: (l) => logs.push(l) });
-    metrics.spoolGauge = () => runner!.stats();
     await runner.start();
     await runner.drained(10);
     expect(calls.map((c) => c.id)).toEqual([h.id]);
