@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { createApp, maxJsonBytes } from "./shared/app.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
-import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./host/delivery.ts";
+import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { Metrics } from "./host/metrics.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
@@ -71,17 +71,15 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
   const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
-  const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
-  if (spool && runner) {
-    host.spool = { spool, runner };
-    runner.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
-  }
+  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
+  const runner = queue?.runner ?? null;
+  runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
   const app = createApp({
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
-    deliver: deliverNowOrSpool(host),
+    deliver: queue ? deliverNowOrSpool(host, queue) : deliverNow(host),
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
     metrics: async () => (await runner?.scanned(), metrics.render()),

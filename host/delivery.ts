@@ -11,16 +11,16 @@
 // is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
 // "duplicate", never another message that reuses a Message-ID.
 
-import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
-import type { RecipientResult } from "../shared/contract.ts";
-import type { DeliveredLog } from "./delivered-log.ts";
-import { BodyStalled } from "../shared/body-limit.ts";
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
+import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { BodyStalled } from "../shared/body-limit.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import type { LogWriter } from "../shared/log.ts";
+import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
+import type { DeliveredLog } from "./delivered-log.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
-import type { LogWriter } from "../shared/log.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
-import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
 
 export interface HostDelivery {
@@ -29,10 +29,83 @@ export interface HostDelivery {
   metrics: Metrics;
   /** Event lines (stamped with the time by the writer). */
   log: LogWriter;
-  /** With a spool, temporary failures are queued (202); without, they are answered 503. */
-  spool?: { spool: Spool; runner: QueueRunner };
   /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
   exactlyOnce?: boolean;
+}
+
+/** The durable spool behind the host's delivery, and its background deliverer. */
+export interface SpoolQueue {
+  spool: Spool;
+  runner: QueueRunner;
+}
+
+/** Without a spool: LMTP at once; what Dovecot cannot take now is the sender's to offer again (503). */
+export function deliverNow(h: HostDelivery): Deliverer {
+  return async (message: InboundMessage) => {
+    const { messageId, body } = await readHeaders(message);
+    const received = await receiveHeld(body);
+    const repeat = duplicates(h, message, messageId, received);
+    if (repeat) return repeat;
+    const attempt = await tryLmtp(h, message, messageId, received, undefined);
+    if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
+    return attempt.results;
+  };
+}
+
+/** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
+export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
+  return async (message: InboundMessage) => {
+    const { messageId, body } = await readHeaders(message);
+    const staged = queue.spool.stage();
+    // Whatever happens below, a staged file is either committed or discarded: an open file
+    // handle left to the garbage collector is an uncaught error in Bun (the process would die).
+    try {
+      let received: Received;
+      try {
+        received = await receiveStaged(body, staged);
+      } catch (e) {
+        if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
+        // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
+        spoolUnwritable(h, message, e);
+        throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
+      }
+      const repeat = duplicates(h, message, messageId, received);
+      if (repeat) return repeat;
+      // The spool id names the delivery on this attempt and on every retry from the spool, so that
+      // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
+      const attempt = await tryLmtp(h, message, messageId, received, h.exactlyOnce ? staged.id : undefined);
+      if (attempt.results?.some(isAccepted)) queue.runner.kick();
+      if (attempt.results && !attempt.results.some(isTemporary)) return attempt.results;
+      return await spoolTheRest(h, queue, message, messageId, received, staged, attempt);
+    } finally {
+      await staged.discard();
+    }
+  };
+}
+
+/** The background deliverer's way to LMTP (the queue runner's SpoolDeliver). */
+export function deliverSpooled(h: HostDelivery): SpoolDeliver {
+  return async (envelope, body, size, header) => {
+    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
+    // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
+    // it would be delivered again: a duplicate, never a loss).
+    recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
+    return results;
+  };
+}
+
+/** The Message-ID, and the body as a stream that fails if the request is gone before its end. */
+async function readHeaders(message: InboundMessage): Promise<{ messageId: string | null; body: ReadableStream<Uint8Array> }> {
+  const peeked = await peekHeaders(message.body);
+  return { messageId: peeked.info.messageId, body: untilAborted(peeked.body, message.signal) };
+}
+
+/** A repeat of the same bytes already delivered to every recipient (the Worker retrying after a lost answer), or null. */
+function duplicates(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received): RecipientResult[] | null {
+  const sha256 = received.sha256();
+  const { to } = message.envelope;
+  if (!messageId || !sha256 || !to.every((rcpt) => h.delivered.has(messageId, rcpt, sha256))) return null;
+  return to.map((address) => duplicateResult(address, messageId));
 }
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
@@ -51,29 +124,74 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
   }
 }
 
-export function deliverNowOrSpool(h: HostDelivery): Deliverer {
-  return async (message: InboundMessage) => {
-    const peeked = await peekHeaders(message.body);
-    const messageId = peeked.info.messageId;
-    const body = untilAborted(peeked.body, message.signal);
-    const staged = h.spool ? h.spool.spool.stage() : null;
-    // Whatever happens below, a staged file is either committed or discarded: an open file
-    // handle left to the garbage collector is an uncaught error in Bun (the process would die).
-    try {
-      let received: Received;
-      try {
-        received = staged ? await receiveStaged(body, staged) : await receiveHeld(body);
-      } catch (e) {
-        if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
-        // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
-        spoolUnwritable(h, message, e);
-        throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
-      }
-      return await deliverWith(h, message, messageId, received, staged);
-    } finally {
-      await staged?.discard();
-    }
-  };
+/** What one attempt at LMTP gave: a result per recipient, or the fault that left none. */
+type Attempt = { results: RecipientResult[]; fault: null } | { results: null; fault: LmtpFault | BodyAborted };
+
+/** The received message to LMTP now; what was delivered is recorded. */
+async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, deliveryId: string | undefined): Promise<Attempt> {
+  let attempt: Attempt;
+  try {
+    attempt = { results: await lmtpTransaction(h, { ...message.envelope, deliveryId }, received.body, received.size ?? message.size), fault: null };
+  } catch (e) {
+    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
+    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
+    if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
+    attempt = { results: null, fault: e };
+  } finally {
+    // What LMTP did not read (refused before DATA, failed mid-way): the tmp/ file's reader, or the request's.
+    if (received.body instanceof ReadableStream && !received.body.locked) await received.body.cancel().catch(() => {});
+  }
+  if (attempt.results) recordDelivered(h, messageId, received.sha256(), attempt.results);
+  return attempt;
+}
+
+/** Each accepted recipient, for duplicate suppression: the one place a delivery is recorded. */
+function recordDelivered(h: HostDelivery, messageId: string | null, sha256: string | null, results: RecipientResult[]): void {
+  if (messageId && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
+}
+
+/** Dovecot could not take it now: the spool takes it for the recipients still to do (the whole message is staged already). */
+async function spoolTheRest(h: HostDelivery, queue: SpoolQueue, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage, attempt: Attempt): Promise<RecipientResult[]> {
+  const { envelope } = message;
+  const { why, to } = stillToDo(attempt, envelope.to);
+  // Unless it could never take it: a non-ASCII address needs SMTPUTF8 (RFC 6531), and a server not
+  // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
+  // retries, and hears the refusal with its reason once Dovecot answers.
+  if ([envelope.from, ...to].some(nonAscii) && h.pool.offered("SMTPUTF8") !== true) {
+    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the LMTP server has not been seen to offer SMTPUTF8`);
+  }
+  const sha256 = received.sha256();
+  let header;
+  try {
+    header = await staged.commit({
+      from: envelope.from,
+      to,
+      received_at: Date.now(),
+      request_id: message.requestId,
+      message_id: messageId,
+      ...(sha256 ? { sha256 } : {}),
+    });
+  } catch (e) {
+    spoolUnwritable(h, message, e as Error);
+    throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
+  }
+  queue.runner.add(header, why);
+  h.metrics.inc("queued");
+  const queued = (address: string) => queuedResult(address, header.id, why);
+  if (!attempt.results) return envelope.to.map(queued);
+  return attempt.results.map((r) => (isTemporary(r) ? queued(r.address) : r));
+}
+
+/** Who is still to be delivered to after an attempt, and why not yet. */
+function stillToDo(attempt: Attempt, to: string[]): { why: string; to: string[] } {
+  if (attempt.fault) return { why: attempt.fault.message, to };
+  const waiting = attempt.results.filter(isTemporary);
+  return { why: waiting.map((r) => r.reply).join("; "), to: waiting.map((r) => r.address) };
+}
+
+function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
+  h.metrics.inc("spool_write_errors");
+  h.log({ event: "spool_unwritable", request_id: message.requestId, error: e.message });
 }
 
 /** A message as received, ready for LMTP. */
@@ -86,14 +204,8 @@ interface Received {
 }
 
 /** With a spool: the whole body into the staged message; LMTP then reads it back from there. */
-async function receiveStaged(body: MessageBody, staged: StagedMessage): Promise<Received> {
+async function receiveStaged(body: ReadableStream<Uint8Array>, staged: StagedMessage): Promise<Received> {
   const hash = new Bun.CryptoHasher("sha256");
-  if (body instanceof Uint8Array) {
-    hash.update(body);
-    void staged.write(body); // a write error shows at commit(); LMTP takes the bytes from memory
-    const sha256 = hash.digest("hex");
-    return { body, size: body.byteLength, sha256: () => sha256 };
-  }
   for await (const chunk of body) {
     hash.update(chunk);
     await staged.write(chunk);
@@ -107,13 +219,8 @@ async function receiveStaged(body: MessageBody, staged: StagedMessage): Promise<
  * in its first MiB holds no connection. A larger body streams on to LMTP as it arrives (memory
  * stays bounded; from there on one connection waits on this client, within LMTP's time limits).
  */
-async function receiveHeld(body: MessageBody): Promise<Received> {
+async function receiveHeld(body: ReadableStream<Uint8Array>): Promise<Received> {
   const hash = new Bun.CryptoHasher("sha256");
-  if (body instanceof Uint8Array) {
-    hash.update(body);
-    const sha256 = hash.digest("hex");
-    return { body, size: body.byteLength, sha256: () => sha256 };
-  }
   const reader = body.getReader();
   const held: Uint8Array[] = [];
   let size = 0;
@@ -149,88 +256,6 @@ async function receiveHeld(body: MessageBody): Promise<Received> {
     { highWaterMark: 0 },
   );
   return { body: stream, size: null, sha256: () => sha256 };
-}
-
-function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
-  h.metrics.inc("spool_write_errors");
-  h.log({ event: "spool_unwritable", request_id: message.requestId, error: e.message });
-}
-
-async function deliverWith(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage | null): Promise<RecipientResult[]> {
-  const { envelope } = message;
-  const known = received.sha256();
-  // A repeat of the same bytes already delivered (the Worker retrying after a lost answer).
-  if (messageId && known && envelope.to.every((rcpt) => h.delivered.has(messageId, rcpt, known))) {
-    return envelope.to.map((address) => duplicateResult(address, messageId));
-  }
-
-  let results: RecipientResult[] | null = null;
-  let fault: Error | null = null;
-  try {
-    // The spool id names the delivery on this attempt and on every retry from the spool, so that
-    // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
-    const deliveryId = h.exactlyOnce ? staged?.id : undefined;
-    results = await lmtpTransaction(h, { ...envelope, deliveryId }, received.body, received.size ?? message.size);
-  } catch (e) {
-    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
-    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
-    if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
-    fault = e;
-  } finally {
-    // What LMTP did not read (refused before DATA, failed mid-way): the tmp/ file's reader, or the request's.
-    if (received.body instanceof ReadableStream && !received.body.locked) await received.body.cancel().catch(() => {});
-  }
-
-  const sha256 = received.sha256();
-  if (results) {
-    if (messageId && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
-    if (results.some(isAccepted)) h.spool?.runner.kick();
-  }
-  const waiting = results ? results.filter(isTemporary).map((r) => r.address) : envelope.to;
-  if (waiting.length === 0 || !staged) {
-    if (fault) throw new TemporaryFailure(fault.message, { cause: fault });
-    return results!;
-  }
-
-  // Dovecot could not take it now: the spool takes it (the whole message is staged already).
-  const why = fault ? fault.message : results!.filter(isTemporary).map((r) => r.reply).join("; ");
-  // Unless it could never take it: a non-ASCII address needs SMTPUTF8 (RFC 6531), and a server not
-  // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
-  // retries, and hears the refusal with its reason once Dovecot answers.
-  if ([envelope.from, ...waiting].some(nonAscii) && h.pool.offered("SMTPUTF8") !== true) {
-    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the LMTP server has not been seen to offer SMTPUTF8`);
-  }
-  let header;
-  try {
-    header = await staged.commit({
-      from: envelope.from,
-      to: waiting,
-      received_at: Date.now(),
-      request_id: message.requestId,
-      message_id: messageId,
-      ...(sha256 ? { sha256 } : {}),
-    });
-  } catch (e) {
-    spoolUnwritable(h, message, e as Error);
-    throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
-  }
-  h.spool!.runner.add(header, why);
-  h.metrics.inc("queued");
-  const queued = (address: string) => queuedResult(address, header.id, why);
-  if (!results) return envelope.to.map(queued);
-  return results.map((r) => (isTemporary(r) ? queued(r.address) : r));
-}
-
-/** The background deliverer's way to LMTP, recording deliveries for duplicate suppression. */
-export function deliverSpooled(h: HostDelivery): SpoolDeliver {
-  return async (envelope, body, size, header) => {
-    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
-    // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
-    // it would be delivered again: a duplicate, never a loss).
-    const { message_id, sha256 } = header;
-    if (message_id && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(message_id, r.address, sha256);
-    return results;
-  };
 }
 
 /**

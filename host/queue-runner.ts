@@ -4,14 +4,14 @@
 // A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
 // gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
 
-import type { RecipientResult } from "../shared/contract.ts";
-import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
-import type { Metrics } from "./metrics.ts";
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
-import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type Spool } from "./spool.ts";
+import type { RecipientResult } from "../shared/contract.ts";
 import { stamped, type LogWriter } from "../shared/log.ts";
+import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
+import type { Metrics } from "./metrics.ts";
+import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type SpoolState, type Spool } from "./spool.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (
@@ -38,6 +38,45 @@ export const FIVE_DAYS_MS = 5 * 24 * 60 * 60 * 1000;
 export function backoffMs(attempts: number, base: number, cap: number, random = Math.random): number {
   const exp = Math.min(cap, base * 2 ** Math.max(0, attempts - 1));
   return Math.round(exp * (0.8 + 0.4 * random())); // +-20 %: retries of many messages spread out
+}
+
+/** What becomes of a spooled message after an attempt. */
+export type Next =
+  | { then: "delivered" }
+  | { then: "retry"; state: SpoolState; reply: string; /** Replies of recipients refused for good in this attempt. */ refusedNow: string[] }
+  | { then: "give up"; state: SpoolState; reason: string };
+
+/**
+ * An attempt's results for the recipients `to`: retried while any is temporary (or had no reply),
+ * then given up on for those refused for good (now or earlier), else delivered.
+ */
+export function afterAttempt(state: SpoolState, to: string[], results: RecipientResult[]): Next {
+  // No reply confirms nothing: a recipient without one is still to do.
+  const answered = new Set(results.map((r) => r.address));
+  const unanswered = to.filter((a) => !answered.has(a)).map(noReplyResult);
+  const temporary = [...results.filter(isTemporary), ...unanswered];
+  const permanent = results.filter(isPermanent);
+  // Refused for good while others wait: remembered, so the message ends in failed/ for them
+  // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
+  const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];
+  if (temporary.length) {
+    const remaining = temporary.map((r) => r.address);
+    return { then: "retry", state: { ...state, remaining, refused: refused.length ? refused : undefined }, reply: temporary.map((r) => r.reply).join("; "), refusedNow: permanent.map((r) => r.reply) };
+  }
+  if (refused.length) return { then: "give up", state: { ...state, remaining: refused.map((r) => r.address), refused }, reason: `refused: ${refused.map((r) => r.reply).join("; ")}` };
+  return { then: "delivered" };
+}
+
+/** Past the maximum age: given up on for every recipient not delivered, those refused earlier included. */
+export function expired(state: SpoolState, ageMs: number): Next {
+  const refused = state.refused ?? [];
+  return {
+    then: "give up",
+    state: { ...state, remaining: [...state.remaining, ...refused.map((r) => r.address)] },
+    reason:
+      `expired after ${Math.round(ageMs / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}` +
+      (refused.length ? `; refused earlier: ${refused.map((r) => r.reply).join("; ")}` : ""),
+  };
 }
 
 export class QueueRunner {
@@ -248,13 +287,7 @@ export class QueueRunner {
     const age = Date.now() - header.received_at;
     if (age > this.maxAgeMs) {
       await body.cancel().catch(() => {});
-      const refused = state.refused ?? [];
-      return this.giveUp(
-        id,
-        { ...state, remaining: [...state.remaining, ...refused.map((r) => r.address)] },
-        `expired after ${Math.round(age / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}` +
-          (refused.length ? `; refused earlier: ${refused.map((r) => r.reply).join("; ")}` : ""),
-      );
+      return this.follow(header, state, expired(state, age));
     }
     const to = state.remaining.length ? state.remaining : header.to;
     let results: RecipientResult[];
@@ -263,21 +296,18 @@ export class QueueRunner {
     } catch (e) {
       return this.retryLater(id, state, (e as Error).message);
     }
-    // No reply confirms nothing: a recipient without one is still to do.
-    const answered = new Set(results.map((r) => r.address));
-    const unanswered = to.filter((a) => !answered.has(a)).map(noReplyResult);
-    const temporary = [...results.filter(isTemporary), ...unanswered];
-    const permanent = results.filter(isPermanent);
     if (results.some(isAccepted)) this.kick();
-    // Refused for good while others wait: remembered, so the message ends in failed/ for them
-    // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
-    const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];
-    if (permanent.length && temporary.length) this.log({ event: "spool_refused", id, refused: permanent.map((r) => r.reply) });
+    return this.follow(header, state, afterAttempt(state, to, results));
+  }
 
-    if (temporary.length) {
-      return this.retryLater(id, { ...state, remaining: temporary.map((r) => r.address), refused: refused.length ? refused : undefined }, temporary.map((r) => r.reply).join("; "));
+  /** Carries out what afterAttempt() or expired() decided. */
+  private async follow(header: SpoolHeader, state: SpoolState, next: Next): Promise<void> {
+    const id = header.id;
+    if (next.then === "retry") {
+      if (next.refusedNow.length) this.log({ event: "spool_refused", id, refused: next.refusedNow });
+      return this.retryLater(id, next.state, next.reply);
     }
-    if (refused.length) return this.giveUp(id, { ...state, remaining: refused.map((r) => r.address), refused }, `refused: ${refused.map((r) => r.reply).join("; ")}`);
+    if (next.then === "give up") return this.giveUp(id, next.state, next.reason);
     await this.spool.remove(id);
     this.entries.delete(id);
     this.opts.metrics?.inc("spool_delivered");

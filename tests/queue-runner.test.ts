@@ -8,8 +8,8 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { RecipientResult } from "../shared/contract.ts";
 import { Metrics } from "../host/metrics.ts";
-import { QueueRunner, backoffMs, type SpoolDeliver } from "../host/queue-runner.ts";
-import { HEADER_RESERVED, Spool, type SpoolHeader } from "../host/spool.ts";
+import { QueueRunner, afterAttempt, backoffMs, expired, type SpoolDeliver } from "../host/queue-runner.ts";
+import { HEADER_RESERVED, Spool, type SpoolHeader, type SpoolState } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -75,6 +75,47 @@ async function until(what: string, cond: () => boolean, ms = 5_000): Promise<voi
 
 const queueFiles = () => readdirSync(join(dir, "queue")).sort();
 const failedFiles = () => readdirSync(join(dir, "failed")).filter((n) => !n.endsWith(".state"));
+
+describe("afterAttempt and expired: what becomes of a message, without I/O", () => {
+  const state = (remaining: string[], refused?: SpoolState["refused"]): SpoolState => ({ attempts: 2, next_at: 0, last_reply: "451 busy", remaining, refused });
+
+  test("every recipient accepted: delivered", () => {
+    expect(afterAttempt(state(["a@x.org", "b@x.org"]), ["a@x.org", "b@x.org"], [reply("a@x.org", 250, "ok"), reply("b@x.org", 251, "ok")])).toEqual({ then: "delivered" });
+  });
+
+  test("a temporary reply or no reply at all: retried for those only, a refusal beside them remembered", () => {
+    const next = afterAttempt(state(["a@x.org", "b@x.org", "c@x.org", "d@x.org"]), ["a@x.org", "b@x.org", "c@x.org", "d@x.org"], [
+      reply("a@x.org", 250, "ok"),
+      reply("b@x.org", 452, "4.2.2 full"),
+      reply("c@x.org", 550, "5.1.1 unknown"),
+    ]);
+    expect(next).toEqual({
+      then: "retry",
+      state: { ...state([]), remaining: ["b@x.org", "d@x.org"], refused: [{ address: "c@x.org", reply: "550 5.1.1 unknown" }] },
+      reply: "452 4.2.2 full; 451 4.3.0 no reply for this recipient",
+      refusedNow: ["550 5.1.1 unknown"],
+    });
+  });
+
+  test("nothing temporary left, a refusal now or earlier: given up on for the refused ones", () => {
+    const earlier = [{ address: "c@x.org", reply: "550 5.1.1 unknown" }];
+    expect(afterAttempt(state(["b@x.org"], earlier), ["b@x.org"], [reply("b@x.org", 250, "ok")])).toEqual({
+      then: "give up",
+      state: { ...state(["c@x.org"], earlier) },
+      reason: "refused: 550 5.1.1 unknown",
+    });
+    expect(afterAttempt(state(["b@x.org"]), ["b@x.org"], [reply("b@x.org", 552, "5.2.2 over quota")])).toMatchObject({ then: "give up", reason: "refused: 552 5.2.2 over quota" });
+  });
+
+  test("expired: given up on for those still to do and those refused earlier", () => {
+    const next = expired(state(["b@x.org"], [{ address: "c@x.org", reply: "550 5.1.1 unknown" }]), 121 * 3_600_000);
+    expect(next).toEqual({
+      then: "give up",
+      state: state(["b@x.org", "c@x.org"], [{ address: "c@x.org", reply: "550 5.1.1 unknown" }]),
+      reason: "expired after 121 h in the spool; last reply: 451 busy; refused earlier: 550 5.1.1 unknown",
+    });
+  });
+});
 
 describe("backoffMs", () => {
   test("grows with each attempt, doubles from the base, stops at the cap", () => {
