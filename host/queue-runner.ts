@@ -11,7 +11,7 @@ import type { RecipientResult } from "../shared/contract.ts";
 import { stamped, type LogWriter } from "../shared/log.ts";
 import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
 import type { Metrics } from "./metrics.ts";
-import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type SpoolState, type Spool } from "./spool.ts";
+import { FLUSH_REQUEST, freshState, type SpoolEntry, type SpoolHeader, type SpoolState, type Spool } from "./spool.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (
@@ -177,7 +177,7 @@ export class QueueRunner {
 
   /** A message just spooled by the receiving side. */
   add(header: SpoolHeader, firstReply: string | null): void {
-    const state = { attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply, remaining: header.to };
+    const state = { ...freshState(header.to), attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply };
     this.entries.set(header.id, { header, state });
     const saved = this.spool
       .saveState(header.id, state)

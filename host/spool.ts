@@ -61,6 +61,11 @@ export interface SpoolState {
   reason?: string;
 }
 
+/** The state of a message not tried yet (or put back by the operator): due now. */
+export function freshState(remaining: string[]): SpoolState {
+  return { attempts: 0, next_at: 0, last_reply: null, remaining };
+}
+
 export interface SpoolEntry {
   header: SpoolHeader;
   state: SpoolState;
@@ -190,7 +195,7 @@ export class Spool {
     const { header } = await readHeader(join(dir, id), id);
     // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet".
     const saved = await readJson(join(dir, `${id}.state`));
-    const state = isState(saved) ? saved : { attempts: 0, next_at: 0, last_reply: null, remaining: header.to };
+    const state = isState(saved) ? saved : freshState(header.to);
     return { header, state };
   }
 
@@ -201,8 +206,8 @@ export class Spool {
   /** The message's exact bytes, streamed from disk. */
   async body(id: string): Promise<ReadableStream<Uint8Array>> {
     const path = join(this.queue, id);
-    const { offset } = await readHeader(path, id);
-    return Bun.file(path).slice(offset).stream();
+    const { bodyAt } = await readHeader(path, id);
+    return Bun.file(path).slice(bodyAt).stream();
   }
 
   async saveState(id: string, state: SpoolState, area: SpoolArea = "queue"): Promise<void> {
@@ -220,7 +225,7 @@ export class Spool {
 
   /** Given up on: kept in failed/ with the reason, never deleted silently. */
   async moveToFailed(id: string, reason: string, state?: SpoolState): Promise<void> {
-    const s = state ?? (await this.read(id).then((e) => e.state).catch(() => ({ attempts: 0, next_at: 0, last_reply: null, remaining: [] })));
+    const s = state ?? (await this.read(id).then((e) => e.state).catch(() => freshState([])));
     await this.saveState(id, { ...s, reason }, "failed");
     try {
       await rename(join(this.queue, id), join(this.failed, id));
@@ -240,7 +245,7 @@ export class Spool {
     });
     // Only the recipients it failed for (not those it was delivered to before it gave up).
     const remaining = state.remaining.length ? state.remaining : header.to;
-    await this.saveState(id, { attempts: 0, next_at: 0, last_reply: null, remaining });
+    await this.saveState(id, freshState(remaining));
     await rename(join(this.failed, id), join(this.queue, id));
     await rm(join(this.failed, `${id}.state`), { force: true });
     fsyncDir(this.queue);
@@ -300,14 +305,7 @@ export type OpenFile = (path: string, flags: string, mode: number) => Promise<Fi
  */
 export class StagedMessage {
   private bytes = 0;
-  /** The chunks so far, while the message is held in memory; null once it is in tmp/. */
-  private held: Uint8Array[] | null = [];
-  private fh: FileHandle | null = null;
-  private failed: Error | null = null;
-  /** The file is closed (committed, or being given up). */
-  private closed = false;
-  private committed = false;
-  private discarded = false;
+  private phase: Phase = { is: "held", chunks: [] };
   private ready: Promise<unknown> = Promise.resolve();
 
   constructor(
@@ -321,16 +319,16 @@ export class StagedMessage {
   write(chunk: Uint8Array): Promise<void> {
     const at = HEADER_RESERVED + this.bytes;
     this.bytes += chunk.byteLength;
-    if (this.held && this.bytes <= HELD_BYTES) {
-      this.held.push(chunk);
+    if (this.phase.is === "held" && this.bytes <= HELD_BYTES) {
+      this.phase.chunks.push(chunk);
       return this.ready as Promise<void>;
     }
     const p = this.ready.then(async () => {
-      if (this.failed) return;
+      if (this.phase.is !== "held" && this.phase.is !== "writing") return; // failed, or over
       try {
         await writeFully(await this.file(), chunk, at);
       } catch (e) {
-        this.failed = e as Error;
+        this.phase = { is: "failed", error: e as Error, fh: this.phase.is === "writing" ? this.phase.fh : null };
       }
     });
     this.ready = p;
@@ -339,20 +337,22 @@ export class StagedMessage {
 
   /** tmp/<id>, created on first need with what was held so far. */
   private async file(): Promise<FileHandle> {
-    if (this.fh) return this.fh;
-    const held = this.held ?? [];
-    this.held = null;
+    if (this.phase.is === "writing") return this.phase.fh;
+    if (this.phase.is !== "held") throw new SpoolWriteError(`spool file already ${this.phase.is}`);
+    const held = this.phase.chunks;
+    let fh: FileHandle;
     try {
-      this.fh = await this.openFile(this.path, "wx", 0o600);
+      fh = await this.openFile(this.path, "wx", 0o600);
     } catch (e) {
       throw new SpoolWriteError(`spool not writable: ${(e as Error).message}`);
     }
+    this.phase = { is: "writing", fh };
     let at = HEADER_RESERVED;
     for (const c of held) {
-      await writeFully(this.fh, c, at);
+      await writeFully(fh, c, at);
       at += c.byteLength;
     }
-    return this.fh;
+    return fh;
   }
 
   get size(): number {
@@ -366,17 +366,18 @@ export class StagedMessage {
    */
   async content(): Promise<Uint8Array | ReadableStream<Uint8Array>> {
     await this.ready;
-    if (this.failed) throw new SpoolWriteError(`spool write failed: ${this.failed.message}`);
-    if (this.held) return this.held.length === 1 ? this.held[0]! : Buffer.concat(this.held);
+    if (this.phase.is === "failed") throw new SpoolWriteError(`spool write failed: ${this.phase.error.message}`);
+    if (this.phase.is === "held") return this.phase.chunks.length === 1 ? this.phase.chunks[0]! : Buffer.concat(this.phase.chunks);
     return Bun.file(this.path).slice(HEADER_RESERVED, HEADER_RESERVED + this.bytes).stream();
   }
 
   /** Durable from here on: only now may the sender be told 2xx. */
   async commit(meta: Omit<SpoolHeader, "id" | "size">): Promise<SpoolHeader> {
     await this.ready;
-    if (this.failed) {
+    if (this.phase.is === "failed") {
+      const { error } = this.phase;
       await this.discard();
-      throw new SpoolWriteError(`spool write failed: ${this.failed.message}`);
+      throw new SpoolWriteError(`spool write failed: ${error.message}`);
     }
     const header: SpoolHeader = { id: this.id, size: this.bytes, ...meta };
     try {
@@ -385,10 +386,10 @@ export class StagedMessage {
       await writeFully(fh, line, 0);
       await writeFully(fh, HEADER_END, HEADER_RESERVED - 1);
       await fh.sync();
-      this.closed = true;
+      this.phase = { is: "closed" };
       await fh.close();
       await this.spool.publish(this.path, this.id);
-      this.committed = true;
+      this.phase = { is: "committed" };
     } catch (e) {
       await this.discard();
       throw new SpoolWriteError(`spool write failed: ${(e as Error).message}`);
@@ -398,18 +399,30 @@ export class StagedMessage {
 
   /** Forgets the message (never acknowledged). After a commit there is nothing to discard. */
   async discard(): Promise<void> {
-    if (this.committed || this.discarded) return;
-    this.discarded = true;
     await this.ready;
-    this.held = null;
-    if (!this.fh) return; // never reached the disk
-    if (!this.closed) {
-      this.closed = true;
-      await this.fh.close().catch(() => {});
-    }
+    const was = this.phase;
+    if (was.is === "committed" || was.is === "discarded") return;
+    this.phase = { is: "discarded" };
+    const fh = was.is === "writing" || was.is === "failed" ? was.fh : null;
+    if (fh) await fh.close().catch(() => {});
+    // Nothing reached the disk while the message was held, or when tmp/<id> could not be opened.
+    if (was.is === "held" || (was.is === "failed" && !fh)) return;
     await rm(this.path, { force: true }).catch(() => {});
   }
 }
+
+/**
+ * Where a StagedMessage is: held in memory (the first HELD_BYTES), then written to tmp/<id>
+ * (the file open), "failed" once a write did not complete (only discard() is left), "closed"
+ * while commit() publishes the fsynced file, and at last committed or discarded.
+ */
+type Phase =
+  | { is: "held"; chunks: Uint8Array[] }
+  | { is: "writing"; fh: FileHandle }
+  | { is: "failed"; error: Error; fh: FileHandle | null }
+  | { is: "closed" }
+  | { is: "committed" }
+  | { is: "discarded" };
 
 /**
  * Writes all of `bytes` at `at`, or throws. On a full disk a write can take only part of what it
@@ -494,8 +507,12 @@ async function readAt(fh: FileHandle, position: number, length: number): Promise
 
 const startsWith = (bytes: Uint8Array, ascii: string) => bytes.byteLength >= ascii.length && Buffer.from(bytes.buffer, bytes.byteOffset, ascii.length).toString("latin1") === ascii;
 
-/** Reads and checks a spool file's header; every way it can be wrong is an Error saying which. */
-async function readHeader(path: string, id: string): Promise<{ header: SpoolHeader; offset: number }> {
+/**
+ * Reads and checks a spool file's header; every way it can be wrong is an Error saying which.
+ * `bodyAt`: where the message starts, which depends on the file's version (HEADER_RESERVED, or
+ * 32 KiB in a file an older host wrote).
+ */
+async function readHeader(path: string, id: string): Promise<{ header: SpoolHeader; bodyAt: number }> {
   const problem = await notAFile(path);
   if (problem) throw new Error(problem);
   const fh = await open(path, NO_FOLLOW);
@@ -526,7 +543,7 @@ async function readHeader(path: string, id: string): Promise<{ header: SpoolHead
     if (bad) throw new Error(`damaged header (${bad})`);
     const h = header as SpoolHeader;
     if (size !== reserved + h.size) throw new Error(`truncated: ${size - reserved} of ${h.size} bytes`);
-    return { header: h, offset: reserved };
+    return { header: h, bodyAt: reserved };
   } finally {
     await fh.close();
   }

@@ -155,7 +155,7 @@ describe("prepare()", () => {
     await half.write(awkwardBytes(2 * 1024 * 1024)); // large enough to be in tmp/ already
     // The process "dies" here: the staged file is never committed nor discarded (its descriptor
     // goes with the process; closed by hand here).
-    await (half as unknown as { fh: { close(): Promise<void> } }).fh.close();
+    await (half as unknown as { phase: { fh: { close(): Promise<void> } } }).phase.fh.close();
     writeFileSync(join(dir, "tmp", "0000000000junk"), "x");
 
     const again = new Spool(dir);
@@ -308,7 +308,7 @@ describe("an unwritable spool", () => {
     const staged = spool.stage();
     await staged.write(awkwardBytes(2 * 1024 * 1024)); // in tmp/ from here on
     // Close the file under the staged message: the next write fails (EBADF).
-    await (staged as unknown as { fh: { close(): Promise<void> } }).fh.close();
+    await (staged as unknown as { phase: { fh: { close(): Promise<void> } } }).phase.fh.close();
     await staged.write(awkwardBytes(100));
     const err = await staged.commit(meta()).catch((e) => e);
     expect(err).toBeInstanceOf(SpoolWriteError);
