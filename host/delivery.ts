@@ -21,7 +21,9 @@ import type { DeliveredLog } from "./delivered-log.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
-import { HELD_BYTES, SpoolWriteError, type Spool, type StagedMessage } from "./spool.ts";
+import { SpoolWriteError } from "./spool-file.ts";
+import type { Spool } from "./spool.ts";
+import { HELD_BYTES, type StagedMessage } from "./staged-message.ts";
 
 export interface HostDelivery {
   pool: LmtpPool;

@@ -11,7 +11,8 @@ import type { RecipientResult } from "../shared/contract.ts";
 import { stamped, type LogWriter } from "../shared/log.ts";
 import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
 import type { Metrics } from "./metrics.ts";
-import { FLUSH_REQUEST, freshState, type SpoolEntry, type SpoolHeader, type SpoolState, type Spool } from "./spool.ts";
+import { freshState, type SpoolHeader, type SpoolState } from "./spool-file.ts";
+import { FLUSH_REQUEST, type SpoolEntry, type Spool } from "./spool.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (

@@ -9,7 +9,8 @@ import { join } from "node:path";
 import type { RecipientResult } from "../shared/contract.ts";
 import { Metrics } from "../host/metrics.ts";
 import { QueueRunner, afterAttempt, backoffMs, expired, type SpoolDeliver } from "../host/queue-runner.ts";
-import { HEADER_RESERVED, Spool, type SpoolHeader, type SpoolState } from "../host/spool.ts";
+import { HEADER_RESERVED, type SpoolHeader, type SpoolState } from "../host/spool-file.ts";
+import { Spool } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

@@ -8,7 +8,9 @@ import { join } from "node:path";
 import fc from "fast-check";
 import { MAX_RECIPIENTS } from "../shared/contract.ts";
 import { peekHeaders } from "../host/message-headers.ts";
-import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, StagedMessage, type OpenFile, type SpoolHeader } from "../host/spool.ts";
+import { HEADER_RESERVED, SpoolWriteError, type SpoolHeader } from "../host/spool-file.ts";
+import { FLUSH_REQUEST, Spool } from "../host/spool.ts";
+import { StagedMessage, type OpenFile } from "../host/staged-message.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
 
