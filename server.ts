@@ -130,7 +130,8 @@ function startupProblem(e: unknown, config: ServerConfig): string | null {
   return null;
 }
 
-async function main(argv: string[]): Promise<number> {
+/** A command's exit code, or "serving": the server runs on until a signal stops it. */
+async function main(argv: string[]): Promise<number | "serving"> {
   if (argv[0] === "healthcheck") {
     const port = process.env.PORT || "8080";
     try {
@@ -181,10 +182,10 @@ async function main(argv: string[]): Promise<number> {
   };
   process.once("SIGTERM", () => void shutdown("SIGTERM"));
   process.once("SIGINT", () => void shutdown("SIGINT"));
-  return -1; // keep serving
+  return "serving";
 }
 
 if (import.meta.main) {
-  const code = await main(process.argv.slice(2));
-  if (code >= 0) process.exit(code);
+  const result = await main(process.argv.slice(2));
+  if (result !== "serving") process.exit(result);
 }

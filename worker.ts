@@ -202,7 +202,6 @@ export async function scheduled(controller: { scheduledTime: number }, env: Env)
  * line (RFC 5321: 512 octets with the code).
  */
 export function smtpReason(text: string): string {
-  // eslint-disable-next-line no-control-regex
   const line = text.replace(/[\x00-\x1f\x7f]+/g, " ").replace(/ {2,}/g, " ").trim();
   return (line || "550 5.0.0 message refused by the host").slice(0, 450);
 }

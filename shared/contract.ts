@@ -29,7 +29,6 @@ export const MAX_ENVELOPE_TO_BYTES = 8 * 1024;
 export function addressProblem(address: string): string | null {
   if (address.length === 0) return "is empty";
   if (address.length > 254) return `is ${address.length} characters long (at most 254)`;
-  // eslint-disable-next-line no-control-regex
   const bad = /[\x00-\x20\x7f<>,]/.exec(address);
   if (bad) return `contains a forbidden character (${JSON.stringify(bad[0])})`;
   const lone = loneSurrogateAt(address);
@@ -155,7 +154,6 @@ const HEADERS_HOLD_TEXT = (() => {
     return false;
   }
 })();
-// eslint-disable-next-line no-control-regex
 const ASCII = /^[\x00-\x7f]*$/;
 
 /** A received header value as text; null if its bytes are not UTF-8 (never U+FFFD instead). */
@@ -260,13 +258,8 @@ export function base64Problem(s: string): string | null {
 }
 
 /** "to: is required; from: ... contains a forbidden character" - zod's issues in one line. */
-export function describeIssues(error: z.ZodError, prefix = ""): string {
-  return error.issues
-    .map((i) => {
-      const path = i.path.length ? `${prefix}${i.path.map(String).join(".")}: ` : prefix ? `${prefix.replace(/\.$/, "")}: ` : "";
-      return path + i.message;
-    })
-    .join("; ");
+export function describeIssues(error: z.ZodError): string {
+  return error.issues.map((i) => (i.path.length ? `${i.path.map(String).join(".")}: ` : "") + i.message).join("; ");
 }
 
 // ---------------------------------------------------------------------------------------------

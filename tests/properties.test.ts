@@ -245,7 +245,6 @@ function wellFormed(s: string): boolean {
 /** The rules of the contract, restated: what an address that may go into MAIL FROM/RCPT TO is. */
 function refAddressOk(a: string): boolean {
   if (a.length < 1 || a.length > 254) return false;
-  // eslint-disable-next-line no-control-regex
   if (/[\x00-\x20\x7f<>,]/.test(a)) return false;
   if (!wellFormed(a)) return false;
   const at = a.lastIndexOf("@");

@@ -64,7 +64,6 @@ type Bytes = Uint8Array<ArrayBuffer>;
 function bytes(...parts: Part[]): Bytes {
   const arrays = parts.map((p) => {
     if (typeof p !== "string") return p instanceof Uint8Array ? p : new Uint8Array(p);
-    // eslint-disable-next-line no-control-regex
     if (/[^\x00-\x7f]/.test(p)) throw new Error(`bytes(): non-ASCII string ${JSON.stringify(p)}; pass the bytes`);
     return Buffer.from(p, "latin1");
   });
