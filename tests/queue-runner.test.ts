@@ -12,6 +12,7 @@ import { QueueRunner, afterAttempt, backoffMs, expired, type SpoolDeliver } from
 import { HEADER_RESERVED, type SpoolHeader, type SpoolState } from "../host/spool-file.ts";
 import { Spool } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
+import { until } from "./support/wait.ts";
 
 allowSlowTests();
 
@@ -64,14 +65,6 @@ function scripted(script: (call: Call, n: number) => Promise<RecipientResult[]> 
     return script(call, calls.length);
   };
   return { calls, deliver };
-}
-
-async function until(what: string, cond: () => boolean, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await Bun.sleep(10);
-  }
 }
 
 const queueFiles = () => readdirSync(join(dir, "queue")).sort();

@@ -19,7 +19,7 @@ allowSlowTests();
 const replies = (...codes: number[]) => codes.map((code) => ({ code }));
 
 describe("outcomeForStatus", () => {
-  // Every row of DESIGN.md's status table.
+  // Every row of the README's status table (The HTTP contract).
   test.each([
     [200, "accept"], // delivered
     [202, "accept"], // spooled, delivery later

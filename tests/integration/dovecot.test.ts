@@ -10,6 +10,7 @@ import { LmtpConnection } from "../../lmtp.ts";
 import type { LogLine } from "../../shared/log.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance, type PrependedField } from "../support/dovecot.ts";
+import { streamOf } from "../support/streams.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
 
 allowSlowTests();
@@ -168,19 +169,6 @@ async function waitForDovecotLog(ready: (text: string) => boolean): Promise<stri
 
 function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-
-/** A stream of `data` in chunks of `size` bytes (views, no copies). */
-function streamOf(data: Uint8Array, size: number): ReadableStream<Uint8Array> {
-  let off = 0;
-  return new ReadableStream<Uint8Array>({
-    pull(controller) {
-      if (off >= data.length) return controller.close();
-      const end = Math.min(off + size, data.length);
-      controller.enqueue(data.subarray(off, end));
-      off = end;
-    },
-  });
 }
 
 /** Runs the real curl binary; answers the HTTP status and the body. */
