@@ -5,6 +5,7 @@
 import { Hono, type Context } from "hono";
 import type { LogWriter } from "../shared/log.ts";
 import { apiKey } from "../shared/middleware/api-key.ts";
+import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
 import type { WorkerConfig } from "./config.ts";
 import type { DrainSummary } from "./drain.ts";
 import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
@@ -23,17 +24,11 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
   app.get("/edge/metrics", async (c) => {
     const l = await edgeListing(spool());
     const lines = [
-      "# HELP edge_spool_messages Messages held at the edge for the host.",
-      "# TYPE edge_spool_messages gauge",
-      `edge_spool_messages ${l.held}`,
-      "# HELP edge_spool_oldest_age_seconds Age of the oldest held message.",
-      "# TYPE edge_spool_oldest_age_seconds gauge",
-      `edge_spool_oldest_age_seconds ${l.oldest_held_age_seconds ?? 0}`,
-      "# HELP edge_spool_failed_messages Messages the edge gave up on (failed/).",
-      "# TYPE edge_spool_failed_messages gauge",
-      `edge_spool_failed_messages ${l.failed}`,
+      ...metric("edge_spool_messages", "gauge", "Messages held at the edge for the host.", l.held),
+      ...metric("edge_spool_oldest_age_seconds", "gauge", "Age of the oldest held message.", l.oldest_held_age_seconds ?? 0),
+      ...metric("edge_spool_failed_messages", "gauge", "Messages the edge gave up on (failed/).", l.failed),
     ];
-    return c.text(lines.join("\n") + "\n", 200, { "content-type": "text/plain; version=0.0.4" });
+    return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
   app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await flush()) }));
   app.post("/edge/retry/:id", async (c) => {

@@ -1,5 +1,6 @@
 // The operator's counters, in Prometheus' text format (GET /metrics).
 
+import { metric } from "../shared/prometheus.ts";
 import type { AnswerOutcome } from "../shared/replies.ts";
 
 const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
@@ -80,23 +81,13 @@ export class Metrics {
 
   render(): string {
     const out: string[] = [];
-    for (const name of Object.keys(HELP) as Counter[]) {
-      out.push(`# HELP relay_${name}_total ${HELP[name]}`, `# TYPE relay_${name}_total counter`, `relay_${name}_total ${this.get(name)}`);
-    }
+    for (const name of Object.keys(HELP) as Counter[]) out.push(...metric(`relay_${name}_total`, "counter", HELP[name], this.get(name)));
     const g = this.spool() ?? NO_SPOOL;
     out.push(
-      "# HELP relay_spool_messages Messages in the spool waiting for delivery.",
-      "# TYPE relay_spool_messages gauge",
-      `relay_spool_messages ${g.queued}`,
-      "# HELP relay_spool_failed_messages Messages in the spool's failed/ area.",
-      "# TYPE relay_spool_failed_messages gauge",
-      `relay_spool_failed_messages ${g.failed}`,
-      "# HELP relay_spool_unreadable_files Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).",
-      "# TYPE relay_spool_unreadable_files gauge",
-      `relay_spool_unreadable_files ${g.unreadable}`,
-      "# HELP relay_spool_oldest_age_seconds Age of the oldest message waiting in the spool (0 when empty).",
-      "# TYPE relay_spool_oldest_age_seconds gauge",
-      `relay_spool_oldest_age_seconds ${g.oldestAgeSeconds.toFixed(3)}`,
+      ...metric("relay_spool_messages", "gauge", "Messages in the spool waiting for delivery.", g.queued),
+      ...metric("relay_spool_failed_messages", "gauge", "Messages in the spool's failed/ area.", g.failed),
+      ...metric("relay_spool_unreadable_files", "gauge", "Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).", g.unreadable),
+      ...metric("relay_spool_oldest_age_seconds", "gauge", "Age of the oldest message waiting in the spool (0 when empty).", g.oldestAgeSeconds.toFixed(3)),
       "# HELP relay_delivery_seconds Duration of LMTP transactions.",
       "# TYPE relay_delivery_seconds histogram",
     );

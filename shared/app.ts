@@ -20,6 +20,7 @@ import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
 import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
+import { PROMETHEUS_CONTENT_TYPE } from "./prometheus.ts";
 import { answerForReplies, answerOutcome, type AnswerOutcome } from "./replies.ts";
 
 export interface InboundMessage {
@@ -123,7 +124,7 @@ export function createApp(opts: AppOptions) {
 
   if (opts.metrics) {
     const render = opts.metrics;
-    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": "text/plain; version=0.0.4" }));
+    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE }));
   }
 
   // Counted from the answer itself (refusals and errors included), whatever the log says.
