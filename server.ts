@@ -6,14 +6,14 @@
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
-import { createApp, maxJsonBytes } from "./shared/app.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
-import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { Metrics } from "./host/metrics.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
+import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
+import { createApp, maxJsonBytes } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 

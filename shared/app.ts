@@ -1,7 +1,7 @@
-// The one Hono app that both runtimes serve. It knows the HTTP contract (contract.ts) and nothing
-// of where messages go: the caller hands it a Deliverer (LMTP on the host, a streamed fetch to the
-// host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun, node or
-// cloudflare imports.
+// The one Hono app that both runtimes serve. It knows the HTTP contract (contract.ts, replies.ts)
+// and nothing of where messages go: the caller hands it a Deliverer (LMTP on the host, a streamed
+// fetch to the host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun,
+// node or cloudflare imports (tests/layout.test.ts checks).
 
 import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { requestId } from "hono/request-id";
