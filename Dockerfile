@@ -26,7 +26,8 @@ FROM ${BUN_IMAGE} AS build
 WORKDIR /src
 
 # Dependencies first, so that a change to the sources reuses this layer. --production: the bundler
-# needs the runtime dependencies only; wrangler, typescript and the test tools stay out.
+# needs the runtime dependencies only; wrangler, typescript and the test tools (smtp-server for the
+# fake LMTP server among them) stay out.
 COPY package.json bun.lock ./
 RUN bun install --frozen-lockfile --production --ignore-scripts
 

@@ -6,15 +6,16 @@
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
-import { createApp, maxJsonBytes } from "./app.ts";
-import { ConfigError, ServerEnv, fromEnv, type ServerConfig } from "./config.ts";
-import { openDeliveredLog, type DeliveredLog } from "./delivered-log.ts";
-import { deliverNowOrSpool, deliverSpooled, type HostDelivery } from "./delivery.ts";
+import { ServerEnv, type ServerConfig } from "./host/config.ts";
+import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
+import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
+import { Metrics } from "./host/metrics.ts";
+import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
+import { Spool } from "./host/spool.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
-import { Metrics } from "./metrics.ts";
-import { jsonLines, type LogWriter } from "./middleware/access-log.ts";
-import { QueueRunner, type QueueRunnerOptions } from "./queue-runner.ts";
-import { Spool } from "./spool.ts";
+import { createApp, maxJsonBytes } from "./shared/app.ts";
+import { ConfigError, fromEnv } from "./shared/config-env.ts";
+import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 
 export interface RunningServer {
   url: string;
@@ -32,11 +33,11 @@ export interface ServerOptions {
   queue?: QueueRunnerOptions;
 }
 
-const now = () => new Date().toISOString();
-
 export function startServer(config: ServerConfig, opts: ServerOptions = {}): RunningServer {
   const log = opts.log ?? jsonLines;
-  const metrics = new Metrics();
+  const event = stamped(log);
+  // The runner below is made with these metrics; they read its stats only when rendered.
+  const metrics = new Metrics(() => runner?.stats());
   const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
@@ -51,7 +52,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used as the spool: ${(e as Error).message}`);
     }
     // Half-written files were never acknowledged (the sender retries); say so, don't hide it.
-    for (const name of discarded) log({ time: now(), event: "spool_incomplete_discarded", file: name });
+    for (const name of discarded) event({ event: "spool_incomplete_discarded", file: name });
     metrics.inc("spool_incomplete_discarded", discarded.length);
   }
   const deliveredPath = config.spoolDir ? join(config.spoolDir, "delivered.sqlite") : null;
@@ -62,33 +63,28 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     delivered = openDeliveredLog(deliveredPath, {
       onError: (e, during) => {
         metrics.inc("delivered_log_errors");
-        log({ time: now(), event: "delivered_log_error", during, error: e.message });
+        event({ event: "delivered_log_error", during, error: e.message });
       },
     });
   } catch (e) {
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const host: HostDelivery = { pool, delivered, metrics, log, exactlyOnce: config.exactlyOnce ?? false };
-  const runner = spool ? new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) : null;
-  if (spool && runner) {
-    host.spool = { spool, runner };
-    metrics.spoolGauge = () => runner.stats();
-    runner.start().catch((e) => log({ time: now(), event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
-  }
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
+  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
+  const runner = queue?.runner ?? null;
+  runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
   const app = createApp({
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
-    deliver: deliverNowOrSpool(host),
+    deliver: queue ? deliverNowOrSpool(host, queue) : deliverNow(host),
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
     metrics: async () => (await runner?.scanned(), metrics.render()),
-    log: (line) => {
-      countAnswer(metrics, line);
-      log(line);
-    },
+    log,
+    onAnswer: (outcome) => metrics.countAnswer(outcome),
   });
   const server = Bun.serve({
     hostname: config.host,
@@ -100,7 +96,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  log({ time: now(), event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
 
   let stopping: Promise<void> | null = null;
   return {
@@ -122,17 +118,6 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   };
 }
 
-/** Counts each answered inbound request by what it meant for the message. */
-function countAnswer(metrics: Metrics, line: Record<string, unknown>): void {
-  if (line.path !== "/api/v1/inbound-mail" || line.method !== "POST" || line.status === 401) return;
-  metrics.inc("received");
-  const status = line.status as number;
-  if (line.outcome === "duplicate") metrics.inc("duplicates");
-  else if (status === 200) metrics.inc("delivered");
-  else if (status === 400 || status === 413 || status === 415 || status === 422) metrics.inc("rejected");
-  else if (status >= 500) metrics.inc("deferred");
-}
-
 // ---------------------------------------------------------------------------------------------
 
 /** The one line for a start-up failure caused by the configuration or the machine; null for a bug. */
@@ -145,7 +130,8 @@ function startupProblem(e: unknown, config: ServerConfig): string | null {
   return null;
 }
 
-async function main(argv: string[]): Promise<number> {
+/** A command's exit code, or "serving": the server runs on until a signal stops it. */
+async function main(argv: string[]): Promise<number | "serving"> {
   if (argv[0] === "healthcheck") {
     const port = process.env.PORT || "8080";
     try {
@@ -156,7 +142,7 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   if (argv[0] === "queue") {
-    const { queueCommand } = await import("./queue-cli.ts");
+    const { queueCommand } = await import("./host/queue-cli.ts");
     return queueCommand(process.env.SPOOL_DIR, argv.slice(1));
   }
   if (argv.length) {
@@ -181,24 +167,25 @@ async function main(argv: string[]): Promise<number> {
     console.error(line);
     return 2;
   }
+  const event = stamped(jsonLines);
   const shutdown = async (signal: string) => {
-    jsonLines({ time: now(), event: "shutdown", signal });
+    event({ event: "shutdown", signal });
     // Bounded: whatever has not answered by then was never acknowledged, and its sender retries.
     const limit = setTimeout(() => {
-      jsonLines({ time: now(), event: "shutdown_forced" });
+      event({ event: "shutdown_forced" });
       process.exit(1);
     }, 25_000);
     await running.stop();
     clearTimeout(limit);
-    jsonLines({ time: now(), event: "stopped" });
+    event({ event: "stopped" });
     process.exit(0);
   };
   process.once("SIGTERM", () => void shutdown("SIGTERM"));
   process.once("SIGINT", () => void shutdown("SIGINT"));
-  return -1; // keep serving
+  return "serving";
 }
 
 if (import.meta.main) {
-  const code = await main(process.argv.slice(2));
-  if (code >= 0) process.exit(code);
+  const result = await main(process.argv.slice(2));
+  if (result !== "serving") process.exit(result);
 }

@@ -8,7 +8,8 @@
 // The body comes from a generator, 64 KiB at a time: the bench never holds the message whole.
 
 import { RAW_HEADERS, post } from "./paths.ts";
-import { messageFactory, streamOf, streamedMessage } from "./messages.ts";
+import { streamOf } from "../tests/support/streams.ts";
+import { messageFactory, streamedMessage } from "./messages.ts";
 import { memStatus, resetHighWaterMark, rssSampler } from "./proc.ts";
 
 export interface MemoryResult {

@@ -159,33 +159,3 @@ export function* streamedMessage(tag: string, size: number, chunk = 64 * 1024): 
     left -= n;
   }
 }
-
-/** A ReadableStream over a generator (pull-based: one chunk per read, nothing buffered ahead). */
-export function streamOf(gen: Iterator<Uint8Array>): ReadableStream<Uint8Array> {
-  return new ReadableStream<Uint8Array>(
-    {
-      pull(controller) {
-        const r = gen.next();
-        if (r.done) controller.close();
-        else controller.enqueue(r.value);
-      },
-    },
-    { highWaterMark: 0 },
-  );
-}
-
-/** A stream over bytes already in memory, in `chunk`-byte views (no copies). */
-export function chunkedStream(bytes: Uint8Array, chunk = 64 * 1024): ReadableStream<Uint8Array> {
-  let off = 0;
-  return new ReadableStream<Uint8Array>(
-    {
-      pull(controller) {
-        if (off >= bytes.length) return controller.close();
-        const end = Math.min(off + chunk, bytes.length);
-        controller.enqueue(bytes.subarray(off, end));
-        off = end;
-      },
-    },
-    { highWaterMark: 0 },
-  );
-}

@@ -14,16 +14,16 @@ interface Profile {
 }
 
 const COMPONENTS: [name: string, test: (url: string, fn: string) => boolean][] = [
-  ["api key: middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
+  ["api key: shared/middleware/api-key.ts (SHA-256, constant-time compare)", (u) => u.endsWith("middleware/api-key.ts")],
   ["header peek: message-headers.ts (stream replay)", (u) => u.endsWith("/message-headers.ts")],
   ["duplicate log: bun:sqlite", (u) => u.startsWith("bun:sqlite") || u.endsWith("/delivered-log.ts")],
   ["validation: zod", (u) => u.includes("node_modules/zod/")],
-  ["access log + metrics", (u, f) => u.endsWith("middleware/access-log.ts") || u.endsWith("/metrics.ts") || (u.endsWith("/server.ts") && f === "log")],
+  ["access log + metrics", (u) => u.endsWith("middleware/access-log.ts") || u.endsWith("/shared/log.ts") || u.endsWith("/metrics.ts") || u.endsWith("/prometheus.ts")],
   ["LMTP client: lmtp.ts, lmtp/", (u) => u.endsWith("/lmtp.ts") || u.includes("/lmtp/")],
   ["delivery.ts", (u) => u.endsWith("/delivery.ts")],
-  ["app.ts / contract.ts / body-limit.ts", (u) => /\/(app|contract|body-limit)\.ts$/.test(u)],
+  ["app.ts / contract.ts / replies.ts / body-limit.ts", (u) => /\/(app|contract|replies|body-limit)\.ts$/.test(u)],
   ["hono (router, context, request)", (u) => u.includes("node_modules/hono/")],
-  ["server.ts / config", (u) => /\/(server|config)\.ts$/.test(u)],
+  ["server.ts / config", (u) => /\/(server|config|config-env)\.ts$/.test(u)],
   ["bench/bare-relay.ts", (u) => u.endsWith("bench/bare-relay.ts")],
 ];
 

@@ -15,6 +15,7 @@ import { OUT_DIR, spawnServer } from "./server-child.ts";
 import { join } from "node:path";
 import { rmSync } from "node:fs";
 import { stalledUpload, statusOf, type StalledUpload } from "../tests/support/stalled-upload.ts";
+import { until } from "../tests/support/wait.ts";
 
 const n = Number(process.argv[2]) || 500;
 const concurrency = Number(process.argv[3]) || 4;
@@ -50,7 +51,7 @@ try {
         const sent = new TextEncoder().encode(`Message-ID: <stalled-${label}-${slot}-${crypto.randomUUID()}@bench>\r\nSubject: stalled\r\n\r\n${"x".repeat(500)}`).subarray(0, 500);
         const u = await stalledUpload({ url: server.url, path: INBOUND, headers, sent, length: 10 * 1024 });
         open.add(u);
-        const answer = await Promise.race([u.answer, until(() => stopping)]);
+        const answer = await Promise.race([u.answer, until("the normal deliveries are done", () => stopping, Infinity, 50).then(() => null)]);
         open.delete(u);
         u.close();
         if (typeof answer === "string") {
@@ -97,9 +98,4 @@ try {
 } finally {
   await backend.dispose();
   rmSync(spoolDir, { recursive: true, force: true });
-}
-
-async function until(cond: () => boolean): Promise<null> {
-  while (!cond()) await Bun.sleep(50);
-  return null;
 }

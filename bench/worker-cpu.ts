@@ -6,7 +6,8 @@
 
 import { email, type IncomingEmail } from "../worker.ts";
 import { median } from "./load.ts";
-import { RECIPIENT, SENDER, chunkedStream, messageFactory } from "./messages.ts";
+import { streamOf } from "../tests/support/streams.ts";
+import { RECIPIENT, SENDER, messageFactory } from "./messages.ts";
 import { runbookWorker } from "./runbook-worker.ts";
 import { spawnSink } from "./server-child.ts";
 
@@ -45,7 +46,7 @@ function fakeMessage(bytes: Uint8Array, subject: string, messageId: string): Fak
     from: SENDER,
     to: RECIPIENT,
     headers: new Headers({ subject, "message-id": messageId, from: SENDER, to: RECIPIENT }),
-    raw: chunkedStream(bytes, 64 * 1024),
+    raw: streamOf(bytes, 64 * 1024),
     rawSize: bytes.length,
     rejected: null,
     setReject(reason: string) {
@@ -91,7 +92,7 @@ export async function workerCpu(iterations: readonly number[], progress: (line: 
           if (which === "streamed") await email(msg, env);
           else if (which === "runbook") await runbookWorker.email(msg, env);
           else {
-            const body = which === "floor" ? bytes : chunkedStream(bytes);
+            const body = which === "floor" ? bytes : streamOf(bytes, 64 * 1024);
             // @ts-expect-error - duplex: Bun needs it for a stream body
             const res = await fetch(env.DELL_API_ENDPOINT, { method: "POST", headers: { "content-type": "message/rfc822", "content-length": String(bytes.byteLength) }, body, duplex: "half" });
             await res.json();

@@ -3,7 +3,7 @@
 // bucket so it does not tee) delivers it from there, and the copy is deleted after the host's
 // answer. Measured beside worker.ts so that the README's choice stays reproducible.
 
-import { newId, sized, type R2BucketLike } from "../edge-spool.ts";
+import { newId, sized, type R2BucketLike } from "../edge/spool.ts";
 import { email, type IncomingEmail, type WaitUntil } from "../worker.ts";
 
 type Env = Record<string, unknown>;

@@ -1,7 +1,7 @@
 // What the LMTP server says: its bytes parsed into replies (ReplyParser), a reply as one line
 // (formatReply), and whether a reply accepts (the contract's reply-code rule, replyClass).
 
-import { replyClass } from "../contract.ts";
+import { replyClass } from "../shared/replies.ts";
 import { LmtpFault } from "./faults.ts";
 
 /** One server reply, possibly multi-line. `text` is every line's text (after code and separator) joined by "\n". */

@@ -4,8 +4,9 @@
 
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join, relative } from "node:path";
-import { ServerEnv, fromEnv } from "../config.ts";
-import { INBOUND_PATH } from "../contract.ts";
+import { ServerEnv } from "../host/config.ts";
+import { fromEnv } from "../shared/config-env.ts";
+import { INBOUND_PATH } from "../shared/contract.ts";
 import { startFakeLmtp } from "../fake-lmtp.ts";
 import { startServer } from "../server.ts";
 import { newApiKey } from "./keygen.ts";

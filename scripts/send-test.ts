@@ -15,7 +15,7 @@
 import { existsSync, readFileSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { headerValue } from "../contract.ts";
+import { headerValue } from "../shared/contract.ts";
 
 const INBOUND_PATH = "/api/v1/inbound-mail";
 

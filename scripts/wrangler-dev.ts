@@ -110,7 +110,6 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
   };
   void collect(proc.stdout);
   void collect(proc.stderr);
-  // eslint-disable-next-line no-control-regex
   const output = () => out.replace(/\x1b\[[0-9;]*m/g, "");
 
   let stopped = false;

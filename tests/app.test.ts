@@ -1,17 +1,22 @@
 // The HTTP contract end to end: a real Bun.serve (startServer) in front of the scriptable fake
-// LMTP server, one test per row of DESIGN.md's status table and per way a request can go wrong.
+// LMTP server, one test per row of the README's status table (The HTTP contract) and per way a
+// request can go wrong.
 // A 500 needs a deliverer that throws, so that one uses createApp directly.
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../app.ts";
-import { ServerEnv, fromEnv } from "../config.ts";
-import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, outcomeForStatus, type InboundResponse } from "../contract.ts";
+import { TemporaryFailure, createApp, maxJsonBytes, type Deliverer } from "../shared/app.ts";
+import { ServerEnv } from "../host/config.ts";
+import { fromEnv } from "../shared/config-env.ts";
+import { INBOUND_PATH, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, type InboundResponse } from "../shared/contract.ts";
+import { outcomeForStatus } from "../shared/replies.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
-import type { LogLine } from "../middleware/access-log.ts";
+import type { LogLine } from "../shared/log.ts";
 import { startServer, type RunningServer } from "../server.ts";
+import { freePort } from "../scripts/free-port.ts";
+import { streamOf } from "./support/streams.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -120,16 +125,6 @@ function crlf(input: Uint8Array): Uint8Array {
   return Uint8Array.from(out);
 }
 
-function streamOf(chunks: Uint8Array[]): ReadableStream<Uint8Array> {
-  let i = 0;
-  return new ReadableStream({
-    pull(controller) {
-      if (i < chunks.length) controller.enqueue(chunks[i++]!);
-      else controller.close();
-    },
-  });
-}
-
 /** The access-log lines for the inbound route. */
 const inboundLines = () => logs.filter((l) => l.path === INBOUND_PATH);
 
@@ -167,14 +162,6 @@ function rawHttp(port: number, head: string | Uint8Array): Promise<{ status: num
       },
     }).catch(reject);
   });
-}
-
-/** A port on 127.0.0.1 with nothing listening. */
-function deadPort(): number {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,7 +642,7 @@ describe("503 temporary failure, with Retry-After", () => {
     });
 
     test("a port with nothing listening", async () => {
-      const s = startFor(deadPort());
+      const s = startFor(await freePort());
       try {
         const a = await rfc822({ from: "a@example.org", to: "user@example.com" }, MESSAGE, {}, s.url);
         expectRetryAfter(a);
@@ -777,7 +764,7 @@ describe("health and readiness", () => {
   }
 
   test("with LMTP down: /ready and /health?deep=1 -> 503 without the error text; with the key, the error; /health stays 200", async () => {
-    const port = deadPort();
+    const port = await freePort();
     const s = startFor(port);
     try {
       for (const path of ["/ready", "/health?deep=1"]) {

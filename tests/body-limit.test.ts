@@ -2,7 +2,7 @@
 // BodyStalled; a slow but moving client, or a consumer that is busy elsewhere, does not.
 
 import { describe, expect, test } from "bun:test";
-import { BodyStalled, idleLimited } from "../body-limit.ts";
+import { BodyStalled, idleLimited } from "../shared/body-limit.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

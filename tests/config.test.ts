@@ -2,8 +2,9 @@
 
 import { describe, expect, test } from "bun:test";
 import path from "node:path";
-import { ConfigError, MIN_KEY_LENGTH, ServerEnv, fromEnv } from "../config.ts";
-import { DEFAULT_MAX_MESSAGE_BYTES } from "../contract.ts";
+import { ServerEnv } from "../host/config.ts";
+import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "../shared/config-env.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

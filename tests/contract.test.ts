@@ -1,8 +1,7 @@
-// The contract's pure parts: what each HTTP status means to the sender, which status a set of LMTP
-// replies gives, and what the envelope and JSON schemas accept.
+// The contract's pure parts: what the envelope and JSON schemas accept.
 
 import { describe, expect, test } from "bun:test";
-import { maxJsonBytes } from "../app.ts";
+import { maxJsonBytes } from "../shared/app.ts";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
   EnvelopeHeaders,
@@ -17,99 +16,10 @@ import {
   headerValue,
   loneSurrogateAt,
   mailboxKey,
-  outcomeForStatus,
-  replyClass,
-  statusForReplies,
-} from "../contract.ts";
+} from "../shared/contract.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
-
-const replies = (...codes: number[]) => codes.map((code) => ({ code }));
-
-describe("outcomeForStatus", () => {
-  // Every row of DESIGN.md's status table.
-  test.each([
-    [200, "accept"], // delivered
-    [202, "accept"], // spooled, delivery later
-    [400, "reject"], // malformed request, bad envelope
-    [401, "retry"], // a key mix-up must never bounce mail
-    [413, "reject"], // too large
-    [415, "reject"], // wrong content type
-    [422, "reject"], // LMTP permanent failure
-    [503, "retry"], // LMTP temporary failure, down, timeout
-    [500, "retry"], // anything unexpected
-  ] as const)("status %d -> %s", (status, outcome) => {
-    expect(outcomeForStatus(status)).toBe(outcome);
-  });
-
-  test.each([403, 404, 405, 408, 429, 502, 504, 301, 100])("unknown status %d is retried, never bounced", (status) => {
-    expect(outcomeForStatus(status)).toBe("retry");
-  });
-});
-
-describe("replyClass", () => {
-  test.each([200, 220, 221, 250, 251, 252, 299])("%d is accepted", (code) => {
-    expect(replyClass(code)).toBe("accepted");
-  });
-
-  test.each([500, 550, 552, 553, 554, 599])("%d is permanent", (code) => {
-    expect(replyClass(code)).toBe("permanent");
-  });
-
-  // 4xx, and anything no step should answer: a retry can be undone (duplicate check), a bounce cannot.
-  test.each([421, 450, 451, 452, 100, 199, 300, 334, 354, 399, 600, 999, 0, -250, 250.5, NaN])("%d is temporary", (code) => {
-    expect(replyClass(code)).toBe("temporary");
-  });
-});
-
-describe("statusForReplies", () => {
-  test("every recipient 250 -> 200", () => {
-    expect(statusForReplies(replies(250))).toBe(200);
-    expect(statusForReplies(replies(250, 250, 250))).toBe(200);
-  });
-
-  test("251 and 252 are deliveries like 250", () => {
-    expect(statusForReplies(replies(251))).toBe(200);
-    expect(statusForReplies(replies(250, 251, 252))).toBe(200);
-    expect(statusForReplies(replies(252, 550))).toBe(422);
-  });
-
-  test("a 3xx or 1xx is never a delivery nor a refusal -> 503", () => {
-    expect(statusForReplies(replies(334))).toBe(503);
-    expect(statusForReplies(replies(250, 199))).toBe(503);
-    expect(statusForReplies(replies(550, 354))).toBe(503);
-  });
-
-  test("a code past 5xx is not taken as a refusal -> 503", () => {
-    expect(statusForReplies(replies(600))).toBe(503);
-  });
-
-  test("only permanent refusals -> 422", () => {
-    expect(statusForReplies(replies(550))).toBe(422);
-    expect(statusForReplies(replies(552, 550))).toBe(422);
-  });
-
-  test("deliveries mixed with permanent refusals -> 422 (the refused ones bounce)", () => {
-    expect(statusForReplies(replies(250, 550))).toBe(422);
-    expect(statusForReplies(replies(550, 250, 250))).toBe(422);
-  });
-
-  test("any temporary failure -> 503, whatever the others got", () => {
-    expect(statusForReplies(replies(450))).toBe(503);
-    expect(statusForReplies(replies(250, 452))).toBe(503);
-    expect(statusForReplies(replies(550, 451))).toBe(503);
-    expect(statusForReplies(replies(250, 550, 421))).toBe(503);
-  });
-
-  test("a reply that is neither success nor failure (e.g. 354) is not a delivery -> 503", () => {
-    expect(statusForReplies(replies(354))).toBe(503);
-  });
-
-  test("no replies at all confirm nothing -> 503, not 200", () => {
-    expect(statusForReplies([])).toBe(503);
-  });
-});
 
 describe("addressProblem", () => {
   test("accepts ordinary and UTF-8 addresses", () => {

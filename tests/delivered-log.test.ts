@@ -8,7 +8,7 @@ import { Database } from "bun:sqlite";
 import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { openDeliveredLog } from "../delivered-log.ts";
+import { openDeliveredLog } from "../host/delivered-log.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

@@ -6,15 +6,19 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } fr
 import { closeSync, mkdirSync, openSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../contract.ts";
+import { INBOUND_PATH } from "../shared/contract.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import type { LmtpPoolOptions } from "../lmtp.ts";
-import type { LogLine } from "../middleware/access-log.ts";
-import type { QueueRunnerOptions } from "../queue-runner.ts";
+import type { LogLine } from "../shared/log.ts";
+import type { QueueRunnerOptions } from "../host/queue-runner.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { Spool } from "../spool.ts";
+import { Spool } from "../host/spool.ts";
+import { freePort } from "../scripts/free-port.ts";
+import { startScripted } from "./support/scripted-lmtp.ts";
 import { jsonOf, stalledUpload, statusOf, type StalledUpload } from "./support/stalled-upload.ts";
+import { streamOf } from "./support/streams.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+import { until } from "./support/wait.ts";
 
 allowSlowTests();
 
@@ -103,18 +107,6 @@ function bigMessage(id: string, size: number): Uint8Array<ArrayBuffer> {
   return out;
 }
 
-function streamOf(bytes: Uint8Array, chunk: number): ReadableStream<Uint8Array> {
-  let at = 0;
-  return new ReadableStream({
-    pull(controller) {
-      if (at >= bytes.length) return controller.close();
-      const n = Math.min(chunk + (at % 3) * 1000, bytes.length - at); // uneven chunks
-      controller.enqueue(bytes.slice(at, at + n));
-      at += n;
-    },
-  });
-}
-
 interface Answer {
   status: number;
   headers: Headers;
@@ -141,28 +133,16 @@ async function metrics(h: Host): Promise<Record<string, number>> {
   return out;
 }
 
-async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await Bun.sleep(20);
-  }
-}
-
 const files = (h: Host, sub: string) => readdirSync(join(h.dir!, sub)).filter((n) => !n.endsWith(".state"));
 
 async function spooledBody(h: Host, id: string): Promise<Uint8Array> {
   return new Uint8Array(await new Response(await h.spool!.body(id)).arrayBuffer());
 }
 
-const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.from(a).equals(Buffer.from(b));
+/** Chunk sizes that vary with the offset (`chunk` to `chunk` + 2000 bytes). */
+const uneven = (chunk: number) => (at: number) => chunk + (at % 3) * 1000;
 
-function deadPort(): number {
-  const l = Bun.listen({ hostname: "127.0.0.1", port: 0, socket: { data() {} } });
-  const port = l.port;
-  l.stop(true);
-  return port;
-}
+const same = (a: Uint8Array, b: Uint8Array) => a.length === b.length && Buffer.from(a).equals(Buffer.from(b));
 
 describe("temporary failure with a spool: 202, then delivered by the background deliverer", () => {
   test("450 at RCPT: 202 queued, the message in queue/; LMTP answers 250 again: delivered byte-exact, spool empty", async () => {
@@ -199,7 +179,7 @@ describe("temporary failure with a spool: 202, then delivered by the background 
     const sender = "jürgen@exämple.org";
     const utf8 = (h: Host, sent: Uint8Array<ArrayBuffer>) => post(h, sent, USER, { "X-Envelope-From": Buffer.from(sender, "utf8").toString("latin1") });
 
-    const unseen = await host({ lmtpPort: deadPort() });
+    const unseen = await host({ lmtpPort: await freePort() });
     const refused = await utf8(unseen, message("utf8-unseen"));
     expect(refused.status).toBe(503);
     expect(refused.body.message).toContain("not spooled: the envelope has a non-ASCII address");
@@ -249,10 +229,10 @@ describe("temporary failure with a spool: 202, then delivered by the background 
   });
 
   test("LMTP down: 202 and spooled; LMTP back: delivered", async () => {
-    const port = deadPort();
+    const port = await freePort();
     const h = await host({ lmtpPort: port });
     const sent = bigMessage("down", 300_000);
-    const a = await post(h, streamOf(sent, 16_384));
+    const a = await post(h, streamOf(sent, uneven(16_384)));
     expect(a.status).toBe(202);
     const [entry] = await h.spool!.list();
     expect(same(await spooledBody(h, entry!.header.id), sent)).toBe(true);
@@ -283,7 +263,7 @@ describe("temporary failure with a spool: 202, then delivered by the background 
   });
 
   for (const [label, mkBody] of [
-    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, 20_000)],
+    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, uneven(20_000))],
     ["in one piece, with Content-Length", (b: Uint8Array<ArrayBuffer>) => b],
   ] as const) {
     test(`connection dropped mid-DATA (${label}): 202, and the spooled body is complete and byte-exact`, async () => {
@@ -312,61 +292,24 @@ describe("temporary failure with a spool: 202, then delivered by the background 
  * stopped while it saves; it had saved the message), or at RCPT.
  */
 function scriptedLmtp(script: { mail?: string; rcpt: string; afterDot: string }) {
-  const messages: string[] = [];
-  type State = { buf: string; data: string | null; accepted: number };
-  const server = Bun.listen<State>({
-    hostname: "127.0.0.1",
-    port: 0,
-    socket: {
-      open(s) {
-        s.data = { buf: "", data: null, accepted: 0 };
-        s.write("220 scripted LMTP ready\r\n");
-      },
-      data(s, chunk) {
-        const st = s.data;
-        st.buf += Buffer.from(chunk).toString("latin1");
-        let nl: number;
-        while ((nl = st.buf.indexOf("\r\n")) !== -1) {
-          const line = st.buf.slice(0, nl);
-          st.buf = st.buf.slice(nl + 2);
-          if (st.data !== null) {
-            if (line !== ".") {
-              st.data += (line.startsWith(".") ? line.slice(1) : line) + "\r\n";
-              continue;
-            }
-            messages.push(st.data); // "saved"
-            st.data = null;
-            s.write(script.afterDot + "\r\n");
-            if (script.afterDot.startsWith("421")) s.end();
-            continue;
-          }
-          const verb = line.split(" ")[0]!.toUpperCase();
-          if (verb === "LHLO") s.write("250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n");
-          else if (verb === "MAIL") s.write((script.mail ?? "250 2.1.0 OK") + "\r\n");
-          else if (verb === "RSET" || verb === "NOOP") s.write("250 2.0.0 OK\r\n");
-          else if (verb === "RCPT") {
-            s.write(script.rcpt + "\r\n");
-            if (script.rcpt.startsWith("2")) st.accepted++;
-            else if (script.rcpt.startsWith("421")) s.end();
-          } else if (verb === "DATA") {
-            if (st.accepted > 0) {
-              st.data = "";
-              s.write("354 go ahead\r\n");
-            } else s.write("503 5.5.1 No valid recipients\r\n");
-          } else if (verb === "QUIT") {
-            s.write("221 2.0.0 bye\r\n");
-            s.end();
-          } else s.write("500 5.5.2 what\r\n");
-        }
-      },
-    },
+  const ends = (reply: string) => (reply.startsWith("421") ? "end" : undefined);
+  return startScripted("220 scripted LMTP ready\r\n", (line) => {
+    if (line === ".") return { text: script.afterDot + "\r\n", then: ends(script.afterDot) }; // "saved"
+    const verb = line.split(" ")[0]!.toUpperCase();
+    if (verb === "LHLO") return "250-scripted\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n";
+    if (verb === "MAIL") return (script.mail ?? "250 2.1.0 OK") + "\r\n";
+    if (verb === "RSET" || verb === "NOOP") return "250 2.0.0 OK\r\n";
+    if (verb === "RCPT") return { text: script.rcpt + "\r\n", then: ends(script.rcpt) };
+    // Every recipient gets the same reply: DATA goes on only if it accepted them.
+    if (verb === "DATA") return script.rcpt.startsWith("2") ? "354 go ahead\r\n" : "503 5.5.1 No valid recipients\r\n";
+    if (verb === "QUIT") return { text: "221 2.0.0 bye\r\n", then: "end" };
+    return "500 5.5.2 what\r\n";
   });
-  return { port: server.port, messages, stop: () => server.stop(true) };
 }
 
 describe("outcomes that are not known", () => {
   test("421 after the final dot (Dovecot stopping while it saves): 202, and counted as an unknown outcome", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    const lmtp = await scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
     try {
       const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
       const sent = message("421-after-dot");
@@ -379,12 +322,12 @@ describe("outcomes that are not known", () => {
       expect(m.relay_unknown_outcome_total).toBe(1);
       expect(m.relay_queued_total).toBe(1);
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 
   test("421 at RCPT (nothing sent yet): 202, and not an unknown outcome", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "421 4.3.2 vm Shutting down", afterDot: "250 2.0.0 Saved" });
+    const lmtp = await scriptedLmtp({ rcpt: "421 4.3.2 vm Shutting down", afterDot: "250 2.0.0 Saved" });
     try {
       const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
       const a = await post(h, message("421-at-rcpt"));
@@ -392,12 +335,12 @@ describe("outcomes that are not known", () => {
       expect(lmtp.messages.length).toBe(0);
       expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 
   test("421 after the final dot to a message sent as JSON (in memory, not streamed): counted too", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    const lmtp = await scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
     try {
       const h = await host({ lmtpPort: lmtp.port, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
       const r = await fetch(h.server.url + INBOUND_PATH, {
@@ -410,14 +353,14 @@ describe("outcomes that are not known", () => {
       const [entry] = await h.spool!.list();
       expect(new TextDecoder().decode(await spooledBody(h, entry!.header.id))).toBe("Subject: json\r\n\r\nbody\r\n");
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 
   test("421 after the final dot on a retry from the spool is counted as well", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
+    const lmtp = await scriptedLmtp({ rcpt: "250 2.1.5 OK", afterDot: "421 4.3.2 vm Shutting down" });
     try {
-      const h = await host({ lmtpPort: deadPort(), queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      const h = await host({ lmtpPort: await freePort(), queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
       expect((await post(h, message("421-retry"))).status).toBe(202);
       expect((await metrics(h)).relay_unknown_outcome_total).toBe(0);
       // Point the deliverer at the scripted server by restarting on the same spool.
@@ -427,7 +370,7 @@ describe("outcomes that are not known", () => {
       await until("counted", async () => (await metrics(again)).relay_unknown_outcome_total === 1);
       expect(again.server.runner!.size).toBe(1); // still queued: retried later, a duplicate rather than a loss
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 });
@@ -492,7 +435,7 @@ describe("time limits: the final dot never goes out late, and after it the outco
 
 describe("2xx replies other than 250", () => {
   test("251 to MAIL and to RCPT: the message is sent, and the answer is 200 success", async () => {
-    const lmtp = scriptedLmtp({ mail: "251 2.1.0 OK", rcpt: "251 2.1.5 User not local; will forward", afterDot: "250 2.0.0 Saved" });
+    const lmtp = await scriptedLmtp({ mail: "251 2.1.0 OK", rcpt: "251 2.1.5 User not local; will forward", afterDot: "250 2.0.0 Saved" });
     try {
       const h = await host({ spool: false, lmtpPort: lmtp.port });
       const sent = message("two-fifty-one");
@@ -502,24 +445,24 @@ describe("2xx replies other than 250", () => {
       expect(a.body.recipients!.map((r) => r.reply)).toEqual(["250 2.0.0 Saved"]);
       expect(lmtp.messages).toEqual([new TextDecoder().decode(sent)]);
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 
   test("252 to RCPT and 252 after the dot: delivered, 200", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "252 2.1.5 Cannot VRFY user, but will attempt", afterDot: "252 2.0.0 will attempt" });
+    const lmtp = await scriptedLmtp({ rcpt: "252 2.1.5 Cannot VRFY user, but will attempt", afterDot: "252 2.0.0 will attempt" });
     try {
       const h = await host({ spool: false, lmtpPort: lmtp.port });
       const a = await post(h, message("two-fifty-two"));
       expect(a.status).toBe(200);
       expect(lmtp.messages.length).toBe(1);
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 
   test("a 3xx to RCPT is never a success: 503 without a spool, queued with one, and nothing sent", async () => {
-    const lmtp = scriptedLmtp({ rcpt: "334 what?", afterDot: "250 2.0.0 Saved" });
+    const lmtp = await scriptedLmtp({ rcpt: "334 what?", afterDot: "250 2.0.0 Saved" });
     try {
       const bare = await host({ spool: false, lmtpPort: lmtp.port });
       const a = await post(bare, message("three-xx"));
@@ -529,14 +472,14 @@ describe("2xx replies other than 250", () => {
       expect((await post(spooled, message("three-xx-spool"))).status).toBe(202);
       expect(lmtp.messages).toEqual([]);
     } finally {
-      lmtp.stop();
+      await lmtp.close();
     }
   });
 });
 
 describe("nothing acknowledged that is not safe", () => {
   test("spool unwritable and LMTP down: 503 with Retry-After, nothing in the spool, the write error counted", async () => {
-    const h = await host({ lmtpPort: deadPort() });
+    const h = await host({ lmtpPort: await freePort() });
     rmSync(join(h.dir!, "tmp"), { recursive: true });
     writeFileSync(join(h.dir!, "tmp"), "a file where the directory should be");
     const a = await post(h, message("unwritable"));
@@ -571,7 +514,7 @@ describe("nothing acknowledged that is not safe", () => {
   });
 
   test("without a spool, LMTP down: 503 with Retry-After", async () => {
-    const h = await host({ spool: false, lmtpPort: deadPort() });
+    const h = await host({ spool: false, lmtpPort: await freePort() });
     const a = await post(h, message("nospool"));
     expect(a.status).toBe(503);
     expect(a.headers.get("retry-after")).toBeTruthy();
@@ -588,15 +531,15 @@ describe("nothing acknowledged that is not safe", () => {
   });
 
   test("too large, streamed without Content-Length, while LMTP is down: 413 and nothing spooled", async () => {
-    const h = await host({ lmtpPort: deadPort() });
-    const a = await post(h, streamOf(bigMessage("huge", 9 * 1024 * 1024), 65_536));
+    const h = await host({ lmtpPort: await freePort() });
+    const a = await post(h, streamOf(bigMessage("huge", 9 * 1024 * 1024), uneven(65_536)));
     expect(a.status).toBe(413);
     expect(readdirSync(join(h.dir!, "queue"))).toEqual([]);
     expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
   });
 
   test("the client goes away mid-body while LMTP is down: nothing spooled, nothing left in tmp/", async () => {
-    const h = await host({ lmtpPort: deadPort() });
+    const h = await host({ lmtpPort: await freePort() });
     const ac = new AbortController();
     let sent = 0;
     const body = new ReadableStream<Uint8Array>({
@@ -653,7 +596,7 @@ describe("duplicates", () => {
   });
 
   for (const [label, mkBody] of [
-    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, 7)],
+    ["streamed, no Content-Length", (b: Uint8Array<ArrayBuffer>) => streamOf(b, uneven(7))],
     ["with Content-Length", (b: Uint8Array<ArrayBuffer>) => b],
   ] as const) {
     test(`two different messages with the same Message-ID and the same size (${label}): both delivered, neither is a duplicate`, async () => {
@@ -668,7 +611,7 @@ describe("duplicates", () => {
       expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1"))).toEqual([first, second].map((m) => Buffer.from(m).toString("latin1")));
       // The same bytes again, either way they are sent: a duplicate.
       expect((await post(h, mkBody(second))).body.status).toBe("duplicate");
-      expect((await post(h, streamOf(first, 100))).body.status).toBe("duplicate");
+      expect((await post(h, streamOf(first, uneven(100)))).body.status).toBe("duplicate");
       expect(fake.received.length).toBe(2);
     });
   }
@@ -677,7 +620,7 @@ describe("duplicates", () => {
     const h = await host();
     fake.behaviour.rcpt = () => 450;
     const sent = message("spooled-digest");
-    expect((await post(h, streamOf(sent, 10))).status).toBe(202);
+    expect((await post(h, streamOf(sent, uneven(10)))).status).toBe(202);
     const [entry] = await h.spool!.list();
     expect(entry!.header.sha256).toBe(new Bun.CryptoHasher("sha256").update(sent).digest("hex"));
     fake.behaviour.rcpt = () => 250;
@@ -856,7 +799,7 @@ describe("a slow or stalled client costs only itself", () => {
   test("with a spool, a message past the MiB held in memory is received into tmp/ and delivered from there, byte-exact; nothing is left", async () => {
     const h = await host();
     const sent = bigMessage("big-from-tmp", 3 * 1024 * 1024 + 5);
-    const a = await post(h, streamOf(sent, 50_000));
+    const a = await post(h, streamOf(sent, uneven(50_000)));
     expect(a.status).toBe(200);
     expect(same(fake.received[0]!.data, sent)).toBe(true);
     expect(readdirSync(join(h.dir!, "tmp"))).toEqual([]);
@@ -867,7 +810,7 @@ describe("a slow or stalled client costs only itself", () => {
     const h = await host();
     rmSync(join(h.dir!, "tmp"), { recursive: true });
     writeFileSync(join(h.dir!, "tmp"), "x");
-    const a = await post(h, streamOf(bigMessage("big-no-tmp", 2 * 1024 * 1024), 50_000));
+    const a = await post(h, streamOf(bigMessage("big-no-tmp", 2 * 1024 * 1024), uneven(50_000)));
     expect(a.status).toBe(503);
     expect(a.headers.get("retry-after")).toBeTruthy();
     expect(String(a.body.message)).toContain("spool");

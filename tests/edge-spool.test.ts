@@ -5,12 +5,13 @@
 
 import { afterAll, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
-import { backoffMs, drain, LOCK_LEASE_MS, MAX_CALLS, type DrainOptions, type SendResult } from "../edge-drain.ts";
-import { headerBlock, summarizeHeaders } from "../edge-notice.ts";
-import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge-spool.ts";
+import { backoffMs, drain, LOCK_LEASE_MS, MAX_CALLS, type DrainOptions, type SendResult } from "../edge/drain.ts";
+import { headerBlock, summarizeHeaders } from "../edge/notice.ts";
+import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge/spool.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { email, runDrain, scheduled, workerConfig, type IncomingEmail } from "../worker.ts";
+import { workerConfig } from "../edge/config.ts";
+import { email, runDrain, scheduled, type IncomingEmail } from "../worker.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 

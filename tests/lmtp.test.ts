@@ -9,7 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { replyClass } from "../contract.ts";
+import { replyClass } from "../shared/replies.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import {
   BodyAborted,
@@ -27,7 +27,12 @@ import {
   type LmtpTimeouts,
   type RecipientReply,
 } from "../lmtp.ts";
+import { freePort } from "../scripts/free-port.ts";
+import { startScripted, type Scripted, type ScriptedReply } from "./support/scripted-lmtp.ts";
+import { streamOf } from "./support/streams.ts";
+import { startProxy } from "./support/tcp-proxy.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+import { until } from "./support/wait.ts";
 
 allowSlowTests();
 
@@ -65,16 +70,6 @@ async function expectFault(p: Promise<unknown>, kind: LmtpFault["kind"], phase?:
   if (typeof phase === "string") expect(f.phase).toBe(phase);
   else if (phase) expect<(LmtpPhase | null)[]>(phase).toContain(f.phase);
   return f;
-}
-
-function streamOf(chunks: Uint8Array[]): ReadableStream<Uint8Array> {
-  let i = 0;
-  return new ReadableStream<Uint8Array>({
-    pull(controller) {
-      if (i < chunks.length) controller.enqueue(chunks[i++]!);
-      else controller.close();
-    },
-  });
 }
 
 function concat(parts: Uint8Array[]): Uint8Array {
@@ -125,178 +120,6 @@ function splitAt(data: Uint8Array, rnd: () => number): Uint8Array[] {
 }
 
 const tcp = (fake: FakeLmtpServer): LmtpTarget => ({ kind: "tcp", host: fake.host, port: fake.port });
-
-/** A port nobody listens on: bind one, note it, close it. */
-async function closedPort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, "127.0.0.1", r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((r) => srv.close(() => r()));
-  return port;
-}
-
-// ---------------------------------------------------------------------------------------------
-// A raw line-based server for replies the fake cannot script.
-
-interface Scripted {
-  port: number;
-  /** Every command line received (DATA payload lines excluded). */
-  lines: string[];
-  /** The message bytes received after a 354 (un-stuffed lines, CRLF). */
-  messages: string[];
-  connections: number;
-  /** Resolves once a client socket closed (from either side). */
-  closed: Promise<void>;
-  close(): Promise<void>;
-}
-
-/** Polls until cond() holds (the condition is the assertion; the limit only stops a hang). */
-async function until(cond: () => boolean, ms = 5_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error("condition not reached");
-    await Bun.sleep(5);
-  }
-}
-
-/**
- * What a scripted server answers a line with: the bytes, or pieces written one by one a few ms
- * apart (a reply split across packets), or bytes written `afterMs` late, or null for no answer.
- */
-type ScriptedReply = string | string[] | { afterMs: number; text: string } | null;
-
-/**
- * reply(line) gives the answer to a command line. A reply starting with "354" switches the
- * connection to message mode until "."; then reply(".") answers.
- * `delayMs`: every reply (and the greeting) is written that long after its command arrived.
- */
-async function startScripted(greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0): Promise<Scripted> {
-  const sockets = new Set<net.Socket>();
-  let closedResolve!: () => void;
-  const s: Scripted = {
-    port: 0,
-    lines: [],
-    messages: [],
-    connections: 0,
-    closed: new Promise<void>((r) => (closedResolve = r)),
-    close: () =>
-      new Promise<void>((r) => {
-        server.close(() => r());
-        for (const sock of sockets) sock.destroy();
-      }),
-  };
-  const server = net.createServer((sock) => {
-    s.connections++;
-    sockets.add(sock);
-    sock.on("error", () => {});
-    sock.on("close", () => {
-      sockets.delete(sock);
-      closedResolve();
-    });
-    const write = (out: string) => (delayMs ? setTimeout(() => !sock.destroyed && sock.write(out), delayMs) : later(0, out));
-    // Pieces and late replies are written in order, each after the one before.
-    let queue = Promise.resolve();
-    const later = (ms: number, out: string) => {
-      queue = queue.then(async () => {
-        if (ms) await sleep(ms);
-        if (!sock.destroyed) sock.write(out);
-      });
-    };
-    if (greeting !== null) write(greeting);
-    let buf = "";
-    let inData = false;
-    let message = "";
-    sock.on("data", (chunk: Buffer) => {
-      buf += chunk.toString("latin1");
-      let eol: number;
-      while ((eol = buf.indexOf("\r\n")) !== -1) {
-        const line = buf.slice(0, eol);
-        buf = buf.slice(eol + 2);
-        if (inData) {
-          if (line !== ".") {
-            message += (line.startsWith(".") ? line.slice(1) : line) + "\r\n";
-            continue;
-          }
-          inData = false;
-          s.messages.push(message);
-          message = "";
-        } else {
-          s.lines.push(line);
-        }
-        const out = reply(line);
-        if (typeof out === "string") write(out);
-        else if (Array.isArray(out)) out.forEach((piece, i) => later(i === 0 ? delayMs : 5, piece));
-        else if (out) later(out.afterMs, out.text);
-        const text = typeof out === "string" ? out : Array.isArray(out) ? out.join("") : (out?.text ?? "");
-        if (text.startsWith("354")) inData = true;
-      }
-    });
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  s.port = (server.address() as net.AddressInfo).port;
-  return s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// A TCP proxy in front of the fake, to see how the client's bytes are grouped on the wire and to
-// rewrite or cut the conversation.
-
-interface Proxy {
-  port: number;
-  /** Client -> server chunks, one entry per "data" event, per connection. */
-  chunks: string[][];
-  close(): Promise<void>;
-}
-
-async function startProxy(
-  upstreamPort: number,
-  hooks: {
-    /** Return false to cut both sides instead of forwarding. */
-    fromClient?: (chunk: string) => boolean;
-    fromServer?: (chunk: string) => string;
-  } = {},
-): Promise<Proxy> {
-  const sockets = new Set<net.Socket>();
-  const p: Proxy = {
-    port: 0,
-    chunks: [],
-    close: () =>
-      new Promise<void>((r) => {
-        server.close(() => r());
-        for (const sock of sockets) sock.destroy();
-      }),
-  };
-  const server = net.createServer((client) => {
-    const seen: string[] = [];
-    p.chunks.push(seen);
-    const upstream = net.connect(upstreamPort, "127.0.0.1");
-    for (const sock of [client, upstream]) {
-      sockets.add(sock);
-      sock.on("error", () => {});
-      sock.on("close", () => {
-        sockets.delete(sock);
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.on("data", (chunk: Buffer) => {
-      const text = chunk.toString("latin1");
-      seen.push(text);
-      if (hooks.fromClient && !hooks.fromClient(text)) {
-        client.destroy();
-        upstream.destroy();
-        return;
-      }
-      upstream.write(chunk);
-    });
-    upstream.on("data", (chunk: Buffer) => {
-      client.write(hooks.fromServer ? Buffer.from(hooks.fromServer(chunk.toString("latin1")), "latin1") : chunk);
-    });
-  });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  p.port = (server.address() as net.AddressInfo).port;
-  return p;
-}
 
 // =============================================================================================
 
@@ -815,7 +638,7 @@ describe("against the fake LMTP server", () => {
   });
 
   test("connect refused -> LmtpFault kind connect", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     await expectFault(LmtpConnection.open({ kind: "tcp", host: "127.0.0.1", port }, { timeouts: FAST }), "connect", "connect");
     const p = new LmtpPool({ kind: "tcp", host: "127.0.0.1", port }, { timeouts: FAST });
     pools.push(p);
@@ -1067,7 +890,7 @@ describe("against the fake LMTP server", () => {
       const order: string[] = [];
       // A stall after the dot is an outcome-unknown reply, not a fault: it ends either way.
       const delivery = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, msg("x\r\n"), null).finally(() => order.push("delivery"));
-      await until(() => fake.commands.includes("DATA"));
+      await until("DATA sent", () => fake.commands.includes("DATA"));
       expect(p.stats.busy).toBe(1);
       await p.check();
       order.push("check");
@@ -1201,7 +1024,7 @@ describe("against a scripted raw server", () => {
   afterEach(async () => {
     await Promise.all(servers.splice(0).map((s) => s.close()));
   });
-  const start = async (greeting: string | null, reply: (line: string) => ScriptedReply, delayMs = 0) => {
+  const start = async (greeting: string | null, reply: (line: string, socket: net.Socket) => ScriptedReply, delayMs = 0) => {
     const s = await startScripted(greeting, reply, delayMs);
     servers.push(s);
     return s;
@@ -1322,7 +1145,7 @@ describe("against a scripted raw server", () => {
       const s = await start("220 hi\r\n", (l) => (l === "." ? null : lmtpServer(l)));
       const p = new LmtpPool(target(s), { maxConnections: 1, timeouts: limits(300, 1_500) });
       const first = p.deliver({ from: "s@x.org", to: ["a@x.org"] }, bytes("first\r\n"), null);
-      await until(() => s.messages.length === 1);
+      await until("the message received", () => s.messages.length === 1);
       const second = p.deliver({ from: "s@x.org", to: ["b@x.org"] }, bytes("second\r\n"), null);
       expect(p.stats.waiting).toBe(1);
       const f = await expectFault(second, "timeout", "connect");
@@ -1615,45 +1438,21 @@ describe("against a scripted raw server", () => {
 
   test("a server that stops reading during the message -> timeout in phase body (writes wait for the socket)", async () => {
     let dataSocket: net.Socket | null = null;
-    const server = net.createServer((sock) => {
-      sock.on("error", () => {});
-      sock.write("220 hi\r\n");
-      let buf = "";
-      sock.on("data", (chunk: Buffer) => {
-        buf += chunk.toString("latin1");
-        let eol: number;
-        while ((eol = buf.indexOf("\r\n")) !== -1) {
-          const line = buf.slice(0, eol);
-          buf = buf.slice(eol + 2);
-          if (line.startsWith("LHLO")) sock.write("250-hi\r\n250 PIPELINING\r\n");
-          else if (line === "DATA") {
-            sock.write("354 go ahead\r\n");
-            // Stop reading for good: the client's writes back up and never drain.
-            sock.pause();
-            sock.removeAllListeners("data");
-            dataSocket = sock;
-            return;
-          } else sock.write("250 ok\r\n");
-        }
-      });
+    const s = await start("220 hi\r\n", (line, sock) => {
+      if (line.startsWith("LHLO")) return "250-hi\r\n250 PIPELINING\r\n";
+      if (line !== "DATA") return "250 ok\r\n";
+      // Stop reading for good: the client's writes back up and never drain.
+      dataSocket = sock;
+      return { text: "354 go ahead\r\n", then: "stop reading" };
     });
-    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-    try {
-      const port = (server.address() as net.AddressInfo).port;
-      const c = await LmtpConnection.open({ kind: "tcp", host: "127.0.0.1", port }, { timeouts: { ...FAST, body: 300 } });
-      // Far more than the socket buffers on both sides take.
-      const big = new Uint8Array(64 * 1024 * 1024).fill(0x61);
-      const started = Date.now();
-      const f = await expectFault(c.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length), "timeout", "body");
-      expect(Date.now() - started).toBeLessThan(5_000);
-      expect(c.broken).toBe(f);
-      expect(dataSocket).not.toBeNull();
-    } finally {
-      await new Promise<void>((r) => {
-        server.close(() => r());
-        (dataSocket as net.Socket | null)?.destroy();
-      });
-    }
+    const c = await LmtpConnection.open(target(s), { timeouts: { ...FAST, body: 300 } });
+    // Far more than the socket buffers on both sides take.
+    const big = new Uint8Array(64 * 1024 * 1024).fill(0x61);
+    const started = Date.now();
+    const f = await expectFault(c.deliver({ from: "s@x.org", to: ["a@x.org"] }, big, big.length), "timeout", "body");
+    expect(Date.now() - started).toBeLessThan(5_000);
+    expect(c.broken).toBe(f);
+    expect(dataSocket).not.toBeNull();
   });
 
   test("a garbage reply mid-transaction is a protocol fault with the waiting phase", async () => {

@@ -2,7 +2,7 @@
 // hands on are the input's, from the first one, however the input was chunked.
 
 import { describe, expect, test } from "bun:test";
-import { peekHeaders } from "../message-headers.ts";
+import { peekHeaders } from "../host/message-headers.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();

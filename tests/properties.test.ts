@@ -4,8 +4,8 @@
 
 import { describe, expect, test } from "bun:test";
 import fc from "fast-check";
-import { createApp, type Deliverer, type InboundMessage } from "../app.ts";
-import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../contract.ts";
+import { createApp, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { INBOUND_PATH, InboundEnvelope, InboundJsonBody, MAX_ENVELOPE_TO_BYTES, MAX_RECIPIENTS, addressProblem, headerText, headerValue } from "../shared/contract.ts";
 import { DotStuffer, LmtpFault, ReplyParser, type LmtpReply } from "../lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
@@ -245,7 +245,6 @@ function wellFormed(s: string): boolean {
 /** The rules of the contract, restated: what an address that may go into MAIL FROM/RCPT TO is. */
 function refAddressOk(a: string): boolean {
   if (a.length < 1 || a.length > 254) return false;
-  // eslint-disable-next-line no-control-regex
   if (/[\x00-\x20\x7f<>,]/.test(a)) return false;
   if (!wellFormed(a)) return false;
   const at = a.lastIndexOf("@");

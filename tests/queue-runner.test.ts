@@ -6,11 +6,13 @@ import fc from "fast-check";
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import type { RecipientResult } from "../contract.ts";
-import { Metrics } from "../metrics.ts";
-import { QueueRunner, backoffMs, type SpoolDeliver } from "../queue-runner.ts";
-import { HEADER_RESERVED, Spool, type SpoolHeader } from "../spool.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import { Metrics } from "../host/metrics.ts";
+import { QueueRunner, afterAttempt, backoffMs, expired, type SpoolDeliver } from "../host/queue-runner.ts";
+import { HEADER_RESERVED, type SpoolHeader, type SpoolState } from "../host/spool-file.ts";
+import { Spool } from "../host/spool.ts";
 import { allowSlowTests } from "./support/timeout.ts";
+import { until } from "./support/wait.ts";
 
 allowSlowTests();
 
@@ -65,16 +67,49 @@ function scripted(script: (call: Call, n: number) => Promise<RecipientResult[]> 
   return { calls, deliver };
 }
 
-async function until(what: string, cond: () => boolean, ms = 5_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await Bun.sleep(10);
-  }
-}
-
 const queueFiles = () => readdirSync(join(dir, "queue")).sort();
 const failedFiles = () => readdirSync(join(dir, "failed")).filter((n) => !n.endsWith(".state"));
+
+describe("afterAttempt and expired: what becomes of a message, without I/O", () => {
+  const state = (remaining: string[], refused?: SpoolState["refused"]): SpoolState => ({ attempts: 2, next_at: 0, last_reply: "451 busy", remaining, refused });
+
+  test("every recipient accepted: delivered", () => {
+    expect(afterAttempt(state(["a@x.org", "b@x.org"]), ["a@x.org", "b@x.org"], [reply("a@x.org", 250, "ok"), reply("b@x.org", 251, "ok")])).toEqual({ then: "delivered" });
+  });
+
+  test("a temporary reply or no reply at all: retried for those only, a refusal beside them remembered", () => {
+    const next = afterAttempt(state(["a@x.org", "b@x.org", "c@x.org", "d@x.org"]), ["a@x.org", "b@x.org", "c@x.org", "d@x.org"], [
+      reply("a@x.org", 250, "ok"),
+      reply("b@x.org", 452, "4.2.2 full"),
+      reply("c@x.org", 550, "5.1.1 unknown"),
+    ]);
+    expect(next).toEqual({
+      then: "retry",
+      state: { ...state([]), remaining: ["b@x.org", "d@x.org"], refused: [{ address: "c@x.org", reply: "550 5.1.1 unknown" }] },
+      reply: "452 4.2.2 full; 451 4.3.0 no reply for this recipient",
+      refusedNow: ["550 5.1.1 unknown"],
+    });
+  });
+
+  test("nothing temporary left, a refusal now or earlier: given up on for the refused ones", () => {
+    const earlier = [{ address: "c@x.org", reply: "550 5.1.1 unknown" }];
+    expect(afterAttempt(state(["b@x.org"], earlier), ["b@x.org"], [reply("b@x.org", 250, "ok")])).toEqual({
+      then: "give up",
+      state: { ...state(["c@x.org"], earlier) },
+      reason: "refused: 550 5.1.1 unknown",
+    });
+    expect(afterAttempt(state(["b@x.org"]), ["b@x.org"], [reply("b@x.org", 552, "5.2.2 over quota")])).toMatchObject({ then: "give up", reason: "refused: 552 5.2.2 over quota" });
+  });
+
+  test("expired: given up on for those still to do and those refused earlier", () => {
+    const next = expired(state(["b@x.org"], [{ address: "c@x.org", reply: "550 5.1.1 unknown" }]), 121 * 3_600_000);
+    expect(next).toEqual({
+      then: "give up",
+      state: state(["b@x.org", "c@x.org"], [{ address: "c@x.org", reply: "550 5.1.1 unknown" }]),
+      reason: "expired after 121 h in the spool; last reply: 451 busy; refused earlier: 550 5.1.1 unknown",
+    });
+  });
+});
 
 describe("backoffMs", () => {
   test("grows with each attempt, doubles from the base, stops at the cap", () => {
@@ -335,10 +370,9 @@ describe("giving up", () => {
   test("a file damaged after it was loaded is never offered to LMTP nor retried: logged, counted, left in queue/ for the operator", async () => {
     const h = await spoolMessage("x".repeat(1000));
     let fail = true;
-    const metrics = new Metrics();
+    const metrics = new Metrics(() => runner!.stats());
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, fail ? 451 : 250, "4.3.0 later")]);
     runner = new QueueRunner(spool, deliver, { baseBackoffMs: 30, maxBackoffMs: 30, metrics, log: (l) => logs.push(l) });
-    metrics.spoolGauge = () => runner!.stats();
     await runner.start();
     await until("first attempt", () => calls.length >= 1);
     truncateSync(join(dir, "queue", h.id), HEADER_RESERVED + 10);
@@ -366,10 +400,9 @@ describe("giving up", () => {
     symlinkSync("/etc/passwd", join(dir, "queue", "0000000000passwd"));
     writeFileSync(join(dir, "failed", "0000000000oldjunk"), "junk");
     const before = readdirSync(join(dir, "queue")).filter((n) => n !== h.id).sort();
-    const metrics = new Metrics();
+    const metrics = new Metrics(() => runner!.stats());
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
     runner = new QueueRunner(spool, deliver, { metrics, log: (l) => logs.push(l) });
-    metrics.spoolGauge = () => runner!.stats();
     await runner.start();
     await runner.drained(10);
     expect(calls.map((c) => c.id)).toEqual([h.id]);

@@ -6,9 +6,11 @@ import { chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync,
 import { mkdtemp, open, rm, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import fc from "fast-check";
-import { MAX_RECIPIENTS } from "../contract.ts";
-import { peekHeaders } from "../message-headers.ts";
-import { FLUSH_REQUEST, HEADER_RESERVED, Spool, SpoolWriteError, StagedMessage, type OpenFile, type SpoolHeader } from "../spool.ts";
+import { MAX_RECIPIENTS } from "../shared/contract.ts";
+import { peekHeaders } from "../host/message-headers.ts";
+import { HEADER_RESERVED, SpoolWriteError, type SpoolHeader } from "../host/spool-file.ts";
+import { FLUSH_REQUEST, Spool } from "../host/spool.ts";
+import { StagedMessage, type OpenFile } from "../host/staged-message.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
 
@@ -155,7 +157,7 @@ describe("prepare()", () => {
     await half.write(awkwardBytes(2 * 1024 * 1024)); // large enough to be in tmp/ already
     // The process "dies" here: the staged file is never committed nor discarded (its descriptor
     // goes with the process; closed by hand here).
-    await (half as unknown as { fh: { close(): Promise<void> } }).fh.close();
+    await (half as unknown as { phase: { fh: { close(): Promise<void> } } }).phase.fh.close();
     writeFileSync(join(dir, "tmp", "0000000000junk"), "x");
 
     const again = new Spool(dir);
@@ -308,7 +310,7 @@ describe("an unwritable spool", () => {
     const staged = spool.stage();
     await staged.write(awkwardBytes(2 * 1024 * 1024)); // in tmp/ from here on
     // Close the file under the staged message: the next write fails (EBADF).
-    await (staged as unknown as { fh: { close(): Promise<void> } }).fh.close();
+    await (staged as unknown as { phase: { fh: { close(): Promise<void> } } }).phase.fh.close();
     await staged.write(awkwardBytes(100));
     const err = await staged.commit(meta()).catch((e) => e);
     expect(err).toBeInstanceOf(SpoolWriteError);

@@ -1,6 +1,7 @@
 // The edge's email() in Bun, against the project's real host (startServer) in front of the
 // scriptable fake LMTP server, and against a tiny stub host for statuses the real host only gives
-// in rare cases. One test per row of DESIGN.md's status table, from the sender's side:
+// in rare cases. One test per row of the README's status table (The HTTP contract), from the
+// sender's side:
 //   accept  -> no setReject, no exception;
 //   bounce  -> setReject(reason), no exception;
 //   retry   -> an exception, never setReject (a bounce cannot be taken back).
@@ -8,9 +9,9 @@
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
-import type { LogLine } from "../middleware/access-log.ts";
+import type { LogLine } from "../shared/log.ts";
 import { startServer, type RunningServer } from "../server.ts";
-import { MAX_ENVELOPE_TO_BYTES, headerText } from "../contract.ts";
+import { MAX_ENVELOPE_TO_BYTES, headerText } from "../shared/contract.ts";
 import worker, { email, type IncomingEmail } from "../worker.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 

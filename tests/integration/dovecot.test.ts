@@ -7,9 +7,10 @@
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { LmtpConnection } from "../../lmtp.ts";
-import type { LogLine } from "../../middleware/access-log.ts";
+import type { LogLine } from "../../shared/log.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance, type PrependedField } from "../support/dovecot.ts";
+import { streamOf } from "../support/streams.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
 
 allowSlowTests();
@@ -64,7 +65,6 @@ type Bytes = Uint8Array<ArrayBuffer>;
 function bytes(...parts: Part[]): Bytes {
   const arrays = parts.map((p) => {
     if (typeof p !== "string") return p instanceof Uint8Array ? p : new Uint8Array(p);
-    // eslint-disable-next-line no-control-regex
     if (/[^\x00-\x7f]/.test(p)) throw new Error(`bytes(): non-ASCII string ${JSON.stringify(p)}; pass the bytes`);
     return Buffer.from(p, "latin1");
   });
@@ -169,19 +169,6 @@ async function waitForDovecotLog(ready: (text: string) => boolean): Promise<stri
 
 function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-
-/** A stream of `data` in chunks of `size` bytes (views, no copies). */
-function streamOf(data: Uint8Array, size: number): ReadableStream<Uint8Array> {
-  let off = 0;
-  return new ReadableStream<Uint8Array>({
-    pull(controller) {
-      if (off >= data.length) return controller.close();
-      const end = Math.min(off + size, data.length);
-      controller.enqueue(data.subarray(off, end));
-      off = end;
-    },
-  });
 }
 
 /** Runs the real curl binary; answers the HTTP status and the body. */

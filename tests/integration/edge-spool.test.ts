@@ -11,7 +11,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Server } from "bun";
-import type { LogLine } from "../../middleware/access-log.ts";
+import type { LogLine } from "../../shared/log.ts";
 import { startWranglerDev, type WranglerDev } from "../../scripts/wrangler-dev.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";

@@ -8,12 +8,13 @@
 
 import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
-import net from "node:net";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { LmtpPool } from "../../lmtp.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { checkStoredAs, expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
+import { startProxy } from "../support/tcp-proxy.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { until } from "../support/wait.ts";
 
 allowSlowTests();
 
@@ -57,42 +58,17 @@ interface CuttingProxy {
 }
 
 async function startCuttingProxy(upstreamPort: number, cuts: number): Promise<CuttingProxy> {
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((client) => {
-    const upstream = net.connect(upstreamPort, "127.0.0.1");
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on("error", () => {});
-      s.on("close", () => sockets.delete(s));
-    }
-    client.on("close", () => upstream.end());
-    upstream.on("close", () => client.destroy());
-    let tail = "";
-    client.on("data", (chunk: Buffer) => {
-      upstream.write(chunk);
-      const seen = tail + chunk.toString("latin1");
-      tail = seen.slice(-4);
-      if (p.cutsLeft > 0 && seen.includes("\r\n.\r\n")) {
-        p.cutsLeft--;
-        p.cuts++;
-        client.destroy();
-      }
-    });
-    upstream.on("data", (chunk: Buffer) => {
-      if (!client.destroyed) client.write(chunk);
-    });
+  const proxy = await startProxy(upstreamPort, {
+    fromClient: (chunk, seen) => {
+      // The dot may arrive split: look at the end of what came before too.
+      const before = seen.slice(0, -1).join("").slice(-4);
+      if (p.cutsLeft === 0 || !(before + chunk).includes("\r\n.\r\n")) return true;
+      p.cutsLeft--;
+      p.cuts++;
+      return "forward, then cut the client";
+    },
   });
-  await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
-  const p: CuttingProxy = {
-    port: (server.address() as net.AddressInfo).port,
-    cutsLeft: cuts,
-    cuts: 0,
-    close: () =>
-      new Promise<void>((r) => {
-        server.close(() => r());
-        for (const s of sockets) s.destroy();
-      }),
-  };
+  const p: CuttingProxy = { port: proxy.port, cutsLeft: cuts, cuts: 0, close: () => proxy.close() };
   proxies.push(p);
   return p;
 }
@@ -125,14 +101,6 @@ function post(s: RunningServer, body: Uint8Array<ArrayBuffer>, to: string[] = [U
   });
 }
 
-async function until(what: string, cond: () => boolean | Promise<boolean>, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for: ${what}`);
-    await Bun.sleep(50);
-  }
-}
-
 const spoolEmpty = (s: RunningServer) => s.runner!.size === 0;
 
 /** Lines of Dovecot's log in which the relay's Sieve script dropped a delivery of that Message-ID. */
@@ -151,7 +119,7 @@ describe("Dovecot saved it, the answer was lost after the final dot", () => {
     expect(r.status).toBe(202);
     expect(proxy.cuts).toBe(1);
     expect(s.metrics.get("unknown_outcome")).toBe(1);
-    await until("the spool drained", () => spoolEmpty(s));
+    await until("the spool drained", () => spoolEmpty(s), 20_000, 50);
     for (const rcpt of [USER, ALICE]) {
       const stored = await once.messages(rcpt);
       expect(stored.length).toBe(1);
@@ -167,7 +135,7 @@ describe("Dovecot saved it, the answer was lost after the final dot", () => {
     const s = await relay(proxy.port, false);
     const sent = message(`cut-plain-${RUN}`, `cut-plain-${RUN}@example.test`);
     expect((await post(s, sent)).status).toBe(202);
-    await until("the spool drained", () => spoolEmpty(s));
+    await until("the spool drained", () => spoolEmpty(s), 20_000, 50);
     const stored = await plain.messages(USER);
     expect(stored.length).toBe(2);
     for (const m of stored) expectStoredAs(m, sent);
@@ -179,7 +147,7 @@ describe("Dovecot saved it, the answer was lost after the final dot", () => {
     const s = await relay(proxy.port);
     const sent = message(`cut-twice-${RUN}`, `cut-twice-${RUN}@example.test`);
     expect((await post(s, sent)).status).toBe(202);
-    await until("the spool drained", () => spoolEmpty(s));
+    await until("the spool drained", () => spoolEmpty(s), 20_000, 50);
     expect(proxy.cuts).toBe(2);
     expect(s.metrics.get("unknown_outcome")).toBe(2);
     const stored = await once.messages(USER);
@@ -215,7 +183,7 @@ describe("with the exactly-once setting, distinct messages are never dropped", (
     for (const m of sent) expect((await post(s, m)).status).toBe(202);
     await once.start();
     s.runner!.kick();
-    await until("the spool drained", () => spoolEmpty(s));
+    await until("the spool drained", () => spoolEmpty(s), 20_000, 50);
     const stored = await once.messages(USER);
     expect(stored.length).toBe(2);
     // The spool delivers them side by side, in either order.

@@ -8,11 +8,12 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { closeSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
 import { startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { jsonOf, stalledUpload, statusOf } from "../support/stalled-upload.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { until } from "../support/wait.ts";
 
 allowSlowTests();
 
@@ -80,14 +81,6 @@ function chunked(bytes: Uint8Array, size: number): ReadableStream<Uint8Array> {
 /** Stored messages by Subject. */
 async function subjects(): Promise<string[]> {
   return (await dv.messages(USER)).map((m) => /^Subject: (.*)$/m.exec(Buffer.from(m.subarray(0, 4096)).toString("latin1"))?.[1] ?? "?").sort();
-}
-
-async function until(what: string, cond: () => Promise<boolean> | boolean, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for: ${what}`);
-    await Bun.sleep(50);
-  }
 }
 
 describe("a stalled client costs only itself", () => {
@@ -209,7 +202,7 @@ describe("a full disk under the spool", () => {
       }
 
       for (let i = 0; i < 30; i++) expect((await post(relay, message(`full-${RUN}-${i}`, "y".repeat(3000)))).status).toBe(200);
-      await until("a failed write of the record counted", async () => ((await relay!.metrics()).relay_delivered_log_errors_total ?? 0) > 0, 5_000);
+      await until("a failed write of the record counted", async () => ((await relay!.metrics()).relay_delivered_log_errors_total ?? 0) > 0, 5_000, 50);
       await Bun.sleep(500); // well past the record's flush: a crash would show here
       expect(relay.proc.exitCode).toBeNull();
       expect(relay.lines.some((l) => l.event === "delivered_log_error")).toBe(true);
@@ -228,7 +221,7 @@ describe("a full disk under the spool", () => {
       const accepted = await post(relay, waiting);
       expect(accepted.status).toBe(202);
       await dv.start();
-      await until("the spool delivered it", async () => (await relay!.metrics()).relay_spool_messages === 0, 30_000);
+      await until("the spool delivered it", async () => (await relay!.metrics()).relay_spool_messages === 0, 30_000, 50);
       expect(relay.proc.exitCode).toBeNull();
       const stored = await subjects();
       expect(stored.filter((s) => s === `spooled-${RUN}`).length).toBe(1);

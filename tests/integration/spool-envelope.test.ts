@@ -9,10 +9,11 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { readdirSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
 import { runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { until } from "../support/wait.ts";
 
 allowSlowTests();
 
@@ -76,14 +77,6 @@ function postJson(relay: RelayProcess, from: string, body: Uint8Array): Promise<
   });
 }
 
-async function until(what: string, cond: () => Promise<boolean> | boolean, ms: number): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for: ${what}`);
-    await Bun.sleep(100);
-  }
-}
-
 /** The stored message whose body holds `sent`, checked byte for byte. */
 async function expectDelivered(sent: Uint8Array[]): Promise<void> {
   const stored = await dv.messages(USER);
@@ -133,7 +126,7 @@ describe("non-ASCII envelopes through the spool, real Dovecot", () => {
         }
         await dv.start();
         await runRelayCommand({ SPOOL_DIR: dir }, ["queue", "flush"]);
-        await until("the spool drained", async () => (await relay.metrics()).relay_spool_messages === 0, 30_000);
+        await until("the spool drained", async () => (await relay.metrics()).relay_spool_messages === 0, 30_000, 100);
 
         await expectDelivered([raw, json]);
         const m = await relay.metrics();

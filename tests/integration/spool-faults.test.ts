@@ -8,12 +8,13 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { readdirSync, rmSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { startFakeLmtp } from "../../fake-lmtp.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
 import { freePort } from "../../scripts/free-port.ts";
 import { runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { until } from "../support/wait.ts";
 
 allowSlowTests();
 
@@ -78,14 +79,6 @@ async function markersInMailbox(mailbox = dv): Promise<Map<string, number>> {
   return counts;
 }
 
-async function until(what: string, cond: () => Promise<boolean> | boolean, ms: number, every = 100): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for: ${what}`);
-    await Bun.sleep(every);
-  }
-}
-
 const spoolEmpty = async (relay: RelayProcess) => (await relay.metrics()).relay_spool_messages === 0;
 const queueFiles = (dir: string) => readdirSync(join(dir, "queue"));
 
@@ -106,7 +99,7 @@ describe("the spool keeps what it acknowledged", () => {
     try {
       await relay.waitForLine((l) => l.event === "spool_recovered" && l.messages === 50, 10_000);
       await dv.start();
-      await until("the spool drained", () => spoolEmpty(relay), 60_000);
+      await until("the spool drained", () => spoolEmpty(relay), 60_000, 100);
       const counts = await markersInMailbox();
       expect(markers.filter((m) => counts.get(m) !== 1)).toEqual([]);
       expect(counts.size).toBe(50);
@@ -198,7 +191,7 @@ describe("the spool keeps what it acknowledged", () => {
     await Promise.all(senders);
     const sentMs = Date.now() - started;
     await chaos;
-    await until("spool empty at the end", () => spoolEmpty(relay), 60_000);
+    await until("spool empty at the end", () => spoolEmpty(relay), 60_000, 100);
 
     const m = await relay.metrics();
     const counts = await markersInMailbox(target);
@@ -302,7 +295,7 @@ describe("graceful stop", () => {
       if (!dovecotUp) await dv.start();
       relay = await startRelay(relayEnv(dir));
       try {
-        await until("the spool drained", () => spoolEmpty(relay), 60_000);
+        await until("the spool drained", () => spoolEmpty(relay), 60_000, 100);
         const stored = await dv.messages(USER);
         expect(stored.length).toBe(1);
         expectStoredAs(stored[0]!, sent);
@@ -406,7 +399,7 @@ describe("the queue CLI against a real spool", () => {
       // Only the flush can bring it this soon.
       await until("delivered after the flush", async () => (await dv.messages(USER)).length === 1, 3_000, 20);
       expect(Date.now() - t0).toBeLessThan(3_000);
-      await until("spool empty", () => spoolEmpty(relay), 10_000);
+      await until("spool empty", () => spoolEmpty(relay), 10_000, 100);
       const after = await runRelayCommand({ SPOOL_DIR: dir }, ["queue", "list"]);
       expect(after.stdout).toContain("queued: 0");
     } finally {

@@ -7,7 +7,7 @@ import { afterEach, describe, expect, test } from "bun:test";
 import { appendFileSync, chmodSync, existsSync, lstatSync, mkdirSync, readdirSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { INBOUND_PATH } from "../../contract.ts";
+import { INBOUND_PATH } from "../../shared/contract.ts";
 import { freePort } from "../../scripts/free-port.ts";
 import { runRelayCommand, startRelay } from "../support/relay-process.ts";
 import { allowSlowTests } from "../support/timeout.ts";

@@ -14,7 +14,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { LogLine } from "../../middleware/access-log.ts";
+import type { LogLine } from "../../shared/log.ts";
 import { startWranglerDev, type WranglerDev } from "../../scripts/wrangler-dev.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";

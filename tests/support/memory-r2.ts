@@ -1,8 +1,8 @@
 // An R2 bucket in memory, for running the edge spool's code in Bun: the subset of workerd's R2
-// binding that edge-spool.ts uses, with its conditional puts, its list pages (100 keys when
+// binding that edge/spool.ts uses, with its conditional puts, its list pages (100 keys when
 // metadata is included) and range reads; it counts operations by R2's price classes.
 
-import type { R2BucketLike, R2ObjectBodyLike, R2ObjectLike, R2PutOptionsLike } from "../../edge-spool.ts";
+import type { R2BucketLike, R2ObjectBodyLike, R2ObjectLike, R2PutOptionsLike } from "../../edge/spool.ts";
 
 interface Stored {
   bytes: Uint8Array;

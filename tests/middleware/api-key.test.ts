@@ -3,7 +3,7 @@
 
 import { describe, expect, test } from "bun:test";
 import { Hono, type Context } from "hono";
-import { apiKey } from "./api-key.ts";
+import { apiKey } from "../../shared/middleware/api-key.ts";
 
 const KEY_1 = "key1-0123456789abcdefghijklmnopqrstuv";
 const KEY_2 = "key2-ZYXWVUTSRQPONMLKJIHGFEDCBA987654";

@@ -3,23 +3,20 @@
 
 import type { Context, MiddlewareHandler } from "hono";
 import type { RequestIdVariables } from "hono/request-id";
+import { stamped, type LogLine, type LogWriter } from "../log.ts";
 
-export type LogLine = Record<string, unknown>;
-export type LogWriter = (line: LogLine) => void;
 export type AccessLogEnv = { Variables: RequestIdVariables & { logFields?: LogLine } };
-
-export const jsonLines: LogWriter = (line) => console.log(JSON.stringify(line));
 
 export function logFields(c: Context<AccessLogEnv>, fields: LogLine): void {
   c.set("logFields", { ...c.get("logFields"), ...fields });
 }
 
 export function accessLog(write: LogWriter): MiddlewareHandler<AccessLogEnv> {
+  const line = stamped(write);
   return async (c, next) => {
     const started = performance.now();
     await next();
-    write({
-      time: new Date().toISOString(),
+    line({
       request_id: c.get("requestId"),
       method: c.req.method,
       path: c.req.path,

@@ -22,7 +22,6 @@ function age(ms: number): string {
  * terminal may take as an escape sequence), line separators and lone surrogates as \uXXXX.
  */
 function shown(s: string): string {
-  // eslint-disable-next-line no-control-regex
   return s.replace(/[\x00-\x1f\x7f-\x9f\u2028\u2029]|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
 

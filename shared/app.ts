@@ -1,9 +1,9 @@
-// The one Hono app that both runtimes serve. It knows the HTTP contract (contract.ts) and nothing
-// of where messages go: the caller hands it a Deliverer (LMTP on the host, a streamed fetch to the
-// host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun, node or
-// cloudflare imports.
+// The one Hono app that both runtimes serve. It knows the HTTP contract (contract.ts, replies.ts)
+// and nothing of where messages go: the caller hands it a Deliverer (LMTP on the host, a streamed
+// fetch to the host at the edge). Runtime-neutral: Web-standard Request/Response only, no Bun,
+// node or cloudflare imports (tests/layout.test.ts checks).
 
-import { Hono, type Context } from "hono";
+import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { requestId } from "hono/request-id";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -11,16 +11,17 @@ import {
   INBOUND_PATH,
   InboundJsonBody,
   describeIssues,
-  replyClass,
   headerText,
-  statusForReplies,
   type InboundEnvelope,
   type InboundResponse,
   type RecipientResult,
 } from "./contract.ts";
-import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine, type LogWriter } from "./middleware/access-log.ts";
+import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
+import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
 import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
+import { PROMETHEUS_CONTENT_TYPE } from "./prometheus.ts";
+import { answerForReplies, answerOutcome, type AnswerOutcome } from "./replies.ts";
 
 export interface InboundMessage {
   envelope: InboundEnvelope;
@@ -64,11 +65,15 @@ export interface AppOptions {
   /** Prometheus text for GET /metrics (behind the API key, like the inbound route). */
   metrics?: () => string | Promise<string>;
   log?: LogWriter;
+  /** Called once per answered inbound request that passed the key check, with what the answer meant for the message. */
+  onAnswer?: (outcome: AnswerOutcome) => void;
   /** Seconds a 503 asks the client to wait. */
   retryAfterSeconds?: number;
   /** A request body that sends no bytes for this long is answered 503 (body_stalled); unset: no limit. */
   bodyIdleMs?: number;
 }
+
+type AppEnv = { Variables: AccessLogEnv["Variables"] & { duplicate?: boolean } };
 
 export function createApp(opts: AppOptions) {
   const maxMessage = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
@@ -77,7 +82,7 @@ export function createApp(opts: AppOptions) {
   const retryAfter = String(opts.retryAfterSeconds ?? 30);
   const log = opts.log ?? jsonLines;
 
-  const app = new Hono<AccessLogEnv>();
+  const app = new Hono<AppEnv>();
   app.use(requestId(), accessLog(log));
 
   app.onError((err, c) => {
@@ -119,10 +124,17 @@ export function createApp(opts: AppOptions) {
 
   if (opts.metrics) {
     const render = opts.metrics;
-    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": "text/plain; version=0.0.4" }));
+    app.get("/metrics", apiKey(opts.apiKeys, refuseKey), async (c) => c.text(await render(), 200, { "content-type": PROMETHEUS_CONTENT_TYPE }));
   }
 
-  app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), async (c) => {
+  // Counted from the answer itself (refusals and errors included), whatever the log says.
+  const onAnswer = opts.onAnswer;
+  const reportAnswer: MiddlewareHandler<AppEnv> = async (c, next) => {
+    await next();
+    onAnswer?.(answerOutcome(c.res.status, c.get("duplicate") === true));
+  };
+
+  app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), reportAnswer, async (c) => {
     refuseEncoded(c.req.header("content-encoding"));
     const type = mediaType(c.req.header("content-type"));
     const parsed =
@@ -154,24 +166,12 @@ export function createApp(opts: AppOptions) {
     }
     logFields(c, { replies: results.map((r) => r.reply) });
 
-    const status = statusForReplies(results);
-    const duplicate = status === 200 && results.every((r) => r.duplicate);
-    const one = envelope.to.length === 1 ? { recipient: envelope.to[0] } : {};
-    logFields(c, { outcome: duplicate ? "duplicate" : status === 202 ? "queued" : undefined });
-    if (duplicate) {
-      return answer(c, 200, { status: "duplicate", message: "already delivered; not delivered again", ...one, recipients: results });
-    }
-    if (status === 200) return answer(c, 200, { status: "success", message: "Email delivered to LMTP", ...one, recipients: results });
-    if (status === 202) {
-      return answer(c, 202, { status: "queued", message: "accepted into the durable spool; it will be delivered when Dovecot takes it", ...one, recipients: results });
-    }
-    if (status === 422) {
-      const refused = results.filter((r) => replyClass(r.code) === "permanent").map((r) => r.reply);
-      return answer(c, 422, { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results });
-    }
-    c.header("Retry-After", retryAfter);
-    const deferred = results.filter((r) => replyClass(r.code) !== "accepted" && !r.queued).map((r) => r.reply);
-    return answer(c, 503, { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results });
+    const reply = answerForReplies(results, envelope.to);
+    const duplicate = reply.body.status === "duplicate";
+    if (duplicate) c.set("duplicate", true);
+    logFields(c, { outcome: duplicate ? "duplicate" : reply.status === 202 ? "queued" : undefined });
+    if (reply.status === 503) c.header("Retry-After", retryAfter);
+    return answer(c, reply.status, reply.body);
   });
 
   return app;

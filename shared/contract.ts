@@ -1,5 +1,5 @@
 // The inbound contract, shared by the host (server.ts) and the edge (worker.ts): the envelope and
-// request schemas, the JSON answer, and what each HTTP status means for the sender.
+// request schemas and the JSON answer. What reply codes and statuses mean is in replies.ts.
 // Runtime-neutral: zod only.
 
 import { z } from "zod";
@@ -29,7 +29,6 @@ export const MAX_ENVELOPE_TO_BYTES = 8 * 1024;
 export function addressProblem(address: string): string | null {
   if (address.length === 0) return "is empty";
   if (address.length > 254) return `is ${address.length} characters long (at most 254)`;
-  // eslint-disable-next-line no-control-regex
   const bad = /[\x00-\x20\x7f<>,]/.exec(address);
   if (bad) return `contains a forbidden character (${JSON.stringify(bad[0])})`;
   const lone = loneSurrogateAt(address);
@@ -155,7 +154,6 @@ const HEADERS_HOLD_TEXT = (() => {
     return false;
   }
 })();
-// eslint-disable-next-line no-control-regex
 const ASCII = /^[\x00-\x7f]*$/;
 
 /** A received header value as text; null if its bytes are not UTF-8 (never U+FFFD instead). */
@@ -260,13 +258,8 @@ export function base64Problem(s: string): string | null {
 }
 
 /** "to: is required; from: ... contains a forbidden character" - zod's issues in one line. */
-export function describeIssues(error: z.ZodError, prefix = ""): string {
-  return error.issues
-    .map((i) => {
-      const path = i.path.length ? `${prefix}${i.path.map(String).join(".")}: ` : prefix ? `${prefix.replace(/\.$/, "")}: ` : "";
-      return path + i.message;
-    })
-    .join("; ");
+export function describeIssues(error: z.ZodError): string {
+  return error.issues.map((i) => (i.path.length ? `${i.path.map(String).join(".")}: ` : "") + i.message).join("; ");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -300,49 +293,3 @@ export const InboundResponse = z.object({
   error: z.string().optional(),
 });
 export type InboundResponse = z.output<typeof InboundResponse>;
-
-// ---------------------------------------------------------------------------------------------
-// What a status means to the sender
-
-export type SmtpOutcome = "accept" | "reject" | "retry";
-
-/**
- * The edge turns the host's status into the SMTP outcome. Only statuses that mean "this message
- * can never be delivered as sent" bounce; everything else, unknown statuses included, is a
- * temporary failure that the sending MTA retries (a bounce cannot be taken back, a retry can).
- */
-export function outcomeForStatus(status: number): SmtpOutcome {
-  if (status >= 200 && status < 300) return "accept";
-  if (status === 400 || status === 413 || status === 415 || status === 422) return "reject";
-  return "retry";
-}
-
-export type ReplyClass = "accepted" | "temporary" | "permanent";
-
-/**
- * What an SMTP/LMTP reply code means, the one rule everything here follows: 2xx accepted (250,
- * 251 and 252 alike, RFC 5321 4.2.2), 5xx refused for good, and anything else temporary: 4xx,
- * and also codes no step should answer (3xx outside DATA, nonsense), since a retry can always be
- * undone by the duplicate check and a bounce never can.
- */
-export function replyClass(code: number): ReplyClass {
-  if (!Number.isInteger(code)) return "temporary";
-  if (code >= 200 && code < 300) return "accepted";
-  if (code >= 500 && code < 600) return "permanent";
-  return "temporary";
-}
-
-/** The HTTP status for a set of per-recipient results. */
-export function statusForReplies(results: readonly { code: number; queued?: boolean }[]): 200 | 202 | 422 | 503 {
-  const ok = (r: { code: number; queued?: boolean }) => replyClass(r.code) === "accepted" && !r.queued;
-  // No reply at all confirms nothing (every() would say "all delivered"): offer the message again.
-  if (results.length === 0) return 503;
-  if (results.every(ok)) return 200;
-  // Anything neither delivered, queued nor refused for good is temporary: the message must be
-  // offered again (a duplicate beats a loss).
-  if (!results.every((r) => ok(r) || r.queued || replyClass(r.code) === "permanent")) return 503;
-  // Queued: the host will deliver it; refusals among several recipients are in the list.
-  if (results.some((r) => r.queued)) return 202;
-  // Only permanent refusals besides deliveries: the sender gets the bounce.
-  return 422;
-}

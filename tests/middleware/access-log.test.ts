@@ -4,7 +4,8 @@
 import { describe, expect, spyOn, test } from "bun:test";
 import { Hono } from "hono";
 import { requestId } from "hono/request-id";
-import { accessLog, jsonLines, logFields, type AccessLogEnv, type LogLine } from "./access-log.ts";
+import { jsonLines, type LogLine } from "../../shared/log.ts";
+import { accessLog, logFields, type AccessLogEnv } from "../../shared/middleware/access-log.ts";
 
 function appWith(lines: LogLine[]) {
   const app = new Hono<AccessLogEnv>();

@@ -4,13 +4,15 @@
 // A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
 // gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
 
-import { replyClass, type RecipientResult } from "./contract.ts";
-import type { Metrics } from "./metrics.ts";
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
-import { FLUSH_REQUEST, type SpoolEntry, type SpoolHeader, type Spool } from "./spool.ts";
-import type { LogWriter } from "./middleware/access-log.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import { stamped, type LogWriter } from "../shared/log.ts";
+import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
+import type { Metrics } from "./metrics.ts";
+import { freshState, type SpoolHeader, type SpoolState } from "./spool-file.ts";
+import { FLUSH_REQUEST, type SpoolEntry, type Spool } from "./spool.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
 export type SpoolDeliver = (
@@ -39,6 +41,45 @@ export function backoffMs(attempts: number, base: number, cap: number, random = 
   return Math.round(exp * (0.8 + 0.4 * random())); // +-20 %: retries of many messages spread out
 }
 
+/** What becomes of a spooled message after an attempt. */
+export type Next =
+  | { then: "delivered" }
+  | { then: "retry"; state: SpoolState; reply: string; /** Replies of recipients refused for good in this attempt. */ refusedNow: string[] }
+  | { then: "give up"; state: SpoolState; reason: string };
+
+/**
+ * An attempt's results for the recipients `to`: retried while any is temporary (or had no reply),
+ * then given up on for those refused for good (now or earlier), else delivered.
+ */
+export function afterAttempt(state: SpoolState, to: string[], results: RecipientResult[]): Next {
+  // No reply confirms nothing: a recipient without one is still to do.
+  const answered = new Set(results.map((r) => r.address));
+  const unanswered = to.filter((a) => !answered.has(a)).map(noReplyResult);
+  const temporary = [...results.filter(isTemporary), ...unanswered];
+  const permanent = results.filter(isPermanent);
+  // Refused for good while others wait: remembered, so the message ends in failed/ for them
+  // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
+  const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];
+  if (temporary.length) {
+    const remaining = temporary.map((r) => r.address);
+    return { then: "retry", state: { ...state, remaining, refused: refused.length ? refused : undefined }, reply: temporary.map((r) => r.reply).join("; "), refusedNow: permanent.map((r) => r.reply) };
+  }
+  if (refused.length) return { then: "give up", state: { ...state, remaining: refused.map((r) => r.address), refused }, reason: `refused: ${refused.map((r) => r.reply).join("; ")}` };
+  return { then: "delivered" };
+}
+
+/** Past the maximum age: given up on for every recipient not delivered, those refused earlier included. */
+export function expired(state: SpoolState, ageMs: number): Next {
+  const refused = state.refused ?? [];
+  return {
+    then: "give up",
+    state: { ...state, remaining: [...state.remaining, ...refused.map((r) => r.address)] },
+    reason:
+      `expired after ${Math.round(ageMs / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}` +
+      (refused.length ? `; refused earlier: ${refused.map((r) => r.reply).join("; ")}` : ""),
+  };
+}
+
 export class QueueRunner {
   private readonly entries = new Map<string, SpoolEntry>();
   private readonly running = new Set<string>();
@@ -57,6 +98,7 @@ export class QueueRunner {
   private readonly base: number;
   private readonly cap: number;
   private readonly concurrency: number;
+  private readonly log: LogWriter;
 
   constructor(
     private readonly spool: Spool,
@@ -67,6 +109,7 @@ export class QueueRunner {
     this.base = opts.baseBackoffMs ?? 2_000;
     this.cap = opts.maxBackoffMs ?? 5 * 60_000;
     this.concurrency = opts.concurrency ?? 4;
+    this.log = opts.log ? stamped(opts.log) : () => {};
   }
 
   /** Loads what the spool holds (left by a crash or a restart) and delivers it at once. */
@@ -135,7 +178,7 @@ export class QueueRunner {
 
   /** A message just spooled by the receiving side. */
   add(header: SpoolHeader, firstReply: string | null): void {
-    const state = { attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply, remaining: header.to };
+    const state = { ...freshState(header.to), attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply };
     this.entries.set(header.id, { header, state });
     const saved = this.spool
       .saveState(header.id, state)
@@ -245,13 +288,7 @@ export class QueueRunner {
     const age = Date.now() - header.received_at;
     if (age > this.maxAgeMs) {
       await body.cancel().catch(() => {});
-      const refused = state.refused ?? [];
-      return this.giveUp(
-        id,
-        { ...state, remaining: [...state.remaining, ...refused.map((r) => r.address)] },
-        `expired after ${Math.round(age / 3_600_000)} h in the spool; last reply: ${state.last_reply ?? "none"}` +
-          (refused.length ? `; refused earlier: ${refused.map((r) => r.reply).join("; ")}` : ""),
-      );
+      return this.follow(header, state, expired(state, age));
     }
     const to = state.remaining.length ? state.remaining : header.to;
     let results: RecipientResult[];
@@ -260,21 +297,18 @@ export class QueueRunner {
     } catch (e) {
       return this.retryLater(id, state, (e as Error).message);
     }
-    // No reply confirms nothing: a recipient without one is still to do.
-    const answered = new Set(results.map((r) => r.address));
-    const unanswered = to.filter((a) => !answered.has(a)).map((address) => ({ address, code: 451, enhanced: "4.3.0", reply: "451 4.3.0 no reply for this recipient" }));
-    const temporary = [...results.filter((r) => replyClass(r.code) === "temporary"), ...unanswered];
-    const permanent = results.filter((r) => replyClass(r.code) === "permanent");
-    if (results.some((r) => replyClass(r.code) === "accepted")) this.kick();
-    // Refused for good while others wait: remembered, so the message ends in failed/ for them
-    // (with Dovecot's reason) instead of the refusal vanishing when the others are delivered.
-    const refused = [...(state.refused ?? []), ...permanent.map((r) => ({ address: r.address, reply: r.reply }))];
-    if (permanent.length && temporary.length) this.log({ event: "spool_refused", id, refused: permanent.map((r) => r.reply) });
+    if (results.some(isAccepted)) this.kick();
+    return this.follow(header, state, afterAttempt(state, to, results));
+  }
 
-    if (temporary.length) {
-      return this.retryLater(id, { ...state, remaining: temporary.map((r) => r.address), refused: refused.length ? refused : undefined }, temporary.map((r) => r.reply).join("; "));
+  /** Carries out what afterAttempt() or expired() decided. */
+  private async follow(header: SpoolHeader, state: SpoolState, next: Next): Promise<void> {
+    const id = header.id;
+    if (next.then === "retry") {
+      if (next.refusedNow.length) this.log({ event: "spool_refused", id, refused: next.refusedNow });
+      return this.retryLater(id, next.state, next.reply);
     }
-    if (refused.length) return this.giveUp(id, { ...state, remaining: refused.map((r) => r.address), refused }, `refused: ${refused.map((r) => r.reply).join("; ")}`);
+    if (next.then === "give up") return this.giveUp(id, next.state, next.reason);
     await this.spool.remove(id);
     this.entries.delete(id);
     this.opts.metrics?.inc("spool_delivered");
@@ -296,9 +330,5 @@ export class QueueRunner {
     this.failedCount++;
     this.opts.metrics?.inc("spool_failed");
     this.log({ event: "spool_failed", id, reason });
-  }
-
-  private log(line: Record<string, unknown>): void {
-    this.opts.log?.({ time: new Date().toISOString(), ...line });
   }
 }

@@ -1,10 +1,9 @@
-// Configuration from the environment, validated with zod. A bad or missing value stops start-up
-// with one line that names it; key values never appear in that line.
+// The host's configuration from the environment, validated with zod (parsed by fromEnv, shared
+// with the Worker). A bad or missing value stops start-up with one line that names it.
 
 import { z } from "zod";
-import { DEFAULT_MAX_MESSAGE_BYTES } from "./contract.ts";
-
-export const MIN_KEY_LENGTH = 32;
+import { MIN_KEY_LENGTH } from "../shared/config-env.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
 
 const port = (fallback: number) =>
   z.coerce.number({ error: "must be a port number" }).int("must be a whole number").min(1, "must be 1-65535").max(65535, "must be 1-65535").default(fallback);
@@ -88,18 +87,4 @@ export interface ServerConfig {
   exactlyOnce?: boolean;
   /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
   bodyIdleMs?: number;
-}
-
-export class ConfigError extends Error {
-  override name = "ConfigError";
-}
-
-/** Parses a schema from the environment; the first problem becomes one line naming the setting. */
-export function fromEnv<T extends z.ZodType>(schema: T, env: Record<string, string | undefined>): z.output<T> {
-  // An empty variable means "not set": fall back to the default rather than fail on "".
-  const set = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ""));
-  const r = schema.safeParse(set);
-  if (r.success) return r.data;
-  const issue = r.error.issues[0]!;
-  throw new ConfigError(`configuration: ${issue.path.map(String).join(".") || "environment"} ${issue.message}`);
 }

@@ -1,5 +1,8 @@
 // The operator's counters, in Prometheus' text format (GET /metrics).
 
+import { metric } from "../shared/prometheus.ts";
+import type { AnswerOutcome } from "../shared/replies.ts";
+
 const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
 export type Counter =
@@ -33,16 +36,36 @@ const HELP: Record<Counter, string> = {
   delivered_log_errors: "Reads and writes of the record of deliveries (delivered.sqlite) that failed; delivery goes on, a repeat may not be recognised.",
 };
 
+/** The spool's depth and age, as the queue runner knows them. */
+export interface SpoolGauge {
+  queued: number;
+  failed: number;
+  unreadable: number;
+  oldestAgeSeconds: number;
+}
+const NO_SPOOL: SpoolGauge = { queued: 0, failed: 0, unreadable: 0, oldestAgeSeconds: 0 };
+
+/** The counter each answer adds to besides "received"; a queued message is counted when it is spooled. */
+const ANSWER_COUNTERS: Partial<Record<AnswerOutcome, Counter>> = { delivered: "delivered", duplicate: "duplicates", rejected: "rejected", deferred: "deferred" };
+
 export class Metrics {
   private readonly counters = new Map<Counter, number>();
   private readonly buckets = new Array<number>(BUCKETS.length).fill(0);
   private sum = 0;
   private count = 0;
-  /** Set by the host: current spool depth and age. */
-  spoolGauge: () => { queued: number; failed: number; unreadable: number; oldestAgeSeconds: number } = () => ({ queued: 0, failed: 0, unreadable: 0, oldestAgeSeconds: 0 });
+
+  /** `spool`: the spool's depth and age when rendered (none without a spool). */
+  constructor(private readonly spool: () => SpoolGauge | undefined = () => undefined) {}
 
   inc(name: Counter, by = 1): void {
     this.counters.set(name, (this.counters.get(name) ?? 0) + by);
+  }
+
+  /** One answered inbound request (with a valid key), by what it meant for the message. */
+  countAnswer(outcome: AnswerOutcome): void {
+    this.inc("received");
+    const counter = ANSWER_COUNTERS[outcome];
+    if (counter) this.inc(counter);
   }
 
   get(name: Counter): number {
@@ -58,23 +81,13 @@ export class Metrics {
 
   render(): string {
     const out: string[] = [];
-    for (const name of Object.keys(HELP) as Counter[]) {
-      out.push(`# HELP relay_${name}_total ${HELP[name]}`, `# TYPE relay_${name}_total counter`, `relay_${name}_total ${this.get(name)}`);
-    }
-    const g = this.spoolGauge();
+    for (const name of Object.keys(HELP) as Counter[]) out.push(...metric(`relay_${name}_total`, "counter", HELP[name], this.get(name)));
+    const g = this.spool() ?? NO_SPOOL;
     out.push(
-      "# HELP relay_spool_messages Messages in the spool waiting for delivery.",
-      "# TYPE relay_spool_messages gauge",
-      `relay_spool_messages ${g.queued}`,
-      "# HELP relay_spool_failed_messages Messages in the spool's failed/ area.",
-      "# TYPE relay_spool_failed_messages gauge",
-      `relay_spool_failed_messages ${g.failed}`,
-      "# HELP relay_spool_unreadable_files Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).",
-      "# TYPE relay_spool_unreadable_files gauge",
-      `relay_spool_unreadable_files ${g.unreadable}`,
-      "# HELP relay_spool_oldest_age_seconds Age of the oldest message waiting in the spool (0 when empty).",
-      "# TYPE relay_spool_oldest_age_seconds gauge",
-      `relay_spool_oldest_age_seconds ${g.oldestAgeSeconds.toFixed(3)}`,
+      ...metric("relay_spool_messages", "gauge", "Messages in the spool waiting for delivery.", g.queued),
+      ...metric("relay_spool_failed_messages", "gauge", "Messages in the spool's failed/ area.", g.failed),
+      ...metric("relay_spool_unreadable_files", "gauge", "Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).", g.unreadable),
+      ...metric("relay_spool_oldest_age_seconds", "gauge", "Age of the oldest message waiting in the spool (0 when empty).", g.oldestAgeSeconds.toFixed(3)),
       "# HELP relay_delivery_seconds Duration of LMTP transactions.",
       "# TYPE relay_delivery_seconds histogram",
     );

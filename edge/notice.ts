@@ -4,7 +4,7 @@
 // header block is read (postal-mime parses it alone); the body is never looked at.
 
 import PostalMime from "postal-mime";
-import type { FailedMessage } from "./edge-spool.ts";
+import type { FailedMessage } from "./spool.ts";
 
 export interface HeaderSummary {
   messageId: string;
@@ -26,7 +26,6 @@ export function headerBlock(start: Uint8Array): Uint8Array {
 }
 
 /** One line of text for a header or the notice: no control characters (a decoded CR LF ends nothing). */
-// eslint-disable-next-line no-control-regex
 const oneLine = (s: string | undefined, max = 300) => (s ?? "").replace(/[\x00-\x1f\x7f]+/g, " ").trim().slice(0, max);
 
 export async function summarizeHeaders(start: Uint8Array): Promise<HeaderSummary> {

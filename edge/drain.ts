@@ -12,8 +12,8 @@
 //   - Bounded: a wall-clock budget, and at most MAX_CALLS R2 calls and fetches (the free plan
 //     allows 50 subrequests per invocation).
 
-import { noticeMessage, summarizeHeaders } from "./edge-notice.ts";
-import { HOUR, MINUTE, NO_ANSWER_GRACE_MS, type EdgeSpool, type FailedMessage, type HeldMessage } from "./edge-spool.ts";
+import { noticeMessage, summarizeHeaders } from "./notice.ts";
+import { HOUR, MINUTE, NO_ANSWER_GRACE_MS, type EdgeSpool, type FailedMessage, type HeldMessage } from "./spool.ts";
 
 export type DrainTrigger = "cron" | "live" | "flush";
 

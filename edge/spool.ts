@@ -1,5 +1,5 @@
 // The edge spool: messages the Worker accepted while the host could not take them, kept in an R2
-// bucket (binding EDGE_SPOOL) until the drain (edge-drain.ts) hands them to the host. Layout:
+// bucket (binding EDGE_SPOOL) until the drain (edge/drain.ts) hands them to the host. Layout:
 //   queue/<id>          the message's exact bytes; its envelope and history in customMetadata
 //   queue/<id>.retry    (empty) the drain's attempts: count, next attempt, last reply
 //   failed/<id>         a message given up on, bytes and everything known; kept 30 days

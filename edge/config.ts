@@ -1,0 +1,68 @@
+// The Worker's configuration: wrangler.toml's [vars], the API_KEY secret and the EDGE_SPOOL
+// binding, parsed by the same fromEnv as the host's. A bad setting is the operator's to fix: mail
+// waits at the sender meanwhile (thrown, never a bounce).
+
+import { z } from "zod";
+import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "../shared/config-env.ts";
+import { DEFAULT_MAX_MESSAGE_BYTES, addressProblem } from "../shared/contract.ts";
+import { HOUR, type R2BucketLike } from "./spool.ts";
+
+const allowEntry = z.string().refine((e) => (e.includes("@") ? addressProblem(e) === null : /^[a-z0-9.-]+\.[a-z]{2,}$/i.test(e)), {
+  message: "must be an address (user@example.com) or a domain (example.com)",
+});
+
+export const WorkerEnv = z
+  .object({
+    DELL_API_ENDPOINT: z
+      .string({ error: "is not set (the host's https://.../api/v1/inbound-mail)" })
+      // abort: zod 4 runs later checks after a failed one, and new URL() would throw past safeParse.
+      .url({ error: "must be a URL", abort: true })
+      .refine((u) => isHttpsOrLocal(u), { message: "must be https:// (plain http only for localhost)" }),
+    API_KEY: z
+      .string({ error: "is not set (wrangler secret put API_KEY)" })
+      .min(MIN_KEY_LENGTH, `is shorter than ${MIN_KEY_LENGTH} characters`),
+    HOST_TIMEOUT_MS: z.coerce.number({ error: "must be a number" }).int().min(1_000, "must be at least 1000").max(29_000, "must be below the 30 s Worker limit").default(25_000),
+    MAX_MESSAGE_BYTES: z.coerce.number({ error: "must be a number" }).int().positive().default(DEFAULT_MAX_MESSAGE_BYTES),
+    /** Optional allow-list: comma-separated addresses and/or domains. Empty: every recipient goes to the host. */
+    ALLOWED_RECIPIENTS: z
+      .string()
+      .default("")
+      .transform((s) => s.split(",").map((e) => e.trim().toLowerCase()).filter(Boolean))
+      .pipe(z.array(allowEntry)),
+    /** With EDGE_SPOOL: how long a held message is retried before it goes to failed/ (Postfix's 5 days). */
+    EDGE_SPOOL_MAX_AGE_HOURS: z.coerce.number({ error: "must be a number" }).positive("must be more than 0").default(120),
+    /** With EDGE_SPOOL: who hears of a held message the edge gave up on. */
+    POSTMASTER: z
+      .string()
+      .refine((a) => addressProblem(a) === null, { message: "must be an address (postmaster@example.com)" })
+      .optional(),
+  })
+  .transform((e) => ({
+    endpoint: e.DELL_API_ENDPOINT,
+    apiKey: e.API_KEY,
+    timeoutMs: e.HOST_TIMEOUT_MS,
+    maxMessageBytes: e.MAX_MESSAGE_BYTES,
+    allowed: e.ALLOWED_RECIPIENTS,
+    maxAgeMs: e.EDGE_SPOOL_MAX_AGE_HOURS * HOUR,
+    postmaster: e.POSTMASTER ?? "",
+  }));
+export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null };
+
+function isHttpsOrLocal(u: string): boolean {
+  let url: URL;
+  try {
+    url = new URL(u);
+  } catch {
+    return false;
+  }
+  return url.protocol === "https:" || (url.protocol === "http:" && /^(localhost|127\.0\.0\.1|\[::1\])$/.test(url.hostname));
+}
+
+/** The settings of this env; throws ConfigError naming the first bad one. */
+export function workerConfig(env: Record<string, unknown>): WorkerConfig {
+  const config = fromEnv(WorkerEnv, env, "worker configuration");
+  const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
+  // Mail held at the edge can fail after the sender heard 250: someone must be told.
+  if (spool && !config.postmaster) throw new ConfigError("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
+  return { ...config, spool };
+}

@@ -1,0 +1,66 @@
+// The edge spool's own HTTP face (the Worker's fetch() under /edge/, with the key): GET
+// /edge/queue and /edge/metrics show what is held and what failed, POST /edge/flush drains now,
+// POST /edge/retry/:id puts a failed message back. `bun run edge-queue` calls these.
+
+import { Hono, type Context } from "hono";
+import type { LogWriter } from "../shared/log.ts";
+import { apiKey } from "../shared/middleware/api-key.ts";
+import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
+import type { WorkerConfig } from "./config.ts";
+import type { DrainSummary } from "./drain.ts";
+import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
+
+/** The edge spool's HTTP face, behind the key: `flush` runs a drain now. */
+export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSummary>, log: LogWriter) {
+  const app = new Hono();
+  app.use("*", apiKey([config.apiKey], (c: Context, message: string) => c.json({ status: "error", error: "unauthorized", message }, 401)));
+  app.use("*", async (c, next) => {
+    if (!config.spool) return c.json({ status: "error", error: "no_edge_spool", message: "no R2 bucket is bound as EDGE_SPOOL" }, 404);
+    await next();
+  });
+  const spool = () => new EdgeSpool(config.spool!);
+
+  app.get("/edge/queue", async (c) => c.json(await edgeListing(spool())));
+  app.get("/edge/metrics", async (c) => {
+    const l = await edgeListing(spool());
+    const lines = [
+      ...metric("edge_spool_messages", "gauge", "Messages held at the edge for the host.", l.held),
+      ...metric("edge_spool_oldest_age_seconds", "gauge", "Age of the oldest held message.", l.oldest_held_age_seconds ?? 0),
+      ...metric("edge_spool_failed_messages", "gauge", "Messages the edge gave up on (failed/).", l.failed),
+    ];
+    return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
+  });
+  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await flush()) }));
+  app.post("/edge/retry/:id", async (c) => {
+    const id = c.req.param("id");
+    if (!isId(id) || !(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id.slice(0, 80))}` }, 404);
+    log({ event: "edge_retry_failed", id });
+    return c.json({ status: "ok", id, message: "back in the edge queue; the next drain delivers it" });
+  });
+  app.notFound((c) => c.json({ status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }, 404));
+  return app;
+}
+
+async function edgeListing(spool: EdgeSpool) {
+  const now = Date.now();
+  const [{ messages, complete }, failed] = await Promise.all([spool.held(10), spool.failed()]);
+  const row = (m: HeldMessage) => ({
+    id: m.id,
+    kind: m.kind,
+    from: m.from === "" ? "<>" : m.from,
+    to: m.to,
+    size: m.size,
+    age_seconds: Math.round((now - m.received) / 1000),
+    attempts: m.attempts,
+    next_attempt: m.next ? new Date(m.next).toISOString() : null,
+    last_reply: m.lastReply || m.reason,
+  });
+  return {
+    held: messages.length,
+    oldest_held_age_seconds: messages.length ? Math.round((now - Math.min(...messages.map((m) => m.received))) / 1000) : null,
+    failed: failed.length,
+    complete,
+    messages: messages.map(row),
+    failed_messages: failed.map((f) => ({ ...row(f), why: f.why, failed_at: new Date(f.failed).toISOString() })),
+  };
+}

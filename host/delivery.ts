@@ -1,0 +1,289 @@
+// The host's Deliverer (Postfix's smtpd -> queue -> lmtp, in one process): receive the whole
+// message first, then deliver it over LMTP, and if Dovecot cannot take it now, keep it in the
+// durable spool and let the background deliverer retry. Receiving comes first so that a slow or
+// stalled client holds only its own request: no pooled LMTP connection and no Dovecot process
+// waits on its bytes. With a spool the message is received into a StagedMessage (its first MiB in
+// memory, the rest in tmp/, not fsynced: cheap), and only when LMTP fails temporarily is it
+// fsynced into queue/ and the sender answered 202. Without a spool the first MiB is held in
+// memory before LMTP is tried and the rest streams to LMTP as it arrives.
+//
+// The SHA-256 of the bytes is taken while they arrive: with the Message-ID and the recipient it
+// is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
+// "duplicate", never another message that reuses a Message-ID.
+
+import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
+import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { BodyStalled } from "../shared/body-limit.ts";
+import type { RecipientResult } from "../shared/contract.ts";
+import type { LogWriter } from "../shared/log.ts";
+import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
+import type { DeliveredLog } from "./delivered-log.ts";
+import { peekHeaders } from "./message-headers.ts";
+import type { Metrics } from "./metrics.ts";
+import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
+import { SpoolWriteError } from "./spool-file.ts";
+import type { Spool } from "./spool.ts";
+import { HELD_BYTES, type StagedMessage } from "./staged-message.ts";
+
+export interface HostDelivery {
+  pool: LmtpPool;
+  delivered: DeliveredLog;
+  metrics: Metrics;
+  /** Event lines (stamped with the time by the writer). */
+  log: LogWriter;
+  /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
+  exactlyOnce?: boolean;
+}
+
+/** The durable spool behind the host's delivery, and its background deliverer. */
+export interface SpoolQueue {
+  spool: Spool;
+  runner: QueueRunner;
+}
+
+/** Without a spool: LMTP at once; what Dovecot cannot take now is the sender's to offer again (503). */
+export function deliverNow(h: HostDelivery): Deliverer {
+  return async (message: InboundMessage) => {
+    const { messageId, body } = await readHeaders(message);
+    const received = await receiveHeld(body);
+    const repeat = duplicates(h, message, messageId, received);
+    if (repeat) return repeat;
+    const attempt = await tryLmtp(h, message, messageId, received, undefined);
+    if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
+    return attempt.results;
+  };
+}
+
+/** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
+export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
+  return async (message: InboundMessage) => {
+    const { messageId, body } = await readHeaders(message);
+    const staged = queue.spool.stage();
+    // Whatever happens below, a staged file is either committed or discarded: an open file
+    // handle left to the garbage collector is an uncaught error in Bun (the process would die).
+    try {
+      let received: Received;
+      try {
+        received = await receiveStaged(body, staged);
+      } catch (e) {
+        if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
+        // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
+        spoolUnwritable(h, message, e);
+        throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
+      }
+      const repeat = duplicates(h, message, messageId, received);
+      if (repeat) return repeat;
+      // The spool id names the delivery on this attempt and on every retry from the spool, so that
+      // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
+      const attempt = await tryLmtp(h, message, messageId, received, h.exactlyOnce ? staged.id : undefined);
+      if (attempt.results?.some(isAccepted)) queue.runner.kick();
+      if (attempt.results && !attempt.results.some(isTemporary)) return attempt.results;
+      return await spoolTheRest(h, queue, message, messageId, received, staged, attempt);
+    } finally {
+      await staged.discard();
+    }
+  };
+}
+
+/** The background deliverer's way to LMTP (the queue runner's SpoolDeliver). */
+export function deliverSpooled(h: HostDelivery): SpoolDeliver {
+  return async (envelope, body, size, header) => {
+    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
+    // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
+    // it would be delivered again: a duplicate, never a loss).
+    recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
+    return results;
+  };
+}
+
+/** The Message-ID, and the body as a stream that fails if the request is gone before its end. */
+async function readHeaders(message: InboundMessage): Promise<{ messageId: string | null; body: ReadableStream<Uint8Array> }> {
+  const peeked = await peekHeaders(message.body);
+  return { messageId: peeked.info.messageId, body: untilAborted(peeked.body, message.signal) };
+}
+
+/** A repeat of the same bytes already delivered to every recipient (the Worker retrying after a lost answer), or null. */
+function duplicates(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received): RecipientResult[] | null {
+  const sha256 = received.sha256();
+  const { to } = message.envelope;
+  if (!messageId || !sha256 || !to.every((rcpt) => h.delivered.has(messageId, rcpt, sha256))) return null;
+  return to.map((address) => duplicateResult(address, messageId));
+}
+
+/** One LMTP transaction, timed and counted, its replies in the contract's form. */
+async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
+  const started = performance.now();
+  try {
+    const replies = await h.pool.deliver(envelope, body, size);
+    // After the final dot without an answer to hold on to (no reply, connection lost, "421
+    // Shutting down" while Dovecot saves): it may have saved the message (seen here: it had).
+    // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
+    // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
+    if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
+    return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+  } finally {
+    h.metrics.observeDelivery((performance.now() - started) / 1000);
+  }
+}
+
+/** What one attempt at LMTP gave: a result per recipient, or the fault that left none. */
+type Attempt = { results: RecipientResult[]; fault: null } | { results: null; fault: LmtpFault | BodyAborted };
+
+/** The received message to LMTP now; what was delivered is recorded. */
+async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, deliveryId: string | undefined): Promise<Attempt> {
+  let attempt: Attempt;
+  try {
+    attempt = { results: await lmtpTransaction(h, { ...message.envelope, deliveryId }, received.body, received.size ?? message.size), fault: null };
+  } catch (e) {
+    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
+    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
+    if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
+    attempt = { results: null, fault: e };
+  } finally {
+    // What LMTP did not read (refused before DATA, failed mid-way): the tmp/ file's reader, or the request's.
+    if (received.body instanceof ReadableStream && !received.body.locked) await received.body.cancel().catch(() => {});
+  }
+  if (attempt.results) recordDelivered(h, messageId, received.sha256(), attempt.results);
+  return attempt;
+}
+
+/** Each accepted recipient, for duplicate suppression: the one place a delivery is recorded. */
+function recordDelivered(h: HostDelivery, messageId: string | null, sha256: string | null, results: RecipientResult[]): void {
+  if (messageId && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
+}
+
+/** Dovecot could not take it now: the spool takes it for the recipients still to do (the whole message is staged already). */
+async function spoolTheRest(h: HostDelivery, queue: SpoolQueue, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage, attempt: Attempt): Promise<RecipientResult[]> {
+  const { envelope } = message;
+  const { why, to } = stillToDo(attempt, envelope.to);
+  // Unless it could never take it: a non-ASCII address needs SMTPUTF8 (RFC 6531), and a server not
+  // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
+  // retries, and hears the refusal with its reason once Dovecot answers.
+  if ([envelope.from, ...to].some(nonAscii) && h.pool.offered("SMTPUTF8") !== true) {
+    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the LMTP server has not been seen to offer SMTPUTF8`);
+  }
+  const sha256 = received.sha256();
+  let header;
+  try {
+    header = await staged.commit({
+      from: envelope.from,
+      to,
+      received_at: Date.now(),
+      request_id: message.requestId,
+      message_id: messageId,
+      ...(sha256 ? { sha256 } : {}),
+    });
+  } catch (e) {
+    spoolUnwritable(h, message, e as Error);
+    throw new TemporaryFailure(`${why}; and the spool could not be written: ${(e as SpoolWriteError).message}`);
+  }
+  queue.runner.add(header, why);
+  h.metrics.inc("queued");
+  const queued = (address: string) => queuedResult(address, header.id, why);
+  if (!attempt.results) return envelope.to.map(queued);
+  return attempt.results.map((r) => (isTemporary(r) ? queued(r.address) : r));
+}
+
+/** Who is still to be delivered to after an attempt, and why not yet. */
+function stillToDo(attempt: Attempt, to: string[]): { why: string; to: string[] } {
+  if (attempt.fault) return { why: attempt.fault.message, to };
+  const waiting = attempt.results.filter(isTemporary);
+  return { why: waiting.map((r) => r.reply).join("; "), to: waiting.map((r) => r.address) };
+}
+
+function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
+  h.metrics.inc("spool_write_errors");
+  h.log({ event: "spool_unwritable", request_id: message.requestId, error: e.message });
+}
+
+/** A message as received, ready for LMTP. */
+interface Received {
+  body: MessageBody;
+  /** Its size, when known before LMTP reads it (always, except when streamed without a spool). */
+  size: number | null;
+  /** SHA-256 of its bytes (hex); for a streamed body known only once LMTP has read all of it. */
+  sha256(): string | null;
+}
+
+/** With a spool: the whole body into the staged message; LMTP then reads it back from there. */
+async function receiveStaged(body: ReadableStream<Uint8Array>, staged: StagedMessage): Promise<Received> {
+  const hash = new Bun.CryptoHasher("sha256");
+  for await (const chunk of body) {
+    hash.update(chunk);
+    await staged.write(chunk);
+  }
+  const sha256 = hash.digest("hex");
+  return { body: await staged.content(), size: staged.size, sha256: () => sha256 };
+}
+
+/**
+ * Without a spool: up to HELD_BYTES in memory before LMTP is tried, so that a client that stalls
+ * in its first MiB holds no connection. A larger body streams on to LMTP as it arrives (memory
+ * stays bounded; from there on one connection waits on this client, within LMTP's time limits).
+ */
+async function receiveHeld(body: ReadableStream<Uint8Array>): Promise<Received> {
+  const hash = new Bun.CryptoHasher("sha256");
+  const reader = body.getReader();
+  const held: Uint8Array[] = [];
+  let size = 0;
+  while (size <= HELD_BYTES) {
+    const r = await reader.read();
+    if (r.done) {
+      const sha256 = hash.digest("hex");
+      return { body: held.length === 1 ? held[0]! : Buffer.concat(held), size, sha256: () => sha256 };
+    }
+    hash.update(r.value);
+    held.push(r.value);
+    size += r.value.byteLength;
+  }
+  let sha256: string | null = null;
+  const stream = new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const next = held.shift();
+        if (next) return controller.enqueue(next);
+        const r = await reader.read();
+        if (r.done) {
+          sha256 = hash.digest("hex");
+          controller.close();
+        } else {
+          hash.update(r.value);
+          controller.enqueue(r.value);
+        }
+      },
+      cancel(reason) {
+        return reader.cancel(reason);
+      },
+    },
+    { highWaterMark: 0 },
+  );
+  return { body: stream, size: null, sha256: () => sha256 };
+}
+
+/**
+ * The body as a stream that fails instead of ending if the request has been aborted by then: LMTP
+ * reads the end just before it sends the final dot, so a message whose sender can no longer hear
+ * the answer (the connection closed, as Bun does when a request is pipelined behind it) is not
+ * delivered. The end waits one turn of the event loop first: a request pipelined in the same
+ * packet as the body's last bytes is parsed, and the connection closed, only after those bytes
+ * have been handed on.
+ */
+function untilAborted(body: MessageBody, signal: AbortSignal): ReadableStream<Uint8Array> {
+  const source =
+    body instanceof Uint8Array
+      ? new ReadableStream<Uint8Array>({
+          start(controller) {
+            controller.enqueue(body);
+            controller.close();
+          },
+        })
+      : body;
+  return source.pipeThrough(
+    new TransformStream<Uint8Array, Uint8Array>({
+      async flush(controller) {
+        await new Promise((resolve) => setImmediate(resolve));
+        if (signal.aborted) controller.error(new Error("the connection was closed before the answer"));
+      },
+    }),
+  );
+}
