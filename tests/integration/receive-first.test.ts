@@ -4,15 +4,15 @@
 // a full disk under the spool and the record of deliveries neither kills the host nor acknowledges
 // what it could not keep.
 
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { closeSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../../shared/contract.ts";
-import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
+import { expectStoredAs } from "../support/dovecot.ts";
+import { dovecotPerFile } from "../support/dovecot-per-file.ts";
 import { startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { jsonOf, stalledUpload, statusOf } from "../support/stalled-upload.ts";
-import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { allowSlowTests } from "../support/timeout.ts";
 import { until } from "../support/wait.ts";
 
 allowSlowTests();
@@ -22,28 +22,7 @@ const USER = "user@kuma8088.com";
 const RUN = Date.now().toString(36);
 const enc = new TextEncoder();
 
-let dv: DovecotInstance;
-const dirs: string[] = [];
-
-beforeAll(async () => {
-  dv = await startDovecot();
-}, HOOK_TIMEOUT_MS);
-
-afterAll(async () => {
-  await dv?.dispose();
-  await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })));
-}, HOOK_TIMEOUT_MS);
-
-beforeEach(async () => {
-  await dv.start();
-  await dv.clear();
-});
-
-async function tempDir(): Promise<string> {
-  const d = await mkdtemp("/tmp/receive-first-");
-  dirs.push(d);
-  return d;
-}
+const { dv, tempDir: tempDir } = dovecotPerFile("receive-first");
 
 const env = (spool: string, extra: Record<string, string> = {}) => ({ API_KEY, LMTP_HOST: dv.host, LMTP_PORT: String(dv.port), SPOOL_DIR: spool, ...extra });
 

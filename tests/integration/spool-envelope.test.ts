@@ -5,14 +5,14 @@
 // spooled while Dovecot has not been seen to offer SMTPUTF8 (Dovecot 2.3 does not): 503, and the
 // sender's retry hears Dovecot's refusal once it is back.
 
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { readdirSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../../shared/contract.ts";
-import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
+import { expectStoredAs } from "../support/dovecot.ts";
+import { dovecotPerFile } from "../support/dovecot-per-file.ts";
 import { runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
-import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { allowSlowTests } from "../support/timeout.ts";
 import { until } from "../support/wait.ts";
 
 allowSlowTests();
@@ -21,28 +21,7 @@ const API_KEY = `spoolenv_${Buffer.from(crypto.getRandomValues(new Uint8Array(20
 const USER = "user@kuma8088.com";
 const RUN = Date.now().toString(36);
 
-let dv: DovecotInstance;
-const dirs: string[] = [];
-
-beforeAll(async () => {
-  dv = await startDovecot();
-}, HOOK_TIMEOUT_MS);
-
-afterAll(async () => {
-  await dv?.dispose();
-  await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })));
-}, HOOK_TIMEOUT_MS);
-
-beforeEach(async () => {
-  await dv.start();
-  await dv.clear();
-}, HOOK_TIMEOUT_MS);
-
-async function spoolDir(): Promise<string> {
-  const d = await mkdtemp("/tmp/spool-envelope-");
-  dirs.push(d);
-  return d;
-}
+const { dv, tempDir: spoolDir } = dovecotPerFile("spool-envelope");
 
 const relayEnv = (spool: string) => ({ API_KEY, LMTP_HOST: dv.host, LMTP_PORT: String(dv.port), SPOOL_DIR: spool });
 

@@ -4,16 +4,16 @@
 // unwritable spool. What was acknowledged (200/202) must end up in the mailbox exactly once;
 // duplicates only where the outcome was unknown (and then counted).
 
-import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { readdirSync, rmSync, writeFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../../shared/contract.ts";
 import { startFakeLmtp } from "../../fake-lmtp.ts";
 import { expectStoredAs, startDovecot, type DovecotInstance } from "../support/dovecot.ts";
+import { dovecotPerFile } from "../support/dovecot-per-file.ts";
 import { freePort } from "../../scripts/free-port.ts";
 import { runRelayCommand, startRelay, type RelayProcess } from "../support/relay-process.ts";
-import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
+import { allowSlowTests } from "../support/timeout.ts";
 import { until } from "../support/wait.ts";
 
 allowSlowTests();
@@ -23,28 +23,7 @@ const USER = "user@kuma8088.com";
 const MiB = 1024 * 1024;
 const RUN = Date.now().toString(36);
 
-let dv: DovecotInstance;
-const dirs: string[] = [];
-
-beforeAll(async () => {
-  dv = await startDovecot();
-}, HOOK_TIMEOUT_MS);
-
-afterAll(async () => {
-  await dv?.dispose();
-  await Promise.all(dirs.map((d) => rm(d, { recursive: true, force: true })));
-}, HOOK_TIMEOUT_MS);
-
-beforeEach(async () => {
-  await dv.start(); // a test that failed half-way may have left it stopped
-  await dv.clear();
-});
-
-async function spoolDir(): Promise<string> {
-  const d = await mkdtemp("/tmp/spool-faults-");
-  dirs.push(d);
-  return d;
-}
+const { dv, tempDir: spoolDir } = dovecotPerFile("spool-faults");
 
 function relayEnv(spool: string | null, lmtpPort = dv.port): Record<string, string> {
   const env: Record<string, string> = { API_KEY, LMTP_HOST: dv.host, LMTP_PORT: String(lmtpPort) };
