@@ -45,7 +45,7 @@ export interface SpoolQueue {
 export function deliverNow(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
     const { messageId, body } = await readHeaders(message);
-    const received = await receiveHeld(body);
+    const received = await receiveHeld(body, message.signal);
     const repeat = duplicates(h, message, messageId, received);
     if (repeat) return repeat;
     const attempt = await tryLmtp(h, message, messageId, received, undefined);
@@ -64,7 +64,7 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
     try {
       let received: Received;
       try {
-        received = await receiveStaged(body, staged);
+        received = await receiveStaged(body, staged, message.signal);
       } catch (e) {
         if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
         // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
@@ -96,10 +96,10 @@ export function deliverSpooled(h: HostDelivery): SpoolDeliver {
   };
 }
 
-/** The Message-ID, and the body as a stream that fails if the request is gone before its end. */
-async function readHeaders(message: InboundMessage): Promise<{ messageId: string | null; body: ReadableStream<Uint8Array> }> {
+/** The Message-ID, and the body (its first bytes read again). */
+async function readHeaders(message: InboundMessage): Promise<{ messageId: string | null; body: MessageBody }> {
   const peeked = await peekHeaders(message.body);
-  return { messageId: peeked.info.messageId, body: untilAborted(peeked.body, message.signal) };
+  return { messageId: peeked.info.messageId, body: peeked.body };
 }
 
 /** A repeat of the same bytes already delivered to every recipient (the Worker retrying after a lost answer), or null. */
@@ -206,14 +206,20 @@ interface Received {
 }
 
 /** With a spool: the whole body into the staged message; LMTP then reads it back from there. */
-async function receiveStaged(body: ReadableStream<Uint8Array>, staged: StagedMessage): Promise<Received> {
+async function receiveStaged(body: MessageBody, staged: StagedMessage, signal: AbortSignal): Promise<Received> {
   const hash = new Bun.CryptoHasher("sha256");
-  for await (const chunk of body) {
-    hash.update(chunk);
-    await staged.write(chunk);
+  if (body instanceof Uint8Array) {
+    hash.update(body);
+    await staged.write(body);
+  } else {
+    for await (const chunk of body) {
+      hash.update(chunk);
+      await staged.write(chunk);
+    }
   }
+  await stillListening(signal);
   const sha256 = hash.digest("hex");
-  return { body: await staged.content(), size: staged.size, sha256: () => sha256 };
+  return { body: body instanceof Uint8Array ? body : await staged.content(), size: staged.size, sha256: () => sha256 };
 }
 
 /**
@@ -221,14 +227,21 @@ async function receiveStaged(body: ReadableStream<Uint8Array>, staged: StagedMes
  * in its first MiB holds no connection. A larger body streams on to LMTP as it arrives (memory
  * stays bounded; from there on one connection waits on this client, within LMTP's time limits).
  */
-async function receiveHeld(body: ReadableStream<Uint8Array>): Promise<Received> {
+async function receiveHeld(body: MessageBody, signal: AbortSignal): Promise<Received> {
   const hash = new Bun.CryptoHasher("sha256");
+  if (body instanceof Uint8Array) {
+    hash.update(body);
+    await stillListening(signal);
+    const sha256 = hash.digest("hex");
+    return { body, size: body.byteLength, sha256: () => sha256 };
+  }
   const reader = body.getReader();
   const held: Uint8Array[] = [];
   let size = 0;
   while (size <= HELD_BYTES) {
     const r = await reader.read();
     if (r.done) {
+      await stillListening(signal);
       const sha256 = hash.digest("hex");
       return { body: held.length === 1 ? held[0]! : Buffer.concat(held), size, sha256: () => sha256 };
     }
@@ -244,6 +257,12 @@ async function receiveHeld(body: ReadableStream<Uint8Array>): Promise<Received> 
         if (next) return controller.enqueue(next);
         const r = await reader.read();
         if (r.done) {
+          // LMTP reads the end just before it sends the final dot: a failed stream drops the dot.
+          try {
+            await stillListening(signal);
+          } catch (e) {
+            return controller.error(e);
+          }
           sha256 = hash.digest("hex");
           controller.close();
         } else {
@@ -261,29 +280,13 @@ async function receiveHeld(body: ReadableStream<Uint8Array>): Promise<Received> 
 }
 
 /**
- * The body as a stream that fails instead of ending if the request has been aborted by then: LMTP
- * reads the end just before it sends the final dot, so a message whose sender can no longer hear
- * the answer (the connection closed, as Bun does when a request is pipelined behind it) is not
- * delivered. The end waits one turn of the event loop first: a request pipelined in the same
- * packet as the body's last bytes is parsed, and the connection closed, only after those bytes
- * have been handed on.
+ * Throws if the request has been aborted once its body is in: a message whose sender can no longer
+ * hear the answer (the connection closed, as Bun does when a request is pipelined behind it) is
+ * not delivered. It waits one turn of the event loop first: a request pipelined in the same packet
+ * as the body's last bytes is parsed, and the connection closed, only after those bytes have been
+ * handed on.
  */
-function untilAborted(body: MessageBody, signal: AbortSignal): ReadableStream<Uint8Array> {
-  const source =
-    body instanceof Uint8Array
-      ? new ReadableStream<Uint8Array>({
-          start(controller) {
-            controller.enqueue(body);
-            controller.close();
-          },
-        })
-      : body;
-  return source.pipeThrough(
-    new TransformStream<Uint8Array, Uint8Array>({
-      async flush(controller) {
-        await new Promise((resolve) => setImmediate(resolve));
-        if (signal.aborted) controller.error(new Error("the connection was closed before the answer"));
-      },
-    }),
-  );
+async function stillListening(signal: AbortSignal): Promise<void> {
+  await new Promise((resolve) => setImmediate(resolve));
+  if (signal.aborted) throw new Error("the connection was closed before the answer");
 }
