@@ -30,6 +30,13 @@ import { workerdCpu, type WorkerdCpuRow } from "./worker-workerd.ts";
 const quick = process.argv.includes("--quick") || process.env.BENCH_QUICK === "1";
 const PER_RUN = Number(process.env.BENCH_MESSAGES) || (quick ? 40 : 2000);
 const CONCURRENCY = [1, 8] as const;
+/**
+ * Messages sent before each measured run. The JIT keeps compiling a host's hot paths for its first
+ * few hundred requests; with only a handful, whichever host runs first (this one, beside a
+ * baseline) paid for that in the CPU columns: 0.54 against 0.50 ms per message cold, 0.44 against
+ * 0.44 warm, for the same two hosts.
+ */
+const warmupFor = (concurrency: number) => (quick ? concurrency * 3 : Math.max(concurrency * 3, 300));
 const MESSAGE_BYTES = 10 * 1024;
 const BIG_BYTES = 24 * 1024 * 1024;
 const CPU_ITERATIONS = quick ? [40, 8, 2] : [200, 30, 5];
@@ -61,7 +68,7 @@ let workerdRows: WorkerdCpuRow[] = [];
 /** Clears the mailbox, warms the path up (connections, JIT), clears again, runs, counts what was stored. */
 async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
   await backend.clear();
-  const warm = await closedLoop(concurrency * 3, concurrency, await op(`warm-${concurrency}-${order}`));
+  const warm = await closedLoop(warmupFor(concurrency), concurrency, await op(`warm-${concurrency}-${order}`));
   for (const x of warm.failures.slice(0, 3)) failures.push(`warm-up of ${path} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
   await backend.clear();
   const result: LoadResult = await closedLoop(PER_RUN, concurrency, await op(`run-${concurrency}-${order}`), { serverPid });
@@ -79,7 +86,7 @@ async function measured(order: number, label: string, path: PathName, concurrenc
 /** The messages of one run (or, for a tag starting with "warm", of its warm-up), built before the clock starts. */
 function messagesFor(tag: string, concurrency: number): Uint8Array<ArrayBuffer>[] {
   const make = messageFactory(tag, MESSAGE_BYTES);
-  return Array.from({ length: tag.startsWith("warm") ? concurrency * 3 : PER_RUN }, (_, i) => make(i));
+  return Array.from({ length: tag.startsWith("warm") ? warmupFor(concurrency) : PER_RUN }, (_, i) => make(i));
 }
 
 // The host runs as the container runs it: with a spool (and its SQLite record of deliveries).
