@@ -44,7 +44,7 @@ export interface SpoolQueue {
 /** Without a spool: LMTP at once; what Dovecot cannot take now is the sender's to offer again (503). */
 export function deliverNow(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
-    const { messageId, body } = await readHeaders(message);
+    const { info: { messageId }, body } = await peekHeaders(message.body);
     const received = await receiveHeld(body, message.signal);
     const repeat = duplicates(h, message, messageId, received);
     if (repeat) return repeat;
@@ -57,7 +57,7 @@ export function deliverNow(h: HostDelivery): Deliverer {
 /** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
 export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
   return async (message: InboundMessage) => {
-    const { messageId, body } = await readHeaders(message);
+    const { info: { messageId }, body } = await peekHeaders(message.body);
     const staged = queue.spool.stage();
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
@@ -94,12 +94,6 @@ export function deliverSpooled(h: HostDelivery): SpoolDeliver {
     recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
     return results;
   };
-}
-
-/** The Message-ID, and the body (its first bytes read again). */
-async function readHeaders(message: InboundMessage): Promise<{ messageId: string | null; body: MessageBody }> {
-  const peeked = await peekHeaders(message.body);
-  return { messageId: peeked.info.messageId, body: peeked.body };
 }
 
 /** A repeat of the same bytes already delivered to every recipient (the Worker retrying after a lost answer), or null. */

@@ -5,11 +5,12 @@
 
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openDeliveredLog } from "../host/delivered-log.ts";
 import { allowSlowTests } from "./support/timeout.ts";
+import { fillDisk, mountTmpfs } from "./support/tmpfs.ts";
 
 allowSlowTests();
 
@@ -98,29 +99,13 @@ describe("delivered log on a full disk (a real tmpfs)", () => {
   beforeEach(() => {
     mnt = join(dir, "tmpfs");
     mkdirSync(mnt);
-    // Root in the test environment: a tmpfs this small fills up at once. If it cannot be
-    // mounted, this fails (it is never skipped).
-    const r = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", mnt]);
-    if (r.exitCode !== 0) throw new Error(`cannot mount a tmpfs for the full-disk test: ${r.stderr.toString()}`);
+    mountTmpfs(mnt, "256k"); // this small, it fills up at once
   });
   afterEach(() => {
     Bun.spawnSync(["umount", "-l", mnt]);
   });
 
-  /** Fills what is left of the tmpfs; returns the filler's path. */
-  function fill(): string {
-    const path = join(mnt, "filler");
-    const chunk = new Uint8Array(4096);
-    const fd = openSync(path, "w");
-    try {
-      for (;;) writeSync(fd, chunk);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== "ENOSPC") throw e;
-    } finally {
-      closeSync(fd);
-    }
-    return path;
-  }
+  const fill = () => fillDisk(mnt);
 
   test("a write that fails is reported to onError, never thrown; the records are still known from memory, and written once there is room", async () => {
     const path = join(mnt, "delivered.sqlite");

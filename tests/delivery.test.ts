@@ -3,7 +3,7 @@
 // the background deliverer; what cannot be spooled is answered 503; duplicates; /metrics.
 
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
-import { closeSync, mkdirSync, openSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from "node:fs";
+import { mkdirSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../shared/contract.ts";
@@ -19,6 +19,7 @@ import { jsonOf, stalledUpload, statusOf, type StalledUpload } from "./support/s
 import { streamOf } from "./support/streams.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 import { until } from "./support/wait.ts";
+import { fillDisk, mountTmpfs } from "./support/tmpfs.ts";
 
 allowSlowTests();
 
@@ -825,22 +826,12 @@ describe("a full spool disk (a real tmpfs)", () => {
     dirs.push(dir);
     const mnt = join(dir, "spool");
     mkdirSync(mnt);
-    // Root in the test environment: if the tmpfs cannot be mounted this fails, it is never skipped.
-    const mounted = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", mnt]);
-    if (mounted.exitCode !== 0) throw new Error(`cannot mount a tmpfs for the full-disk test: ${mounted.stderr.toString()}`);
+    mountTmpfs(mnt, "512k");
     try {
       const h = await host({ dir: mnt, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
       fake.behaviour.rcpt = () => 450;
       // Fill the disk but for about 100 KiB.
-      const filler = join(mnt, "filler");
-      const fd = openSync(filler, "w");
-      try {
-        for (;;) writeSync(fd, new Uint8Array(4096));
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== "ENOSPC") throw e;
-      } finally {
-        closeSync(fd);
-      }
+      const filler = fillDisk(mnt);
       truncateSync(filler, statSync(filler).size - 100 * 1024);
 
       const sent = bigMessage("disk-full", 300_000);

@@ -13,6 +13,7 @@ import { FLUSH_REQUEST, Spool } from "../host/spool.ts";
 import { StagedMessage, type OpenFile } from "../host/staged-message.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
+import { mountTmpfs } from "./support/tmpfs.ts";
 
 allowSlowTests();
 
@@ -590,9 +591,7 @@ describe("prepare() at start-up", () => {
 
   test("throws on a full disk (a 64 KiB tmpfs filled up), where creating the folders alone succeeds", async () => {
     const mnt = await mkdtemp("/tmp/spool-full-");
-    const mounted = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt]);
-    // CI runs as root on the same kind of machine: a mount that fails is a broken test set-up, not a skip.
-    if (mounted.exitCode !== 0) throw new Error(`this test mounts a tmpfs and needs root: mount failed: ${mounted.stderr.toString().trim()}`);
+    mountTmpfs(mnt, "64k");
     try {
       writeFileSync(join(mnt, "fill"), Buffer.alloc(64 * 1024)); // exactly full
       const err = (() => {

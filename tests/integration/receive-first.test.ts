@@ -5,7 +5,7 @@
 // what it could not keep.
 
 import { describe, expect, test } from "bun:test";
-import { closeSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from "node:fs";
+import { mkdirSync, readdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { INBOUND_PATH } from "../../shared/contract.ts";
 import { expectStoredAs } from "../support/dovecot.ts";
@@ -14,6 +14,7 @@ import { startRelay, type RelayProcess } from "../support/relay-process.ts";
 import { jsonOf, stalledUpload, statusOf } from "../support/stalled-upload.ts";
 import { allowSlowTests } from "../support/timeout.ts";
 import { until } from "../support/wait.ts";
+import { fillDisk, mountTmpfs } from "../support/tmpfs.ts";
 
 allowSlowTests();
 
@@ -161,24 +162,14 @@ describe("a full disk under the spool", () => {
     const dir = await tempDir();
     const mnt = join(dir, "spool");
     mkdirSync(mnt);
-    // Root in the test environment: if the tmpfs cannot be mounted this fails, it is never skipped.
-    const mounted = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt]);
-    if (mounted.exitCode !== 0) throw new Error(`cannot mount a tmpfs for the full-disk test: ${mounted.stderr.toString()}`);
+    mountTmpfs(mnt, "1m");
     let relay: RelayProcess | null = null;
     try {
       relay = await startRelay(env(mnt));
       // The first delivery creates the record's pages while there is room; then the disk fills up.
       expect((await post(relay, message(`before-full-${RUN}`))).status).toBe(200);
       await Bun.sleep(400);
-      const filler = join(mnt, "filler");
-      const fd = openSync(filler, "w");
-      try {
-        for (;;) writeSync(fd, new Uint8Array(4096));
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== "ENOSPC") throw e;
-      } finally {
-        closeSync(fd);
-      }
+      const filler = fillDisk(mnt);
 
       for (let i = 0; i < 30; i++) expect((await post(relay, message(`full-${RUN}-${i}`, "y".repeat(3000)))).status).toBe(200);
       await until("a failed write of the record counted", async () => ((await relay!.metrics()).relay_delivered_log_errors_total ?? 0) > 0, 5_000, 50);
