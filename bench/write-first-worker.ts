@@ -1,7 +1,7 @@
 // The road not taken, kept for the bench: "write every message to R2 first, deliver from it".
 // The message goes to the EDGE_SPOOL bucket, then the very same email() (worker.ts, without the
 // bucket so it does not tee) delivers it from there, and the copy is deleted after the host's
-// answer. Measured beside worker.ts so that the README's choice stays reproducible.
+// answer. Measured beside worker.ts so that the choice in docs/edge-spool.md stays reproducible.
 
 import { newId, sized, type R2BucketLike } from "../edge/spool.ts";
 import { email, type IncomingEmail, type WaitUntil } from "../worker.ts";

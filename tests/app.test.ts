@@ -1,5 +1,5 @@
 // The HTTP contract end to end: a real Bun.serve (startServer) in front of the scriptable fake
-// LMTP server, one test per row of the README's status table (The HTTP contract) and per way a
+// LMTP server, one test per row of the status table of docs/contract.md and per way a
 // request can go wrong.
 // A 500 needs a deliverer that throws, so that one uses createApp directly.
 
@@ -1081,7 +1081,7 @@ describe(`X-Envelope-To fits in a header: at most ${MAX_ENVELOPE_TO_BYTES} bytes
 });
 
 // ---------------------------------------------------------------------------------------------
-// What Bun answers before the app runs (the last rows of the README's contract table)
+// What Bun answers before the app runs (the last rows of the contract table (docs/contract.md))
 
 describe("answers from Bun's HTTP parser, before the app runs", () => {
   const start = `POST ${INBOUND_PATH} HTTP/1.1\r\nHost: relay\r\nX-API-Key: ${KEY_1}\r\nContent-Type: message/rfc822\r\nX-Envelope-From: a@example.org\r\nX-Envelope-To: user@example.com\r\n`;

@@ -19,7 +19,7 @@ allowSlowTests();
 const replies = (...codes: number[]) => codes.map((code) => ({ code }));
 
 describe("outcomeForStatus", () => {
-  // Every row of the README's status table (The HTTP contract).
+  // Every row of the status table of docs/contract.md.
   test.each([
     [200, "accept"], // delivered
     [202, "accept"], // spooled, delivery later

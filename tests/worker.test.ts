@@ -1,6 +1,6 @@
 // The edge's email() in Bun, against the project's real host (startServer) in front of the
 // scriptable fake LMTP server, and against a tiny stub host for statuses the real host only gives
-// in rare cases. One test per row of the README's status table (The HTTP contract), from the
+// in rare cases. One test per row of the status table of docs/contract.md, from the
 // sender's side:
 //   accept  -> no setReject, no exception;
 //   bounce  -> setReject(reason), no exception;
