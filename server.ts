@@ -6,10 +6,12 @@
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
+import { AccessCerts, type AccessCertsOptions } from "./host/access-certs.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
 import { Metrics } from "./host/metrics.ts";
+import { accessJwt } from "./host/middleware/access-jwt.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
@@ -29,6 +31,8 @@ export interface RunningServer {
 
 export interface ServerOptions {
   log?: LogWriter;
+  /** Cloudflare Access's key cache, when ACCESS_* are set: its timings (tests). */
+  accessCerts?: AccessCertsOptions;
   lmtp?: LmtpPoolOptions;
   queue?: QueueRunnerOptions;
 }
@@ -75,7 +79,12 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
+  // Fetched now, so that the first message finds the keys there (and a wrong URL shows in the log at once).
+  const certs = config.access ? new AccessCerts(config.access.certsUrl, { log: event, ...opts.accessCerts }) : null;
+  void certs?.refresh();
+
   const app = createApp({
+    door: config.access && certs ? accessJwt(config.access, certs) : undefined,
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
@@ -96,7 +105,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null });
 
   let stopping: Promise<void> | null = null;
   return {

@@ -43,6 +43,19 @@ export const ServerEnv = z
     EXACTLY_ONCE: flag,
     // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
     BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
+    // Cloudflare Access (docs/access.md): with both, every route but /health needs its JWT too.
+    ACCESS_TEAM_DOMAIN: z
+      .string()
+      .trim()
+      .transform((d) => d.replace(/^https:\/\//i, "").replace(/\/+$/, "").toLowerCase())
+      .refine((d) => /^([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}$/.test(d), { message: "must be the team domain, e.g. myteam.cloudflareaccess.com" })
+      .optional(),
+    ACCESS_AUD: z
+      .string()
+      .transform((s) => s.split(",").map((a) => a.trim()).filter(Boolean))
+      .refine((l) => l.length > 0 && l.every((a) => /^[0-9a-f]{64}$/i.test(a)), { message: "must be the Access application's AUD tag (64 hex characters), or several, comma-separated" })
+      .optional(),
+    ACCESS_CERTS_URL: z.string().trim().url({ error: "must be a URL" }).optional(),
   })
   .superRefine((env, ctx) => {
     const keys = keysOf(env);
@@ -53,6 +66,10 @@ export const ServerEnv = z
     }
     // The delivery ids are the spool's: without a spool there is no retry to recognise.
     if (env.EXACTLY_ONCE && !env.SPOOL_DIR) ctx.addIssue({ code: "custom", path: ["EXACTLY_ONCE"], message: "needs SPOOL_DIR (the retries it recognises come from the spool)" });
+    // Half of Access would be a door that checks nothing, or one that nothing can pass.
+    if (env.ACCESS_TEAM_DOMAIN && !env.ACCESS_AUD) ctx.addIssue({ code: "custom", path: ["ACCESS_AUD"], message: "is not set, but ACCESS_TEAM_DOMAIN is (set both, or neither)" });
+    if (env.ACCESS_AUD && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_TEAM_DOMAIN"], message: "is not set, but ACCESS_AUD is (set both, or neither)" });
+    if (env.ACCESS_CERTS_URL && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_CERTS_URL"], message: "needs ACCESS_TEAM_DOMAIN and ACCESS_AUD" });
   })
   .transform(
     (env): ServerConfig => ({
@@ -66,6 +83,14 @@ export const ServerEnv = z
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
       exactlyOnce: env.EXACTLY_ONCE,
       bodyIdleMs: env.BODY_IDLE_SECONDS * 1000,
+      access:
+        env.ACCESS_TEAM_DOMAIN && env.ACCESS_AUD
+          ? {
+              issuer: `https://${env.ACCESS_TEAM_DOMAIN}`,
+              audiences: env.ACCESS_AUD,
+              certsUrl: env.ACCESS_CERTS_URL ?? `https://${env.ACCESS_TEAM_DOMAIN}/cdn-cgi/access/certs`,
+            }
+          : undefined,
     }),
   );
 
@@ -87,4 +112,15 @@ export interface ServerConfig {
   exactlyOnce?: boolean;
   /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
   bodyIdleMs?: number;
+  /** Cloudflare Access: every route but /health also needs a valid Cf-Access-Jwt-Assertion. */
+  access?: AccessSettings;
+}
+
+export interface AccessSettings {
+  /** `https://<team domain>`, as Access writes it in `iss`. */
+  issuer: string;
+  /** The application AUD tags; a token's `aud` must hold one of them. */
+  audiences: string[];
+  /** Where the signing keys are published (JWKS). */
+  certsUrl: string;
 }

@@ -4,6 +4,7 @@
 // node or cloudflare imports (tests/layout.test.ts checks).
 
 import { Hono, type Context, type MiddlewareHandler } from "hono";
+import { except } from "hono/combine";
 import { requestId } from "hono/request-id";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -71,6 +72,8 @@ export interface AppOptions {
   retryAfterSeconds?: number;
   /** A request body that sends no bytes for this long is answered 503 (body_stalled); unset: no limit. */
   bodyIdleMs?: number;
+  /** A door in front of every route but GET /health, passed before the key is looked at (the host's Cloudflare Access check). */
+  door?: MiddlewareHandler;
 }
 
 type AppEnv = { Variables: AccessLogEnv["Variables"] & { duplicate?: boolean } };
@@ -84,6 +87,7 @@ export function createApp(opts: AppOptions) {
 
   const app = new Hono<AppEnv>();
   app.use(requestId(), accessLog(log));
+  if (opts.door) app.use(except("/health", opts.door));
 
   app.onError((err, c) => {
     if (err instanceof BodyStalled) err = new Refusal(503, "body_stalled", `${err.message}; nothing was delivered, send it again`);

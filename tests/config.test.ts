@@ -135,6 +135,40 @@ describe("fromEnv(ServerEnv)", () => {
   });
 });
 
+describe("Cloudflare Access on the host (ACCESS_TEAM_DOMAIN, ACCESS_AUD, ACCESS_CERTS_URL)", () => {
+  const AUD_1 = "0f".repeat(32);
+  const AUD_2 = "A1".repeat(32);
+
+  test("unset: off (no access settings)", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A }).access).toBeUndefined();
+  });
+
+  test("both set: the issuer Access writes, the AUD tags, the certs at the team domain", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, ACCESS_TEAM_DOMAIN: "MyTeam.cloudflareaccess.com", ACCESS_AUD: ` ${AUD_1} , ${AUD_2},` }).access).toEqual({
+      issuer: "https://myteam.cloudflareaccess.com",
+      audiences: [AUD_1, AUD_2],
+      certsUrl: "https://myteam.cloudflareaccess.com/cdn-cgi/access/certs",
+    });
+  });
+
+  test("the team domain pasted as a URL is taken as the domain; ACCESS_CERTS_URL overrides where the keys come from", () => {
+    const c = fromEnv(ServerEnv, { API_KEY: KEY_A, ACCESS_TEAM_DOMAIN: "https://myteam.cloudflareaccess.com/", ACCESS_AUD: AUD_1, ACCESS_CERTS_URL: "http://127.0.0.1:9/certs" });
+    expect(c.access).toEqual({ issuer: "https://myteam.cloudflareaccess.com", audiences: [AUD_1], certsUrl: "http://127.0.0.1:9/certs" });
+  });
+
+  test.each([
+    [{ ACCESS_TEAM_DOMAIN: "myteam.cloudflareaccess.com" }, "configuration: ACCESS_AUD is not set, but ACCESS_TEAM_DOMAIN is (set both, or neither)"],
+    [{ ACCESS_AUD: AUD_1 }, "configuration: ACCESS_TEAM_DOMAIN is not set, but ACCESS_AUD is (set both, or neither)"],
+    [{ ACCESS_CERTS_URL: "https://x.example/certs" }, "configuration: ACCESS_CERTS_URL needs ACCESS_TEAM_DOMAIN and ACCESS_AUD"],
+    [{ ACCESS_TEAM_DOMAIN: "myteam", ACCESS_AUD: AUD_1 }, "configuration: ACCESS_TEAM_DOMAIN must be the team domain, e.g. myteam.cloudflareaccess.com"],
+    [{ ACCESS_TEAM_DOMAIN: "myteam.cloudflareaccess.com", ACCESS_AUD: "myteam" }, "configuration: ACCESS_AUD must be the Access application's AUD tag (64 hex characters), or several, comma-separated"],
+    [{ ACCESS_TEAM_DOMAIN: "myteam.cloudflareaccess.com", ACCESS_AUD: ` , ` }, "configuration: ACCESS_AUD must be the Access application's AUD tag (64 hex characters), or several, comma-separated"],
+    [{ ACCESS_TEAM_DOMAIN: "myteam.cloudflareaccess.com", ACCESS_AUD: AUD_1, ACCESS_CERTS_URL: "not a url" }, "configuration: ACCESS_CERTS_URL must be a URL"],
+  ])("%o -> one line naming it", (extra, line) => {
+    expect(refusal({ API_KEY: KEY_A, ...(extra as Record<string, string>) }).message).toBe(line);
+  });
+});
+
 describe("bun run server.ts", () => {
   test("a short key stops start-up: non-zero exit, one stderr line naming API_KEY, not the key", async () => {
     const key = "SHORTsecret-29-characters-xyz";
