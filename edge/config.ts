@@ -1,6 +1,6 @@
-// The Worker's configuration: wrangler.toml's [vars], the API_KEY secret and the EDGE_SPOOL
-// binding, parsed by the same fromEnv as the host's. A bad setting is the operator's to fix: mail
-// waits at the sender meanwhile (thrown, never a bounce).
+// The Worker's configuration: wrangler.toml's [vars], the API_KEY secret (and the Access service
+// token's two), the EDGE_SPOOL and HOST bindings, parsed by the same fromEnv as the host's. A bad
+// setting is the operator's to fix: mail waits at the sender meanwhile (thrown, never a bounce).
 
 import { z } from "zod";
 import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "../shared/config-env.ts";
@@ -16,8 +16,7 @@ export const WorkerEnv = z
     DELL_API_ENDPOINT: z
       .string({ error: "is not set (the host's https://.../api/v1/inbound-mail)" })
       // abort: zod 4 runs later checks after a failed one, and new URL() would throw past safeParse.
-      .url({ error: "must be a URL", abort: true })
-      .refine((u) => isHttpsOrLocal(u), { message: "must be https:// (plain http only for localhost)" }),
+      .url({ error: "must be a URL", abort: true }),
     API_KEY: z
       .string({ error: "is not set (wrangler secret put API_KEY)" })
       .min(MIN_KEY_LENGTH, `is shorter than ${MIN_KEY_LENGTH} characters`),
@@ -36,6 +35,14 @@ export const WorkerEnv = z
       .string()
       .refine((a) => addressProblem(a) === null, { message: "must be an address (postmaster@example.com)" })
       .optional(),
+    /** A Cloudflare Access service token (secrets): sent on every request to the host. Both or neither. */
+    CF_ACCESS_CLIENT_ID: z.string().optional(),
+    CF_ACCESS_CLIENT_SECRET: z.string().optional(),
+  })
+  .superRefine((e, ctx) => {
+    // Named, never shown: the message says which half is missing, not what the other half is.
+    if (e.CF_ACCESS_CLIENT_ID && !e.CF_ACCESS_CLIENT_SECRET) ctx.addIssue({ code: "custom", path: ["CF_ACCESS_CLIENT_SECRET"], message: "is not set, but CF_ACCESS_CLIENT_ID is (set both, or neither)" });
+    if (e.CF_ACCESS_CLIENT_SECRET && !e.CF_ACCESS_CLIENT_ID) ctx.addIssue({ code: "custom", path: ["CF_ACCESS_CLIENT_ID"], message: "is not set, but CF_ACCESS_CLIENT_SECRET is (set both, or neither)" });
   })
   .transform((e) => ({
     endpoint: e.DELL_API_ENDPOINT,
@@ -45,8 +52,19 @@ export const WorkerEnv = z
     allowed: e.ALLOWED_RECIPIENTS,
     maxAgeMs: e.EDGE_SPOOL_MAX_AGE_HOURS * HOUR,
     postmaster: e.POSTMASTER ?? "",
+    access: e.CF_ACCESS_CLIENT_ID && e.CF_ACCESS_CLIENT_SECRET ? { clientId: e.CF_ACCESS_CLIENT_ID, clientSecret: e.CF_ACCESS_CLIENT_SECRET } : null,
   }));
-export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null };
+
+/** What the Worker needs of a binding that fetches: a vpc_services binding (Workers VPC), or a service binding standing in for one. */
+export interface HostBinding {
+  fetch(input: string, init?: RequestInit): Promise<Response>;
+}
+
+export type WorkerConfig = z.output<typeof WorkerEnv> & {
+  spool: R2BucketLike | null;
+  /** Bound: every request to the host goes through it (Workers VPC), not over the public hostname. */
+  host: HostBinding | null;
+};
 
 function isHttpsOrLocal(u: string): boolean {
   let url: URL;
@@ -64,5 +82,12 @@ export function workerConfig(env: Record<string, unknown>): WorkerConfig {
   const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
   // Mail held at the edge can fail after the sender heard 250: someone must be told.
   if (spool && !config.postmaster) throw new ConfigError("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
-  return { ...config, spool };
+  if (env.HOST !== undefined && typeof (env.HOST as Partial<HostBinding>)?.fetch !== "function") {
+    throw new ConfigError("worker configuration: HOST must be a binding (vpc_services in wrangler.toml), not a variable");
+  }
+  const host = (env.HOST ?? null) as HostBinding | null;
+  // Through the binding the request is encrypted to the tunnel whatever the scheme, and https://
+  // would make cloudflared speak TLS to the host, which serves plain HTTP.
+  if (!host && !isHttpsOrLocal(config.endpoint)) throw new ConfigError("worker configuration: DELL_API_ENDPOINT must be https:// (plain http only for localhost, or through the HOST binding)");
+  return { ...config, spool, host };
 }

@@ -27,11 +27,26 @@ export function messageHeaders(apiKey: string, from: string, to: string, request
   };
 }
 
+/**
+ * Every request to the host leaves the Worker here (the live delivery, the drain's, notices, an
+ * operator's flush): through the HOST binding when there is one (Workers VPC: no public hostname),
+ * else over the public hostname; with the Access service token when it is set, which Cloudflare
+ * Access turns into the Cf-Access-Jwt-Assertion the host checks.
+ */
+export function fetchHost(config: WorkerConfig, init: RequestInit): Promise<Response> {
+  const headers = new Headers(init.headers);
+  if (config.access) {
+    headers.set("cf-access-client-id", config.access.clientId);
+    headers.set("cf-access-client-secret", config.access.clientSecret);
+  }
+  return (config.host ?? globalThis).fetch(config.endpoint, { ...init, headers });
+}
+
 export function forwardToHost(config: WorkerConfig): Deliverer {
   return async ({ envelope, body, size, requestId }) => {
     let res: Response;
     try {
-      res = await fetch(config.endpoint, {
+      res = await fetchHost(config, {
         method: "POST",
         headers: { ...messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId), "user-agent": "mailserver-inbound-relay-worker/1" },
         body: withLength(body, size),
