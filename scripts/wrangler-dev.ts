@@ -51,6 +51,10 @@ export interface WranglerDevOptions {
   edgeSpool?: boolean;
   /** Another entry module instead of worker.ts (the bench's copy of an earlier version). */
   main?: string;
+  /** Appended to wrangler.toml: e.g. a [[services]] binding to a Worker of `alsoRun`. */
+  extraToml?: string;
+  /** The wrangler.toml of further Workers run in the same workerd (wrangler dev -c ... -c ...): a service binding reaches them. */
+  alsoRun?: string[];
 }
 
 /**
@@ -58,10 +62,11 @@ export interface WranglerDevOptions {
  * Null: the repository's own file.
  */
 function configFor(opts: WranglerDevOptions, dir: string): string | null {
-  if (opts.edgeSpool !== false && !opts.main) return null;
+  if (opts.edgeSpool !== false && !opts.main && !opts.extraToml) return opts.alsoRun?.length ? join(root, "wrangler.toml") : null;
   let toml = readFileSync(join(root, "wrangler.toml"), "utf8");
   if (opts.edgeSpool === false) toml = toml.replace(/^\[\[r2_buckets\]\]\n(?:(?!\[).*(?:\n|$))*/m, "").replace(/^\[triggers\]\n(?:(?!\[).*(?:\n|$))*/m, "");
   toml = toml.replace(/^main = .*$/m, `main = ${JSON.stringify(opts.main ?? join(root, "worker.ts"))}`);
+  if (opts.extraToml) toml += `\n${opts.extraToml}\n`;
   const path = join(dir, "wrangler.toml");
   writeFileSync(path, toml);
   return path;
@@ -80,7 +85,7 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
 
   const proc = Bun.spawn(
     [
-      process.execPath, "x", "wrangler", "dev", ...(config ? ["--config", config] : []),
+      process.execPath, "x", "wrangler", "dev", ...(config ? ["--config", config] : []), ...(opts.alsoRun ?? []).flatMap((c) => ["--config", c]),
       "--port", String(port), "--ip", "127.0.0.1", "--env-file", envFile, "--persist-to", opts.persistTo ?? join(dir, "state"),
       "--inspector-ip", "127.0.0.1", "--inspector-port", String(inspectorPort), "--show-interactive-dev-session=false",
     ],
