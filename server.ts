@@ -6,7 +6,7 @@
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
-import { AccessCerts, type AccessCertsOptions } from "./host/access-certs.ts";
+import { AccessCerts } from "./host/access-certs.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
@@ -31,8 +31,6 @@ export interface RunningServer {
 
 export interface ServerOptions {
   log?: LogWriter;
-  /** Cloudflare Access's key cache, when ACCESS_* are set: its timings (tests). */
-  accessCerts?: AccessCertsOptions;
   lmtp?: LmtpPoolOptions;
   queue?: QueueRunnerOptions;
 }
@@ -79,8 +77,9 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
-  // Fetched now, so that the first message finds the keys there (and a wrong URL shows in the log at once).
-  const certs = config.access ? new AccessCerts(config.access.certsUrl, { log: event, ...opts.accessCerts }) : null;
+  // Access's keys are fetched now, so that the first message finds them there (and a wrong URL
+  // shows in the log at once).
+  const certs = config.access ? new AccessCerts(config.access.certsUrl, { log: event }) : null;
   void certs?.refresh();
 
   const app = createApp({
