@@ -21,6 +21,12 @@ export interface LmtpEnvelope {
    * so that its milters and policy services judge the real sender. null or absent: not sent.
    */
   client?: { ip: string; helo: string } | null;
+  /**
+   * Recipients reached through an alias, each with the address the sender used: sent as RCPT's
+   * ORCPT parameter (RFC 3461 4.2; Dovecot 2.3 takes it without offering DSN, and with
+   * lmtp_hdr_delivery_address = original writes it as Delivered-To).
+   */
+  orcpt?: ReadonlyMap<string, string>;
 }
 
 const DELIVERY_ID = /^[0-9a-z]{1,63}$/;
@@ -86,4 +92,8 @@ export function mailCommand(envelope: LmtpEnvelope, size: number | null, capabil
   return `MAIL FROM:<${envelope.from}>${params}\r\n`;
 }
 
-export const rcptCommand = (recipient: string) => `RCPT TO:<${recipient}>\r\n`;
+/** RCPT TO, with ORCPT when the recipient was reached through an alias (an ASCII one: RFC 6533's form is not sent). */
+export function rcptCommand(recipient: string, orcpt?: string): string {
+  const param = orcpt !== undefined && !nonAscii(orcpt) ? ` ORCPT=rfc822;${xtext(orcpt)}` : "";
+  return `RCPT TO:<${recipient}>${param}\r\n`;
+}

@@ -182,7 +182,7 @@ export class SmtpConnection {
     const offered = this.capabilities.get("XFORWARD");
     const xforward = offered !== undefined && envelope.client ? xforwardCommand(envelope.client, offered) : "";
     const mail = mailCommand(envelope, size, this.capabilities);
-    const rcpts = envelope.to.map(rcptCommand);
+    const rcpts = envelope.to.map((r) => rcptCommand(r, envelope.orcpt?.get(r)));
     return this.pipelining ? this.pipelinedEnvelope(rset, xforward, mail, rcpts, deadline) : this.lockStepEnvelope(rset, xforward, mail, rcpts, deadline);
   }
 
