@@ -313,6 +313,22 @@ export class SmtpConnection {
     return stuffer.end();
   }
 
+  /**
+   * Whether the server would take mail for `address`, without sending any: MAIL FROM:<> and RCPT
+   * TO, then RSET (RFC 5321 4.1.1.5), lock-step. Returns the RCPT reply (the MAIL reply when MAIL
+   * was refused). For a start-up or doctor's check, e.g. of postmaster@ (RFC 5321 4.5.1).
+   */
+  async probeRecipient(address: string, deadline = Infinity): Promise<LmtpReply> {
+    // Called between transactions (a finished one allows a new MAIL); RSET ends this one, and
+    // the next transaction starts with RSET all the same.
+    this.used = true;
+    const mail = await this.command("MAIL FROM:<>\r\n", "mail", deadline);
+    const answer = accepted(mail) ? await this.command(rcptCommand(address), "rcpt", deadline) : mail;
+    this.socket.send("RSET\r\n");
+    await this.expect2xx("rset", deadline);
+    return answer;
+  }
+
   async noop(): Promise<LmtpReply> {
     this.socket.send("NOOP\r\n");
     return this.expect2xx("noop", Infinity);

@@ -179,6 +179,17 @@ describe("SMTP: one transaction", () => {
     await q.close();
   });
 
+  test("probeRecipient: MAIL FROM:<>, RCPT, RSET, nothing sent; the RCPT reply (a doctor's check of postmaster@)", async () => {
+    const s = await start(mta(["PIPELINING"], (line) => (line === "RCPT TO:<nobody@x.org>" ? "550 5.1.1 <nobody@x.org>: User unknown\r\n" : undefined)));
+    const c = await openConnection(smtp(s), { timeouts: FAST });
+    expect((await c.probeRecipient("postmaster@x.org")).code).toBe(250);
+    expect(await c.probeRecipient("nobody@x.org")).toEqual({ code: 550, enhanced: "5.1.1", text: "<nobody@x.org>: User unknown" });
+    expect(s.lines.slice(1)).toEqual(["MAIL FROM:<>", "RCPT TO:<postmaster@x.org>", "RSET", "MAIL FROM:<>", "RCPT TO:<nobody@x.org>", "RSET"]);
+    expect(c.reusable).toBe(true);
+    expect(s.messages).toEqual([]);
+    c.close();
+  });
+
   test("a readiness check greets with EHLO and answers the extensions", async () => {
     const s = await start(mta(["PIPELINING", "SIZE 0"]));
     const p = new LmtpPool(smtp(s), { timeouts: FAST });
