@@ -9,7 +9,7 @@ import { accepted, formatReply, type RecipientReply } from "./replies.ts";
 import { SmtpConnection, type LmtpConnectionOptions } from "./smtp-connection.ts";
 import { LmtpSocket } from "./socket.ts";
 import { protocolOf, type LmtpTarget } from "./target.ts";
-import { DEFAULT_TIMEOUTS } from "./timeouts.ts";
+import { DEFAULT_TIMEOUTS, type LmtpTimeouts } from "./timeouts.ts";
 import type { MailboxTurns } from "./turns.ts";
 
 export type { LmtpConnectionOptions } from "./smtp-connection.ts";
@@ -18,7 +18,7 @@ export class LmtpConnection extends SmtpConnection {
   protected override readonly protocol = "LMTP";
   private readonly turns: MailboxTurns | null;
 
-  protected constructor(target: LmtpTarget, socket: LmtpSocket, timeouts: typeof DEFAULT_TIMEOUTS, opts: LmtpConnectionOptions) {
+  protected constructor(target: LmtpTarget, socket: LmtpSocket, timeouts: LmtpTimeouts, opts: LmtpConnectionOptions) {
     super(target, socket, timeouts, opts);
     this.turns = opts.turns ?? null;
   }

@@ -3,7 +3,7 @@
 // answer in the sender's own addresses, reload on change, SIGHUP-style reload() and a bad file.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdtemp, rm, writeFile, rename } from "node:fs/promises";
+import { mkdir, mkdtemp, rm, symlink, writeFile, rename } from "node:fs/promises";
 import { join } from "node:path";
 import { AliasError, AliasMap, AliasesFile, MAX_ADDRESSES, expandRecipients, foldResults } from "../host/aliases.ts";
 import { fromEnv } from "../shared/config-env.ts";
@@ -11,6 +11,7 @@ import { ServerEnv } from "../host/config.ts";
 import type { LogLine } from "../shared/log.ts";
 import { INBOUND_PATH, type RecipientResult } from "../shared/contract.ts";
 import { startServer } from "../server.ts";
+import { startRelay } from "./support/relay-process.ts";
 import { startScripted } from "./support/scripted-lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { until } from "./support/wait.ts";
@@ -161,6 +162,27 @@ describe("AliasesFile: loaded, reloaded, kept", () => {
     const config = fromEnv(ServerEnv, { API_KEY: "k".repeat(40), LMTP_HOST: "127.0.0.1", LMTP_PORT: "1", ALIASES_FILE: path });
     expect(() => startServer(config, { log: () => {} })).toThrow(`ALIASES_FILE=${path} line 2: a@x.test -> b@x.test -> a@x.test is a loop`);
     expect(() => startServer({ ...config, aliasesFile: join(dir, "missing") }, { log: () => {} })).toThrow(/ALIASES_FILE=.*missing cannot be read/);
+  });
+});
+
+describe("the relay as a process", () => {
+  test("SIGHUP reads the file again: a change the folder watch cannot see (ALIASES_FILE a symlink into another folder) is used after it", async () => {
+    const dir = await tempDir();
+    await mkdir(join(dir, "real"));
+    await writeFile(join(dir, "real", "aliases"), "info@x.test alice@x.test\n");
+    await symlink(join(dir, "real", "aliases"), join(dir, "aliases"));
+    const relay = await startRelay({ API_KEY: "h".repeat(40), LMTP_HOST: "127.0.0.1", LMTP_PORT: "1", ALIASES_FILE: join(dir, "aliases") });
+    try {
+      await relay.waitForLine((l) => l.event === "aliases_loaded");
+      await writeFile(join(dir, "real", "aliases"), "info@x.test bob@x.test\nsales@x.test bob@x.test\n");
+      await Bun.sleep(300);
+      expect(relay.lines.filter((l) => l.event === "aliases_loaded")).toHaveLength(1); // unseen so far
+      relay.proc.kill("SIGHUP");
+      expect(await relay.waitForLine((l) => l.event === "aliases_loaded" && l.entries === 2)).toMatchObject({ file: join(dir, "aliases") });
+      expect(relay.proc.exitCode).toBeNull(); // SIGHUP reloads; it does not end the relay
+    } finally {
+      await relay.kill("SIGTERM");
+    }
   });
 });
 
