@@ -145,7 +145,9 @@ describe("DELIVER_TO=smtp:// to Postfix", () => {
     expect(answer).toContain("User unknown in virtual mailbox table");
   });
 
-  test("Postfix stopped: spooled (202); delivered once when it is back", async () => {
+  test("Postfix stopped: spooled (202); delivered once when it is back, still with XFORWARD", async () => {
+    const forwarded = () => pf.log().split("orig_client=unknown[192.0.2.9]").length - 1;
+    const before = forwarded();
     await pf.stop();
     const raw = rfc822(ALICE, "while postfix is down");
     const r = await post(viaPostfix, [ALICE], raw);
@@ -159,6 +161,7 @@ describe("DELIVER_TO=smtp:// to Postfix", () => {
     await Bun.sleep(1_000);
     expect(await dv.messages(ALICE)).toHaveLength(1);
     expectStoredAs(stored[0]!, raw);
+    expect(forwarded()).toBe(before + 1); // the retry from the spool read the trace field again
   });
 
   test("a message over Postfix's message_size_limit (its EHLO SIZE) is refused before DATA: 413 with the reason", async () => {
