@@ -9,13 +9,14 @@ import { join } from "node:path";
 import { AccessCerts } from "./host/access-certs.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
+import { AliasesFile, expandAliases } from "./host/aliases.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
 import { Metrics } from "./host/metrics.ts";
 import { accessJwt } from "./host/middleware/access-jwt.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
-import { createApp, maxJsonBytes } from "./shared/app.ts";
+import { createApp, maxJsonBytes, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 
@@ -25,6 +26,8 @@ export interface RunningServer {
   pool: LmtpPool;
   metrics: Metrics;
   runner: QueueRunner | null;
+  /** ALIASES_FILE, when set: reload() reads it again (SIGHUP). */
+  aliases: AliasesFile | null;
   /** Graceful: stop accepting, let requests under way finish (answered or spooled), QUIT LMTP. */
   stop(): Promise<void>;
 }
@@ -40,7 +43,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const event = stamped(log);
   // The runner below is made with these metrics; they read its stats only when rendered.
   const metrics = new Metrics(() => runner?.stats());
-  const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
+  const target = config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
   let spool: Spool | null = null;
@@ -72,6 +75,14 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
+  let aliases: AliasesFile | null = null;
+  if (config.aliasesFile) {
+    try {
+      aliases = AliasesFile.open(config.aliasesFile, event);
+    } catch (e) {
+      throw new ConfigError(`ALIASES_FILE=${config.aliasesFile} ${(e as Error).message}`);
+    }
+  }
   const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
   const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;
@@ -87,7 +98,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
-    deliver: queue ? deliverNowOrSpool(host, queue) : deliverNow(host),
+    deliver: withAliases(aliases, queue ? deliverNowOrSpool(host, queue) : deliverNow(host)),
     // Neither says anything about the spool before what is on disk has been read.
     ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
     metrics: async () => (await runner?.scanned(), metrics.render()),
@@ -113,8 +124,10 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     pool,
     metrics,
     runner,
+    aliases,
     stop() {
       stopping ??= (async () => {
+        aliases?.close();
         // Stop listening; requests under way run to their answer (LMTP's timeouts bound them).
         await server.stop(false);
         await runner?.stop();
@@ -124,6 +137,11 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       return stopping;
     },
   };
+}
+
+/** The alias step before delivery (ALIASES_FILE), when there is a file. */
+function withAliases(aliases: AliasesFile | null, deliver: Deliverer): Deliverer {
+  return aliases ? expandAliases(aliases, deliver) : deliver;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -188,6 +206,9 @@ async function main(argv: string[]): Promise<number | "serving"> {
     event({ event: "stopped" });
     process.exit(0);
   };
+  // Only with a file to reload: otherwise SIGHUP keeps its default (the process ends), as before.
+  const aliases = running.aliases;
+  if (aliases) process.on("SIGHUP", () => void aliases.reload());
   process.once("SIGTERM", () => void shutdown("SIGTERM"));
   process.once("SIGINT", () => void shutdown("SIGINT"));
   return "serving";

@@ -9,7 +9,7 @@
 // a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
 // and every live success drain it (edge/drain.ts). Without the binding, nothing of that runs.
 
-import { workerConfig, type WorkerConfig } from "./edge/config.ts";
+import { withoutTag, workerConfig, type WorkerConfig } from "./edge/config.ts";
 import { drain, type DrainSummary, type DrainTrigger } from "./edge/drain.ts";
 import { HOST_ANSWERED, forwardToHost, messageHeaders, sendHeld } from "./edge/forward.ts";
 import { edgeQueueApp } from "./edge/queue-http.ts";
@@ -78,7 +78,9 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
   const { config, mail: app } = edgeApp(env);
 
   const rcpt = message.to.toLowerCase();
-  if (config.allowed.length && !config.allowed.some((a) => (a.includes("@") ? rcpt === a : rcpt.endsWith(`@${a}`)))) {
+  // RECIPIENT_DELIMITER: user+tag@ is who user@ is, for the allow-list and the edge spool.
+  const untagged = withoutTag(rcpt, config.recipientDelimiter);
+  if (config.allowed.length && !config.allowed.some((a) => (a.includes("@") ? rcpt === a || untagged === a : rcpt.endsWith(`@${a}`)))) {
     await message.setReject(smtpReason(`550 5.1.1 <${message.to}>: Recipient address rejected: no such user here`));
     log({ ...base, outcome: "reject", reason: "not in ALLOWED_RECIPIENTS", ms: Date.now() - started });
     return;
@@ -120,7 +122,7 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
   // The host cannot take it now. Held only for a recipient known to exist: anyone else is asked
   // to retry, so that mail to random addresses is never accepted for a bounce later.
   try {
-    const known = config.allowed.includes(rcpt) || (await spool.isKnown(rcpt));
+    const known = config.allowed.includes(rcpt) || config.allowed.includes(untagged) || (await spool.isKnown(rcpt)) || (untagged !== rcpt && (await spool.isKnown(untagged)));
     if (known) {
       const id = await spool.hold(kept, { from: message.from, to: message.to, size: message.rawSize, reason: text, noAnswer: !text.includes(HOST_ANSWERED) });
       nothingHeldUntil.delete(spool.bucket);

@@ -30,6 +30,14 @@ export const WorkerEnv = z
       .pipe(z.array(allowEntry)),
     /** With EDGE_SPOOL: how long a held message is retried before it goes to failed/ (Postfix's 5 days). */
     EDGE_SPOOL_MAX_AGE_HOURS: z.coerce.number({ error: "must be a number" }).positive("must be more than 0").default(120),
+    /**
+     * Postfix's and Dovecot's recipient_delimiter ("+", or several characters, each one): mail to
+     * user+tag@ is let through the allow-list and held as known when user@ would be.
+     */
+    RECIPIENT_DELIMITER: z
+      .string()
+      .refine((d) => d.length <= 8 && !/[@\s"<>,]/.test(d), { message: "must be a few delimiter characters such as + (no @, blanks, quotes, <>, commas)" })
+      .default(""),
     /** With EDGE_SPOOL: who hears of a held message the edge gave up on. */
     POSTMASTER: z
       .string()
@@ -53,6 +61,7 @@ export const WorkerEnv = z
     maxAgeMs: e.EDGE_SPOOL_MAX_AGE_HOURS * HOUR,
     postmaster: e.POSTMASTER ?? "",
     access: e.CF_ACCESS_CLIENT_ID && e.CF_ACCESS_CLIENT_SECRET ? { clientId: e.CF_ACCESS_CLIENT_ID, clientSecret: e.CF_ACCESS_CLIENT_SECRET } : null,
+    recipientDelimiter: e.RECIPIENT_DELIMITER,
   }));
 
 /** What the Worker needs of a binding that fetches: a vpc_services binding (Workers VPC), or a service binding standing in for one. */
@@ -65,6 +74,18 @@ export type WorkerConfig = z.output<typeof WorkerEnv> & {
   /** Bound: every request to the host goes through it (Workers VPC), not over the public hostname. */
   host: HostBinding | null;
 };
+
+/** "user+tag@example.com" -> "user@example.com" for a delimiter "+"; the address itself when it has no tag. */
+export function withoutTag(address: string, delimiter: string): string {
+  const at = address.lastIndexOf("@");
+  if (!delimiter || at <= 0) return address;
+  let cut = -1;
+  for (const d of delimiter) {
+    const i = address.indexOf(d);
+    if (i > 0 && i < at && (cut === -1 || i < cut)) cut = i;
+  }
+  return cut === -1 ? address : address.slice(0, cut) + address.slice(at);
+}
 
 function isHttpsOrLocal(u: string): boolean {
   let url: URL;

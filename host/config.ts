@@ -4,9 +4,10 @@
 import { z } from "zod";
 import { MIN_KEY_LENGTH } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
+import { parseDeliverTo, protocolOf, type LmtpTarget } from "../lmtp/target.ts";
 
-const port = (fallback: number) =>
-  z.coerce.number({ error: "must be a port number" }).int("must be a whole number").min(1, "must be 1-65535").max(65535, "must be 1-65535").default(fallback);
+const anyPort = z.coerce.number({ error: "must be a port number" }).int("must be a whole number").min(1, "must be 1-65535").max(65535, "must be 1-65535");
+const port = (fallback: number) => anyPort.default(fallback);
 
 const positiveInt = (fallback: number) =>
   z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").default(fallback);
@@ -33,8 +34,22 @@ export const ServerEnv = z
   .object({
     API_KEY: z.string().optional(),
     API_KEYS: z.string().optional(),
-    LMTP_HOST: z.string().trim().min(1, "is empty").default("dovecot"),
-    LMTP_PORT: port(2525),
+    // LMTP_HOST/LMTP_PORT: defaults applied below, once it is known that DELIVER_TO is not set.
+    LMTP_HOST: z.string().trim().min(1, "is empty").optional(),
+    LMTP_PORT: anyPort.optional(),
+    DELIVER_TO: z
+      .string()
+      .trim()
+      .transform((v, ctx) => {
+        try {
+          return parseDeliverTo(v);
+        } catch (e) {
+          ctx.addIssue({ code: "custom", message: `${(e as Error).message} (got ${JSON.stringify(v.slice(0, 100))})` });
+          return z.NEVER;
+        }
+      })
+      .optional(),
+    ALIASES_FILE: z.string().trim().optional(),
     PORT: port(8080),
     HOST: z.string().trim().min(1, "is empty").default("127.0.0.1"),
     MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
@@ -70,12 +85,23 @@ export const ServerEnv = z
     if (env.ACCESS_TEAM_DOMAIN && !env.ACCESS_AUD) ctx.addIssue({ code: "custom", path: ["ACCESS_AUD"], message: "is not set, but ACCESS_TEAM_DOMAIN is (set both, or neither)" });
     if (env.ACCESS_AUD && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_TEAM_DOMAIN"], message: "is not set, but ACCESS_AUD is (set both, or neither)" });
     if (env.ACCESS_CERTS_URL && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_CERTS_URL"], message: "needs ACCESS_TEAM_DOMAIN and ACCESS_AUD" });
+    if (env.DELIVER_TO && (env.LMTP_HOST !== undefined || env.LMTP_PORT !== undefined)) {
+      ctx.addIssue({ code: "custom", path: ["DELIVER_TO"], message: "and LMTP_HOST/LMTP_PORT are both set: keep one (DELIVER_TO=lmtp://host:port says what they say)" });
+    }
+    if (env.DELIVER_TO && protocolOf(env.DELIVER_TO) === "smtp") {
+      // The delivery id rides on the LHLO name that Dovecot writes into its Received header; behind
+      // an MTA, Dovecot sees the MTA's LHLO, and the MTA's own queue decides about repeats.
+      if (env.EXACTLY_ONCE) ctx.addIssue({ code: "custom", path: ["EXACTLY_ONCE"], message: "works only with an LMTP target (DELIVER_TO=smtp:// hands mail to an MTA, whose own LHLO is what Dovecot sees)" });
+      if (env.ALIASES_FILE) ctx.addIssue({ code: "custom", path: ["ALIASES_FILE"], message: "is for an LMTP target only (with DELIVER_TO=smtp:// the MTA expands its own aliases)" });
+    }
   })
   .transform(
     (env): ServerConfig => ({
       apiKeys: [...new Set(keysOf(env))],
-      lmtpHost: env.LMTP_HOST,
-      lmtpPort: env.LMTP_PORT,
+      lmtpHost: env.LMTP_HOST ?? "dovecot",
+      lmtpPort: env.LMTP_PORT ?? 2525,
+      ...(env.DELIVER_TO ? { deliverTo: env.DELIVER_TO } : {}),
+      ...(env.ALIASES_FILE ? { aliasesFile: env.ALIASES_FILE } : {}),
       port: env.PORT,
       host: env.HOST,
       maxMessageBytes: env.MAX_MESSAGE_BYTES,
@@ -98,6 +124,10 @@ export interface ServerConfig {
   apiKeys: string[];
   lmtpHost: string;
   lmtpPort: number;
+  /** DELIVER_TO: where mail goes (LMTP or an MTA's SMTP); when set, lmtpHost/lmtpPort are not used. */
+  deliverTo?: LmtpTarget;
+  /** ALIASES_FILE: Postfix virtual(5) lines expanded before LMTP (host/aliases.ts). */
+  aliasesFile?: string;
   port: number;
   host: string;
   maxMessageBytes: number;

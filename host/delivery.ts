@@ -18,7 +18,7 @@ import type { RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
-import { peekHeaders } from "./message-headers.ts";
+import { peekHeaders, type HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
 import { SpoolWriteError } from "./spool-file.ts";
@@ -44,11 +44,11 @@ export interface SpoolQueue {
 /** Without a spool: LMTP at once; what Dovecot cannot take now is the sender's to offer again (503). */
 export function deliverNow(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
-    const { info: { messageId }, body } = await peekHeaders(message.body);
+    const { info: { messageId, sender }, body } = await peekHeaders(message.body);
     const received = await receiveHeld(body, message.signal);
     const repeat = duplicates(h, message, messageId, received);
     if (repeat) return repeat;
-    const attempt = await tryLmtp(h, message, messageId, received, undefined);
+    const attempt = await tryLmtp(h, message, messageId, sender, received, undefined);
     if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
     return attempt.results;
   };
@@ -57,7 +57,7 @@ export function deliverNow(h: HostDelivery): Deliverer {
 /** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
 export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
   return async (message: InboundMessage) => {
-    const { info: { messageId }, body } = await peekHeaders(message.body);
+    const { info: { messageId, sender }, body } = await peekHeaders(message.body);
     const staged = queue.spool.stage();
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
@@ -75,7 +75,7 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
       if (repeat) return repeat;
       // The spool id names the delivery on this attempt and on every retry from the spool, so that
       // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
-      const attempt = await tryLmtp(h, message, messageId, received, h.exactlyOnce ? staged.id : undefined);
+      const attempt = await tryLmtp(h, message, messageId, sender, received, h.exactlyOnce ? staged.id : undefined);
       if (attempt.results?.some(isAccepted)) queue.runner.kick();
       if (attempt.results && !attempt.results.some(isTemporary)) return attempt.results;
       return await spoolTheRest(h, queue, message, messageId, received, staged, attempt);
@@ -87,8 +87,10 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
 
 /** The background deliverer's way to LMTP (the queue runner's SpoolDeliver). */
 export function deliverSpooled(h: HostDelivery): SpoolDeliver {
-  return async (envelope, body, size, header) => {
-    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined }, body, size);
+  return async (envelope, spooled, size, header) => {
+    // The sending server, for XFORWARD, from the spooled bytes' own trace header.
+    const { info: { sender }, body } = await peekHeaders(spooled);
+    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined, client: sender }, body, size);
     // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
     // it would be delivered again: a duplicate, never a loss).
     recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
@@ -124,10 +126,11 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
 type Attempt = { results: RecipientResult[]; fault: null } | { results: null; fault: LmtpFault | BodyAborted };
 
 /** The received message to LMTP now; what was delivered is recorded. */
-async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received, deliveryId: string | undefined): Promise<Attempt> {
+async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: string | null, client: HeaderInfo["sender"], received: Received, deliveryId: string | undefined): Promise<Attempt> {
   let attempt: Attempt;
   try {
-    attempt = { results: await lmtpTransaction(h, { ...message.envelope, deliveryId }, received.body, received.size ?? message.size), fault: null };
+    const envelope: LmtpEnvelope = { ...message.envelope, deliveryId, client, orcpt: message.originalRecipients };
+    attempt = { results: await lmtpTransaction(h, envelope, received.body, received.size ?? message.size), fault: null };
   } catch (e) {
     // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
     if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;

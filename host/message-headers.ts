@@ -1,12 +1,21 @@
 // The message's header block, read off the front of the body stream without consuming it, for
-// its Message-ID (duplicate suppression). The body itself is never parsed: one scan for the blank
+// its Message-ID (duplicate suppression) and the sending server that Cloudflare's topmost trace
+// header names (XFORWARD to an MTA). The body itself is never parsed: one scan for the blank
 // line, one for the field, on bytes (latin1: one character per byte, nothing decoded or lost).
+
+import { isIP } from "node:net";
 
 /** Header blocks longer than this are not searched further (the body still passes untouched). */
 const MAX_HEAD = 64 * 1024;
 
 export interface HeaderInfo {
   messageId: string | null;
+  /**
+   * The server that sent the message to Cloudflare Email Routing, from the topmost Received field
+   * when Cloudflare wrote it ("Received: from <helo> (<ip>) by cloudflare-email.net ..."); null
+   * otherwise. Only that one: lower trace fields were written by whoever sent the message.
+   */
+  sender: { ip: string; helo: string } | null;
 }
 
 export interface Peeked {
@@ -79,9 +88,20 @@ function concat(parts: Uint8Array[]): Uint8Array {
 
 /** A Message-ID field at the start of a line, with its folded continuation lines (RFC 5322 2.2.3). */
 const MESSAGE_ID = /^message-id[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)/im;
+/** The first Received field (the topmost: trace fields are prepended), folded lines included. */
+const FIRST_RECEIVED = /^received[ \t]*:((?:[^\r\n]|\r?\n[ \t])*)/im;
+/** Cloudflare Email Routing's own trace field: "from <helo> (<ip>) by cloudflare-email.net". */
+const CLOUDFLARE_RECEIVED = /^from ([\x21-\x7e]{1,255}) \(([0-9a-f.:]{2,45})\) by cloudflare-email\.net(?: |;|$)/i;
 
 function parseHead(head: Uint8Array): HeaderInfo {
-  const m = MESSAGE_ID.exec(Buffer.from(head.buffer, head.byteOffset, head.byteLength).toString("latin1"));
+  const text = Buffer.from(head.buffer, head.byteOffset, head.byteLength).toString("latin1");
+  const m = MESSAGE_ID.exec(text);
   const id = m?.[1]!.replace(/\r?\n(?=[ \t])/g, "").trim();
-  return { messageId: id ? id.slice(0, 998) : null };
+  return { messageId: id ? id.slice(0, 998) : null, sender: cloudflareSender(FIRST_RECEIVED.exec(text)?.[1]) };
+}
+
+function cloudflareSender(received: string | undefined): HeaderInfo["sender"] {
+  const m = received === undefined ? null : CLOUDFLARE_RECEIVED.exec(received.replace(/\r?\n(?=[ \t])/g, "").replace(/[ \t]+/g, " ").trim());
+  if (!m || isIP(m[2]!) === 0) return null;
+  return { ip: m[2]!, helo: m[1]! };
 }

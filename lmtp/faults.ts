@@ -1,11 +1,14 @@
-// How an LMTP exchange fails: the protocol's phases, a fault of the connection (LmtpFault) and a
+// How an LMTP or SMTP exchange fails: the protocol's phases, a fault of the connection (LmtpFault) and a
 // message body that gives out (BodyAborted).
 
 export type LmtpPhase =
   | "connect"
   | "greeting"
   | "lhlo"
+  | "ehlo"
+  | "helo"
   | "rset"
+  | "xforward"
   | "mail"
   | "rcpt"
   | "data"

@@ -1,7 +1,8 @@
 // A few LMTP connections to one server, reused (LmtpPool): how many run at once, which are kept
 // idle, and the delivery's deadline, which starts when the pool is asked.
 
-import { LmtpConnection, type LmtpConnectionOptions } from "./connection.ts";
+import { openConnection, type LmtpConnectionOptions } from "./connection.ts";
+import type { SmtpConnection } from "./smtp-connection.ts";
 import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
 import { LmtpFault } from "./faults.ts";
 import type { RecipientReply } from "./replies.ts";
@@ -31,7 +32,7 @@ export interface LmtpPoolOptions extends LmtpConnectionOptions {
  * of the message was sent, so the delivery is tried once more on a fresh connection.
  */
 export class LmtpPool {
-  private readonly idle: { conn: LmtpConnection; since: number }[] = [];
+  private readonly idle: { conn: SmtpConnection; since: number }[] = [];
   private busy = 0;
   private readonly waiting: (() => void)[] = [];
   private readonly maxConnections: number;
@@ -60,7 +61,7 @@ export class LmtpPool {
       try {
         return await conn.deliver(envelope, body, size, deadline);
       } catch (e) {
-        const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "mail");
+        const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "xforward" || e.phase === "mail");
         if (!stale) throw e;
         return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
       }
@@ -90,7 +91,7 @@ export class LmtpPool {
 
   private async probe(): Promise<string[]> {
     if (this.closed) throw new LmtpFault("closed", "connect", "LMTP pool is shut down");
-    const conn = await LmtpConnection.open(this.target, this.opts);
+    const conn = await openConnection(this.target, this.opts);
     try {
       await conn.noop();
       return [...conn.capabilities.keys()];
@@ -110,7 +111,7 @@ export class LmtpPool {
     return { busy: this.busy, idle: this.idle.length, waiting: this.waiting.length };
   }
 
-  private async withConnection<T>(deadline: number, fn: (conn: LmtpConnection, reused: boolean) => Promise<T>): Promise<T> {
+  private async withConnection<T>(deadline: number, fn: (conn: SmtpConnection, reused: boolean) => Promise<T>): Promise<T> {
     await this.takeSlot(deadline);
     try {
       let entry = this.idle.pop(); // most recently used first: the likeliest to be alive
@@ -118,15 +119,15 @@ export class LmtpPool {
         entry.conn.close(new Error("dropped from the idle list"));
         entry = this.idle.pop();
       }
-      const conn = entry?.conn ?? (await LmtpConnection.open(this.target, this.opts, deadline));
+      const conn = entry?.conn ?? (await openConnection(this.target, this.opts, deadline));
       return await this.settle(conn, () => fn(conn, entry !== undefined));
     } finally {
       this.giveSlot();
     }
   }
 
-  private async withFresh<T>(deadline: number, fn: (conn: LmtpConnection) => Promise<T>): Promise<T> {
-    const conn = await LmtpConnection.open(this.target, this.opts, deadline);
+  private async withFresh<T>(deadline: number, fn: (conn: SmtpConnection) => Promise<T>): Promise<T> {
+    const conn = await openConnection(this.target, this.opts, deadline);
     return this.settle(conn, () => fn(conn));
   }
 
@@ -142,7 +143,7 @@ export class LmtpPool {
   private seen: ReadonlyMap<string, string> | null = null;
 
   /** Runs fn on conn; afterwards the connection is kept idle if healthy, otherwise closed. */
-  private async settle<T>(conn: LmtpConnection, fn: () => Promise<T>): Promise<T> {
+  private async settle<T>(conn: SmtpConnection, fn: () => Promise<T>): Promise<T> {
     this.seen = conn.capabilities;
     try {
       return await fn();

@@ -5,7 +5,7 @@
 import type { Socket } from "bun";
 import { BodyAborted, LmtpFault, type LmtpPhase } from "./faults.ts";
 import { ReplyParser, type LmtpReply } from "./replies.ts";
-import { describeTarget, type LmtpTarget } from "./target.ts";
+import { describeTarget, protocolOf, type LmtpTarget } from "./target.ts";
 import { within, type LmtpTimeouts } from "./timeouts.ts";
 
 type Waiter = { resolve: (r: LmtpReply) => void; reject: (e: Error) => void };
@@ -19,6 +19,8 @@ export class LmtpSocket {
   private readonly replies: LmtpReply[] = [];
   private readonly waiters: Waiter[] = [];
   private drainWaiter: (() => void) | null = null;
+  /** "LMTP" or "SMTP", for the faults' words. */
+  private name = "LMTP";
 
   private constructor(private readonly timeouts: LmtpTimeouts) {}
 
@@ -40,6 +42,7 @@ export class LmtpSocket {
   }
 
   private async connect(target: LmtpTarget, deadline: number): Promise<void> {
+    this.name = protocolOf(target).toUpperCase();
     const lost = (e: Error) => this.close(e instanceof LmtpFault ? e : new LmtpFault("closed", null, e.message));
     const handlers = {
       data: (_s: Socket<undefined>, chunk: Uint8Array) => {
@@ -55,8 +58,8 @@ export class LmtpSocket {
         this.drainWaiter = null;
         w?.();
       },
-      close: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
-      end: () => this.close(new LmtpFault("closed", null, "LMTP server closed the connection")),
+      close: () => this.close(new LmtpFault("closed", null, `${this.name} server closed the connection`)),
+      end: () => this.close(new LmtpFault("closed", null, `${this.name} server closed the connection`)),
       error: (_s: Socket<undefined>, e: Error) => lost(e),
     };
     const where = describeTarget(target);
@@ -67,7 +70,7 @@ export class LmtpSocket {
     let timer: Timer | undefined;
     const timeout = new Promise<never>((_, reject) => {
       const ms = within(this.timeouts.connect, deadline);
-      timer = setTimeout(() => reject(new LmtpFault("timeout", "connect", `LMTP connect to ${where} timed out after ${ms} ms`)), ms);
+      timer = setTimeout(() => reject(new LmtpFault("timeout", "connect", `${this.name} connect to ${where} timed out after ${ms} ms`)), ms);
     });
     try {
       this.socket = await Promise.race([connecting, timeout]);
@@ -75,7 +78,7 @@ export class LmtpSocket {
       // A connect that completes after the timeout must not leak a socket.
       connecting.then((s) => s.terminate(), () => {});
       if (e instanceof LmtpFault) throw e;
-      throw new LmtpFault("connect", "connect", `LMTP connect to ${where} failed: ${(e as Error).message}`);
+      throw new LmtpFault("connect", "connect", `${this.name} connect to ${where} failed: ${(e as Error).message}`);
     } finally {
       clearTimeout(timer);
     }
@@ -103,7 +106,7 @@ export class LmtpSocket {
     while (off < bytes.length) {
       if (this.broken) throw this.faultFrom(this.broken, "body");
       const n = this.socket.write(bytes.subarray(off));
-      if (n < 0) throw new LmtpFault("closed", "body", "LMTP socket closed while writing");
+      if (n < 0) throw new LmtpFault("closed", "body", `${this.name} socket closed while writing`);
       off += n;
       if (off < bytes.length) await this.waitDrain(deadline);
     }
@@ -113,7 +116,7 @@ export class LmtpSocket {
     const ms = within(this.timeouts.body, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
-        const e = new LmtpFault("timeout", "body", `LMTP server did not take message data for ${ms} ms`);
+        const e = new LmtpFault("timeout", "body", `${this.name} server did not take message data for ${ms} ms`);
         this.close(e);
         reject(e);
       }, ms);
@@ -131,7 +134,7 @@ export class LmtpSocket {
     const ms = within(phaseMs, deadline);
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
-        const e = new LmtpFault("timeout", phase, `no LMTP reply to ${phase.toUpperCase()} within ${ms} ms`);
+        const e = new LmtpFault("timeout", phase, `no ${this.name} reply to ${phase.toUpperCase()} within ${ms} ms`);
         this.close(e);
         reject(e);
       }, ms);

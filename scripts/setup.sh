@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides Bun and the npm packages: Dovecot's LMTP server
 # and its Sieve plugin (Pigeonhole) from Debian's packages (the integration tests start private
-# instances, some with the "exactly once" Sieve script of docs/operations.md) and curl (the
+# instances, some with the "exactly once" Sieve script of docs/operations.md), Postfix (private
+# instances as the operator's MTA in front of Dovecot, DELIVER_TO=smtp://) and curl (the
 # runbook's own test commands are run as written).
 set -euo pipefail
 
 need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
 [ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] && command -v sievec >/dev/null 2>&1 || need+=(dovecot-sieve)
+command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "setup: dovecot, its Sieve plugin and curl already installed"
+  echo "setup: dovecot, its Sieve plugin, postfix and curl already installed"
   exit 0
 fi
 
@@ -20,5 +22,8 @@ sudo=""
 echo "setup: installing ${need[*]} from Debian's packages"
 $sudo apt-get update -qq
 # The packages' own start scripts are not needed (tests run private instances), and may be refused.
+# Postfix asks what kind of mail system this is: "Internet Site" (the default) is answered here.
+echo "postfix postfix/main_mailer_type select Internet Site" | $sudo debconf-set-selections 2>/dev/null || true
+echo "postfix postfix/mailname string localhost" | $sudo debconf-set-selections 2>/dev/null || true
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 echo "setup: done"

@@ -36,6 +36,11 @@ export interface InboundMessage {
    * from then on nothing may be delivered (the host checks it just before the final dot).
    */
   signal: AbortSignal;
+  /**
+   * Set by the host's alias step (host/aliases.ts): each recipient that is not an address the
+   * sender used, with the one it was sent to (LMTP's ORCPT, RFC 3461).
+   */
+  originalRecipients?: ReadonlyMap<string, string>;
 }
 
 /** Delivers one message; answers one result per recipient, in envelope order. */

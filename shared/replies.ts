@@ -51,8 +51,11 @@ export function noReplyResult(address: string): RecipientResult {
 // ---------------------------------------------------------------------------------------------
 // Results -> the HTTP answer
 
+/** RFC 3463 X.3.4: "message too big for system" (an MTA's SIZE, or its refusal of the upload). */
+const tooBig = (r: { enhanced?: string | null }) => r.enhanced === "5.3.4";
+
 /** The HTTP status for a set of per-recipient results. */
-export function statusForReplies(results: readonly { code: number; queued?: boolean }[]): 200 | 202 | 422 | 503 {
+export function statusForReplies(results: readonly { code: number; enhanced?: string | null; queued?: boolean }[]): 200 | 202 | 413 | 422 | 503 {
   const ok = (r: { code: number; queued?: boolean }) => isAccepted(r) && !r.queued;
   // No reply at all confirms nothing (every() would say "all delivered"): offer the message again.
   if (results.length === 0) return 503;
@@ -62,12 +65,13 @@ export function statusForReplies(results: readonly { code: number; queued?: bool
   if (!results.every((r) => ok(r) || r.queued || isPermanent(r))) return 503;
   // Queued: the host will deliver it; refusals among several recipients are in the list.
   if (results.some((r) => r.queued)) return 202;
-  // Only permanent refusals besides deliveries: the sender gets the bounce.
-  return 422;
+  // Only permanent refusals besides deliveries: the sender gets the bounce; 413 when every refusal
+  // says the message is too big (the Worker's answer for that, with the server's reason).
+  return results.filter(isPermanent).every(tooBig) ? 413 : 422;
 }
 
 export interface RepliesAnswer {
-  status: 200 | 202 | 422 | 503;
+  status: 200 | 202 | 413 | 422 | 503;
   body: InboundResponse;
 }
 
@@ -82,9 +86,10 @@ export function answerForReplies(results: RecipientResult[], envelopeTo: readonl
   if (status === 202) {
     return { status, body: { status: "queued", message: "accepted into the durable spool; it will be delivered when Dovecot takes it", ...one, recipients: results } };
   }
-  if (status === 422) {
+  if (status === 422 || status === 413) {
     const refused = results.filter(isPermanent).map((r) => r.reply);
-    return { status, body: { status: "rejected", error: "lmtp_rejected", message: refused.join("; "), ...one, recipients: results } };
+    const error = status === 413 ? "payload_too_large" : "lmtp_rejected";
+    return { status, body: { status: "rejected", error, message: refused.join("; "), ...one, recipients: results } };
   }
   const deferred = results.filter((r) => !isAccepted(r) && !r.queued).map((r) => r.reply);
   return { status, body: { status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${deferred.join("; ")}`, ...one, recipients: results } };

@@ -49,6 +49,22 @@ describe("fromEnv(ServerEnv)", () => {
     expect(refusal({ API_KEY: KEY_A, EXACTLY_ONCE: "true" }).message).toMatch(/^configuration: EXACTLY_ONCE needs SPOOL_DIR/);
   });
 
+  test("DELIVER_TO: parsed into the target; a bad URL, LMTP_HOST/LMTP_PORT beside it, or EXACTLY_ONCE or ALIASES_FILE with smtp:// stop start-up naming it", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, DELIVER_TO: "smtp://postfix:10025" }).deliverTo).toEqual({ kind: "tcp", host: "postfix", port: 10025, protocol: "smtp" });
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, DELIVER_TO: "lmtp:/run/dovecot/lmtp", ALIASES_FILE: "/etc/relay/aliases" })).toMatchObject({
+      deliverTo: { kind: "unix", path: "/run/dovecot/lmtp" },
+      aliasesFile: "/etc/relay/aliases",
+    });
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "dovecot:24" }).message).toMatch(/^configuration: DELIVER_TO must start with lmtp:\/\//);
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "lmtp://dovecot" }).message).toBe('configuration: DELIVER_TO needs a port (lmtp://host:port) (got "lmtp://dovecot")');
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "lmtp://d:24", LMTP_HOST: "dovecot" }).message).toMatch(/^configuration: DELIVER_TO and LMTP_HOST\/LMTP_PORT are both set/);
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "lmtp://d:24", LMTP_PORT: "24" }).message).toMatch(/both set/);
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "smtp://mx", SPOOL_DIR: "/s", EXACTLY_ONCE: "true" }).message).toMatch(/^configuration: EXACTLY_ONCE works only with an LMTP target/);
+    expect(refusal({ API_KEY: KEY_A, DELIVER_TO: "smtp://mx", ALIASES_FILE: "/a" }).message).toMatch(/^configuration: ALIASES_FILE is for an LMTP target only/);
+    // Unset: LMTP_HOST/LMTP_PORT as before, no target of its own.
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, LMTP_HOST: "/run/lmtp" })).not.toHaveProperty("deliverTo");
+  });
+
   test("BODY_IDLE_SECONDS in whole seconds, 1 to 60; 0, 61 or a fraction is refused with its name", () => {
     expect(fromEnv(ServerEnv, { API_KEY: KEY_A, BODY_IDLE_SECONDS: "3" }).bodyIdleMs).toBe(3_000);
     expect(refusal({ API_KEY: KEY_A, BODY_IDLE_SECONDS: "61" }).message).toContain("at most 60");

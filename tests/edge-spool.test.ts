@@ -171,6 +171,23 @@ describe("email() with EDGE_SPOOL", () => {
     expect(workerLines.at(-1)).toMatchObject({ outcome: "held", status: 503 });
   });
 
+  test("RECIPIENT_DELIMITER: user+tag@ is held when user@ is known, and only then; unset, user+tag@ is a stranger", async () => {
+    const bucket = new MemoryR2();
+    const [local, domain] = USER.split("@");
+    const tagged = `${local}+news@${domain}`;
+    expect(await run(incoming(rfc822("learn")), env(bucket, "real"))).toBeNull(); // USER is known now
+    // Unset: the tag makes another address, not known.
+    expect((await run(incoming(rfc822("tagged, no delimiter"), tagged), env(bucket, "stub")))?.message).toContain("temporary failure");
+    expect(heldKeys(bucket)).toEqual([]);
+    const msg = incoming(rfc822("tagged"), tagged);
+    expect(await run(msg, env(bucket, "stub", { RECIPIENT_DELIMITER: "+-" }))).toBeNull();
+    expect(msg.rejects).toEqual([]);
+    expect(heldKeys(bucket)).toHaveLength(1);
+    // Another user's tag is no better known than that user.
+    expect((await run(incoming(rfc822("stranger"), `stranger+news@${domain}`), env(bucket, "stub", { RECIPIENT_DELIMITER: "+" })))?.message).toContain("temporary failure");
+    expect(heldKeys(bucket)).toHaveLength(1);
+  });
+
   test("a domain entry in ALLOWED_RECIPIENTS is a filter only: it does not make its addresses known", async () => {
     const bucket = new MemoryR2();
     const err = await run(incoming(rfc822("domain")), env(bucket, "stub", { ALLOWED_RECIPIENTS: "kuma8088.com" }));

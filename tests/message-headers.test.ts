@@ -92,3 +92,33 @@ describe("the bytes handed on", () => {
     expect(out.length).toBe(long.length);
   });
 });
+
+describe("the sending server, from Cloudflare's topmost trace field (XFORWARD)", () => {
+  const senderOf = async (text: string) => (await peekHeaders(enc(text))).info.sender;
+  const CF = "Received: from mail-wm1-f43.google.com (209.85.128.43)\r\n        by cloudflare-email.net (unknown) id 4fIabc\r\n        for <a@x.test>; Tue, 02 Jul 2024 10:00:00 +0000\r\n";
+
+  test("HELO and address from Cloudflare's field, folded over lines; IPv6 too", async () => {
+    expect(await senderOf(`${CF}Subject: x\r\n\r\nbody\r\n`)).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
+    expect(await senderOf("Received: from h.example (2a00:1450:4864:20::32b) by cloudflare-email.net (unknown) id x\n\n")).toEqual({ ip: "2a00:1450:4864:20::32b", helo: "h.example" });
+  });
+
+  test("only the topmost field: one the sender wrote lower down is never taken, nor one below another server's", async () => {
+    // The sender's own forgery sits below Cloudflare's: Cloudflare's is used.
+    expect(await senderOf(`${CF}Received: from forged.example (6.6.6.6) by cloudflare-email.net\r\n\r\n`)).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
+    // The topmost is someone else's: nothing, even with a Cloudflare-looking field below it.
+    expect(await senderOf("Received: from a (1.2.3.4) by other.example\r\nReceived: from b (5.6.7.8) by cloudflare-email.net\r\n\r\n")).toBeNull();
+    // In the body: not a header at all.
+    expect(await senderOf("Subject: x\r\n\r\nReceived: from h (1.2.3.4) by cloudflare-email.net\r\n")).toBeNull();
+  });
+
+  test("an address that is no IP address, or a by-host that merely starts like Cloudflare's: nothing", async () => {
+    expect(await senderOf("Received: from h (999.1.1.1) by cloudflare-email.net\r\n\r\n")).toBeNull();
+    expect(await senderOf("Received: from h (1.2.3.4) by cloudflare-email.net.evil.example\r\n\r\n")).toBeNull();
+    expect(await senderOf("Subject: none\r\n\r\n")).toBeNull();
+  });
+
+  test("the same when the header block arrives in small chunks", async () => {
+    const r = await peekHeaders(chunked(enc(`${CF}Subject: x\r\n\r\nbody\r\n`), 7));
+    expect(r.info.sender).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
+  });
+});

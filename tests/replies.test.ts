@@ -81,6 +81,20 @@ describe("statusForReplies", () => {
     expect(statusForReplies(replies(552, 550))).toBe(422);
   });
 
+  test("refusals that all say 5.3.4 (too big for the server: an MTA's SIZE) -> 413, the Worker's answer for a message too large", () => {
+    const tooBig = { code: 552, enhanced: "5.3.4" };
+    expect(statusForReplies([tooBig, tooBig])).toBe(413);
+    expect(statusForReplies([{ code: 250 }, tooBig])).toBe(413);
+    // 552 alone (no enhanced code, or another one) is a refusal like any: 422.
+    expect(statusForReplies([{ code: 552, enhanced: null }])).toBe(422);
+    expect(statusForReplies([tooBig, { code: 550, enhanced: "5.1.1" }])).toBe(422);
+    // A temporary failure or a queued message still wins.
+    expect(statusForReplies([tooBig, { code: 451, enhanced: "4.3.0" }])).toBe(503);
+    const answer = answerForReplies([{ address: "a@x.org", code: 552, enhanced: "5.3.4", reply: "552 5.3.4 Message size exceeds fixed limit" }], ["a@x.org"]);
+    expect(answer.status).toBe(413);
+    expect(answer.body).toMatchObject({ status: "rejected", error: "payload_too_large", message: "552 5.3.4 Message size exceeds fixed limit" });
+  });
+
   test("deliveries mixed with permanent refusals -> 422 (the refused ones bounce)", () => {
     expect(statusForReplies(replies(250, 550))).toBe(422);
     expect(statusForReplies(replies(550, 250, 250))).toBe(422);

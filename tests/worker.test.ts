@@ -533,6 +533,31 @@ describe("ALLOWED_RECIPIENTS", () => {
   });
 });
 
+describe("RECIPIENT_DELIMITER", () => {
+  test("user+tag@ passes an allow-list that lists user@; without the setting it bounces as before", async () => {
+    const tagged = incoming(rfc822("tagged"), { to: "alice+lists@example.test" });
+    expect((await run(tagged, hostEnv({ ALLOWED_RECIPIENTS: "alice@example.test" }))).host).toHaveLength(0);
+    expect(tagged.rejects[0]).toMatch(/^550 5\.1\.1 <alice\+lists@example\.test>/);
+
+    const env = hostEnv({ ALLOWED_RECIPIENTS: "alice@example.test", RECIPIENT_DELIMITER: "+" });
+    const ok = incoming(rfc822("tagged"), { to: "alice+lists@example.test" });
+    const { error } = await run(ok, env);
+    expect(error).toBeNull();
+    expect(ok.rejects).toEqual([]);
+    expect(fake.received.map((r) => r.to)).toEqual([["alice+lists@example.test"]]); // the address as sent goes on
+    const other = incoming(rfc822("other"), { to: "mallory+alice@example.test" });
+    await run(other, env);
+    expect(other.rejects).toHaveLength(1);
+  });
+
+  test("a delimiter with @, blanks or commas stops the Worker's configuration naming it", async () => {
+    const msg = incoming(rfc822("bad delimiter"));
+    const { error } = await run(msg, hostEnv({ RECIPIENT_DELIMITER: "+@" }));
+    expect(error?.message).toContain("RECIPIENT_DELIMITER");
+    expect(msg.rejects).toEqual([]);
+  });
+});
+
 // --- logs ---------------------------------------------------------------------------------------
 
 describe("answers that are not the host's own (Bun's HTTP parser, a proxy) never bounce", () => {

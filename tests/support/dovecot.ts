@@ -203,6 +203,8 @@ export interface DovecotOptions {
    * in a sieve_before script drops a retry of a delivery Dovecot already saved. Needs dovecot-sieve.
    */
   exactlyOnce?: boolean;
+  /** Settings appended to the generated dovecot.conf (e.g. lmtp_hdr_delivery_address = original). */
+  extraConfig?: string;
 }
 
 export function sieveAvailable(): boolean {
@@ -218,14 +220,14 @@ export async function startDovecot(opts: DovecotOptions = {}): Promise<DovecotIn
   // That shows up as a bind failure; retry with a fresh port a couple of times.
   for (let attempt = 1; ; attempt++) {
     try {
-      return await launch(bin, opts.users ?? DEFAULT_USERS, opts.exactlyOnce ?? false);
+      return await launch(bin, opts.users ?? DEFAULT_USERS, opts.exactlyOnce ?? false, opts.extraConfig ?? "");
     } catch (e) {
       if (attempt >= 3 || !String(e).includes("Address already in use")) throw e;
     }
   }
 }
 
-async function launch(bin: string, userList: string[], exactlyOnce: boolean): Promise<DovecotInstance> {
+async function launch(bin: string, userList: string[], exactlyOnce: boolean, extraConfig: string): Promise<DovecotInstance> {
   if (exactlyOnce && !sieveAvailable()) {
     throw new Error(`Dovecot's Sieve plugin (Pigeonhole) is not installed. Install it with: ${SIEVE_INSTALL_HINT}`);
   }
@@ -252,7 +254,7 @@ async function launch(bin: string, userList: string[], exactlyOnce: boolean): Pr
   await writeFile(join(dir, "users"), users.map((u) => `${u}:{PLAIN}test::::::\n`).join(""), { mode: 0o644 });
   await writeFile(
     conf,
-    renderConfig({ dir, port, mailUid: nobody.uid, mailGid: nobody.gid, systemUser: "nobody", systemGroup, exactlyOnce }),
+    renderConfig({ dir, port, mailUid: nobody.uid, mailGid: nobody.gid, systemUser: "nobody", systemGroup, exactlyOnce }) + (extraConfig ? `\n${extraConfig}\n` : ""),
   );
   if (exactlyOnce) {
     // Compiled here, as the operator does with sievec: lmtp runs as nobody and could not write
