@@ -8,7 +8,7 @@
 //
 // worker.env (examples/worker.env.example), KEY=VALUE lines:
 //   the Worker's settings (docs/configuration.md): plain variables, except names ending in _KEY,
-//     _SECRET, _TOKEN or _PASSWORD (API_KEY), which go up as secrets;
+//     _SECRET, _TOKEN or _PASSWORD (API_KEY) and CF_ACCESS_CLIENT_ID, which go up as secrets;
 //   CLOUDFLARE_API_TOKEN, CLOUDFLARE_ACCOUNT_ID: wrangler's own login on a machine without a
 //     browser, handed to wrangler, never to the Worker;
 //   EDGE_URL: the Worker's URL, for `bun --env-file=worker.env run edge-queue`; not deployed.
@@ -22,8 +22,11 @@ import { ConfigError } from "../shared/config-env.ts";
 
 const root = join(import.meta.dir, "..");
 
-/** Names that go up as secrets: hidden in the dashboard, never in wrangler.toml. */
-const SECRET_NAME = /_(KEY|SECRET|TOKEN|PASSWORD)$/;
+/**
+ * Names that go up as secrets: hidden in the dashboard, never in wrangler.toml. The Access service
+ * token's id goes with its secret (docs/access.md keeps both as secrets).
+ */
+const SECRET_NAME = /_(KEY|SECRET|TOKEN|PASSWORD)$|^CF_ACCESS_CLIENT_ID$/;
 /** wrangler's own credentials (headless login): its environment, not the Worker's. */
 const WRANGLER_NAMES = new Set(["CLOUDFLARE_API_TOKEN", "CLOUDFLARE_ACCOUNT_ID"]);
 /** Read by the operator's tools from the same file, not deployed. */

@@ -63,6 +63,12 @@ describe("what a deploy sends", () => {
     expect(args.join(" ")).not.toContain(KEY);
   });
 
+  test("the Access service token goes up as two secrets, never as a plain variable", () => {
+    const plan = deployPlan(`${GOOD}\nCF_ACCESS_CLIENT_ID=id.access\nCF_ACCESS_CLIENT_SECRET=s3cret`, TOML);
+    expect(plan.secrets).toEqual({ API_KEY: KEY, CF_ACCESS_CLIENT_ID: "id.access", CF_ACCESS_CLIENT_SECRET: "s3cret" });
+    expect(Object.keys(plan.vars)).not.toContain("CF_ACCESS_CLIENT_ID");
+  });
+
   test("a name the Worker does not know is refused (a typo must not deploy quietly)", () => {
     expect(refusal(`${GOOD}\nDELL_API_ENDPIONT=https://x.test/api/v1/inbound-mail`)).toBe(
       "worker.env: DELL_API_ENDPIONT is not a setting of the Worker (docs/configuration.md) nor one of CLOUDFLARE_API_TOKEN, CLOUDFLARE_ACCOUNT_ID, EDGE_URL",
