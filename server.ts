@@ -10,6 +10,7 @@ import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
 import { Metrics } from "./host/metrics.ts";
+import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
@@ -37,10 +38,12 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const log = opts.log ?? jsonLines;
   const event = stamped(log);
   // The runner below is made with these metrics; they read its stats only when rendered.
-  const metrics = new Metrics(() => runner?.stats());
+  const metrics = new Metrics(() => runner?.stats(), config.rspamd !== undefined);
   const target = lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
+  // As ServerEnv says: a message is scanned whole, and past 1 MiB only the spool's tmp/ holds it.
+  if (config.rspamd && !config.spoolDir) throw new ConfigError("RSPAMD_URL needs SPOOL_DIR (a message is scanned whole before delivery; past 1 MiB it waits in the spool's tmp/)");
   let spool: Spool | null = null;
   if (config.spoolDir) {
     spool = new Spool(config.spoolDir);
@@ -70,8 +73,9 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
-  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
+  const spam = config.rspamd ? { rspamd: new RspamdClient(config.rspamd.url, config.rspamd.timeoutMs), metrics, log: event } : undefined;
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, spam };
+  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host, spool), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
@@ -96,7 +100,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
 
   let stopping: Promise<void> | null = null;
   return {

@@ -42,6 +42,17 @@ export const ServerEnv = z
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
     EXACTLY_ONCE: flag,
     // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
+    // The spam filter (off when unset): rspamd's normal worker, e.g. http://rspamd:11333.
+    RSPAMD_URL: z
+      .string()
+      .trim()
+      .optional()
+      .superRefine((u, ctx) => {
+        const problem = u ? rspamdUrlProblem(u) : null;
+        if (problem) ctx.addIssue({ code: "custom", message: problem });
+      }),
+    // Above rspamd's own task_timeout (8 s), below the Worker's HOST_TIMEOUT_MS (25 s).
+    RSPAMD_TIMEOUT_MS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").min(100, "must be at least 100").max(20_000, "must be at most 20000 (the Worker waits 25 s for the whole delivery)").default(10_000),
     BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
   })
   .superRefine((env, ctx) => {
@@ -53,6 +64,8 @@ export const ServerEnv = z
     }
     // The delivery ids are the spool's: without a spool there is no retry to recognise.
     if (env.EXACTLY_ONCE && !env.SPOOL_DIR) ctx.addIssue({ code: "custom", path: ["EXACTLY_ONCE"], message: "needs SPOOL_DIR (the retries it recognises come from the spool)" });
+    // A message is scanned whole before LMTP: past the first MiB it waits in the spool's tmp/.
+    if (env.RSPAMD_URL && !env.SPOOL_DIR) ctx.addIssue({ code: "custom", path: ["RSPAMD_URL"], message: "needs SPOOL_DIR (a message is scanned whole before delivery; past 1 MiB it waits in the spool's tmp/)" });
   })
   .transform(
     (env): ServerConfig => ({
@@ -66,6 +79,7 @@ export const ServerEnv = z
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
       exactlyOnce: env.EXACTLY_ONCE,
       bodyIdleMs: env.BODY_IDLE_SECONDS * 1000,
+      ...(env.RSPAMD_URL ? { rspamd: { url: env.RSPAMD_URL, timeoutMs: env.RSPAMD_TIMEOUT_MS } } : {}),
     }),
   );
 
@@ -87,4 +101,20 @@ export interface ServerConfig {
   exactlyOnce?: boolean;
   /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
   bodyIdleMs?: number;
+  /** The spam filter: rspamd's normal worker and how long a scan may take (needs spoolDir). */
+  rspamd?: { url: string; timeoutMs: number };
+}
+
+/** Why RSPAMD_URL cannot be used, or null. It is logged at start-up, so it may hold no password. */
+function rspamdUrlProblem(u: string): string | null {
+  let url: URL;
+  try {
+    url = new URL(u);
+  } catch {
+    return "must be a URL (rspamd's normal worker, e.g. http://rspamd:11333)";
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return "must be http:// or https:// (rspamd's normal worker, e.g. http://rspamd:11333)";
+  if (url.username || url.password) return "must not hold a user or password (rspamd's normal worker asks for none)";
+  if (url.search || url.hash) return "must not have a query or fragment (/checkv2 is added to its path)";
+  return null;
 }
