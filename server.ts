@@ -5,6 +5,7 @@
 //   bun run server.ts queue list|flush|retry ID|purge-failed
 // Tests and `bun run dev` call startServer().
 
+import { Resolver } from "node:dns/promises";
 import { join } from "node:path";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
@@ -30,6 +31,8 @@ export interface RunningServer {
 
 export interface ServerOptions {
   log?: LogWriter;
+  /** The spam filter's DNS (the sending server's name); the system's resolver by default. */
+  resolver?: Resolver;
   lmtp?: LmtpPoolOptions;
   queue?: QueueRunnerOptions;
 }
@@ -73,7 +76,16 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const spam = config.rspamd ? { rspamd: new RspamdClient(config.rspamd.url, config.rspamd.timeoutMs), metrics, log: event } : undefined;
+  const spam = config.rspamd
+    ? {
+        rspamd: new RspamdClient(config.rspamd.url, config.rspamd.timeoutMs),
+        resolver: opts.resolver ?? new Resolver(),
+        // The name is a hint for rspamd: a slow DNS must not eat the scan's own time.
+        nameTimeoutMs: Math.min(2_000, config.rspamd.timeoutMs / 4),
+        metrics,
+        log: event,
+      }
+    : undefined;
   const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, spam };
   const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host, spool), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;

@@ -6,16 +6,21 @@
 // rspamd down or slow: the message is delivered unscanned, with X-Spam-Status saying so, and the
 // failure is logged and counted; mail never waits on the filter (docs/spam-filter.md says why).
 
+import type { Resolver } from "node:dns/promises";
 import type { MessageBody } from "../lmtp.ts";
 import { Refusal } from "../shared/app.ts";
 import type { LogWriter } from "../shared/log.ts";
 import type { HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
+import { confirmedName } from "./sender-name.ts";
 import { scanFailed, type RspamdClient } from "./spam-scan.ts";
 import { treatment, verdictFields } from "./spam-verdict.ts";
 
 export interface SpamFilter {
   rspamd: RspamdClient;
+  /** Finds the sending server's name (its PTR, forward-confirmed), within nameTimeoutMs. */
+  resolver: Resolver;
+  nameTimeoutMs: number;
   metrics: Metrics;
   log: LogWriter;
 }
@@ -32,7 +37,9 @@ export interface ScanSubject {
 /** Scans the message; throws a Refusal for a live one its verdict refuses or defers; otherwise the fields to prepend. */
 export async function filterSpam(f: SpamFilter, subject: ScanSubject, body: MessageBody): Promise<Uint8Array> {
   const started = performance.now();
-  const scan = await f.rspamd.scan({ from: subject.envelope.from, to: subject.envelope.to, queueId: subject.queueId, sender: subject.info.sender, body });
+  const { sender } = subject.info;
+  const hostname = sender ? await confirmedName(f.resolver, sender.ip, f.nameTimeoutMs) : null;
+  const scan = await f.rspamd.scan({ from: subject.envelope.from, to: subject.envelope.to, queueId: subject.queueId, sender, hostname, body });
   f.metrics.observeScan(scanFailed(scan) ? "failed" : scan.action, (performance.now() - started) / 1000);
   if (scanFailed(scan)) {
     f.log({ event: "spam_unscanned", id: subject.queueId, error: scan.failed, message: "rspamd gave no verdict: delivered unscanned (X-Spam-Status: Unknown)" });

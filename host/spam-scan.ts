@@ -1,6 +1,6 @@
 // rspamd's HTTP protocol (the normal worker, port 11333): one message, one POST /checkv2, one
 // verdict. The envelope and what is known of the sending server go in request headers (From, one
-// Rcpt per recipient, Queue-Id, IP, Helo); the body is the message's bytes as received, from memory
+// Rcpt per recipient, Queue-Id, IP, Helo, Hostname); the body is the message's bytes as received, from memory
 // or streamed from the spool's tmp/ file, never copied into memory again. The reply is JSON: the
 // action, the score and the score it is measured against, the symbols that matched, and the
 // header fields rspamd's milter_headers module asks to add. Checked against rspamd 3.4's
@@ -23,6 +23,8 @@ export interface ScanRequest {
   queueId: string;
   /** The server that handed the message to Cloudflare, when Email Routing's Received names it. */
   sender: SendingServer | null;
+  /** Its name, forward-confirmed (sender-name.ts); null when it has none. */
+  hostname: string | null;
   body: MessageBody;
 }
 
@@ -93,6 +95,7 @@ export class RspamdClient {
       headers.set("IP", req.sender.ip);
       headers.set("Helo", req.sender.helo);
     }
+    if (req.hostname) headers.set("Hostname", req.hostname);
     let res: Response;
     let text: string;
     try {

@@ -47,6 +47,7 @@ const request = (over: Partial<ScanRequest> = {}): ScanRequest => ({
   to: ["user@example.test"],
   queueId: "req-1",
   sender: { ip: "203.0.113.5", helo: "mail.example.org" },
+  hostname: "mail.example.org",
   body: bytes("Subject: s\r\n\r\nhello\r\n"),
   ...over,
 });
@@ -69,6 +70,7 @@ describe("the request", () => {
     expect(r.headers.get("queue-id")).toBe("req-1");
     expect(r.headers.get("ip")).toBe("203.0.113.5");
     expect(r.headers.get("helo")).toBe("mail.example.org");
+    expect(r.headers.get("hostname")).toBe("mail.example.org");
   });
 
   test("a trailing slash on the URL is not doubled", async () => {
@@ -76,11 +78,12 @@ describe("the request", () => {
     expect(seen[0]!.path).toBe("/checkv2");
   });
 
-  test("the null sender is <>; without a known sending server no IP or Helo is sent", async () => {
-    await verdict(request({ from: "", sender: null }));
+  test("the null sender is <>; without a known sending server no IP, Helo or Hostname is sent", async () => {
+    await verdict(request({ from: "", sender: null, hostname: null }));
     expect(seen[0]!.headers.get("from")).toBe("<>");
     expect(seen[0]!.headers.has("ip")).toBe(false);
     expect(seen[0]!.headers.has("helo")).toBe(false);
+    expect(seen[0]!.headers.has("hostname")).toBe(false);
   });
 
   test("a UTF-8 address goes out as UTF-8 bytes", async () => {

@@ -2,7 +2,7 @@
 // tests/support/rspamd.ts, loading the operator's examples/rspamd/local.d/milter_headers.conf), the
 // host (startServer, with its spool and RSPAMD_URL), a private Dovecot running the operator's Junk
 // filing (examples/dovecot/90-relay-junk.conf, Pigeonhole), and the Worker in local workerd (wrangler
-// dev) with its edge spool. Between the Worker and the host sits a small relay that answers 502 while
+// dev) with its edge spool. rspamd loads the operator's examples/rspamd/local.d/options.inc too. Between the Worker and the host sits a small relay that answers 502 while
 // "the tunnel's origin is down", as cloudflared does. The tests run in order and share all of it.
 //
 // Messages carry Email Routing's trace field on top (wrangler dev adds none): the sending server
@@ -15,6 +15,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Resolver } from "node:dns/promises";
 import type { Server } from "bun";
 import type { LogLine } from "../../shared/log.ts";
 import { startWranglerDev, type WranglerDev } from "../../scripts/wrangler-dev.ts";
@@ -35,6 +36,7 @@ const REJECTED = "Worker rejected email with the following reason: ";
 const GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 const SENDING_IP = "203.0.113.5";
 const MILTER_HEADERS = new URL("../../examples/rspamd/local.d/milter_headers.conf", import.meta.url);
+const OPTIONS = new URL("../../examples/rspamd/local.d/options.inc", import.meta.url);
 
 let rspamd: RspamdInstance;
 let dv: DovecotInstance;
@@ -49,15 +51,17 @@ let worker: WranglerDev;
 beforeAll(async () => {
   [rspamd, dv] = await Promise.all([
     startRspamd({
+      // --host-record publishes the PTR too: the host finds the sending server's name, confirmed.
       dns: [`--txt-record=example.org,v=spf1 ip4:${SENDING_IP} -all`, "--mx-host=example.org,mail.example.org,10", `--host-record=mail.example.org,${SENDING_IP}`],
       files: { "local.d/milter_headers.conf": await readFile(MILTER_HEADERS, "utf8") },
+      options: await readFile(OPTIONS, "utf8"),
     }),
     startDovecot({ junk: true }),
   ]);
   spoolDir = await mkdtemp(join(tmpdir(), "spam-filter-spool-"));
   host = startServer(
     { apiKeys: [KEY], lmtpHost: dv.host, lmtpPort: dv.port, port: 0, host: "127.0.0.1", maxMessageBytes: 25 * 1024 * 1024, spoolDir, rspamd: { url: rspamd.url, timeoutMs: 10_000 } },
-    { log: (l) => void hostLines.push(l) },
+    { log: (l) => void hostLines.push(l), resolver: resolverOf(rspamd.dns) },
   );
   relay = Bun.serve({
     hostname: "127.0.0.1",
@@ -86,6 +90,12 @@ afterAll(async () => {
 beforeEach(async () => {
   await dv.clear();
 }, HOOK_TIMEOUT_MS);
+
+function resolverOf(server: string): Resolver {
+  const r = new Resolver();
+  r.setServers([server]);
+  return r;
+}
 
 // --- helpers --------------------------------------------------------------------------------
 
@@ -177,6 +187,8 @@ describe("live, through the Worker in workerd", () => {
     const v = verdictOf(inbox[0]!, raw);
     expect(v["X-Spam-Status"]).toMatch(/^No, score=-?\d+\.\d\d required=15\.00 action="no action"$/);
     expect(v["X-Spamd-Result"]).toContain("R_SPF_ALLOW(");
+    // The host found the sending server's name (PTR, forward-confirmed) and gave it to rspamd.
+    expect(v["X-Spamd-Result"]).not.toContain("HFILTER_HOSTNAME_UNKNOWN");
     expect(v["X-Spam"]).toBeUndefined();
     // rspamd's own field (the operator's milter_headers.conf): SPF passed for the address given.
     expect(v["Authentication-Results"]).toContain(`spf=pass`);
@@ -290,19 +302,21 @@ describe("straight to the host", () => {
     const res = await fetch(`${host.url}${INBOUND}`, {
       method: "POST",
       headers: { "Content-Type": contentType, "X-API-Key": KEY, "X-Envelope-From": from, "X-Envelope-To": USER },
-      body: raw,
+      body: typeof raw === "string" ? raw : Buffer.from(raw),
     });
     return { status: res.status, body: (await res.json()) as Record<string, unknown> };
   }
 
-  test("only Cloudflare's topmost Received counts: a copy of it lower down, written by the sender, gives rspamd nothing", async () => {
+  test("only Cloudflare's topmost Received counts: a copy of it lower down, written by the sender, gives rspamd nothing, and neither does another server's on top (ignore_received)", async () => {
     const forgedLower = `Received: from mx.other.example (mx.other.example [198.51.100.7]) by mx.example.net (Postfix)\r\n${cloudflareReceived()}`;
     const raw = rfc822("someone@example.org", "forged", ["hello\r\n"], { top: forgedLower });
     expect((await post(raw, "message/rfc822", "someone@example.org")).status).toBe(200);
     const v = verdictOf((await dv.messages(USER))[0]!, raw);
-    // No address reached rspamd, so no SPF verdict for the one the forged field names.
-    expect(v["X-Spamd-Result"]).not.toContain("R_SPF_ALLOW");
+    // No address reached rspamd: no SPF verdict, neither for the forged copy's address nor for the
+    // top field's (without ignore_received rspamd reads that one itself: R_SPF_FAIL for 198.51.100.7).
+    expect(v["X-Spamd-Result"]).not.toMatch(/R_SPF_(ALLOW|FAIL|SOFTFAIL)/);
     expect(v["X-Spamd-Result"]).not.toContain(SENDING_IP);
+    expect(v["X-Spamd-Result"]).toContain("HFILTER_HOSTNAME_UNKNOWN");
   });
 
   test("the runbook's JSON route is scanned too: GTUBE refused 422, a plain message delivered with its verdict", async () => {

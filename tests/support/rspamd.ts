@@ -28,6 +28,8 @@ export interface RspamdOptions {
   dns?: string[];
   /** More files under LOCAL_CONFDIR (e.g. "local.d/actions.conf", "rspamd.local.lua"), replacing the defaults. */
   files?: Record<string, string>;
+  /** More lines for local.d/options.inc, after the test's own resolver. */
+  options?: string;
 }
 
 export interface RspamdInstance {
@@ -35,6 +37,8 @@ export interface RspamdInstance {
   url: string;
   /** The controller (rspamc's learn_spam / learn_ham go there). */
   controllerUrl: string;
+  /** Its DNS server, "127.0.0.1:port" (node:dns's Resolver.setServers takes it). */
+  dns: string;
   dir: string;
   /** rspamd's log so far. */
   log(): Promise<string>;
@@ -100,7 +104,7 @@ export async function startRspamd(opts: RspamdOptions = {}): Promise<RspamdInsta
     "local.d/worker-normal.inc": `bind_socket = "127.0.0.1:${port}";\ncount = 1;\n`,
     "local.d/worker-controller.inc": `bind_socket = "127.0.0.1:${controllerPort}";\n`,
     "local.d/worker-proxy.inc": "count = 0;\n",
-    "local.d/options.inc": `dns {\n  nameserver = ["127.0.0.1:${dnsPort}"];\n}\nhs_cache_dir = "${HS_CACHE}";\n`,
+    "local.d/options.inc": `dns {\n  nameserver = ["127.0.0.1:${dnsPort}"];\n}\nhs_cache_dir = "${HS_CACHE}";\n${opts.options ?? ""}`,
     "local.d/logging.inc": 'level = "info";\n',
     "rspamd.local.lua": FORCED_ACTIONS_LUA,
     ...opts.files,
@@ -175,6 +179,7 @@ export async function startRspamd(opts: RspamdOptions = {}): Promise<RspamdInsta
   return {
     url,
     controllerUrl: `http://127.0.0.1:${controllerPort}`,
+    dns: `127.0.0.1:${dnsPort}`,
     dir,
     log,
     stop,
