@@ -5,6 +5,7 @@
 // bytes (latin1: one character per byte, nothing decoded or lost).
 
 import { isIP } from "node:net";
+import { replayThen } from "./replay-stream.ts";
 
 /** Header blocks longer than this are not searched further (the body still passes untouched). */
 const MAX_HEAD = 64 * 1024;
@@ -57,23 +58,7 @@ export async function peekHeaders(body: ReadableStream<Uint8Array> | Uint8Array)
   const info = parseHead(head.subarray(0, end ?? Math.min(head.byteLength, MAX_HEAD)));
 
   // Replay what was read, then hand on the rest of the stream as it comes.
-  let i = 0;
-  const replay = new ReadableStream<Uint8Array>({
-    async pull(controller) {
-      if (i < seen.length) return controller.enqueue(seen[i++]!);
-      if (done) return controller.close();
-      try {
-        const r = await reader.read();
-        if (r.done) controller.close();
-        else controller.enqueue(r.value);
-      } catch (e) {
-        controller.error(e);
-      }
-    },
-    cancel(reason) {
-      return reader.cancel(reason);
-    },
-  });
+  const replay = replayThen(seen, done ? null : reader);
   return { info, body: replay };
 }
 

@@ -12,6 +12,7 @@ import { Refusal } from "../shared/app.ts";
 import type { LogWriter } from "../shared/log.ts";
 import type { HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
+import { replayThen } from "./replay-stream.ts";
 import { confirmedName } from "./sender-name.ts";
 import { scanFailed, type RspamdClient } from "./spam-scan.ts";
 import { treatment, verdictFields } from "./spam-verdict.ts";
@@ -53,28 +54,5 @@ export async function filterSpam(f: SpamFilter, subject: ScanSubject, body: Mess
 
 /** The fields on top, then the message's bytes as they are (a buffer of at most HELD_BYTES is copied; a stream is not). */
 export function prepended(fields: Uint8Array, body: MessageBody): MessageBody {
-  if (body instanceof Uint8Array) return Buffer.concat([fields, body]);
-  const reader = body.getReader();
-  let first = true;
-  return new ReadableStream<Uint8Array>(
-    {
-      async pull(controller) {
-        if (first) {
-          first = false;
-          return controller.enqueue(fields);
-        }
-        try {
-          const r = await reader.read();
-          if (r.done) controller.close();
-          else controller.enqueue(r.value);
-        } catch (e) {
-          controller.error(e);
-        }
-      },
-      cancel(reason) {
-        return reader.cancel(reason);
-      },
-    },
-    { highWaterMark: 0 },
-  );
+  return body instanceof Uint8Array ? Buffer.concat([fields, body]) : replayThen([fields], body.getReader());
 }

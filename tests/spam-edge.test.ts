@@ -83,14 +83,8 @@ function incoming(subject: string): Msg {
 /** The Worker's env: the stand-in host, the bucket, and the recipient known (an exact ALLOWED_RECIPIENTS entry). */
 const env = (bucket: MemoryR2) => ({ API_KEY: KEY, DELL_API_ENDPOINT: `http://127.0.0.1:${host.port}/api/v1/inbound-mail`, POSTMASTER: `postmaster@kuma8088.com`, ALLOWED_RECIPIENTS: USER, EDGE_SPOOL: bucket });
 
-async function run(msg: Msg, e: Record<string, unknown>): Promise<Error | null> {
-  try {
-    await email(msg, e);
-    return null;
-  } catch (err) {
-    return err as Error;
-  }
-}
+/** email()'s outcome: null when it returned, the error it threw otherwise. */
+const run = (msg: Msg, e: Record<string, unknown>) => email(msg, e).then(() => null, (err: Error) => err);
 
 const held = (b: MemoryR2) => b.keys("queue/").filter((k) => !k.endsWith(".retry"));
 

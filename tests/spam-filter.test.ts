@@ -6,6 +6,7 @@
 // The real rspamd, Dovecot and the Worker are in tests/integration/spam-filter.test.ts.
 
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, test } from "bun:test";
+import type { Resolver } from "node:dns/promises";
 import { mkdtemp, rm } from "node:fs/promises";
 import type { Server } from "bun";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
@@ -73,22 +74,19 @@ afterEach(async () => {
 async function host(opts: { rspamdUrl?: string; timeoutMs?: number; lmtpPort?: number } = {}): Promise<RunningServer> {
   const dir = await mkdtemp("/tmp/spam-filter-test-");
   dirs.push(dir);
-  const server = startServer(
-    {
-      apiKeys: [KEY],
-      lmtpHost: "127.0.0.1",
-      lmtpPort: opts.lmtpPort ?? fake.port,
-      port: 0,
-      host: "127.0.0.1",
-      maxMessageBytes: 8 * 1024 * 1024,
-      spoolDir: dir,
-      rspamd: { url: opts.rspamdUrl ?? `http://127.0.0.1:${rspamd.port}`, timeoutMs: opts.timeoutMs ?? 2_000 },
-    },
-    { log: (l) => logs.push(l), queue: { baseBackoffMs: 100, maxBackoffMs: 200 } },
-  );
+  const rspamdConfig = { url: opts.rspamdUrl ?? `http://127.0.0.1:${rspamd.port}`, timeoutMs: opts.timeoutMs ?? 2_000 };
+  const config = { apiKeys: [KEY], lmtpHost: "127.0.0.1", lmtpPort: opts.lmtpPort ?? fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: 8 * 1024 * 1024, spoolDir: dir, rspamd: rspamdConfig };
+  const server = startServer(config, { log: (l) => logs.push(l), resolver: noNames, queue: { baseBackoffMs: 100, maxBackoffMs: 200 } });
   servers.push(server);
   return server;
 }
+
+/** A DNS that knows no name (the sending server's name lookup is tests/sender-name.test.ts's). */
+const noNames = {
+  reverse: async () => {
+    throw Object.assign(new Error("ENOTFOUND"), { code: "ENOTFOUND" });
+  },
+} as unknown as Resolver;
 
 const CF_RECEIVED = "Received: from mail.example.org (203.0.113.5)\r\n        by cloudflare-email.net (cloudflare) id AbC123\r\n        for <user@example.test>; Sat, 01 Mar 2025 12:00:00 +0000\r\n";
 
@@ -348,7 +346,7 @@ describe("/metrics", () => {
   test("without RSPAMD_URL: no spam lines at all, and nothing prepended", async () => {
     const dir = await mkdtemp("/tmp/spam-filter-test-");
     dirs.push(dir);
-    const server = startServer({ apiKeys: [KEY], lmtpHost: "127.0.0.1", lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: 1024 * 1024, spoolDir: dir }, { log: () => {} });
+    const server = startServer({ apiKeys: [KEY], lmtpHost: "127.0.0.1", lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: 1024 * 1024, spoolDir: dir }, { log: () => {}, resolver: noNames });
     servers.push(server);
     const sent = message("off");
     expect((await post(server, sent)).status).toBe(200);

@@ -119,14 +119,7 @@ const SJIS = [0x93, 0xfa, 0x96, 0x7b, 0x8c, 0xea, 0x82, 0xcc, 0x83, 0x81, 0x81, 
 const uniqueSender = (label: string, domain = "example.org") => `${label}-${crypto.randomUUID().slice(0, 8)}@${domain}`;
 
 /** The Worker's JSON lines since `from` (an offset into its output). */
-function lines(w: WranglerDev, from = 0): LogLine[] {
-  return w
-    .output()
-    .slice(from)
-    .split("\n")
-    .filter((l) => l.startsWith("{"))
-    .map((l) => JSON.parse(l) as LogLine);
-}
+const lines = (w: WranglerDev, from = 0): LogLine[] => w.logLines(from);
 
 interface Sent {
   status: number;
