@@ -144,6 +144,8 @@ export function createApp(opts: AppOptions) {
 
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), reportAnswer, async (c) => {
     refuseEncoded(c.req.header("content-encoding"));
+    const alreadyAccepted = acceptedBefore(c.req.header(ALREADY_ACCEPTED));
+    if (alreadyAccepted) logFields(c, { already_accepted: true });
     const type = mediaType(c.req.header("content-type"));
     const parsed =
       type === "message/rfc822"
@@ -160,8 +162,6 @@ export function createApp(opts: AppOptions) {
     // lost with it.
     const signal = c.req.raw.signal;
     if (signal.aborted) throw clientGone();
-    const alreadyAccepted = acceptedBefore(c.req.header(ALREADY_ACCEPTED));
-    if (alreadyAccepted) logFields(c, { already_accepted: true });
 
     let results: RecipientResult[];
     try {

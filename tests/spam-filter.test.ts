@@ -275,12 +275,15 @@ describe("already accepted", () => {
     expect(fake.received).toHaveLength(1);
   });
 
-  test("any other value of X-Already-Accepted: 400, nothing scanned", async () => {
+  test("any other value of X-Already-Accepted: 400; without the key: 401; nothing scanned either way", async () => {
     const server = await host();
     const a = await post(server, message("bad-marker"), { "X-Already-Accepted": "yes please" });
     expect(a.status).toBe(400);
     expect(a.body.message).toContain("X-Already-Accepted");
+    const keyless = await post(server, message("keyless-marker"), { "X-Already-Accepted": "true", "X-API-Key": "not-the-key-0123456789abcdefghijklmnop" });
+    expect(keyless.status).toBe(401);
     expect(scans).toEqual([]);
+    expect(fake.received).toEqual([]);
   });
 
   test("the host's own spool retry is already accepted: scanned again and delivered with its verdict, never refused", async () => {
