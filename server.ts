@@ -5,6 +5,7 @@
 //   bun run server.ts queue list|flush|retry ID|purge-failed
 // Tests and `bun run dev` call startServer().
 
+import { Resolver } from "node:dns/promises";
 import { join } from "node:path";
 import { AccessCerts } from "./host/access-certs.ts";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
@@ -13,6 +14,7 @@ import { AliasesFile, expandAliases } from "./host/aliases.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
 import { Metrics } from "./host/metrics.ts";
 import { accessJwt } from "./host/middleware/access-jwt.ts";
+import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
@@ -34,6 +36,8 @@ export interface RunningServer {
 
 export interface ServerOptions {
   log?: LogWriter;
+  /** The spam filter's DNS (the sending server's name); the system's resolver by default. */
+  resolver?: Resolver;
   lmtp?: LmtpPoolOptions;
   queue?: QueueRunnerOptions;
 }
@@ -42,10 +46,12 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const log = opts.log ?? jsonLines;
   const event = stamped(log);
   // The runner below is made with these metrics; they read its stats only when rendered.
-  const metrics = new Metrics(() => runner?.stats());
+  const metrics = new Metrics(() => runner?.stats(), config.rspamd !== undefined);
   const target = config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
+  // As ServerEnv says: a message is scanned whole, and past 1 MiB only the spool's tmp/ holds it.
+  if (config.rspamd && !config.spoolDir) throw new ConfigError("RSPAMD_URL needs SPOOL_DIR (a message is scanned whole before delivery; past 1 MiB it waits in the spool's tmp/)");
   let spool: Spool | null = null;
   if (config.spoolDir) {
     spool = new Spool(config.spoolDir);
@@ -83,8 +89,18 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       throw new ConfigError(`ALIASES_FILE=${config.aliasesFile} ${(e as Error).message}`);
     }
   }
-  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
-  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
+  const spam = config.rspamd
+    ? {
+        rspamd: new RspamdClient(config.rspamd.url, config.rspamd.timeoutMs),
+        resolver: opts.resolver ?? new Resolver(),
+        // The name is a hint for rspamd: a slow DNS must not eat the scan's own time.
+        nameTimeoutMs: Math.min(2_000, config.rspamd.timeoutMs / 4),
+        metrics,
+        log: event,
+      }
+    : undefined;
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, spam };
+  const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host, spool), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
 
@@ -115,7 +131,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
 
   let stopping: Promise<void> | null = null;
   return {

@@ -8,6 +8,7 @@
 // With an R2 bucket bound as EDGE_SPOOL (edge/spool.ts), a message the host cannot take now, for
 // a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
 // and every live success drain it (edge/drain.ts). Without the binding, nothing of that runs.
+// A 429 (the host's spam filter deferring: greylisting) is thrown and never held.
 
 import { withoutTag, workerConfig, type WorkerConfig } from "./edge/config.ts";
 import { drain, type DrainSummary, type DrainTrigger } from "./edge/drain.ts";
@@ -103,8 +104,11 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
   const answer = InboundResponse.safeParse(await res.json().catch(() => null));
   const text = answer.success ? answer.data.message : `HTTP ${res.status}`;
   const outcome = outcomeForStatus(res.status);
+  // Deferred by the host's spam filter (429: greylisting): back to the sender, never held here,
+  // or the edge would accept on the sender's behalf what the filter wants it to send again.
+  const deferredBySpamFilter = res.status === 429;
 
-  if (outcome !== "retry" || !spool || !kept) {
+  if (outcome !== "retry" || !spool || !kept || deferredBySpamFilter) {
     void kept?.cancel();
     log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
     if (outcome === "accept") {

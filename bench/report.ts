@@ -6,6 +6,7 @@ import { join } from "node:path";
 import type { LoadResult } from "./load.ts";
 import type { MemoryResult } from "./memory.ts";
 import type { Machine } from "./proc.ts";
+import type { SpamRun } from "./spam.ts";
 import type { WorkerCpuRow } from "./worker-cpu.ts";
 import { BASELINE, type WorkerdCpuRow } from "./worker-workerd.ts";
 
@@ -62,6 +63,8 @@ export interface Results {
   ratios: RatioRow[];
   /** BENCH_BASELINE: the host at another commit, run beside this one. */
   baseline?: { ref: string; sha: string; comparison: ComparisonRow[] };
+  /** The host with RSPAMD_URL beside the same host without it (bench/spam.ts). */
+  spamFilter?: SpamRun[];
   big: { ceilingMs: number | null; memory: MemoryResult | null };
   workerCpu: WorkerCpuRow[];
   /** The Worker in workerd: today's worker.ts, the edge spool's healthy and holding paths, the alternative, the floor. */
@@ -155,6 +158,22 @@ export function renderTable(r: Results): string {
       br.push([String(x.concurrency), x.body === "raw" ? "rfc822" : "JSON", f(x.perSecond, 0), f(x.basePerSecond, 0), f(x.perSecond / x.basePerSecond, 3), f(x.hostCpuMs, 3), f(x.baseHostCpuMs, 3), f(x.p99Ms, 2), f(x.baseP99Ms, 2)]);
     }
     out.push(...table(br, ["r", "l", "r", "r", "r", "r", "r", "r", "r"]));
+    out.push("");
+  }
+
+  if (r.spamFilter?.length) {
+    out.push("Spam filter: relay rfc822 with RSPAMD_URL (a private rspamd) beside the same host without it, same run; per concurrency: without, with, with, without");
+    const sr = [["conc", "RSPAMD_URL", "msg/s (runs)", "mean", "p50 ms (runs)", "p99 ms (runs)", "host cpu ms/msg", "machine cpu ms/msg"]];
+    for (const c of [...new Set(r.spamFilter.map((x) => x.concurrency))]) {
+      for (const on of [false, true]) {
+        const xs = r.spamFilter.filter((x) => x.concurrency === c && x.rspamd === on).map((x) => x.result);
+        const mean = (g: (x: LoadResult) => number) => xs.reduce((s, x) => s + g(x), 0) / Math.max(1, xs.length);
+        const each = (g: (x: LoadResult) => number, d: number) => xs.map((x) => f(g(x), d)).join(", ");
+        sr.push([String(c), on ? "set" : "unset", each((x) => x.perSecond, 0), f(mean((x) => x.perSecond), 0), each((x) => x.p50Ms, 2), each((x) => x.p99Ms, 2), f(mean((x) => x.cpu.serverMsPerMessage ?? NaN), 3), f(mean((x) => x.cpu.machineMsPerMessage ?? NaN), 3)]);
+      }
+    }
+    out.push(...table(sr, ["r", "l", "r", "r", "r", "r", "r", "r"]));
+    out.push("  (machine cpu includes rspamd's own; each message carries Email Routing's Received, so the host looks the sender's name up and rspamd checks its SPF)");
     out.push("");
   }
 

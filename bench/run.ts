@@ -8,6 +8,7 @@
 //   BENCH_LMTP=fake          the fake LMTP even where Dovecot is installed (every line then says so)
 //   BENCH_BASELINE=<ref>     also run the host as it was at that commit, beside this one, so that
 //                            before and after are measured in the same run (see baseline.ts)
+//   BENCH_SPAM=0             leave out the spam filter's runs (RSPAMD_URL beside without it, spam.ts)
 //
 // It asserts no timing. It exits non-zero only when something failed: a delivery not answered
 // 200 "success", a message missing from the mailbox, a process that would not start.
@@ -24,6 +25,7 @@ import { ceilingOp, ceilingPool, jsonBodies, relayJsonOp, relayRawOp } from "./p
 import { dovecotVersion, machine, memStatus } from "./proc.ts";
 import { marker, renderTable, writeOutputs, type ComparisonRow, type PathName, type RatioRow, type Results, type Target, type ThroughputRun } from "./report.ts";
 import { OUT_DIR, spawnServer, type ServerChild } from "./server-child.ts";
+import { spamFilterRuns, type SpamRun } from "./spam.ts";
 import { workerCpu, type WorkerCpuRow } from "./worker-cpu.ts";
 import { workerdCpu, type WorkerdCpuRow } from "./worker-workerd.ts";
 
@@ -62,6 +64,7 @@ progress(
 const runs: ThroughputRun[] = [];
 let memory: MemoryResult | null = null;
 let bigCeilingMs: number | null = null;
+let spamRuns: SpamRun[] = [];
 let cpuRows: WorkerCpuRow[] = [];
 let workerdRows: WorkerdCpuRow[] = [];
 
@@ -133,6 +136,13 @@ try {
   failures.push(`throughput: ${(e as Error).stack ?? e}`);
 } finally {
   await before?.stop();
+}
+
+// --- 4b: the spam filter: the host with RSPAMD_URL beside the same host without it -------------
+if (process.env.BENCH_SPAM !== "0") {
+  const spam = await spamFilterRuns({ backend, apiKey: API_KEY, perRun: PER_RUN, concurrency: CONCURRENCY, warmupFor, messagesFor, spoolDir, progress });
+  spamRuns = spam.runs;
+  failures.push(...spam.failures);
 }
 
 // --- 5: one 24 MiB message ------------------------------------------------------------------
@@ -275,6 +285,7 @@ const results: Results = {
   runs,
   ratios,
   ...(baseline ? { baseline: { ref: baseline.ref, sha: baseline.sha, comparison } } : {}),
+  spamFilter: spamRuns,
   big: { ceilingMs: bigCeilingMs, memory },
   workerCpu: cpuRows,
   workerdCpu: workerdRows,

@@ -40,11 +40,13 @@ export interface SpawnOptions {
   cwd?: string;
   /** The host's SPOOL_DIR; without it the host runs without a spool (503 on temporary faults). */
   spoolDir?: string;
+  /** More settings (RSPAMD_URL, ...). */
+  env?: Record<string, string>;
 }
 
-/** The bench decides whether the host has a spool, not whatever SPOOL_DIR the shell had. */
+/** The bench decides whether the host has a spool and a spam filter, not whatever the shell had. */
 function withoutSpool(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  const { SPOOL_DIR: _ignored, ...rest } = env;
+  const { SPOOL_DIR: _spool, RSPAMD_URL: _rspamd, ...rest } = env;
   return rest;
 }
 
@@ -57,6 +59,7 @@ export async function spawnServer(opts: SpawnOptions): Promise<ServerChild> {
     env: {
       ...withoutSpool(process.env),
       ...(opts.spoolDir ? { SPOOL_DIR: opts.spoolDir } : {}),
+      ...opts.env,
       API_KEY: opts.apiKey,
       LMTP_HOST: opts.lmtpHost,
       LMTP_PORT: String(opts.lmtpPort),

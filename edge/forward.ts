@@ -3,7 +3,7 @@
 // answer counts: anything else that answers is retried, never accepted nor bounced.
 
 import { Refusal, TemporaryFailure, type Deliverer } from "../shared/app.ts";
-import { InboundResponse, headerValue } from "../shared/contract.ts";
+import { ALREADY_ACCEPTED, InboundResponse, headerValue } from "../shared/contract.ts";
 import { acceptedResult, isAccepted, isPermanent, outcomeForStatus } from "../shared/replies.ts";
 import type { WorkerConfig } from "./config.ts";
 import type { SendResult } from "./drain.ts";
@@ -15,15 +15,17 @@ export const HOST_ANSWERED = "host answered";
 /**
  * The headers of a message/rfc822 request to the app: the key, and the envelope as UTF-8 on the
  * wire (headerValue). The contract's MAX_ENVELOPE_TO_BYTES keeps the list well inside the host's
- * 16 KiB for all headers.
+ * 16 KiB for all headers. `alreadyAccepted`: the sender heard 250 from the edge before (a held
+ * message): the host's spam filter must not refuse it now (X-Already-Accepted).
  */
-export function messageHeaders(apiKey: string, from: string, to: string, requestId: string): Record<string, string> {
+export function messageHeaders(apiKey: string, from: string, to: string, requestId: string, alreadyAccepted = false): Record<string, string> {
   return {
     "content-type": "message/rfc822",
     "x-api-key": apiKey,
     "x-envelope-from": headerValue(from === "" ? "<>" : from),
     "x-envelope-to": headerValue(to),
     "x-request-id": requestId,
+    ...(alreadyAccepted ? { [ALREADY_ACCEPTED]: "true" } : {}),
   };
 }
 
@@ -43,12 +45,12 @@ export function fetchHost(config: WorkerConfig, init: RequestInit): Promise<Resp
 }
 
 export function forwardToHost(config: WorkerConfig): Deliverer {
-  return async ({ envelope, body, size, requestId }) => {
+  return async ({ envelope, body, size, requestId, alreadyAccepted }) => {
     let res: Response;
     try {
       res = await fetchHost(config, {
         method: "POST",
-        headers: { ...messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId), "user-agent": "mailserver-inbound-relay-worker/1" },
+        headers: { ...messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId, alreadyAccepted), "user-agent": "mailserver-inbound-relay-worker/1" },
         body: withLength(body, size),
         signal: AbortSignal.timeout(config.timeoutMs),
         // @ts-expect-error - Bun and Node need it for a stream body; workerd ignores it
@@ -84,6 +86,10 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
         if (res.status === 422 && recipients?.length) return recipients;
         throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.data.error ?? "host_refused", text);
       case "retry":
+        // The host's spam filter asks the sender to come back later (greylisting): passed on as
+        // such, so that email() does not hold it (that would accept it on the sender's behalf).
+        // Only the host's own 429 says so; anyone else's is a temporary failure like the rest.
+        if (res.status === 429 && answer.success && answer.data.error === "spam_deferred") throw new Refusal(429, "spam_deferred", text);
         throw new TemporaryFailure(`${HOST_ANSWERED} ${res.status}: ${text}`);
     }
   };
@@ -104,12 +110,14 @@ export function sendHeld(config: WorkerConfig) {
   return async (m: HeldMessage, body: ReadableStream<Uint8Array>, requestId: string): Promise<SendResult> => {
     try {
       // Nobody waits on the other end of a drain: only forwardToHost's own time limit ends it.
-      const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId, signal: new AbortController().signal });
+      // Held: the sender was told 250 when it was held, so the host must not refuse it for spam now.
+      const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId, signal: new AbortController().signal, alreadyAccepted: true });
       const replies = results.map((r) => r.reply).join("; ");
       if (results.every(isAccepted)) return { outcome: "confirmed", reply: replies };
       return { outcome: results.some(isPermanent) ? "permanent" : "temporary", reply: replies };
     } catch (e) {
-      if (e instanceof Refusal) return { outcome: "permanent", reply: `${e.status} ${e.message}` };
+      // Only a refusal for good gives up on the message; a deferral (429) is tried again later.
+      if (e instanceof Refusal && outcomeForStatus(e.status) === "reject") return { outcome: "permanent", reply: `${e.status} ${e.message}` };
       return { outcome: "temporary", reply: (e as Error).message };
     }
   };

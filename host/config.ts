@@ -57,6 +57,17 @@ export const ServerEnv = z
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
     EXACTLY_ONCE: flag,
     // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
+    // The spam filter (off when unset): rspamd's normal worker, e.g. http://rspamd:11333.
+    RSPAMD_URL: z
+      .string()
+      .trim()
+      .optional()
+      .superRefine((u, ctx) => {
+        const problem = u ? rspamdUrlProblem(u) : null;
+        if (problem) ctx.addIssue({ code: "custom", message: problem });
+      }),
+    // Above rspamd's own task_timeout (8 s), below the Worker's HOST_TIMEOUT_MS (25 s).
+    RSPAMD_TIMEOUT_MS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").min(100, "must be at least 100").max(20_000, "must be at most 20000 (the Worker waits 25 s for the whole delivery)").default(10_000),
     BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
     // Cloudflare Access (docs/access.md): with both, every route but /health needs its JWT too.
     ACCESS_TEAM_DOMAIN: z
@@ -94,6 +105,8 @@ export const ServerEnv = z
       if (env.EXACTLY_ONCE) ctx.addIssue({ code: "custom", path: ["EXACTLY_ONCE"], message: "works only with an LMTP target (DELIVER_TO=smtp:// hands mail to an MTA, whose own LHLO is what Dovecot sees)" });
       if (env.ALIASES_FILE) ctx.addIssue({ code: "custom", path: ["ALIASES_FILE"], message: "is for an LMTP target only (with DELIVER_TO=smtp:// the MTA expands its own aliases)" });
     }
+    // A message is scanned whole before LMTP: past the first MiB it waits in the spool's tmp/.
+    if (env.RSPAMD_URL && !env.SPOOL_DIR) ctx.addIssue({ code: "custom", path: ["RSPAMD_URL"], message: "needs SPOOL_DIR (a message is scanned whole before delivery; past 1 MiB it waits in the spool's tmp/)" });
   })
   .transform(
     (env): ServerConfig => ({
@@ -117,6 +130,7 @@ export const ServerEnv = z
               certsUrl: env.ACCESS_CERTS_URL ?? `https://${env.ACCESS_TEAM_DOMAIN}/cdn-cgi/access/certs`,
             }
           : undefined,
+      ...(env.RSPAMD_URL ? { rspamd: { url: env.RSPAMD_URL, timeoutMs: env.RSPAMD_TIMEOUT_MS } } : {}),
     }),
   );
 
@@ -144,6 +158,8 @@ export interface ServerConfig {
   bodyIdleMs?: number;
   /** Cloudflare Access: every route but /health also needs a valid Cf-Access-Jwt-Assertion. */
   access?: AccessSettings;
+  /** The spam filter: rspamd's normal worker and how long a scan may take (needs spoolDir). */
+  rspamd?: { url: string; timeoutMs: number };
 }
 
 export interface AccessSettings {
@@ -153,4 +169,18 @@ export interface AccessSettings {
   audiences: string[];
   /** Where the signing keys are published (JWKS). */
   certsUrl: string;
+}
+
+/** Why RSPAMD_URL cannot be used, or null. It is logged at start-up, so it may hold no password. */
+function rspamdUrlProblem(u: string): string | null {
+  let url: URL;
+  try {
+    url = new URL(u);
+  } catch {
+    return "must be a URL (rspamd's normal worker, e.g. http://rspamd:11333)";
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") return "must be http:// or https:// (rspamd's normal worker, e.g. http://rspamd:11333)";
+  if (url.username || url.password) return "must not hold a user or password (rspamd's normal worker asks for none)";
+  if (url.search || url.hash) return "must not have a query or fragment (/checkv2 is added to its path)";
+  return null;
 }

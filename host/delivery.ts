@@ -10,6 +10,11 @@
 // The SHA-256 of the bytes is taken while they arrive: with the Message-ID and the recipient it
 // is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
 // "duplicate", never another message that reuses a Message-ID.
+//
+// With the spam filter (RSPAMD_URL, which needs the spool), a received message that is not a
+// repeat is scanned before LMTP (spam-filter.ts): refused or deferred there if it is live, else
+// delivered with the verdict's header fields on top. The digest stays that of the sender's bytes,
+// and the spool keeps those bytes: a retry from the spool is scanned again, as already accepted.
 
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
 import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
@@ -21,6 +26,7 @@ import type { DeliveredLog } from "./delivered-log.ts";
 import { peekHeaders, type HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
+import { filterSpam, prepended, type SpamFilter } from "./spam-filter.ts";
 import { SpoolWriteError } from "./spool-file.ts";
 import type { Spool } from "./spool.ts";
 import { HELD_BYTES, type StagedMessage } from "./staged-message.ts";
@@ -33,6 +39,8 @@ export interface HostDelivery {
   log: LogWriter;
   /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
   exactlyOnce?: boolean;
+  /** The spam filter (RSPAMD_URL); only with the spool, which holds a message whole while it is scanned. */
+  spam?: SpamFilter;
 }
 
 /** The durable spool behind the host's delivery, and its background deliverer. */
@@ -57,7 +65,8 @@ export function deliverNow(h: HostDelivery): Deliverer {
 /** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
 export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
   return async (message: InboundMessage) => {
-    const { info: { messageId, sender }, body } = await peekHeaders(message.body);
+    const { info, body } = await peekHeaders(message.body);
+    const { messageId } = info;
     const staged = queue.spool.stage();
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
@@ -73,9 +82,10 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
       }
       const repeat = duplicates(h, message, messageId, received);
       if (repeat) return repeat;
+      const toDeliver = h.spam ? await scanned(h.spam, message, info, received, staged) : received;
       // The spool id names the delivery on this attempt and on every retry from the spool, so that
       // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
-      const attempt = await tryLmtp(h, message, messageId, sender, received, h.exactlyOnce ? staged.id : undefined);
+      const attempt = await tryLmtp(h, message, messageId, info.sender, toDeliver, h.exactlyOnce ? staged.id : undefined);
       if (attempt.results?.some(isAccepted)) queue.runner.kick();
       if (attempt.results && !attempt.results.some(isTemporary)) return attempt.results;
       return await spoolTheRest(h, queue, message, messageId, received, staged, attempt);
@@ -85,12 +95,28 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
   };
 }
 
-/** The background deliverer's way to LMTP (the queue runner's SpoolDeliver). */
-export function deliverSpooled(h: HostDelivery): SpoolDeliver {
-  return async (envelope, spooled, size, header) => {
-    // The sending server, for XFORWARD, from the spooled bytes' own trace header.
-    const { info: { sender }, body } = await peekHeaders(spooled);
-    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined, client: sender }, body, size);
+/**
+ * The background deliverer's way to LMTP (the queue runner's SpoolDeliver). The sending server,
+ * for XFORWARD, comes from the spooled bytes' own trace header. With the spam filter, the spooled
+ * message is scanned again (from a second read of its file), as already accepted.
+ */
+export function deliverSpooled(h: HostDelivery, spool?: Spool): SpoolDeliver {
+  return async (envelope, spooled, spooledSize, header) => {
+    const peeked = await peekHeaders(spooled);
+    let body: MessageBody = peeked.body;
+    let size = spooledSize;
+    if (h.spam && spool) {
+      try {
+        const subject = { envelope, queueId: header.request_id ?? header.id, info: peeked.info, alreadyAccepted: true };
+        const fields = await filterSpam(h.spam, subject, await spool.body(header.id));
+        body = prepended(fields, peeked.body);
+        size += fields.byteLength;
+      } catch (e) {
+        if (peeked.body instanceof ReadableStream) await peeked.body.cancel().catch(() => {}); // the runner retries later
+        throw e;
+      }
+    }
+    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined, client: peeked.info.sender }, body, size);
     // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
     // it would be delivered again: a duplicate, never a loss).
     recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
@@ -191,6 +217,27 @@ function stillToDo(attempt: Attempt, to: string[]): { why: string; to: string[] 
 function spoolUnwritable(h: HostDelivery, message: InboundMessage, e: Error): void {
   h.metrics.inc("spool_write_errors");
   h.log({ event: "spool_unwritable", request_id: message.requestId, error: e.message });
+}
+
+/**
+ * The spam filter's step: the received message scanned from a second read of its bytes (the same
+ * buffer, or the tmp/ file again), and what LMTP gets: the verdict's fields, then those bytes.
+ */
+async function scanned(spam: SpamFilter, message: InboundMessage, info: HeaderInfo, received: Received, staged: StagedMessage): Promise<Received> {
+  const subject = { envelope: message.envelope, queueId: message.requestId, info, alreadyAccepted: message.alreadyAccepted ?? false };
+  let fields: Uint8Array;
+  try {
+    fields = await filterSpam(spam, subject, received.body instanceof Uint8Array ? received.body : await staged.content());
+  } catch (e) {
+    if (received.body instanceof ReadableStream) await received.body.cancel().catch(() => {});
+    throw e;
+  }
+  // The scan may take seconds: a sender gone meanwhile can hear no answer, so nothing is delivered.
+  if (message.signal.aborted) {
+    if (received.body instanceof ReadableStream) await received.body.cancel().catch(() => {});
+    throw new Error("the connection was closed during the spam scan");
+  }
+  return { body: prepended(fields, received.body), size: (received.size ?? 0) + fields.byteLength, sha256: received.sha256 };
 }
 
 /** A message as received, ready for LMTP. */

@@ -24,7 +24,7 @@ const HELP: Record<Counter, string> = {
   received: "Messages received over HTTP (authenticated POSTs).",
   delivered: "Messages answered 200: delivered to LMTP at once.",
   rejected: "Messages refused permanently (400, 413, 415, 422).",
-  deferred: "Messages answered 503 (not delivered, not spooled: the sender retries).",
+  deferred: "Messages answered 503 or 429 (not delivered, not spooled: the sender retries).",
   queued: "Messages written to the spool and answered 202.",
   duplicates: "Repeats of a message already delivered, answered 200 without delivering.",
   unknown_outcome: "LMTP transactions without an answer after the final dot (timeout, connection lost, 421): Dovecot may have saved the message (a later retry may duplicate it).",
@@ -48,14 +48,45 @@ const NO_SPOOL: SpoolGauge = { queued: 0, failed: 0, unreadable: 0, oldestAgeSec
 /** The counter each answer adds to besides "received"; a queued message is counted when it is spooled. */
 const ANSWER_COUNTERS: Partial<Record<AnswerOutcome, Counter>> = { delivered: "delivered", duplicate: "duplicates", rejected: "rejected", deferred: "deferred" };
 
+/** What a spam scan gave: rspamd's action, "failed" (no verdict), or "other" for an action rspamd 3.4 does not name. */
+export type ScanOutcome = (typeof SCAN_OUTCOMES)[number];
+const SCAN_OUTCOMES = ["no action", "greylist", "add header", "rewrite subject", "soft reject", "reject", "discard", "quarantine", "other", "failed"] as const;
+
+/** A histogram's buckets, sum and count. */
+class Histogram {
+  readonly buckets = new Array<number>(BUCKETS.length).fill(0);
+  sum = 0;
+  count = 0;
+
+  observe(seconds: number): void {
+    this.sum += seconds;
+    this.count++;
+    for (let i = 0; i < BUCKETS.length; i++) if (seconds <= BUCKETS[i]!) this.buckets[i]!++;
+  }
+
+  lines(name: string, help: string): string[] {
+    const out = [`# HELP ${name} ${help}`, `# TYPE ${name} histogram`];
+    BUCKETS.forEach((b, i) => out.push(`${name}_bucket{le="${b}"} ${this.buckets[i]}`));
+    out.push(`${name}_bucket{le="+Inf"} ${this.count}`, `${name}_sum ${this.sum.toFixed(6)}`, `${name}_count ${this.count}`);
+    return out;
+  }
+}
+
 export class Metrics {
   private readonly counters = new Map<Counter, number>();
-  private readonly buckets = new Array<number>(BUCKETS.length).fill(0);
-  private sum = 0;
-  private count = 0;
+  private readonly delivery = new Histogram();
+  /** Spam scans (RSPAMD_URL): how many by outcome, and how long they took. */
+  private readonly scans = new Map<ScanOutcome, number>();
+  private readonly scanTime = new Histogram();
 
-  /** `spool`: the spool's depth and age when rendered (none without a spool). */
-  constructor(private readonly spool: () => SpoolGauge | undefined = () => undefined) {}
+  /**
+   * `spool`: the spool's depth and age when rendered (none without a spool). `spamFilter`: scans
+   * are counted (RSPAMD_URL); without it the page has no spam lines at all.
+   */
+  constructor(
+    private readonly spool: () => SpoolGauge | undefined = () => undefined,
+    private readonly spamFilter = false,
+  ) {}
 
   inc(name: Counter, by = 1): void {
     this.counters.set(name, (this.counters.get(name) ?? 0) + by);
@@ -74,9 +105,18 @@ export class Metrics {
 
   /** One LMTP transaction's duration. */
   observeDelivery(seconds: number): void {
-    this.sum += seconds;
-    this.count++;
-    for (let i = 0; i < BUCKETS.length; i++) if (seconds <= BUCKETS[i]!) this.buckets[i]!++;
+    this.delivery.observe(seconds);
+  }
+
+  /** One spam scan: rspamd's action (or "failed"), and how long it took. */
+  observeScan(action: string, seconds: number): void {
+    const outcome = (SCAN_OUTCOMES as readonly string[]).includes(action) ? (action as ScanOutcome) : "other";
+    this.scans.set(outcome, (this.scans.get(outcome) ?? 0) + 1);
+    this.scanTime.observe(seconds);
+  }
+
+  scanned(outcome: ScanOutcome): number {
+    return this.scans.get(outcome) ?? 0;
   }
 
   render(): string {
@@ -88,11 +128,13 @@ export class Metrics {
       ...metric("relay_spool_failed_messages", "gauge", "Messages in the spool's failed/ area.", g.failed),
       ...metric("relay_spool_unreadable_files", "gauge", "Files in the spool's queue/ or failed/ that cannot be read as spool files (left there for the operator; see `queue list`).", g.unreadable),
       ...metric("relay_spool_oldest_age_seconds", "gauge", "Age of the oldest message waiting in the spool (0 when empty).", g.oldestAgeSeconds.toFixed(3)),
-      "# HELP relay_delivery_seconds Duration of LMTP transactions.",
-      "# TYPE relay_delivery_seconds histogram",
+      ...this.delivery.lines("relay_delivery_seconds", "Duration of LMTP transactions."),
     );
-    BUCKETS.forEach((b, i) => out.push(`relay_delivery_seconds_bucket{le="${b}"} ${this.buckets[i]}`));
-    out.push(`relay_delivery_seconds_bucket{le="+Inf"} ${this.count}`, `relay_delivery_seconds_sum ${this.sum.toFixed(6)}`, `relay_delivery_seconds_count ${this.count}`);
+    if (this.spamFilter) {
+      out.push("# HELP relay_spam_scans_total Spam scans by rspamd's action; \"failed\": no verdict (rspamd down, slow or answering nonsense), the message delivered unscanned.", "# TYPE relay_spam_scans_total counter");
+      for (const o of SCAN_OUTCOMES) out.push(`relay_spam_scans_total{outcome="${o}"} ${this.scanned(o)}`);
+      out.push(...this.scanTime.lines("relay_spam_scan_seconds", "Duration of spam scans (rspamd's answer, or its time limit)."));
+    }
     return out.join("\n") + "\n";
   }
 }

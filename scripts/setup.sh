@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs besides Bun and the npm packages: Dovecot's LMTP server
 # and its Sieve plugin (Pigeonhole) from Debian's packages (the integration tests start private
-# instances, some with the "exactly once" Sieve script of docs/operations.md), Postfix (private
-# instances as the operator's MTA in front of Dovecot, DELIVER_TO=smtp://) and curl (the
+# instances, some with the "exactly once" and Junk Sieve scripts of examples/dovecot/), Postfix (private
+# instances as the operator's MTA in front of Dovecot, DELIVER_TO=smtp://), rspamd and dnsmasq (the
+# spam filter's tests start a private rspamd with its own DNS) and curl (the
 # runbook's own test commands are run as written).
 set -euo pipefail
 
@@ -10,10 +11,12 @@ need=()
 command -v dovecot >/dev/null 2>&1 || [ -x /usr/sbin/dovecot ] || need+=(dovecot-core dovecot-lmtpd)
 [ -e /usr/lib/dovecot/modules/lib90_sieve_plugin.so ] && command -v sievec >/dev/null 2>&1 || need+=(dovecot-sieve)
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix)
+command -v rspamd >/dev/null 2>&1 || [ -x /usr/bin/rspamd ] || need+=(rspamd)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "setup: dovecot, its Sieve plugin, postfix and curl already installed"
+  echo "setup: dovecot, its Sieve plugin, postfix, rspamd, dnsmasq and curl already installed"
   exit 0
 fi
 

@@ -22,6 +22,8 @@ export interface WranglerDev {
   pid: number;
   /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
+  /** The JSON lines among it (the Worker's log), from an offset into output() on. */
+  logLines(from?: number): Record<string, unknown>[];
   stop(): Promise<void>;
 }
 
@@ -140,5 +142,11 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
     }
     await Bun.sleep(100);
   }
-  return { url, port, pid, output, stop };
+  const logLines = (from = 0) =>
+    output()
+      .slice(from)
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  return { url, port, pid, output, logLines, stop };
 }

@@ -7,6 +7,7 @@ import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { except } from "hono/combine";
 import { requestId } from "hono/request-id";
 import {
+  ALREADY_ACCEPTED,
   DEFAULT_MAX_MESSAGE_BYTES,
   EnvelopeHeaders,
   INBOUND_PATH,
@@ -41,6 +42,12 @@ export interface InboundMessage {
    * sender used, with the one it was sent to (LMTP's ORCPT, RFC 3461).
    */
   originalRecipients?: ReadonlyMap<string, string>;
+  /**
+   * The sender was told 250 before this request (X-Already-Accepted: the Worker's drain of the
+   * edge spool): a refusal now would bounce to a sender that may be forged, so the host's spam
+   * filter delivers it with its verdict instead of refusing or deferring it.
+   */
+  alreadyAccepted?: boolean;
 }
 
 /** Delivers one message; answers one result per recipient, in envelope order. */
@@ -54,7 +61,7 @@ export class TemporaryFailure extends Error {
 /** A request refused before delivery: the status, a short code, and what was wrong. */
 export class Refusal extends Error {
   constructor(
-    readonly status: 400 | 401 | 413 | 415 | 422 | 503,
+    readonly status: 400 | 401 | 413 | 415 | 422 | 429 | 503,
     readonly code: string,
     message: string,
   ) {
@@ -98,8 +105,9 @@ export function createApp(opts: AppOptions) {
     if (err instanceof BodyStalled) err = new Refusal(503, "body_stalled", `${err.message}; nothing was delivered, send it again`);
     if (err instanceof Refusal) {
       logFields(c, { error: err.code });
-      if (err.status === 503) c.header("Retry-After", retryAfter);
-      return answer(c, err.status, { status: err.status === 503 ? "deferred" : "error", error: err.code, message: err.message });
+      const later = err.status === 503 || err.status === 429;
+      if (later) c.header("Retry-After", retryAfter);
+      return answer(c, err.status, { status: later ? "deferred" : "error", error: err.code, message: err.message });
     }
     // Anything unexpected is temporary for the sender (500: the edge retries). Details go to the log only.
     logFields(c, { error: "internal_error", detail: errorDetail(err) });
@@ -145,6 +153,8 @@ export function createApp(opts: AppOptions) {
 
   app.post(INBOUND_PATH, apiKey(opts.apiKeys, refuseKey), reportAnswer, async (c) => {
     refuseEncoded(c.req.header("content-encoding"));
+    const alreadyAccepted = acceptedBefore(c.req.header(ALREADY_ACCEPTED));
+    if (alreadyAccepted) logFields(c, { already_accepted: true });
     const type = mediaType(c.req.header("content-type"));
     const parsed =
       type === "message/rfc822"
@@ -164,7 +174,7 @@ export function createApp(opts: AppOptions) {
 
     let results: RecipientResult[];
     try {
-      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId"), signal });
+      results = await opts.deliver({ envelope, body, size, requestId: c.get("requestId"), signal, alreadyAccepted });
     } catch (e) {
       if (overLimit?.()) throw tooLarge(maxMessage);
       if (signal.aborted) throw clientGone();
@@ -254,6 +264,16 @@ async function jsonMessage(req: Request, maxMessage: number, maxJson: number, id
   if (body.length === 0) throw new Refusal(400, "empty_message", "the message (raw) is empty");
   if (body.length > maxMessage) throw tooLarge(maxMessage);
   return { envelope: { from, to }, body, size: body.length };
+}
+
+/**
+ * X-Already-Accepted: true says the message's sender was told 250 before (the Worker's drain of
+ * the edge spool sends it). Read only behind the key check, like everything on this route.
+ */
+function acceptedBefore(value: string | undefined): boolean {
+  if (value === undefined) return false;
+  if (value.trim().toLowerCase() === "true") return true;
+  throw new Refusal(400, "invalid_request", `${ALREADY_ACCEPTED}: must be "true" (the Worker's drain sends it for mail the edge accepted)`);
 }
 
 function unsupported(type: string): never {

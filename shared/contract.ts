@@ -5,6 +5,8 @@
 import { z } from "zod";
 
 export const INBOUND_PATH = "/api/v1/inbound-mail";
+/** The request header that marks mail whose sender was already told 250 (the edge spool's drain). */
+export const ALREADY_ACCEPTED = "X-Already-Accepted";
 /** Cloudflare Email Routing's own message size limit. */
 export const DEFAULT_MAX_MESSAGE_BYTES = 25 * 1024 * 1024;
 /** RFC 5321 4.5.3.1.8: a server must accept at least 100 recipients; more is not a real message. */

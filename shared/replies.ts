@@ -119,6 +119,6 @@ export function answerOutcome(status: number, duplicate: boolean): AnswerOutcome
   if (status === 200) return duplicate ? "duplicate" : "delivered";
   if (status === 202) return "queued";
   if (outcomeForStatus(status) === "reject") return "rejected";
-  if (status >= 500) return "deferred";
+  if (status >= 500 || status === 429) return "deferred";
   return "other";
 }

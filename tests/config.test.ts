@@ -72,6 +72,29 @@ describe("fromEnv(ServerEnv)", () => {
     expect(refusal({ API_KEY: KEY_A, BODY_IDLE_SECONDS: "1.5" }).message).toContain("BODY_IDLE_SECONDS");
   });
 
+  test("RSPAMD_URL: unset, no spam filter; set, rspamd's URL with a 10 s limit (RSPAMD_TIMEOUT_MS), and only with a spool", () => {
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A }).rspamd).toBeUndefined();
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, RSPAMD_URL: "" }).rspamd).toBeUndefined();
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, SPOOL_DIR: "/s", RSPAMD_URL: "http://rspamd:11333" }).rspamd).toEqual({ url: "http://rspamd:11333", timeoutMs: 10_000 });
+    expect(fromEnv(ServerEnv, { API_KEY: KEY_A, SPOOL_DIR: "/s", RSPAMD_URL: "https://filter.example/rspamd/", RSPAMD_TIMEOUT_MS: "2500" }).rspamd).toEqual({
+      url: "https://filter.example/rspamd/",
+      timeoutMs: 2500,
+    });
+    expect(refusal({ API_KEY: KEY_A, RSPAMD_URL: "http://rspamd:11333" }).message).toMatch(/^configuration: RSPAMD_URL needs SPOOL_DIR/);
+  });
+
+  test("a bad RSPAMD_URL or RSPAMD_TIMEOUT_MS stops start-up with one line naming it, and never shows a password", () => {
+    const bad = (v: Record<string, string>) => refusal({ API_KEY: KEY_A, SPOOL_DIR: "/s", RSPAMD_URL: "http://rspamd:11333", ...v }).message;
+    expect(bad({ RSPAMD_URL: "rspamd:11333" })).toMatch(/^configuration: RSPAMD_URL must be (a URL|http)/);
+    expect(bad({ RSPAMD_URL: "unix:/run/rspamd.sock" })).toMatch(/^configuration: RSPAMD_URL must be http:\/\/ or https:\/\//);
+    expect(bad({ RSPAMD_URL: "http://user:s3cret-pw@rspamd:11333" })).toBe("configuration: RSPAMD_URL must not hold a user or password (rspamd's normal worker asks for none)");
+    expect(bad({ RSPAMD_URL: "http://rspamd:11333/?x=1" })).toMatch(/^configuration: RSPAMD_URL must not have a query/);
+    expect(bad({ RSPAMD_TIMEOUT_MS: "50" })).toMatch(/^configuration: RSPAMD_TIMEOUT_MS must be at least 100/);
+    expect(bad({ RSPAMD_TIMEOUT_MS: "25000" })).toMatch(/^configuration: RSPAMD_TIMEOUT_MS must be at most 20000/);
+    expect(bad({ RSPAMD_TIMEOUT_MS: "soon" })).toMatch(/^configuration: RSPAMD_TIMEOUT_MS must be a number/);
+    for (const m of [bad({ RSPAMD_URL: "http://user:s3cret-pw@rspamd:11333" })]) expect(m).not.toContain("s3cret");
+  });
+
   test("an empty variable means unset: the default applies", () => {
     const c = fromEnv(ServerEnv, { API_KEY: KEY_A, LMTP_HOST: "", LMTP_PORT: "", PORT: "" });
     expect([c.lmtpHost, c.lmtpPort, c.port]).toEqual(["dovecot", 2525, 8080]);

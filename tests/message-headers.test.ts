@@ -93,32 +93,72 @@ describe("the bytes handed on", () => {
   });
 });
 
-describe("the sending server, from Cloudflare's topmost trace field (XFORWARD)", () => {
+describe("the sending server, from Email Routing's own Received", () => {
   const senderOf = async (text: string) => (await peekHeaders(enc(text))).info.sender;
-  const CF = "Received: from mail-wm1-f43.google.com (209.85.128.43)\r\n        by cloudflare-email.net (unknown) id 4fIabc\r\n        for <a@x.test>; Tue, 02 Jul 2024 10:00:00 +0000\r\n";
+  // As public captures show it: folded with eight spaces after the address and after the id.
+  const CF = "Received: from mail-sor-f41.google.com (209.85.220.41)\r\n        by cloudflare-email.net (cloudflare) id AuYfoj6x77E4\r\n        for <u@example.com>; Fri, 25 Sep 2026 05:07:50 +0000\r\n";
 
-  test("HELO and address from Cloudflare's field, folded over lines; IPv6 too", async () => {
-    expect(await senderOf(`${CF}Subject: x\r\n\r\nbody\r\n`)).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
-    expect(await senderOf("Received: from h.example (2a00:1450:4864:20::32b) by cloudflare-email.net (unknown) id x\n\n")).toEqual({ ip: "2a00:1450:4864:20::32b", helo: "h.example" });
+  test("the topmost Received that Cloudflare wrote gives the address and the HELO name", async () => {
+    expect(await senderOf(`${CF}From: a@b.test\r\nSubject: s\r\n\r\nbody`)).toEqual({ ip: "209.85.220.41", helo: "mail-sor-f41.google.com" });
   });
 
-  test("only the topmost field: one the sender wrote lower down is never taken, nor one below another server's", async () => {
-    // The sender's own forgery sits below Cloudflare's: Cloudflare's is used.
-    expect(await senderOf(`${CF}Received: from forged.example (6.6.6.6) by cloudflare-email.net\r\n\r\n`)).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
-    // The topmost is someone else's: nothing, even with a Cloudflare-looking field below it.
-    expect(await senderOf("Received: from a (1.2.3.4) by other.example\r\nReceived: from b (5.6.7.8) by cloudflare-email.net\r\n\r\n")).toBeNull();
-    // In the body: not a header at all.
-    expect(await senderOf("Subject: x\r\n\r\nReceived: from h (1.2.3.4) by cloudflare-email.net\r\n")).toBeNull();
+  test("IPv6, bracketed addresses and an IPv6: tag; the HELO as written (an address literal too)", async () => {
+    expect(await senderOf("Received: from EUR05-VI1-obe.outbound.protection.outlook.com (2a01:111:f403:2e13::801) by cloudflare-email.net (unknown) id UFO8pL3RM170 for <p@r.test>; Sat, 17 Aug 2024 10:40:14 +0000\r\n\r\n")).toEqual({
+      ip: "2a01:111:f403:2e13::801",
+      helo: "EUR05-VI1-obe.outbound.protection.outlook.com",
+    });
+    expect(await senderOf("Received: from deadsett.com ([34.85.88.131])\n by cloudflare-email.net (cloudflare) id x\n\n")).toEqual({ ip: "34.85.88.131", helo: "deadsett.com" });
+    expect(await senderOf("Received: from [192.0.2.7] ([IPv6:2001:DB8::1]) by cloudflare-email.net; Sat, 1 Mar 2025 12:00:00 +0000\r\n\r\n")).toEqual({ ip: "2001:db8::1", helo: "[192.0.2.7]" });
   });
 
-  test("an address that is no IP address, or a by-host that merely starts like Cloudflare's: nothing", async () => {
-    expect(await senderOf("Received: from h (999.1.1.1) by cloudflare-email.net\r\n\r\n")).toBeNull();
-    expect(await senderOf("Received: from h (1.2.3.4) by cloudflare-email.net.evil.example\r\n\r\n")).toBeNull();
-    expect(await senderOf("Subject: none\r\n\r\n")).toBeNull();
+  test("a field folded anywhere, with tabs, LF or CRLF line ends", async () => {
+    expect(await senderOf("received:\tfrom\r\n\thelo.example.org\r\n (198.51.100.9)\r\n\tby cloudflare-email.net\r\n\r\n")).toEqual({ ip: "198.51.100.9", helo: "helo.example.org" });
+    expect(await senderOf("RECEIVED : from h.example (198.51.100.9)\n by\n cloudflare-email.net\nX: y\n\n")).toEqual({ ip: "198.51.100.9", helo: "h.example" });
   });
 
-  test("the same when the header block arrives in small chunks", async () => {
-    const r = await peekHeaders(chunked(enc(`${CF}Subject: x\r\n\r\nbody\r\n`), 7));
-    expect(r.info.sender).toEqual({ ip: "209.85.128.43", helo: "mail-wm1-f43.google.com" });
+  test("only the topmost Received counts: one Cloudflare's below another server's is not taken", async () => {
+    const forged = "Received: from forged.example (203.0.113.66) by cloudflare-email.net (cloudflare) id F\r\n";
+    expect(await senderOf(`Received: from relay.example (relay.example [192.0.2.1]) by mx.example (Postfix)\r\n${forged}\r\nbody`)).toBeNull();
+    // The sender's own copy below Cloudflare's changes nothing.
+    expect(await senderOf(`${CF}${forged}From: a@b.test\r\n\r\n`)).toEqual({ ip: "209.85.220.41", helo: "mail-sor-f41.google.com" });
+    // Other fields above Cloudflare's Received do not hide it (it is still the topmost Received).
+    expect(await senderOf(`ARC-Seal: i=1; a=rsa-sha256; d=cloudflare-email.net\r\n${CF}\r\n`)).toEqual({ ip: "209.85.220.41", helo: "mail-sor-f41.google.com" });
+  });
+
+  test("none, another server's, another name that only looks like Cloudflare's, or no valid address: null", async () => {
+    for (const text of [
+      "Subject: none\r\n\r\nbody",
+      "Received: from a.example (a.example [192.0.2.1]) by mx.example (Postfix) with ESMTP\r\n\r\n",
+      "Received: from a.example (192.0.2.1) by cloudflare-email.net.evil.example\r\n\r\n",
+      "Received: from a.example (192.0.2.1) by not-cloudflare-email.net\r\n\r\n",
+      "Received: from a.example (999.0.2.1) by cloudflare-email.net\r\n\r\n",
+      "Received: from a.example (2001:db8::g) by cloudflare-email.net\r\n\r\n",
+      "Received: from (192.0.2.1) by cloudflare-email.net\r\n\r\n",
+      "Received: by cloudflare-email.net; Sat, 1 Mar 2025\r\n\r\n",
+      "Received: from h\xe9lo.example (192.0.2.1) by cloudflare-email.net\r\n\r\n",
+      // In the body, not the header block.
+      "Subject: s\r\n\r\nReceived: from a.example (192.0.2.1) by cloudflare-email.net\r\n",
+      // A continuation line is not the start of a field.
+      "X-Note: see\r\n Received: from a.example (192.0.2.1) by cloudflare-email.net\r\n\r\n",
+    ]) {
+      expect({ text, sender: await senderOf(text) }).toEqual({ text, sender: null });
+    }
+  });
+
+  test("the same from a stream in 1-byte chunks", async () => {
+    expect((await peekHeaders(chunked(enc(`${CF}Subject: s\r\n\r\nbody`), 1))).info.sender).toEqual({ ip: "209.85.220.41", helo: "mail-sor-f41.google.com" });
+  });
+});
+
+describe("the line end of the message", () => {
+  const lineEndOf = async (text: string) => (await peekHeaders(enc(text))).info.lineEnd;
+  test("that of the first line: CRLF or a bare LF", async () => {
+    expect(await lineEndOf("Subject: s\r\n\r\nbody\nbare")).toBe("\r\n");
+    expect(await lineEndOf("Subject: s\nX: y\r\n\nbody")).toBe("\n");
+    expect(await lineEndOf("\nbody")).toBe("\n");
+  });
+  test("no line end at all: CRLF, the line end of mail on the wire", async () => {
+    expect(await lineEndOf("Subject: only")).toBe("\r\n");
+    expect(await lineEndOf("")).toBe("\r\n");
   });
 });
