@@ -18,6 +18,7 @@ import type { RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
+import type { LastAnswer } from "./last-answer.ts";
 import { peekHeaders } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
@@ -33,6 +34,8 @@ export interface HostDelivery {
   log: LogWriter;
   /** Every delivery names itself by its spool id, for Dovecot's duplicate Sieve script (LmtpEnvelope.deliveryId). */
   exactlyOnce?: boolean;
+  /** Where the target's latest answer is kept for /status. */
+  lastAnswer?: LastAnswer;
 }
 
 /** The durable spool behind the host's delivery, and its background deliverer. */
@@ -114,7 +117,12 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
     // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
     // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
     if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
-    return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+    const results = replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+    h.lastAnswer?.note(results.map((r) => r.reply).join("; "), results.every(isAccepted));
+    return results;
+  } catch (e) {
+    h.lastAnswer?.note((e as Error).message, false);
+    throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
   }
