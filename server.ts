@@ -3,15 +3,18 @@
 //   bun run server.ts                       serve
 //   bun run server.ts healthcheck           exit 0 if GET /health answers (the container's check)
 //   bun run server.ts queue list|flush|retry ID|purge-failed
+//   bun run server.ts doctor [--json]        check the whole path (docs/doctor.md)
 // Tests and `bun run dev` call startServer().
 
 import { join } from "node:path";
 import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
+import { LastAnswer } from "./host/last-answer.ts";
 import { Metrics } from "./host/metrics.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
+import { statusApp } from "./host/status-http.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { createApp, maxJsonBytes } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
@@ -70,7 +73,8 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A full or read-only disk, or something else in its place: the same as an unusable spool.
     throw new ConfigError(`SPOOL_DIR=${config.spoolDir} cannot be used: its ${deliveredPath} cannot be opened: ${(e as Error).message}`);
   }
-  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false };
+  const lastAnswer = new LastAnswer();
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, lastAnswer };
   const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
@@ -86,6 +90,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     log,
     onAnswer: (outcome) => metrics.countAnswer(outcome),
   });
+  app.route("/", statusApp({ apiKeys: config.apiKeys, metrics, lastAnswer, target: describeTarget(target), spool, edgeUrl: config.edgeUrl }));
   const server = Bun.serve({
     hostname: config.host,
     port: config.port,
@@ -145,8 +150,12 @@ async function main(argv: string[]): Promise<number | "serving"> {
     const { queueCommand } = await import("./host/queue-cli.ts");
     return queueCommand(process.env.SPOOL_DIR, argv.slice(1));
   }
+  if (argv[0] === "doctor") {
+    const { doctorCommand } = await import("./host/doctor/cli.ts");
+    return doctorCommand(argv.slice(1), process.env);
+  }
   if (argv.length) {
-    console.error(`unknown command: ${argv.join(" ")} (commands: healthcheck, queue list|flush|retry ID|purge-failed)`);
+    console.error(`unknown command: ${argv.join(" ")} (commands: healthcheck, queue list|flush|retry ID|purge-failed, doctor [--json])`);
     return 2;
   }
   let config: ServerConfig;

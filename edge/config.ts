@@ -3,7 +3,7 @@
 // waits at the sender meanwhile (thrown, never a bounce).
 
 import { z } from "zod";
-import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "../shared/config-env.ts";
+import { ConfigError, MIN_KEY_LENGTH, fromEnv, isHttpsOrLocal } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES, addressProblem } from "../shared/contract.ts";
 import { HOUR, type R2BucketLike } from "./spool.ts";
 
@@ -47,16 +47,6 @@ export const WorkerEnv = z
     postmaster: e.POSTMASTER ?? "",
   }));
 export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null };
-
-function isHttpsOrLocal(u: string): boolean {
-  let url: URL;
-  try {
-    url = new URL(u);
-  } catch {
-    return false;
-  }
-  return url.protocol === "https:" || (url.protocol === "http:" && /^(localhost|127\.0\.0\.1|\[::1\])$/.test(url.hostname));
-}
 
 /** The settings of this env; throws ConfigError naming the first bad one. */
 export function workerConfig(env: Record<string, unknown>): WorkerConfig {

@@ -2,7 +2,7 @@
 // with the Worker). A bad or missing value stops start-up with one line that names it.
 
 import { z } from "zod";
-import { MIN_KEY_LENGTH } from "../shared/config-env.ts";
+import { MIN_KEY_LENGTH, keyedUrl } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
 
 const port = (fallback: number) =>
@@ -22,7 +22,7 @@ function keysOf(env: { API_KEY?: string; API_KEYS?: string }): string[] {
  * Each key with the setting it came from ("API_KEY", "API_KEYS (key 2)"), so a problem names the
  * variable the operator has to fix, not a position in a merged list.
  */
-function namedKeys(env: { API_KEY?: string; API_KEYS?: string }): [string, string][] {
+export function namedKeys(env: { API_KEY?: string; API_KEYS?: string }): [string, string][] {
   const listed = (env.API_KEYS ?? "").split(",").map((k) => k.trim());
   const named = listed.map((k, i): [string, string] => [`API_KEYS (key ${i + 1})`, k]);
   named.push(["API_KEY", (env.API_KEY ?? "").trim()]);
@@ -42,6 +42,8 @@ export const ServerEnv = z
     SPOOL_MAX_AGE_HOURS: positiveInt(120),
     EXACTLY_ONCE: flag,
     // Above 60 the server's own socket idle timeout (Bun.serve idleTimeout) would cut in first.
+    /** The Worker's URL: /status shows what the edge holds (GET /edge/queue with the key). */
+    EDGE_URL: keyedUrl("https://<the Worker>.workers.dev").optional(),
     BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
   })
   .superRefine((env, ctx) => {
@@ -66,6 +68,7 @@ export const ServerEnv = z
       spoolMaxAgeMs: env.SPOOL_MAX_AGE_HOURS * 3_600_000,
       exactlyOnce: env.EXACTLY_ONCE,
       bodyIdleMs: env.BODY_IDLE_SECONDS * 1000,
+      edgeUrl: env.EDGE_URL,
     }),
   );
 
@@ -87,4 +90,6 @@ export interface ServerConfig {
   exactlyOnce?: boolean;
   /** A request body that sends no bytes for this long is answered 503 (default 10 s). */
   bodyIdleMs?: number;
+  /** The Worker, whose edge spool /status lists (and the doctor checks). */
+  edgeUrl?: string;
 }

@@ -4,6 +4,7 @@
 // node or cloudflare imports (tests/layout.test.ts checks).
 
 import { Hono, type Context, type MiddlewareHandler } from "hono";
+import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
@@ -86,6 +87,8 @@ export function createApp(opts: AppOptions) {
   app.use(requestId(), accessLog(log));
 
   app.onError((err, c) => {
+    // A middleware's own answer (hono/basic-auth's 401 with WWW-Authenticate), as it made it.
+    if (err instanceof HTTPException) return err.getResponse();
     if (err instanceof BodyStalled) err = new Refusal(503, "body_stalled", `${err.message}; nothing was delivered, send it again`);
     if (err instanceof Refusal) {
       logFields(c, { error: err.code });
