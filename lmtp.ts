@@ -22,6 +22,7 @@
 //   connection.ts   LmtpConnection: the protocol's state machine, one transaction at a time
 //   turns.ts        MailboxTurns: one final dot at a time per mailbox
 //   pool.ts         LmtpPool: a few connections reused, deliveries waiting for a free one
+//   probe.ts        the doctor's question: greeting, LHLO, would RCPT take an address (nothing sent)
 
 export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
@@ -32,3 +33,4 @@ export { MailboxTurns } from "./lmtp/turns.ts";
 export { LmtpConnection, type LmtpConnectionOptions } from "./lmtp/connection.ts";
 export { LmtpPool, type LmtpPoolOptions } from "./lmtp/pool.ts";
 export { ReplyParser, formatReply, type LmtpReply, type RecipientReply } from "./lmtp/replies.ts";
+export { probeLmtp, type TargetProbe } from "./lmtp/probe.ts";

@@ -27,6 +27,9 @@ interface EnvelopeReplies {
 
 export class LmtpConnection {
   readonly capabilities = new Map<string, string>();
+  /** The server's 220 greeting and its answer to LHLO, as they came (the doctor shows them). */
+  greeting: LmtpReply | null = null;
+  hello: LmtpReply | null = null;
   private readonly lhloName: string;
   /** A transaction has run on this connection, so the next one starts with RSET. */
   private used = false;
@@ -53,9 +56,11 @@ export class LmtpConnection {
     try {
       const greeting = await c.socket.read("greeting", c.timeouts.greeting, deadline);
       if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `LMTP greeting was ${formatReply(greeting)}`);
+      c.greeting = greeting;
       c.socket.send(`LHLO ${c.lhloName}\r\n`);
       const lhlo = await c.socket.read("lhlo", c.timeouts.command, deadline);
       if (!accepted(lhlo)) throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
+      c.hello = lhlo;
       for (const line of lhlo.text.split("\n").slice(1)) {
         const [kw, ...rest] = line.trim().split(/\s+/);
         if (kw) c.capabilities.set(kw.toUpperCase(), rest.join(" "));
@@ -291,6 +296,20 @@ export class LmtpConnection {
     return stuffer.end();
   }
 
+  /**
+   * Asks whether the server would take mail for `address` without sending any: MAIL FROM:<>,
+   * RCPT TO, then RSET, one at a time (RFC 5321 3.3 and 4.1.1.5; nothing is delivered without
+   * DATA). Returns the RCPT reply, or MAIL's when MAIL was refused. The connection is left reset.
+   */
+  async tryRecipient(address: string): Promise<LmtpReply> {
+    if (this.used) await this.command("RSET\r\n", "rset", Infinity).then((r) => this.mustAccept(r, "rset"));
+    this.used = false;
+    const mail = await this.command(mailCommand({ from: "", to: [address] }, null, this.capabilities), "mail", Infinity);
+    const answer = accepted(mail) ? await this.command(rcptCommand(address), "rcpt", Infinity) : mail;
+    this.mustAccept(await this.command("RSET\r\n", "rset", Infinity), "rset");
+    return answer;
+  }
+
   async noop(): Promise<LmtpReply> {
     this.socket.send("NOOP\r\n");
     return this.expect2xx("noop", Infinity);
@@ -337,7 +356,11 @@ export class LmtpConnection {
   }
 
   private async expect2xx(phase: LmtpPhase, deadline: number): Promise<LmtpReply> {
-    const r = await this.reply(phase, deadline);
+    return this.mustAccept(await this.reply(phase, deadline), phase);
+  }
+
+  /** A reply that must accept; anything else breaks the connection. */
+  private mustAccept(r: LmtpReply, phase: LmtpPhase): LmtpReply {
     if (!accepted(r)) {
       const e = new LmtpFault("protocol", phase, `${phase.toUpperCase()} answered ${formatReply(r)}`);
       this.close(e);
