@@ -30,7 +30,8 @@ async function lookup<T>(ask: () => Promise<T[]>, ctx: DoctorContext): Promise<L
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? "";
     if (code === "ENOTFOUND" || code === "ENODATA") return { error: code === "ENOTFOUND" ? "the name does not exist (NXDOMAIN)" : "no such record", missing: true };
-    return { error: `the DNS server ${ctx.dnsServer ?? "(the system's)"} did not answer: ${code || (e as Error).message}`, missing: false };
+    const server = `the DNS server ${ctx.dnsServer ?? "(the system's)"}`;
+    return { error: code === "EREFUSED" || code === "ESERVFAIL" ? `${server} refused to answer (${code})` : `${server} did not answer: ${code || (e as Error).message}`, missing: false };
   }
 }
 
@@ -61,8 +62,7 @@ async function mx(resolver: Resolver, domain: string, ctx: DoctorContext): Promi
 async function spf(resolver: Resolver, domain: string, ctx: DoctorContext): Promise<Finding> {
   const r = await lookup(() => resolver.resolveTxt(domain), ctx);
   if ("error" in r && !r.missing) return unreachable("dns", `${domain} SPF: ${r.error}`);
-  // A TXT record may come in several strings: they are one text (RFC 7208 3.3).
-  const records = "records" in r ? r.records.map((chunks) => chunks.join("")).filter((t) => /^v=spf1(\s|$)/i.test(t)) : [];
+  const records = "records" in r ? txtRecords(r.records).filter((t) => /^v=spf1(\s|$)/i.test(t)) : [];
   const shown = records.map((t) => JSON.stringify(t)).join(" and ");
   if (records.length === 0) return { part: "dns", status: "warn", found: `${domain} SPF: no v=spf1 record`, fix: `${ENABLE_ROUTING}, or add TXT "v=spf1 ${SPF_INCLUDE} ~all"` };
   if (records.length > 1) {
@@ -78,8 +78,24 @@ async function dmarc(resolver: Resolver, domain: string, ctx: DoctorContext): Pr
   const name = `_dmarc.${domain}`;
   const r = await lookup(() => resolver.resolveTxt(name), ctx);
   if ("error" in r && !r.missing) return unreachable("dns", `${name}: ${r.error}`);
-  const records = "records" in r ? r.records.map((chunks) => chunks.join("")).filter((t) => /^v=DMARC1\s*(;|$)/i.test(t)) : [];
+  const records = "records" in r ? txtRecords(r.records).filter((t) => /^v=DMARC1\s*(;|$)/i.test(t)) : [];
   if (records.length === 0) return { part: "dns", status: "warn", found: `${name}: no DMARC record`, fix: `add TXT ${name} "v=DMARC1; p=none; rua=mailto:postmaster@${domain}" (p=none only reports; tighten it later)` };
   if (records.length > 1) return { part: "dns", status: "fail", found: `${name}: ${records.length} DMARC records: receivers then apply none (RFC 7489 6.6.3)`, fix: "keep one" };
   return { part: "dns", status: "ok", found: `${name}: ${JSON.stringify(records[0])}` };
+}
+
+/**
+ * TXT records as texts: a record's strings are one text (RFC 7208 3.3), as node:dns gives them
+ * ([["v=spf1 include:a", " ~all"]]). Bun 1.4.5 gives each string as a record of its own, in order
+ * (oven-sh/bun#21370): a string that does not start as a record does ("name=...", "v=spf1 ...") is
+ * taken as the previous one's continuation, so a long SPF record split into strings is read whole.
+ */
+export function txtRecords(raw: string[][]): string[] {
+  const texts: string[] = [];
+  for (const chunks of raw) {
+    const text = chunks.join("");
+    if (chunks.length === 1 && texts.length && !/^[\w.-]+=/.test(text)) texts[texts.length - 1] += text;
+    else texts.push(text);
+  }
+  return texts;
 }

@@ -2,6 +2,7 @@
 // doctor's own, removed at once: the running host's staged messages are never touched), and what
 // it holds: how many wait and for how long, how many failed, how many cannot be read.
 
+import { existsSync } from "node:fs";
 import { age } from "../queue-cli.ts";
 import { Spool } from "../spool.ts";
 import type { DoctorPart, Finding } from "./finding.ts";
@@ -15,6 +16,7 @@ export const spool: DoctorPart = {
     const dir = ctx.config.spoolDir;
     if (!dir) return [{ part: "spool", status: "skip", found: "SPOOL_DIR is not set: when Dovecot cannot take a message, the sender is asked to retry (503)" }];
     const s = new Spool(dir);
+    if (!existsSync(s.tmp)) return [{ part: "spool", status: "warn", found: `${dir} has no tmp/: the host has not started with this spool yet`, fix: "the host makes tmp/, queue/ and failed/ when it starts; start it, then run the doctor again" }];
     const writable = writeProbe(s);
     if (writable) return [{ part: "spool", status: "fail", found: `${dir} cannot be written: ${writable}`, fix: `free space on its disk, or make ${dir} writable by the host's user (the container runs as uid 10001)` }];
     const findings: Finding[] = [{ part: "spool", status: "ok", found: `${dir} takes writes (a file written and fsynced in tmp/)` }];
