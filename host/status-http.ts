@@ -47,7 +47,12 @@ export function statusApp(src: StatusSources) {
   const app = new Hono();
   app.get(
     "/status",
-    basicAuth({ verifyUser: (_user, password) => matches(password), realm: "mail-relay" }),
+    basicAuth({
+      verifyUser: (_user, password) => matches(password),
+      realm: "mail-relay",
+      // An object is answered as JSON (a string would go out as application/octet-stream).
+      invalidUserMessage: { status: "error", error: "unauthorized", message: "give the key as the password (any user name)" },
+    }),
     valid("query", StatusQuery),
     async (c) => {
       const { limit } = c.req.valid("query");

@@ -46,8 +46,10 @@ h1{font-size:1.3em;margin:.2em 0}h2{font-size:1.1em;margin:1.2em 0 .4em;border-b
 .scroll{overflow-x:auto}table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:4px 6px;border-bottom:1px solid #eee;vertical-align:top}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-code,.id{font-family:ui-monospace,monospace;font-size:.9em;word-break:break-all}
-.reply{font-size:.9em;color:#444;word-break:break-word}
+code,.id{font-family:ui-monospace,monospace;font-size:.9em;overflow-wrap:anywhere}
+ul.msgs{list-style:none;padding:0;margin:0}ul.msgs li{padding:6px 0;border-bottom:1px solid #eee}
+.env{overflow-wrap:anywhere}.meta{font-size:.85em;color:#666}
+.reply{font-size:.9em;color:#444;overflow-wrap:anywhere}
 `;
 
 export function renderStatus(s: StatusSnapshot) {
@@ -106,17 +108,25 @@ function targetAnswer(s: StatusSnapshot) {
   return html`<p id="last-answer">last answer, ${age(s.now - a.at)} ago: <span class="${a.accepted ? "ok" : "bad"} reply">${shown(a.text)}</span></p>`;
 }
 
+/** One message as a short block (a table of five columns does not fit a phone). */
+function messageItem(m: { id: string; from: string; to: string; ageMs: number; attempts: number; reply: string; note?: string }) {
+  return html`<li><div class="env">${shown(m.from === "" ? "<>" : m.from)} → ${shown(m.to)}${m.note ?? ""}</div>
+<div class="meta"><span class="id">${m.id}</span> · ${age(m.ageMs)} · ${m.attempts} attempt${m.attempts === 1 ? "" : "s"}</div>${m.reply ? html`<div class="reply">${shown(m.reply)}</div>` : ""}</li>`;
+}
+
 function spoolRows(entries: SpoolEntry[], now: number, limit: number, failed: boolean) {
   if (!entries.length) return html`<p class="muted">none</p>`;
-  return html`<div class="scroll"><table>
-<tr><th>id</th><th>envelope</th><th class="n">age</th><th class="n">attempts</th><th>${failed ? "why" : "last reply"}</th></tr>
-${entries.slice(0, limit).map((e) => {
-  const from = e.header.from === "" ? "<>" : e.header.from;
-  const to = (e.state.remaining.length ? e.state.remaining : e.header.to).join(", ");
-  const why = (failed ? e.state.reason : null) ?? e.state.last_reply ?? "";
-  return html`<tr><td class="id">${e.header.id}</td><td>${shown(from)} → ${shown(to)}</td><td class="n">${age(now - e.header.received_at)}</td><td class="n">${e.state.attempts}</td><td class="reply">${shown(why)}</td></tr>`;
-})}
-</table></div>${entries.length > limit ? html`<p class="muted">and ${entries.length - limit} more (<code>?limit=</code> shows more)</p>` : ""}`;
+  const items = entries.slice(0, limit).map((e) =>
+    messageItem({
+      id: e.header.id,
+      from: e.header.from,
+      to: (e.state.remaining.length ? e.state.remaining : e.header.to).join(", "),
+      ageMs: now - e.header.received_at,
+      attempts: e.state.attempts,
+      reply: (failed ? e.state.reason : null) ?? e.state.last_reply ?? "",
+    }),
+  );
+  return html`<ul class="msgs">${items}</ul>${entries.length > limit ? html`<p class="muted">and ${entries.length - limit} more (<code>?limit=</code> shows more)</p>` : ""}`;
 }
 
 function spoolSection(s: StatusSnapshot) {
@@ -132,10 +142,10 @@ ${sp.unreadable.length ? html`<h2>Unreadable: ${sp.unreadable.length}</h2><ul>${
 
 function edgeRows(rows: EdgeRow[], failed: boolean) {
   if (!rows.length) return html`<p class="muted">none</p>`;
-  return html`<div class="scroll"><table>
-<tr><th>id</th><th>envelope</th><th class="n">age</th><th class="n">attempts</th><th>${failed ? "why" : "last reply"}</th></tr>
-${rows.map((r) => html`<tr><td class="id">${r.id}</td><td>${shown(r.from)} → ${shown(r.to)}${r.kind === "notice" ? " (notice)" : ""}</td><td class="n">${age(r.age_seconds * 1000)}</td><td class="n">${r.attempts}</td><td class="reply">${shown(failed ? `${r.why ?? ""}: ${r.last_reply}` : r.last_reply)}</td></tr>`)}
-</table></div>`;
+  const items = rows.map((r) =>
+    messageItem({ id: r.id, from: r.from, to: r.to, ageMs: r.age_seconds * 1000, attempts: r.attempts, reply: failed ? `${r.why ?? ""}: ${r.last_reply}` : r.last_reply, note: r.kind === "notice" ? " (notice)" : "" }),
+  );
+  return html`<ul class="msgs">${items}</ul>`;
 }
 
 function edgeSection(s: StatusSnapshot) {
