@@ -11,6 +11,7 @@ import { RecentCounts } from "../host/recent-counts.ts";
 import { Spool } from "../host/spool.ts";
 import { statusApp, type StatusSources } from "../host/status-http.ts";
 import { newApiKey } from "../scripts/keygen.ts";
+import { startServer } from "../server.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -82,6 +83,21 @@ describe("the key as the Basic password", () => {
     expect((await two.request("/status", { headers: basic("x", other) })).status).toBe(200);
     expect((await two.request("/status", { headers: basic("x", KEY) })).status).toBe(200);
   });
+});
+
+test("served by the host: 401 with the challenge without the key (the app's error handler passes it on), the page with it", async () => {
+  const host = startServer({ apiKeys: [KEY], lmtpHost: "127.0.0.1", lmtpPort: 9, port: 0, host: "127.0.0.1", maxMessageBytes: 1 << 20 }, { log: () => {} });
+  try {
+    const refused = await fetch(`${host.url}/status`);
+    expect(refused.status).toBe(401);
+    expect(refused.headers.get("www-authenticate")).toBe('Basic realm="mail-relay"');
+    expect(await refused.json()).toMatchObject({ error: "unauthorized" });
+    const page = await fetch(`${host.url}/status`, { headers: basic("anyone", KEY) });
+    expect(page.status).toBe(200);
+    expect(await page.text()).toContain('<code id="target">127.0.0.1:9</code>');
+  } finally {
+    await host.stop();
+  }
 });
 
 describe("the page", () => {
