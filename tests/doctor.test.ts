@@ -25,6 +25,7 @@ import { freePort } from "../scripts/free-port.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { INBOUND_PATH } from "../shared/contract.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
+import { spoolDirect } from "./support/spooled.ts";
 import { fillDisk, mountTmpfs } from "./support/tmpfs.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
@@ -123,13 +124,7 @@ describe("spool", () => {
   async function spoolWith(dir: string) {
     const s = new Spool(dir);
     s.prepare();
-    const commit = async (receivedAt: number) => {
-      const staged = s.stage();
-      await staged.write(new TextEncoder().encode("Subject: x\r\n\r\nhi\r\n"));
-      const h = await staged.commit({ from: "a@example.org", to: ["b@example.com"], received_at: receivedAt });
-      await staged.discard();
-      return h.id;
-    };
+    const commit = async (receivedAt: number) => (await spoolDirect(s, "a@example.org", ["b@example.com"], receivedAt)).id;
     return { s, commit };
   }
 

@@ -12,6 +12,7 @@ import { Spool } from "../host/spool.ts";
 import { statusApp, type StatusSources } from "../host/status-http.ts";
 import { newApiKey } from "../scripts/keygen.ts";
 import { startServer } from "../server.ts";
+import { spoolDirect } from "./support/spooled.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -26,13 +27,7 @@ beforeAll(async () => {
   dir = await mkdtemp("/tmp/status-test-");
   spool = new Spool(dir);
   spool.prepare();
-  const commit = async (from: string, to: string[], receivedAt = Date.now()) => {
-    const staged = spool.stage();
-    await staged.write(new TextEncoder().encode("Subject: x\r\n\r\nhi\r\n"));
-    const h = await staged.commit({ from, to, received_at: receivedAt });
-    await staged.discard();
-    return h.id;
-  };
+  const commit = async (from: string, to: string[], receivedAt = Date.now()) => (await spoolDirect(spool, from, to, receivedAt)).id;
   // Envelopes as they might come from an older host, a hand-edited file, or a sender: shown, never run.
   await commit(`${SCRIPT}@example.org`, [`a"onmouseover="alert(2)'&amp;@example.com`], Date.now() - 3_600_000 * 2);
   await commit("", ["b@example.com"]);

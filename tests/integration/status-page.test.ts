@@ -13,6 +13,7 @@ import { Spool } from "../../host/spool.ts";
 import { newApiKey } from "../../scripts/keygen.ts";
 import { sendToHost, testMessage } from "../../scripts/send-test.ts";
 import { startServer, type RunningServer } from "../../server.ts";
+import { spoolDirect } from "../support/spooled.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "../support/timeout.ts";
 
 allowSlowTests();
@@ -70,10 +71,7 @@ test("after known deliveries the page renders on a phone, its numbers are /metri
   expect(statuses).toEqual([200, 200, 200, 200, 422, 202]);
   // A spool file written with an envelope the contract would refuse today (an older host, a hand
   // edit): what the page shows comes from disk, and is shown as text.
-  const staged = new Spool(dir).stage();
-  await staged.write(new TextEncoder().encode("Subject: x\r\n\r\nhi\r\n"));
-  await staged.commit({ from: "<script>document.title='owned'</script>@evil.example", to: [to], received_at: Date.now() });
-  await staged.discard();
+  await spoolDirect(new Spool(dir), "<script>document.title='owned'</script>@evil.example", [to]);
 
   const context = await browser.newContext({ httpCredentials: { username: "operator", password: KEY }, viewport: { width: 390, height: 844 }, deviceScaleFactor: 1 });
   const page = await context.newPage();
