@@ -118,10 +118,10 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
     // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
     if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
     const results = replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
-    h.lastAnswer?.note(results.map((r) => r.reply).join("; "), results.every(isAccepted));
+    h.lastAnswer?.note(results);
     return results;
   } catch (e) {
-    h.lastAnswer?.note((e as Error).message, false);
+    h.lastAnswer?.note(e as Error);
     throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);

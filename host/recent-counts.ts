@@ -1,6 +1,8 @@
 // Counts of the last hour, by the minute (the /status page's "last hour"): sixty slots, one per
-// minute, reused as the clock goes round. Adding is a few array operations, with no timer and no
-// list that grows; a sum looks at the slots of the last sixty minutes only.
+// minute, reused as the clock goes round. Adding is a few array operations and reads no clock
+// (coarse-clock.ts); a sum looks at the last sixty slots.
+
+import { coarseNow } from "./coarse-clock.ts";
 
 const SLOTS = 60;
 const MINUTE_MS = 60_000;
@@ -10,7 +12,8 @@ export class RecentCounts<Name extends string> {
   private readonly minutes = new Float64Array(SLOTS).fill(-Infinity);
   private readonly counts = new Map<Name, Float64Array>();
 
-  add(name: Name, by: number, now = Date.now()): void {
+  /** `now`: ms since the epoch (to within a second will do). */
+  add(name: Name, by: number, now = coarseNow()): void {
     const minute = Math.floor(now / MINUTE_MS);
     const slot = minute % SLOTS;
     if (this.minutes[slot] !== minute) {

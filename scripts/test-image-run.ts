@@ -35,6 +35,13 @@ function buildah(args: string[]): { code: number; out: string; err: string } {
   return { code: p.exitCode ?? -1, out: p.stdout.toString(), err: p.stderr.toString() };
 }
 
+/** The same, without blocking this process: for commands that talk to the fake LMTP server in it. */
+async function buildahAsync(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const p = Bun.spawn(["buildah", ...buildahArgs, ...args], { stdout: "pipe", stderr: "pipe" });
+  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { code, out, err };
+}
+
 const mb = (bytes: number) => `${(bytes / 1e6).toFixed(1)} MB`;
 const since = (t: number) => Math.round(performance.now() - t);
 
@@ -184,7 +191,8 @@ try {
   // volume and the path to the server all ok (no MAIL_DOMAIN: DNS skipped), exit 0; with a key
   // the server does not hold, the PUBLIC_URL check fails (exit 1). Neither prints the key.
   const doctorEnv = { API_KEY: key, LMTP_HOST: fake.host, LMTP_PORT: String(fake.port), PUBLIC_URL: `${url}/api/v1/inbound-mail` };
-  let doc = buildah(runArgs(doctorEnv, [BIN, "doctor", "--json"]));
+  // Asynchronously: the doctor and the server both talk to the fake LMTP server in this process.
+  let doc = await buildahAsync(runArgs(doctorEnv, [BIN, "doctor", "--json"]));
   const parts = (out: string) => {
     try {
       return (JSON.parse(out) as { findings: { part: string; status: string }[] }).findings.map((f) => `${f.part}:${f.status}`).join(" ");
@@ -198,7 +206,7 @@ try {
     `exit ${doc.code}: ${parts(doc.out)}`,
   );
   const otherKey = newApiKey();
-  doc = buildah(runArgs({ ...doctorEnv, API_KEY: otherKey }, [BIN, "doctor"]));
+  doc = await buildahAsync(runArgs({ ...doctorEnv, API_KEY: otherKey }, [BIN, "doctor"]));
   const output = doc.out + doc.err;
   check("`mail-relay doctor` with another key: the keys differ (exit 1)", doc.code === 1 && /✗ public-url .*keys and these differ/.test(output), `exit ${doc.code}`);
   check("the doctor prints no key, nor the start of one", ![key, otherKey].some((k) => output.includes(k.slice(0, 6))));

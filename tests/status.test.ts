@@ -40,7 +40,7 @@ function sources(over: Partial<StatusSources> = {}): StatusSources {
   metrics.inc("delivered", 3);
   metrics.inc("rejected");
   const lastAnswer = new LastAnswer();
-  lastAnswer.note(`451 4.3.0 <x@example.com> ${SCRIPT}`, false);
+  lastAnswer.note([{ address: "x@example.com", code: 451, enhanced: "4.3.0", reply: `451 4.3.0 <x@example.com> ${SCRIPT}` }]);
   return { apiKeys: [KEY], metrics, lastAnswer, target: "127.0.0.1:2525", spool, ...over };
 }
 
@@ -114,7 +114,7 @@ describe("the page", () => {
 
   test("control characters in an envelope are shown as \\uXXXX, not passed on", async () => {
     const answer = new LastAnswer();
-    answer.note("451 line\r\nInjected: header\u001b[31m", false);
+    answer.note(new Error("451 line\r\nInjected: header\u001b[31m"));
     const html = await page("", { lastAnswer: answer });
     expect(html).toContain("451 line\\u000d\\u000aInjected: header\\u001b[31m");
   });
