@@ -62,10 +62,10 @@ function stub(respond: (req: Request) => Response | Promise<Response>): Server<u
 
 describe("settings", () => {
   test("the host's settings, and the doctor's own, parse: one ok finding that names no key", () => {
-    const { ctx: c, findings } = doctorContext({ API_KEY: KEY, API_KEYS: OTHER_KEY, LMTP_HOST: "/run/dovecot/lmtp", MAIL_DOMAIN: "Example.com, example.org.,example.com", DNS_SERVER: "[::1]:5353", PUBLIC_URL: "https://mail-api.example.com/api/v1/inbound-mail" });
+    const { ctx: c, findings } = doctorContext({ API_KEY: KEY, API_KEYS: OTHER_KEY, LMTP_HOST: "/run/dovecot/lmtp", MAIL_DOMAIN: "Example.com, example.org.,example.com,xn--r8jz45g.xn--q9jyb4c", DNS_SERVER: "[::1]:5353", PUBLIC_URL: "https://mail-api.example.com/api/v1/inbound-mail" });
     expect(statuses(findings)).toEqual(["ok"]);
     expect(findings[0]!.found).toContain("2 keys, LMTP unix:/run/dovecot/lmtp, spool off");
-    expect(c.domains).toEqual(["example.com", "example.org"]);
+    expect(c.domains).toEqual(["example.com", "example.org", "xn--r8jz45g.xn--q9jyb4c"]);
     expect(c.dnsServer).toBe("[::1]:5353");
     expect(c.keys.map(([name]) => name)).toEqual(["API_KEYS (key 1)", "API_KEY"]);
   });

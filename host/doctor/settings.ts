@@ -8,7 +8,8 @@ import { ConfigError, fromEnv, keyedUrl } from "../../shared/config-env.ts";
 import { ServerEnv, namedKeys, type ServerConfig } from "../config.ts";
 import type { DoctorContext, Finding } from "./finding.ts";
 
-const DOMAIN = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$/i;
+/** A domain name in ASCII (an IDN as its xn-- form), at least two labels. */
+const DOMAIN = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{2,63}|xn--[a-z0-9-]{1,59})$/i;
 /** What node:dns's setServers takes: an IP address, IPv6 in brackets when a port follows. */
 const DNS_ADDRESS = /^(\d{1,3}(\.\d{1,3}){3}(:\d{1,5})?|\[[0-9a-f:.]+\](:\d{1,5})?|[0-9a-f:.]*:[0-9a-f:.]*)$/i;
 
