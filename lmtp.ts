@@ -24,6 +24,7 @@
 //   connection.ts   LmtpConnection: SMTP's, with LMTP's own states (LHLO, one reply per recipient)
 //   turns.ts        MailboxTurns: one final dot at a time per mailbox
 //   pool.ts         LmtpPool: a few connections reused, deliveries waiting for a free one
+//   probe.ts        the doctor's question: greeting, LHLO, would RCPT take an address (nothing sent)
 
 export { describeTarget, lmtpTarget, parseDeliverTo, protocolOf, type DeliveryProtocol, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
@@ -35,3 +36,4 @@ export { SmtpConnection } from "./lmtp/smtp-connection.ts";
 export { LmtpConnection, openConnection, type LmtpConnectionOptions } from "./lmtp/connection.ts";
 export { LmtpPool, type LmtpPoolOptions } from "./lmtp/pool.ts";
 export { ReplyParser, formatReply, type LmtpReply, type RecipientReply } from "./lmtp/replies.ts";
+export { probeLmtp, type TargetProbe } from "./lmtp/probe.ts";

@@ -3,6 +3,7 @@
 //   bun run server.ts                       serve
 //   bun run server.ts healthcheck           exit 0 if GET /health answers (the container's check)
 //   bun run server.ts queue list|flush|retry ID|purge-failed
+//   bun run server.ts doctor [--json]        check the whole path (docs/doctor.md)
 // Tests and `bun run dev` call startServer().
 
 import { Resolver } from "node:dns/promises";
@@ -12,11 +13,13 @@ import { ServerEnv, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { AliasesFile, expandAliases } from "./host/aliases.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
+import { LastAnswer } from "./host/last-answer.ts";
 import { Metrics } from "./host/metrics.ts";
 import { accessJwt } from "./host/middleware/access-jwt.ts";
 import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
+import { statusApp } from "./host/status-http.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
 import { createApp, maxJsonBytes, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
@@ -99,7 +102,8 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
         log: event,
       }
     : undefined;
-  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, spam };
+  const lastAnswer = new LastAnswer();
+  const host: HostDelivery = { pool, delivered, metrics, log: event, exactlyOnce: config.exactlyOnce ?? false, spam, lastAnswer };
   const queue: SpoolQueue | null = spool ? { spool, runner: new QueueRunner(spool, deliverSpooled(host, spool), { maxAgeMs: config.spoolMaxAgeMs, metrics, log, ...opts.queue }) } : null;
   const runner = queue?.runner ?? null;
   runner?.start().catch((e) => event({ event: "spool_error", error: `queue runner did not start: ${(e as Error).message}` }));
@@ -121,6 +125,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     log,
     onAnswer: (outcome) => metrics.countAnswer(outcome),
   });
+  app.route("/", statusApp({ apiKeys: config.apiKeys, metrics, lastAnswer, target: describeTarget(target), spool, edgeUrl: config.edgeUrl }));
   const server = Bun.serve({
     hostname: config.host,
     port: config.port,
@@ -187,8 +192,12 @@ async function main(argv: string[]): Promise<number | "serving"> {
     const { queueCommand } = await import("./host/queue-cli.ts");
     return queueCommand(process.env.SPOOL_DIR, argv.slice(1));
   }
+  if (argv[0] === "doctor") {
+    const { doctorCommand } = await import("./host/doctor/cli.ts");
+    return doctorCommand(argv.slice(1), process.env);
+  }
   if (argv.length) {
-    console.error(`unknown command: ${argv.join(" ")} (commands: healthcheck, queue list|flush|retry ID|purge-failed)`);
+    console.error(`unknown command: ${argv.join(" ")} (commands: healthcheck, queue list|flush|retry ID|purge-failed, doctor [--json])`);
     return 2;
   }
   let config: ServerConfig;

@@ -3,7 +3,7 @@
 // setting is the operator's to fix: mail waits at the sender meanwhile (thrown, never a bounce).
 
 import { z } from "zod";
-import { ConfigError, MIN_KEY_LENGTH, fromEnv } from "../shared/config-env.ts";
+import { ConfigError, MIN_KEY_LENGTH, fromEnv, isHttpsOrLocal } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES, addressProblem } from "../shared/contract.ts";
 import { HOUR, type R2BucketLike } from "./spool.ts";
 
@@ -85,16 +85,6 @@ export function withoutTag(address: string, delimiter: string): string {
     if (i > 0 && i < at && (cut === -1 || i < cut)) cut = i;
   }
   return cut === -1 ? address : address.slice(0, cut) + address.slice(at);
-}
-
-function isHttpsOrLocal(u: string): boolean {
-  let url: URL;
-  try {
-    url = new URL(u);
-  } catch {
-    return false;
-  }
-  return url.protocol === "https:" || (url.protocol === "http:" && /^(localhost|127\.0\.0\.1|\[::1\])$/.test(url.hostname));
 }
 
 /** The settings of this env; throws ConfigError naming the first bad one. */

@@ -1,14 +1,21 @@
 // The edge spool's own HTTP face (the Worker's fetch() under /edge/, with the key): GET
 // /edge/queue and /edge/metrics show what is held and what failed, POST /edge/flush drains now,
-// POST /edge/retry/:id puts a failed message back. `bun run edge-queue` calls these.
+// POST /edge/retry/:id puts a failed message back (a malformed id: 400). `bun run edge-queue` calls
+// these. /edge/metrics also asks the host's /health (edge_host_up).
 
 import { Hono, type Context } from "hono";
+import { z } from "zod";
 import type { LogWriter } from "../shared/log.ts";
 import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
+import { valid } from "../shared/validate.ts";
 import type { WorkerConfig } from "./config.ts";
 import type { DrainSummary } from "./drain.ts";
+import { hostReachable } from "./host-probe.ts";
 import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
+
+/** POST /edge/retry/:id takes an id of the edge spool's form (20250101T000000000Z-0a1b2c3d). */
+const RetryParams = z.object({ id: z.string().refine(isId, { message: "is not an edge spool id (ids from GET /edge/queue)" }) });
 
 /** The edge spool's HTTP face, behind the key: `flush` runs a drain now. */
 export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSummary>, log: LogWriter) {
@@ -22,18 +29,19 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
 
   app.get("/edge/queue", async (c) => c.json(await edgeListing(spool())));
   app.get("/edge/metrics", async (c) => {
-    const l = await edgeListing(spool());
+    const [l, up] = await Promise.all([edgeListing(spool()), hostReachable(config)]);
     const lines = [
       ...metric("edge_spool_messages", "gauge", "Messages held at the edge for the host.", l.held),
       ...metric("edge_spool_oldest_age_seconds", "gauge", "Age of the oldest held message.", l.oldest_held_age_seconds ?? 0),
       ...metric("edge_spool_failed_messages", "gauge", "Messages the edge gave up on (failed/).", l.failed),
+      ...metric("edge_host_up", "gauge", "1 if the Worker reached the host's /health (DELL_API_ENDPOINT's origin) when scraped, 0 if not.", up ? 1 : 0),
     ];
     return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
   app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await flush()) }));
-  app.post("/edge/retry/:id", async (c) => {
-    const id = c.req.param("id");
-    if (!isId(id) || !(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id.slice(0, 80))}` }, 404);
+  app.post("/edge/retry/:id", valid("param", RetryParams), async (c) => {
+    const { id } = c.req.valid("param");
+    if (!(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id)}` }, 404);
     log({ event: "edge_retry_failed", id });
     return c.json({ status: "ok", id, message: "back in the edge queue; the next drain delivers it" });
   });

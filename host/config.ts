@@ -2,7 +2,7 @@
 // with the Worker). A bad or missing value stops start-up with one line that names it.
 
 import { z } from "zod";
-import { MIN_KEY_LENGTH } from "../shared/config-env.ts";
+import { MIN_KEY_LENGTH, keyedUrl } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
 import { parseDeliverTo, protocolOf, type LmtpTarget } from "../lmtp/target.ts";
 
@@ -23,7 +23,7 @@ function keysOf(env: { API_KEY?: string; API_KEYS?: string }): string[] {
  * Each key with the setting it came from ("API_KEY", "API_KEYS (key 2)"), so a problem names the
  * variable the operator has to fix, not a position in a merged list.
  */
-function namedKeys(env: { API_KEY?: string; API_KEYS?: string }): [string, string][] {
+export function namedKeys(env: { API_KEY?: string; API_KEYS?: string }): [string, string][] {
   const listed = (env.API_KEYS ?? "").split(",").map((k) => k.trim());
   const named = listed.map((k, i): [string, string] => [`API_KEYS (key ${i + 1})`, k]);
   named.push(["API_KEY", (env.API_KEY ?? "").trim()]);
@@ -68,6 +68,8 @@ export const ServerEnv = z
       }),
     // Above rspamd's own task_timeout (8 s), below the Worker's HOST_TIMEOUT_MS (25 s).
     RSPAMD_TIMEOUT_MS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").min(100, "must be at least 100").max(20_000, "must be at most 20000 (the Worker waits 25 s for the whole delivery)").default(10_000),
+    /** The Worker's URL: /status shows what the edge holds (GET /edge/queue with the key). */
+    EDGE_URL: keyedUrl("https://<the Worker>.workers.dev").optional(),
     BODY_IDLE_SECONDS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").positive("must be positive").max(60, "must be at most 60 (the server's socket idle timeout)").default(10),
     // Cloudflare Access (docs/access.md): with both, every route but /health needs its JWT too.
     ACCESS_TEAM_DOMAIN: z
@@ -131,6 +133,7 @@ export const ServerEnv = z
             }
           : undefined,
       ...(env.RSPAMD_URL ? { rspamd: { url: env.RSPAMD_URL, timeoutMs: env.RSPAMD_TIMEOUT_MS } } : {}),
+      edgeUrl: env.EDGE_URL,
     }),
   );
 
@@ -160,6 +163,8 @@ export interface ServerConfig {
   access?: AccessSettings;
   /** The spam filter: rspamd's normal worker and how long a scan may take (needs spoolDir). */
   rspamd?: { url: string; timeoutMs: number };
+  /** The Worker, whose edge spool /status lists (and the doctor checks). */
+  edgeUrl?: string;
 }
 
 export interface AccessSettings {

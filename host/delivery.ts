@@ -23,6 +23,7 @@ import type { RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
+import type { LastAnswer } from "./last-answer.ts";
 import { peekHeaders, type HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
@@ -41,6 +42,8 @@ export interface HostDelivery {
   exactlyOnce?: boolean;
   /** The spam filter (RSPAMD_URL); only with the spool, which holds a message whole while it is scanned. */
   spam?: SpamFilter;
+  /** Where the target's latest answer is kept for /status. */
+  lastAnswer?: LastAnswer;
 }
 
 /** The durable spool behind the host's delivery, and its background deliverer. */
@@ -142,7 +145,12 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
     // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
     // a duplicate may follow. A fault thrown by deliver() came before the dot: not delivered.
     if (replies.some((r) => r.outcomeUnknown)) h.metrics.inc("unknown_outcome");
-    return replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+    const results = replies.map((r) => ({ address: r.recipient, code: r.code, enhanced: r.enhanced, reply: formatReply(r) }));
+    h.lastAnswer?.note(results);
+    return results;
+  } catch (e) {
+    h.lastAnswer?.note(e as Error);
+    throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
   }

@@ -2,6 +2,7 @@
 
 import { metric } from "../shared/prometheus.ts";
 import type { AnswerOutcome } from "../shared/replies.ts";
+import { RecentCounts } from "./recent-counts.ts";
 
 const BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
@@ -78,6 +79,8 @@ export class Metrics {
   /** Spam scans (RSPAMD_URL): how many by outcome, and how long they took. */
   private readonly scans = new Map<ScanOutcome, number>();
   private readonly scanTime = new Histogram();
+  /** The same counts over the last hour (the /status page). */
+  private readonly recent = new RecentCounts<Counter>();
 
   /**
    * `spool`: the spool's depth and age when rendered (none without a spool). `spamFilter`: scans
@@ -90,6 +93,7 @@ export class Metrics {
 
   inc(name: Counter, by = 1): void {
     this.counters.set(name, (this.counters.get(name) ?? 0) + by);
+    this.recent.add(name, by);
   }
 
   /** One answered inbound request (with a valid key), by what it meant for the message. */
@@ -101,6 +105,11 @@ export class Metrics {
 
   get(name: Counter): number {
     return this.counters.get(name) ?? 0;
+  }
+
+  /** The count of the last sixty minutes. */
+  lastHour(name: Counter, now = Date.now()): number {
+    return this.recent.sum(name, now);
   }
 
   /** One LMTP transaction's duration. */

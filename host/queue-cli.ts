@@ -10,7 +10,7 @@ import { Spool, isSpoolId, type SpoolEntry, type UnreadableEntry } from "./spool
 
 const USAGE = "usage: bun run server.ts queue list|flush|retry ID|purge-failed";
 
-function age(ms: number): string {
+export function age(ms: number): string {
   const s = Math.round(ms / 1000);
   if (s < 120) return `${s}s`;
   if (s < 7200) return `${Math.round(s / 60)}m`;
@@ -21,7 +21,7 @@ function age(ms: number): string {
  * Text from the envelope, a reply or a file name, safe to print: controls (C0, DEL and C1, which a
  * terminal may take as an escape sequence), line separators and lone surrogates as \uXXXX.
  */
-function shown(s: string): string {
+export function shown(s: string): string {
   return s.replace(/[\x00-\x1f\x7f-\x9f\u2028\u2029]|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
 }
 

@@ -91,17 +91,28 @@ export class Spool {
     }
     const discarded = readdirSync(this.tmp);
     for (const f of discarded) rmSync(join(this.tmp, f), { recursive: true, force: true });
-    const probe = join(this.tmp, `write-test-${process.pid}`);
-    const fd = openSync(probe, "w", 0o600);
+    this.proveWritable(`write-test-${process.pid}`);
+    return { discarded };
+  }
+
+  /**
+   * Writes and fsyncs a small file in tmp/ under `name`, then removes it; throws when the disk
+   * does not take it (full, read-only, not ours). Also the doctor's check, under a name of its own.
+   */
+  proveWritable(name: string): void {
+    const probe = join(this.tmp, name);
     try {
-      const bytes = new TextEncoder().encode("the spool takes writes\n");
-      if (writeSync(fd, bytes) !== bytes.byteLength) throw new Error("short write in tmp/ (disk full?)");
-      fsyncSync(fd);
+      const fd = openSync(probe, "w", 0o600);
+      try {
+        const bytes = new TextEncoder().encode("the spool takes writes\n");
+        if (writeSync(fd, bytes) !== bytes.byteLength) throw new Error("short write in tmp/ (disk full?)");
+        fsyncSync(fd);
+      } finally {
+        closeSync(fd);
+      }
     } finally {
-      closeSync(fd);
       rmSync(probe, { force: true });
     }
-    return { discarded };
   }
 
   /** Asks a running host to attempt every queued message now (`queue flush`, `queue retry`). */

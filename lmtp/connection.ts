@@ -34,6 +34,7 @@ export class LmtpConnection extends SmtpConnection {
     this.socket.send(`LHLO ${this.lhloName}\r\n`);
     const lhlo = await this.reply("lhlo", deadline);
     if (!accepted(lhlo)) throw new LmtpFault("protocol", "lhlo", `LHLO answered ${formatReply(lhlo)}`);
+    this.helloReply = lhlo;
     this.learnCapabilities(lhlo);
   }
 

@@ -29,6 +29,9 @@ interface EnvelopeReplies {
 
 export class SmtpConnection {
   readonly capabilities = new Map<string, string>();
+  /** The server's 220 greeting and its answer to EHLO/HELO (LHLO for LMTP), as they came (the doctor shows them). */
+  greeting: LmtpReply | null = null;
+  helloReply: LmtpReply | null = null;
   protected readonly lhloName: string;
   /** A transaction has run on this connection, so the next one starts with RSET. */
   protected used = false;
@@ -59,6 +62,7 @@ export class SmtpConnection {
     try {
       const greeting = await this.socket.read("greeting", this.timeouts.greeting, deadline);
       if (greeting.code !== 220) throw new LmtpFault("protocol", "greeting", `${this.protocol} greeting was ${formatReply(greeting)}`);
+      this.greeting = greeting;
       await this.hello(deadline);
       return this;
     } catch (e) {
@@ -74,11 +78,15 @@ export class SmtpConnection {
   protected async hello(deadline: number): Promise<void> {
     this.socket.send(`EHLO ${this.lhloName}\r\n`);
     const ehlo = await this.reply("ehlo", deadline);
-    if (accepted(ehlo)) return this.learnCapabilities(ehlo);
+    if (accepted(ehlo)) {
+      this.helloReply = ehlo;
+      return this.learnCapabilities(ehlo);
+    }
     if (ehlo.code < 500) throw new LmtpFault("protocol", "ehlo", `EHLO answered ${formatReply(ehlo)}`);
     this.socket.send(`HELO ${this.lhloName}\r\n`);
     const helo = await this.reply("helo", deadline);
     if (!accepted(helo)) throw new LmtpFault("protocol", "helo", `HELO answered ${formatReply(helo)}`);
+    this.helloReply = helo;
   }
 
   /** The extensions of an EHLO or LHLO reply: every line after the first, keyword and parameters. */

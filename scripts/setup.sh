@@ -3,8 +3,9 @@
 # and its Sieve plugin (Pigeonhole) from Debian's packages (the integration tests start private
 # instances, some with the "exactly once" and Junk Sieve scripts of examples/dovecot/), Postfix (private
 # instances as the operator's MTA in front of Dovecot, DELIVER_TO=smtp://), rspamd and dnsmasq (the
-# spam filter's tests start a private rspamd with its own DNS) and curl (the
-# runbook's own test commands are run as written).
+# spam filter's tests start a private rspamd with its own DNS; the doctor's DNS checks ask a private
+# dnsmasq), Prometheus' promtool (the alert rules' checks and unit tests), Chromium (the /status
+# page in a real browser, headless) and curl (the runbook's own test commands are run as written).
 set -euo pipefail
 
 need=()
@@ -14,9 +15,11 @@ command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix
 command -v rspamd >/dev/null 2>&1 || [ -x /usr/bin/rspamd ] || need+=(rspamd)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
-  echo "setup: dovecot, its Sieve plugin, postfix, rspamd, dnsmasq and curl already installed"
+  echo "setup: dovecot, its Sieve plugin, postfix, rspamd, dnsmasq, promtool, chromium and curl already installed"
   exit 0
 fi
 

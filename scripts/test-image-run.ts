@@ -4,7 +4,7 @@
 // loopback only), with a fake LMTP server in this process standing in for Dovecot, and checks: the
 // image's settings, GET /health and the time to it, the binary's healthcheck subcommand, one
 // delivery (byte-exact), a refused key, one message through the spool on the image's volume, the
-// metrics, the non-root user, and a clean stop on SIGTERM. Ends with "N passed, N failed".
+// metrics, `mail-relay doctor`, the non-root user, and a clean stop on SIGTERM. Ends with "N passed, N failed".
 
 import { readFileSync, readdirSync } from "node:fs";
 import { startFakeLmtp } from "../fake-lmtp.ts";
@@ -33,6 +33,13 @@ function check(name: string, ok: boolean, detail = ""): boolean {
 function buildah(args: string[]): { code: number; out: string; err: string } {
   const p = Bun.spawnSync(["buildah", ...buildahArgs, ...args], { stdout: "pipe", stderr: "pipe" });
   return { code: p.exitCode ?? -1, out: p.stdout.toString(), err: p.stderr.toString() };
+}
+
+/** The same, without blocking this process: for commands that talk to the fake LMTP server in it. */
+async function buildahAsync(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const p = Bun.spawn(["buildah", ...buildahArgs, ...args], { stdout: "pipe", stderr: "pipe" });
+  const [out, err, code] = await Promise.all([new Response(p.stdout).text(), new Response(p.stderr).text(), p.exited]);
+  return { code, out, err };
 }
 
 const mb = (bytes: number) => `${(bytes / 1e6).toFixed(1)} MB`;
@@ -179,6 +186,30 @@ try {
 
   const metrics = await fetch(`${url}/metrics`, { headers: { "x-api-key": key } }).then((m) => m.text());
   check("/metrics counts them", /^relay_delivered_total 1$/m.test(metrics) && /^relay_queued_total 1$/m.test(metrics) && /^relay_spool_delivered_total 1$/m.test(metrics));
+
+  // `mail-relay doctor` in the image, beside the running server: the target, the spool on the
+  // volume and the path to the server all ok (no MAIL_DOMAIN: DNS skipped), exit 0; with a key
+  // the server does not hold, the PUBLIC_URL check fails (exit 1). Neither prints the key.
+  const doctorEnv = { API_KEY: key, LMTP_HOST: fake.host, LMTP_PORT: String(fake.port), PUBLIC_URL: `${url}/api/v1/inbound-mail` };
+  // Asynchronously: the doctor and the server both talk to the fake LMTP server in this process.
+  let doc = await buildahAsync(runArgs(doctorEnv, [BIN, "doctor", "--json"]));
+  const parts = (out: string) => {
+    try {
+      return (JSON.parse(out) as { findings: { part: string; status: string }[] }).findings.map((f) => `${f.part}:${f.status}`).join(" ");
+    } catch {
+      return `not JSON: ${out.slice(0, 200)}`;
+    }
+  };
+  check(
+    "`mail-relay doctor --json` in the image: target, spool and PUBLIC_URL ok, exit 0",
+    doc.code === 0 && ["target:ok", "spool:ok", "public-url:ok", "dns:skip", "edge:skip"].every((p) => parts(doc.out).includes(p)) && !parts(doc.out).includes(":fail"),
+    `exit ${doc.code}: ${parts(doc.out)}`,
+  );
+  const otherKey = newApiKey();
+  doc = await buildahAsync(runArgs({ ...doctorEnv, API_KEY: otherKey }, [BIN, "doctor"]));
+  const output = doc.out + doc.err;
+  check("`mail-relay doctor` with another key: the keys differ (exit 1)", doc.code === 1 && /✗ public-url .*keys and these differ/.test(output), `exit ${doc.code}`);
+  check("the doctor prints no key, nor the start of one", ![key, otherKey].some((k) => output.includes(k.slice(0, 6))));
 
   // docker stop: SIGTERM to the server, which should say "stopped" and exit 0.
   t = performance.now();

@@ -5,6 +5,7 @@
 
 import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { except } from "hono/combine";
+import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
 import {
   ALREADY_ACCEPTED,
@@ -102,6 +103,8 @@ export function createApp(opts: AppOptions) {
   if (opts.door) app.use(except("/health", opts.door));
 
   app.onError((err, c) => {
+    // A middleware's own answer (hono/basic-auth's 401 with WWW-Authenticate), as it made it.
+    if (err instanceof HTTPException) return err.getResponse();
     if (err instanceof BodyStalled) err = new Refusal(503, "body_stalled", `${err.message}; nothing was delivered, send it again`);
     if (err instanceof Refusal) {
       logFields(c, { error: err.code });

@@ -260,7 +260,7 @@ export function base64Problem(s: string): string | null {
 }
 
 /** "to: is required; from: ... contains a forbidden character" - zod's issues in one line. */
-export function describeIssues(error: z.ZodError): string {
+export function describeIssues(error: z.core.$ZodError): string {
   return error.issues.map((i) => (i.path.length ? `${i.path.map(String).join(".")}: ` : "") + i.message).join("; ");
 }
 

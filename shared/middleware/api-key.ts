@@ -23,16 +23,24 @@ export function apiKey(keys: readonly string[], refuse: (c: Context, message: st
 
 /** The same check without an answer, for routes that say less to a caller without the key (/ready). */
 export function keyCheck(keys: readonly string[]): (c: Context) => Promise<"valid" | "missing" | "invalid"> {
-  if (keys.length === 0) throw new Error("apiKey: no keys configured");
-  let digests: Promise<Uint8Array[]> | null = null;
+  const matches = keyMatcher(keys);
   return async (c) => {
     const given = c.req.header("x-api-key") ?? bearerToken(c.req.header("authorization"));
     if (!given) return "missing";
+    return (await matches(given)) ? "valid" : "invalid";
+  };
+}
+
+/** Whether a presented secret is one of the keys, in constant time (see the top); also /status's Basic password. */
+export function keyMatcher(keys: readonly string[]): (given: string) => Promise<boolean> {
+  if (keys.length === 0) throw new Error("apiKey: no keys configured");
+  let digests: Promise<Uint8Array[]> | null = null;
+  return async (given) => {
     digests ??= Promise.all(keys.map(sha256));
     const presented = await sha256(given);
     let match = false;
     for (const d of await digests) match = sameBytes(d, presented) || match;
-    return match ? "valid" : "invalid";
+    return match;
   };
 }
 

@@ -1,0 +1,38 @@
+// One GET for the doctor: never follows a redirect (a redirect is a finding: Access' login page,
+// a wrong hostname), gives up after the doctor's limit, and reads the body as JSON if it is.
+
+export interface Answer {
+  status: number;
+  location: string | null;
+  json: Record<string, unknown> | null;
+  text: string;
+}
+
+/** The answer, or why none came (a string). */
+export async function get(url: URL, ms: number, headers: Record<string, string> = {}): Promise<Answer | string> {
+  let res: Response;
+  try {
+    res = await fetch(url, { headers, redirect: "manual", signal: AbortSignal.timeout(ms) });
+  } catch (e) {
+    const err = e as Error;
+    return err.name === "TimeoutError" ? `no answer within ${ms} ms` : err.message;
+  }
+  const text = await res.text().catch(() => "");
+  let json: Record<string, unknown> | null = null;
+  try {
+    const parsed: unknown = JSON.parse(text);
+    if (parsed && typeof parsed === "object" && !Array.isArray(parsed)) json = parsed as Record<string, unknown>;
+  } catch {}
+  return { status: res.status, location: res.headers.get("location"), json, text };
+}
+
+/** What a non-2xx answer from something in front of the host most likely means. */
+export function inFront(a: Answer): string {
+  if (a.status >= 300 && a.status < 400) {
+    const access = /cloudflareaccess\.com/i.test(a.location ?? "");
+    return `a redirect (${a.status}) to ${a.location ?? "nowhere"}${access ? ": Cloudflare Access asks for a login" : ""}`;
+  }
+  if (a.status === 404) return "404: nothing is routed there (cloudflared's catch-all rule, or a path that is not the relay's)";
+  if ([502, 503, 504, 521, 522, 523, 524, 530].includes(a.status)) return `${a.status}: Cloudflare or cloudflared cannot reach the host (the container is down, the tunnel not connected, or its ingress names the wrong service)`;
+  return `HTTP ${a.status}`;
+}

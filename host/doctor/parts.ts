@@ -1,0 +1,12 @@
+// The doctor's parts, in the order a message travels backwards from the mailbox: the settings
+// are read first (settings.ts), then DNS, the delivery target, the spool, the tunnel, the Worker.
+// A new part of the path is one module here.
+
+import { dns } from "./dns.ts";
+import { edge } from "./edge.ts";
+import type { DoctorPart } from "./finding.ts";
+import { publicUrl } from "./public-url.ts";
+import { spool } from "./spool.ts";
+import { target } from "./target.ts";
+
+export const PARTS: DoctorPart[] = [dns, target, spool, publicUrl, edge];

@@ -1,0 +1,60 @@
+// The host asking the Worker what its edge spool holds (GET /edge/queue with the key), for
+// /status and the doctor. The host may hold several keys (API_KEYS, during a rotation); the
+// Worker has one: each is tried in turn, and the answer says which one the Worker took, by the
+// setting's name only.
+
+import { z } from "zod";
+
+const EdgeRow = z.object({
+  id: z.string(),
+  kind: z.string(),
+  from: z.string(),
+  to: z.string(),
+  size: z.number(),
+  age_seconds: z.number(),
+  attempts: z.number(),
+  next_attempt: z.string().nullable(),
+  last_reply: z.string(),
+  why: z.string().optional(),
+});
+export type EdgeRow = z.infer<typeof EdgeRow>;
+
+export const EdgeListing = z.object({
+  held: z.number(),
+  oldest_held_age_seconds: z.number().nullable(),
+  failed: z.number(),
+  complete: z.boolean(),
+  messages: z.array(EdgeRow),
+  failed_messages: z.array(EdgeRow),
+});
+export type EdgeListing = z.infer<typeof EdgeListing>;
+
+export type EdgeQueueAnswer =
+  | { kind: "listing"; listing: EdgeListing; keyName: string }
+  /** Every key was answered 401: the Worker's API_KEY is none of the host's. */
+  | { kind: "refused" }
+  /** The Worker has no R2 bucket bound as EDGE_SPOOL: it holds nothing. */
+  | { kind: "no_spool" }
+  | { kind: "error"; message: string };
+
+/** GET /edge/queue with each key until one is taken. `keys`: [setting name, key]. */
+export async function fetchEdgeQueue(edgeUrl: string, keys: [string, string][], timeoutMs = 5_000): Promise<EdgeQueueAnswer> {
+  const url = new URL("/edge/queue", edgeUrl);
+  for (const [keyName, key] of keys) {
+    let res: Response;
+    try {
+      res = await fetch(url, { headers: { "x-api-key": key }, redirect: "manual", signal: AbortSignal.timeout(timeoutMs) });
+    } catch (e) {
+      const err = e as Error;
+      return { kind: "error", message: `${url.origin} cannot be reached: ${err.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : err.message}` };
+    }
+    const body = (await res.json().catch(() => null)) as { error?: unknown } | null;
+    if (res.status === 401) continue;
+    if (res.status === 404 && body?.error === "no_edge_spool") return { kind: "no_spool" };
+    if (res.status >= 300 && res.status < 400) return { kind: "error", message: `GET /edge/queue answered ${res.status}, a redirect to ${res.headers.get("location") ?? "nowhere"}` };
+    const listing = EdgeListing.safeParse(body);
+    if (!res.ok || !listing.success) return { kind: "error", message: `GET /edge/queue answered ${res.status}${listing.success ? "" : ", not the edge spool's listing"}` };
+    return { kind: "listing", listing: listing.data, keyName };
+  }
+  return { kind: "refused" };
+}
