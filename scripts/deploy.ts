@@ -69,7 +69,7 @@ export function parseEnvFile(text: string, name: string): Map<string, string> {
  */
 export function deployPlan(envText: string, wranglerToml: string, name = "worker.env"): DeployPlan {
   const values = parseEnvFile(envText, name);
-  const toml = Bun.TOML.parse(wranglerToml) as { vars?: Record<string, string>; r2_buckets?: { binding: string }[] };
+  const toml = Bun.TOML.parse(wranglerToml) as { vars?: Record<string, string>; r2_buckets?: { binding: string }[]; vpc_services?: { binding: string }[] };
   const tracked = toml.vars ?? {};
   const workerNames = new Set([...Object.keys(WorkerEnv.in.shape), ...Object.keys(tracked)]);
   const plan: DeployPlan = { vars: {}, secrets: {}, wranglerEnv: {} };
@@ -93,6 +93,8 @@ export function deployPlan(envText: string, wranglerToml: string, name = "worker
   }
   // The bucket's binding is only a name here: the check is that POSTMASTER is set beside it.
   if (toml.r2_buckets?.some((b) => b.binding === "EDGE_SPOOL")) deployed.EDGE_SPOOL = {};
+  // Likewise the Workers VPC binding: through it, DELL_API_ENDPOINT may be plain http:// (docs/access.md).
+  if (toml.vpc_services?.some((b) => b.binding === "HOST")) deployed.HOST = { fetch: () => Promise.reject(new Error("not called")) };
   try {
     workerConfig(deployed);
   } catch (e) {

@@ -96,8 +96,11 @@ describe("what a deploy sends", () => {
   });
 
   test("a bad value is refused with the Worker's own words", () => {
-    expect(refusal(GOOD.replace("https://mail-api", "http://mail-api"))).toBe("worker.env: DELL_API_ENDPOINT must be https:// (plain http only for localhost)");
+    expect(refusal(GOOD.replace("https://mail-api", "http://mail-api"))).toBe("worker.env: DELL_API_ENDPOINT must be https:// (plain http only for localhost, or through the HOST binding)");
     expect(refusal(`${GOOD}\nHOST_TIMEOUT_MS=40000`)).toBe("worker.env: HOST_TIMEOUT_MS must be below the 30 s Worker limit");
+    // Through a Workers VPC binding the endpoint only names the path: plain http:// is fine there.
+    const vpc = `${TOML}\n[[vpc_services]]\nbinding = "HOST"\nservice_id = "0199b1f2-0000-7000-8000-000000000000"\n`;
+    expect(() => deployPlan(GOOD.replace("https://mail-api", "http://mail-api"), vpc)).not.toThrow();
     expect(refusal(GOOD.replace(`API_KEY=${KEY}`, "API_KEY=short"))).toBe("worker.env: API_KEY is shorter than 32 characters");
   });
 
