@@ -27,22 +27,41 @@ export function messageHeaders(apiKey: string, from: string, to: string, request
   };
 }
 
+/**
+ * Every request to the host goes through here: the endpoint, the key, a time limit, and never a
+ * redirect. A redirect would carry the key and the message to whatever origin it names (a
+ * misconfigured Access application or tunnel answers with a login page elsewhere): it is the
+ * host's answer, a temporary failure, and is not followed.
+ */
+export async function requestHost(config: Pick<WorkerConfig, "endpoint">, init: { headers: Record<string, string>; body: BodyInit; timeoutMs: number }): Promise<Response> {
+  try {
+    return await fetch(config.endpoint, {
+      method: "POST",
+      headers: { ...init.headers, "user-agent": "mailserver-inbound-relay-worker/1" },
+      body: init.body,
+      redirect: "manual",
+      signal: AbortSignal.timeout(init.timeoutMs),
+      // @ts-expect-error - Bun and Node need it for a stream body; workerd ignores it
+      duplex: "half",
+    });
+  } catch (e) {
+    const err = e as Error;
+    const why = err.name === "TimeoutError" ? `no answer within ${init.timeoutMs} ms` : err.message;
+    throw new TemporaryFailure(`host unreachable: ${why}`);
+  }
+}
+
 export function forwardToHost(config: WorkerConfig): Deliverer {
   return async ({ envelope, body, size, requestId }) => {
-    let res: Response;
-    try {
-      res = await fetch(config.endpoint, {
-        method: "POST",
-        headers: { ...messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId), "user-agent": "mailserver-inbound-relay-worker/1" },
-        body: withLength(body, size),
-        signal: AbortSignal.timeout(config.timeoutMs),
-        // @ts-expect-error - Bun and Node need it for a stream body; workerd ignores it
-        duplex: "half",
-      });
-    } catch (e) {
-      const err = e as Error;
-      const why = err.name === "TimeoutError" ? `no answer within ${config.timeoutMs} ms` : err.message;
-      throw new TemporaryFailure(`host unreachable: ${why}`);
+    const res = await requestHost(config, {
+      headers: messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId),
+      body: withLength(body, size),
+      timeoutMs: config.timeoutMs,
+    });
+    if (res.status >= 300 && res.status < 400) {
+      void res.body?.cancel();
+      const location = (res.headers.get("location") ?? "(no Location)").replace(/[\x00-\x1f\x7f]/g, "").slice(0, 300);
+      throw new TemporaryFailure(`${HOST_ANSWERED} ${res.status}: a redirect to ${location}, not followed (DELL_API_ENDPOINT must be the host's own URL)`);
     }
     const answer = InboundResponse.safeParse(await res.json().catch(() => null));
     const text = answer.success ? answer.data.message : `HTTP ${res.status}`;
