@@ -15,9 +15,9 @@ import { HOST_ANSWERED, forwardToHost, messageHeaders, sendHeld } from "./edge/f
 import { edgeQueueApp } from "./edge/queue-http.ts";
 import { EdgeSpool, MINUTE, type R2BucketLike } from "./edge/spool.ts";
 import { createApp } from "./shared/app.ts";
-import { INBOUND_PATH, InboundResponse } from "./shared/contract.ts";
+import { INBOUND_PATH, InboundResponse, type RecipientResult } from "./shared/contract.ts";
 import { jsonLines, stamped } from "./shared/log.ts";
-import { outcomeForStatus } from "./shared/replies.ts";
+import { isAccepted, outcomeForStatus } from "./shared/replies.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {
@@ -106,7 +106,7 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
     void kept?.cancel();
     log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
     if (outcome === "accept") {
-      if (spool) await later(ctx, afterLiveSuccess(config, spool, rcpt));
+      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? rcpt : null));
       return;
     }
     if (outcome === "reject") {
@@ -150,10 +150,19 @@ async function later(ctx: WaitUntil | undefined, work: Promise<unknown>): Promis
 const nothingHeldUntil = new WeakMap<R2BucketLike, number>();
 const NOTHING_HELD_FOR_MS = 10_000;
 
-/** The host took a message: remember its recipient, and deliver what the edge holds while it is up. */
-async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: string): Promise<void> {
+/**
+ * Whether the host's answer says that this recipient's mailbox took the message: its own reply
+ * accepted, and not merely queued. A host whose Dovecot is down queues mail for any address (202):
+ * that proves nothing about who exists, and learning from it would make catch-all spam "known".
+ */
+function deliveredTo(recipients: RecipientResult[] | undefined, rcpt: string): boolean {
+  return recipients?.some((r) => r.address.toLowerCase() === rcpt && isAccepted(r) && !r.queued) ?? false;
+}
+
+/** The host took a message: remember its recipient if it was delivered, and deliver what the edge holds while the host is up. */
+async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: string | null): Promise<void> {
   try {
-    if (await spool.learn(rcpt)) log({ event: "edge_known", to: rcpt, message: "the host accepted mail for this address: it may be held at the edge for 60 days" });
+    if (rcpt && (await spool.learn(rcpt))) log({ event: "edge_known", to: rcpt, message: "the host accepted mail for this address: it may be held at the edge for 60 days" });
     if (Date.now() < (nothingHeldUntil.get(spool.bucket) ?? 0)) return;
     const summary = await runDrain(config, "live");
     if (summary.state === "idle") nothingHeldUntil.set(spool.bucket, Date.now() + NOTHING_HELD_FOR_MS);

@@ -76,9 +76,11 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
           throw new TemporaryFailure(`${HOST_ANSWERED} ${res.status} without a delivery confirmation`);
         }
         // Delivered or safely queued on the host: every recipient is accepted, whatever the details.
+        // Queued stays queued (a recipient is learned only from a delivery: worker.ts).
         return envelope.to.map((address) => {
           const r = recipients?.find((x) => x.address === address);
-          return r && isAccepted(r) ? r : acceptedResult(address, text);
+          if (r && isAccepted(r)) return r;
+          return answer.data.status === "queued" ? { ...acceptedResult(address, text), queued: true } : acceptedResult(address, text);
         });
       case "reject":
         // A bounce cannot be taken back: only the host's own refusal, with its reason, bounces.

@@ -5,6 +5,9 @@
 
 import { afterAll, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { backoffMs, drain, LOCK_LEASE_MS, MAX_CALLS, type DrainOptions, type SendResult } from "../edge/drain.ts";
 import { headerBlock, summarizeHeaders } from "../edge/notice.ts";
 import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge/spool.ts";
@@ -169,6 +172,37 @@ describe("email() with EDGE_SPOOL", () => {
     expect(msg.rejects).toEqual([]);
     expect(heldKeys(bucket)).toHaveLength(1);
     expect(workerLines.at(-1)).toMatchObject({ outcome: "held", status: 503 });
+  });
+
+  test("a 202 (queued on the host while Dovecot is down) teaches nothing: a random address stays unknown and is thrown back in the next outage", async () => {
+    // The real host with its spool, in front of an LMTP server that answers 450 for now: it
+    // cannot know who exists, queues the message for anyone and answers 202.
+    const spoolDir = mkdtempSync(join(tmpdir(), "relay-edge-learn-"));
+    const queuing = startServer({ apiKeys: [KEY], lmtpHost: fake.host, lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: MiB, spoolDir, spoolMaxAgeMs: HOUR }, { log: () => {} });
+    try {
+      fake.behaviour.rcpt = () => 450;
+      const bucket = new MemoryR2();
+      const random = "catchall-7f3a9c@kuma8088.com";
+      const e = { ...env(bucket, "real"), DELL_API_ENDPOINT: `${queuing.url}/api/v1/inbound-mail` };
+      expect(await run(incoming(rfc822("to a random address"), random), e)).toBeNull(); // accepted: 202
+      expect(workerLines.filter((l) => l.outcome && l.to === random).at(-1)).toMatchObject({ outcome: "accept", status: 202 });
+      expect(bucket.keys("known/")).toEqual([]);
+      expect(workerLines.some((l) => l.event === "edge_known" && l.to === random)).toBe(false);
+
+      // The next outage: not known, so not held and not accepted; the sender retries.
+      const msg = incoming(rfc822("catch-all spam, host down"), random);
+      const err = await run(msg, env(bucket, "stub"));
+      expect(err?.message).toContain("temporary failure");
+      expect(heldKeys(bucket)).toEqual([]);
+
+      // A delivery confirmed for that recipient (its LMTP 250) does teach.
+      fake.reset();
+      expect(await run(incoming(rfc822("delivered"), USER), env(bucket, "real"))).toBeNull();
+      expect(bucket.keys("known/")).toEqual([`known/${USER}`]);
+    } finally {
+      await queuing.stop();
+      rmSync(spoolDir, { recursive: true, force: true });
+    }
   });
 
   test("a domain entry in ALLOWED_RECIPIENTS is a filter only: it does not make its addresses known", async () => {
