@@ -31,6 +31,11 @@ export const WorkerEnv = z
       .pipe(z.array(allowEntry)),
     /** With EDGE_SPOOL: how long a held message is retried before it goes to failed/ (Postfix's 5 days). */
     EDGE_SPOOL_MAX_AGE_HOURS: z.coerce.number({ error: "must be a number" }).positive("must be more than 0").default(120),
+    /**
+     * With EDGE_SPOOL: the subrequests (fetches, R2 calls, calls to itself) one invocation may
+     * make: 50 on the free plan, 10,000 on the paid one. A drain's run stops within it.
+     */
+    EDGE_SPOOL_SUBREQUESTS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").min(20, "must be at least 20").max(10_000, "must be at most 10000 (the paid plan's limit)").default(50),
     /** With EDGE_SPOOL: who hears of a held message the edge gave up on. */
     POSTMASTER: z
       .string()
@@ -45,8 +50,14 @@ export const WorkerEnv = z
     allowed: e.ALLOWED_RECIPIENTS,
     maxAgeMs: e.EDGE_SPOOL_MAX_AGE_HOURS * HOUR,
     postmaster: e.POSTMASTER ?? "",
+    subrequests: e.EDGE_SPOOL_SUBREQUESTS,
   }));
-export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null };
+
+/** The Worker's binding to itself (a service binding, `SELF`): what the drain needs of it. */
+export interface SelfBinding {
+  fetch(input: string, init?: RequestInit): Promise<Response>;
+}
+export type WorkerConfig = z.output<typeof WorkerEnv> & { spool: R2BucketLike | null; self: SelfBinding | null };
 
 function isHttpsOrLocal(u: string): boolean {
   let url: URL;
@@ -64,5 +75,7 @@ export function workerConfig(env: Record<string, unknown>): WorkerConfig {
   const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
   // Mail held at the edge can fail after the sender heard 250: someone must be told.
   if (spool && !config.postmaster) throw new ConfigError("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
-  return { ...config, spool };
+  // Optional: without it, a drain that runs out of subrequests goes on at the next cron run.
+  const self = (env.SELF ?? null) as SelfBinding | null;
+  return { ...config, spool, self: self && typeof self.fetch === "function" ? self : null };
 }

@@ -13,6 +13,14 @@ import { sized, type HeldMessage } from "./spool.ts";
 export const HOST_ANSWERED = "host answered";
 
 /**
+ * A temporary failure that the host's mailbox server gave for this recipient (LMTP 4xx: a full
+ * mailbox, a greylist): the host itself is up, and this message waits for its own reasons.
+ */
+export class HostDeferral extends TemporaryFailure {
+  override name = "HostDeferral";
+}
+
+/**
  * The headers of a message/rfc822 request to the app: the key, and the envelope as UTF-8 on the
  * wire (headerValue). The contract's MAX_ENVELOPE_TO_BYTES keeps the list well inside the host's
  * 16 KiB for all headers.
@@ -51,10 +59,11 @@ export async function requestHost(config: Pick<WorkerConfig, "endpoint">, init: 
   }
 }
 
-export function forwardToHost(config: WorkerConfig): Deliverer {
+/** The Deliverer at the edge; `headers` adds to each request's own (the drain's, for held mail). */
+export function forwardToHost(config: WorkerConfig, headers: Record<string, string> = {}): Deliverer {
   return async ({ envelope, body, size, requestId }) => {
     const res = await requestHost(config, {
-      headers: messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId),
+      headers: { ...messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId), ...headers },
       body: withLength(body, size),
       timeoutMs: config.timeoutMs,
     });
@@ -90,6 +99,7 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
         if (res.status === 422 && recipients?.length) return recipients;
         throw new Refusal(res.status as 400 | 413 | 415 | 422, answer.data.error ?? "host_refused", text);
       case "retry":
+        if (answer.success && recipients?.some((r) => !isAccepted(r) && !isPermanent(r))) throw new HostDeferral(`${HOST_ANSWERED} ${res.status}: ${text}`);
         throw new TemporaryFailure(`${HOST_ANSWERED} ${res.status}: ${text}`);
     }
   };
@@ -104,19 +114,22 @@ function withLength(body: ReadableStream<Uint8Array> | Uint8Array, size: number 
   return body instanceof Uint8Array || size === null ? (body as BodyInit) : sized(body, size);
 }
 
-/** One held message to the host, as email() would have sent it; the answer as the drain needs it. */
+/**
+ * One held message to the host, as email() would have sent it, within the time its run has left;
+ * the answer as the drain needs it. The drain's own request headers are added here.
+ */
 export function sendHeld(config: WorkerConfig) {
-  const forward = forwardToHost(config);
-  return async (m: HeldMessage, body: ReadableStream<Uint8Array>, requestId: string): Promise<SendResult> => {
+  return async (m: HeldMessage, body: ReadableStream<Uint8Array>, requestId: string, timeoutMs: number): Promise<SendResult> => {
+    const forward = forwardToHost({ ...config, timeoutMs });
     try {
-      // Nobody waits on the other end of a drain: only forwardToHost's own time limit ends it.
+      // Nobody waits on the other end of a drain: only the time limit ends it.
       const results = await forward({ envelope: { from: m.from, to: [m.to] }, body, size: m.size, requestId, signal: new AbortController().signal });
       const replies = results.map((r) => r.reply).join("; ");
       if (results.every(isAccepted)) return { outcome: "confirmed", reply: replies };
       return { outcome: results.some(isPermanent) ? "permanent" : "temporary", reply: replies };
     } catch (e) {
       if (e instanceof Refusal) return { outcome: "permanent", reply: `${e.status} ${e.message}` };
-      return { outcome: "temporary", reply: (e as Error).message };
+      return { outcome: "temporary", reply: (e as Error).message, hostAnswered: e instanceof HostDeferral };
     }
   };
 }

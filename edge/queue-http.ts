@@ -1,17 +1,37 @@
 // The edge spool's own HTTP face (the Worker's fetch() under /edge/, with the key): GET
 // /edge/queue and /edge/metrics show what is held and what failed, POST /edge/flush drains now,
-// POST /edge/retry/:id puts a failed message back. `bun run edge-queue` calls these.
+// POST /edge/retry/:id puts a failed message back, POST /edge/known records the host's
+// mailboxes as known. `bun run edge-queue` calls these. POST /edge/drain is the Worker's own:
+// the next run of a drain, started through its binding to itself (edge/drain-runner.ts).
 
 import { Hono, type Context } from "hono";
+import { z } from "zod";
+import { addressProblem, describeIssues } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
 import type { WorkerConfig } from "./config.ts";
-import type { DrainSummary } from "./drain.ts";
+import { MAX_LINKS, type DrainSummary } from "./drain.ts";
+import { Budget } from "./budget.ts";
 import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
 
-/** The edge spool's HTTP face, behind the key: `flush` runs a drain now. */
-export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSummary>, log: LogWriter) {
+/** How the app runs a drain: an operator's flush now, or a chained run handed this drain's lock. */
+export type RunDrain = (chain?: { lock: string; link: number }) => Promise<DrainSummary>;
+
+/** What POST /edge/drain takes: the lock handed over and the run's place in its drain. */
+const ChainedRun = z.object({ lock: z.string().min(1).max(200), link: z.number().int().min(1).max(MAX_LINKS) });
+
+/** What POST /edge/known takes: the host's mailboxes, each checked as an envelope address is. */
+const KnownAddresses = z.object({
+  addresses: z
+    .array(z.string().refine((a) => addressProblem(a) === null, { error: (i) => `${JSON.stringify(String(i.input).slice(0, 80))} ${addressProblem(String(i.input))}` }))
+    .min(1, "needs at least one address"),
+});
+/** Of each request's subrequests, what POST /edge/known keeps for itself (one put per address). */
+const KNOWN_RESERVE = 2;
+
+/** The edge spool's HTTP face, behind the key. */
+export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogWriter) {
   const app = new Hono();
   app.use("*", apiKey([config.apiKey], (c: Context, message: string) => c.json({ status: "error", error: "unauthorized", message }, 401)));
   app.use("*", async (c, next) => {
@@ -30,7 +50,26 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
     ];
     return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
-  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await flush()) }));
+  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await runDrain()) }));
+  app.post("/edge/drain", async (c) => {
+    const run = ChainedRun.safeParse(await c.req.json().catch(() => null));
+    if (!run.success) return c.json({ status: "error", error: "invalid_request", message: describeIssues(run.error) }, 400);
+    // Answered at once: the previous run ends, and this one runs after the answer (waitUntil).
+    await afterAnswer(c, runDrain(run.data));
+    return c.json({ status: "started", link: run.data.link }, 202);
+  });
+  app.post("/edge/known", async (c) => {
+    const body = KnownAddresses.safeParse(await c.req.json().catch(() => null));
+    if (!body.success) return c.json({ status: "error", error: "invalid_request", message: describeIssues(body.error) }, 400);
+    const addresses = [...new Set(body.data.addresses.map((a) => a.toLowerCase()))];
+    const max = config.subrequests - KNOWN_RESERVE;
+    if (addresses.length > max) {
+      return c.json({ status: "error", error: "too_many", message: `at most ${max} addresses per request (EDGE_SPOOL_SUBREQUESTS)`, max_per_request: max }, 413);
+    }
+    const recorded = await new EdgeSpool(config.spool!, new Budget(config.subrequests)).record(addresses);
+    log({ event: "edge_known_recorded", count: recorded });
+    return c.json({ status: "ok", recorded });
+  });
   app.post("/edge/retry/:id", async (c) => {
     const id = c.req.param("id");
     if (!isId(id) || !(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id.slice(0, 80))}` }, 404);
@@ -39,6 +78,19 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
   });
   app.notFound((c) => c.json({ status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }, 404));
   return app;
+}
+
+/** In workerd, after the answer (ctx.waitUntil); in Bun (tests), before it. */
+async function afterAnswer(c: Context, work: Promise<unknown>): Promise<void> {
+  let ctx: { waitUntil(p: Promise<unknown>): void } | undefined;
+  try {
+    ctx = c.executionCtx;
+  } catch {
+    ctx = undefined; // Hono throws when the runtime gave no context
+  }
+  const logged = work.catch(() => {}); // the run logs its own failures
+  if (ctx) ctx.waitUntil(logged);
+  else await logged;
 }
 
 async function edgeListing(spool: EdgeSpool) {
