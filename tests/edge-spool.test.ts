@@ -17,6 +17,7 @@ import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { workerConfig } from "../edge/config.ts";
 import worker, { email, scheduled, type IncomingEmail } from "../worker.ts";
+import { edgeQueue } from "../scripts/edge-queue.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 import { until } from "./support/wait.ts";
@@ -851,6 +852,69 @@ describe("the drain through email() and scheduled()", () => {
     expect(new Set(subjects()).size).toBe(31);
     const starts = workerLines.slice(from).filter((l) => l.event === "edge_drain" && l.link === 0);
     expect(starts.filter((l) => l.state === "ran")).toHaveLength(1);
+  });
+});
+
+describe("POST /edge/known and `bun run edge-queue learn`: the host's mailboxes known at cutover", () => {
+  const serve = (e: Record<string, unknown>) => Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: (req) => worker.fetch(req, e) });
+  const learn = async (url: string, args: string[], stdin = "") => {
+    const out: string[] = [];
+    const err = spyOn(console, "error").mockImplementation(() => {});
+    try {
+      const code = await edgeQueue(["learn", ...args], { EDGE_URL: url, API_KEY: KEY }, (l) => void out.push(l), async () => stdin);
+      return { code, out: out.join("\n"), err: err.mock.calls.map((c) => c.join(" ")).join("\n") };
+    } finally {
+      err.mockRestore();
+    }
+  };
+
+  test("from stdin (doveadm user '*'), in batches the Worker's budget allows; then mail for them is held while the host is away", async () => {
+    const bucket = new MemoryR2();
+    const e = env(bucket, "stub", { EDGE_SPOOL_SUBREQUESTS: "20" }); // at most 18 per request
+    const worker = serve(e);
+    try {
+      const mailboxes = Array.from({ length: 30 }, (_, i) => `box${i}@kuma8088.com`);
+      const r = await learn(`http://127.0.0.1:${worker.port}`, ["-"], `${mailboxes.slice(0, 10).join("\n")}\n\n${mailboxes.slice(10).join("  ")}\nBOX0@KUMA8088.COM\n`);
+      expect(r).toMatchObject({ code: 0 });
+      expect(r.out).toContain("30 addresses are known at the edge");
+      expect(bucket.keys("known/")).toEqual(mailboxes.map((m) => `known/${m}`).sort());
+      expect(workerLines.filter((l) => l.event === "edge_known_recorded").map((l) => l.count)).toEqual([18, 12]);
+
+      const msg = incoming(rfc822("for a mailbox learned at cutover"), "box7@kuma8088.com");
+      expect(await run(msg, e)).toBeNull();
+      expect(workerLines.at(-1)).toMatchObject({ outcome: "held", to: "box7@kuma8088.com" });
+    } finally {
+      await worker.stop(true);
+    }
+  });
+
+  test("one bad address: nothing is recorded, and the answer names it; the route refuses a request without the key, a bad body and too many at once", async () => {
+    const bucket = new MemoryR2();
+    const e = env(bucket, "stub");
+    const worker = serve(e);
+    const url = `http://127.0.0.1:${worker.port}`;
+    try {
+      const r = await learn(url, ["good@kuma8088.com", "dovecot-user-without-domain"]);
+      expect(r.code).toBe(1);
+      expect(r.err).toContain('"dovecot-user-without-domain" is not of the form local@domain');
+      expect(r.err).toContain("nothing was recorded");
+      expect(bucket.keys("known/")).toEqual([]);
+      expect((await learn(url, [])).code).toBe(2);
+
+      const post = (body: unknown, key = KEY) => fetch(`${url}/edge/known`, { method: "POST", headers: { "x-api-key": key, "content-type": "application/json" }, body: JSON.stringify(body) });
+      expect((await post({ addresses: ["a@kuma8088.com"] }, "not-the-key")).status).toBe(401);
+      const bad = await post({ addresses: ["a@kuma8088.com", "b@x\r\nRCPT TO:<c@y>"] });
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as { message: string }).message).toContain("forbidden character");
+      expect((await post({ addresses: [] })).status).toBe(400);
+      expect((await post({ list: ["a@kuma8088.com"] })).status).toBe(400);
+      const many = await post({ addresses: Array.from({ length: 49 }, (_, i) => `m${i}@kuma8088.com`) });
+      expect(many.status).toBe(413);
+      expect(await many.json()).toMatchObject({ max_per_request: 48 });
+      expect(bucket.keys("known/")).toEqual([]);
+    } finally {
+      await worker.stop(true);
+    }
   });
 });
 
