@@ -4,13 +4,13 @@
 //   queue/<id>.retry    (empty) the drain's attempts: count, next attempt, last reply
 //   failed/<id>         a message given up on, bytes and everything known; kept 30 days
 //   known/<address>     (empty) the host delivered mail for this address; uploaded = when last seen
-//   held                (empty) the cheap check (a HEAD, class B) that lets idle cron runs and
+//   held                (a random token) the cheap check (a HEAD, class B) that lets idle cron runs and
 //                       healthy deliveries skip a LIST (class A): present from the first hold on;
 //                       its metadata says whether anything is held, when the next is due, and
 //                       whether the host was away at the last attempt. Written by every hold, and
 //                       by a drain only conditionally (on the ETag it read before its listing), so
 //                       a hold meanwhile is never overwritten and a drain cut off leaves it "held"
-//   drain.lock          (empty) one drain at a time (a conditional put), with a short lease
+//   drain.lock          (a random token) one drain at a time (a conditional put), with a short lease
 // Ids start with the time received, so key order is arrival order. Runtime-neutral: the R2 API
 // is declared structurally here (what workerd's binding offers; tests give an in-memory one).
 // Every call goes through r2(), which counts it in the invocation's Budget (edge/budget.ts) and
@@ -176,6 +176,13 @@ export interface Marker {
 /** What a drain leaves in the marker when its run ends. */
 export type MarkerState = { empty: true } | { empty: false; due: number; probe: boolean };
 
+/**
+ * The body of every write of `held` and drain.lock. R2's ETag is the MD5 of the body: were it
+ * empty, every version would have the same ETag, and a conditional write could not tell whether
+ * anyone wrote in between (a metadata change leaves it as it was).
+ */
+const unique = () => crypto.randomUUID();
+
 /** A drain's hold on drain.lock: its ETag (the token a chained run takes it over with) and lease. */
 export interface Lease {
   etag: string;
@@ -274,7 +281,7 @@ export class EdgeSpool {
 
   /** Something is held, due at `due`: an unconditional write, whatever a drain wrote before. */
   markHeld(due: number): Promise<unknown> {
-    return this.r2("A").put(HELD, "", { customMetadata: { due: String(due), probe: "1" } });
+    return this.r2("A").put(HELD, unique(), { customMetadata: { due: String(due), probe: "1" } });
   }
 
   /** The marker (one HEAD), or null when nothing was ever held. */
@@ -294,7 +301,7 @@ export class EdgeSpool {
   async settleMarker(seen: Marker | null, state: MarkerState): Promise<"written" | "unchanged" | "held meanwhile"> {
     if (state.empty ? (seen === null || seen.empty) : seen !== null && !seen.empty && seen.due === state.due && seen.probe === state.probe) return "unchanged";
     const customMetadata: Record<string, string> = state.empty ? { empty: "1" } : { due: String(state.due), probe: state.probe ? "1" : "0" };
-    const put = await this.r2("A").put(HELD, "", { customMetadata, onlyIf: seen ? { etagMatches: seen.etag } : { etagDoesNotMatch: "*" } });
+    const put = await this.r2("A").put(HELD, unique(), { customMetadata, onlyIf: seen ? { etagMatches: seen.etag } : { etagDoesNotMatch: "*" } });
     return put ? "written" : "held meanwhile";
   }
 
@@ -427,7 +434,7 @@ export class EdgeSpool {
     const meta = { until: String(until) };
     if (current && Number(current.customMetadata?.until ?? 0) > now) return null;
     // Absent, or expired (its drain died): take it only if nobody else did meanwhile.
-    const put = await this.r2("A").put(LOCK, "", { customMetadata: meta, onlyIf: current ? { etagMatches: current.etag } : { etagDoesNotMatch: "*" } });
+    const put = await this.r2("A").put(LOCK, unique(), { customMetadata: meta, onlyIf: current ? { etagMatches: current.etag } : { etagDoesNotMatch: "*" } });
     return put ? { etag: put.etag, until } : null;
   }
 
@@ -438,7 +445,7 @@ export class EdgeSpool {
    */
   async renew(etag: string, leaseMs: number, now = Date.now()): Promise<Lease | null> {
     const until = now + leaseMs;
-    const put = await this.r2("A").put(LOCK, "", { customMetadata: { until: String(until) }, onlyIf: { etagMatches: etag } });
+    const put = await this.r2("A").put(LOCK, unique(), { customMetadata: { until: String(until) }, onlyIf: { etagMatches: etag } });
     return put ? { etag: put.etag, until } : null;
   }
 

@@ -1,7 +1,7 @@
 // An R2 bucket in memory, for running the edge spool's code in Bun: the subset of workerd's R2
 // binding that edge/spool.ts uses, with its conditional puts, its list pages (100 keys when
-// metadata is included), range reads and local R2's limit on custom metadata (2,048, counted as
-// miniflare counts it); it counts operations by R2's price classes, and can freeze (a Worker
+// metadata is included), range reads, ETags that are the body's MD5 as R2's are, and local R2's
+// limit on custom metadata (2,048, counted as miniflare counts it); it counts operations by R2's price classes, and can freeze (a Worker
 // cut off in the middle: from its n-th call on, nothing answers).
 
 import type { R2BucketLike, R2ObjectBodyLike, R2ObjectLike, R2PutOptionsLike } from "../../edge/spool.ts";
@@ -32,7 +32,6 @@ export class MemoryR2 implements R2BucketLike {
   /** From the first call this says yes to (given as in `calls`, "get queue/..."), no call answers: the invocation was cut off. */
   freezeWhen: ((call: string) => boolean) | null = null;
   private frozen = false;
-  private etags = 0;
 
   private async count(cls: "A" | "B" | "free", what: string) {
     if (this.frozen || this.freezeWhen?.(what)) {
@@ -86,7 +85,9 @@ export class MemoryR2 implements R2BucketLike {
     const cond = options?.onlyIf;
     if (cond?.etagDoesNotMatch === "*" && current) return null;
     if (cond?.etagMatches !== undefined && current?.meta.etag !== cond.etagMatches) return null;
-    const meta: R2ObjectLike = { key, size: bytes.length, etag: `e${++this.etags}`, uploaded: new Date(this.now()), customMetadata: { ...options?.customMetadata } };
+    // As R2's: the MD5 of the body, so the same bytes written again keep the same ETag.
+    const etag = new Bun.CryptoHasher("md5").update(bytes).digest("hex");
+    const meta: R2ObjectLike = { key, size: bytes.length, etag, uploaded: new Date(this.now()), customMetadata: { ...options?.customMetadata } };
     this.objects.set(key, { bytes: new Uint8Array(bytes), meta });
     return meta;
   }
