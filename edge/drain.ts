@@ -9,8 +9,9 @@
 //     ends: one attempt a minute is enough to notice its return.
 //   - Once the host is up (it confirmed, refused or answered for a message in this run, or the
 //     live delivery or previous run that started this one succeeded), the rest follow at once,
-//     oldest first, whatever their backoff, except a message whose own last failure came while
-//     the host was up (a full mailbox, a size the tunnel times out on): it waits its backoff.
+//     oldest first, whatever their backoff, except a message whose last failure was its own (the
+//     host answered for it, a full mailbox; or it took too long while the host was up): it waits
+//     its backoff.
 //   - A failure without the host's answer ends the run: the host may have gone away.
 //   - Backoff per message as Postfix's: 5 min after the first failed attempt, doubling, at most 1 h.
 //   - A permanent refusal, or EDGE_SPOOL_MAX_AGE_HOURS passed: failed/, and one notice to
@@ -35,6 +36,8 @@ export interface SendResult {
   reply: string;
   /** For a temporary failure: the host itself answered for this message (its mailbox server's reply), so the host is up. */
   hostAnswered?: boolean;
+  /** For a temporary failure: no answer within the time limit (the host away, or this message too slow for it). */
+  noAnswer?: boolean;
 }
 
 export interface DrainOptions {
@@ -214,8 +217,10 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
           summary.failed++;
           hostUp = true;
         } else {
-          // This message's own failure when the host is up: it waits its backoff whoever confirms what.
-          const specific = hostUp || r.hostAnswered === true;
+          // This message's own failure: the host answered for it, or took too long with it while
+          // up. It waits its backoff whoever confirms what. A tunnel's error or a refused
+          // connection says the host went away: no backoff of its own, the cron's probe decides.
+          const specific = r.hostAnswered === true || (hostUp && r.noAnswer === true);
           const next = now() + backoffMs(m.attempts + 1);
           await spool.retryLater(m, r.reply, next, specific, now());
           Object.assign(m, { attempts: m.attempts + 1, next, specific, lastReply: r.reply });

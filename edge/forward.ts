@@ -20,6 +20,11 @@ export class HostDeferral extends TemporaryFailure {
   override name = "HostDeferral";
 }
 
+/** No answer within the time limit: the host may be away, or still busy with this message (a large one through a slow tunnel). */
+export class NoAnswer extends TemporaryFailure {
+  override name = "NoAnswer";
+}
+
 /**
  * The headers of a message/rfc822 request to the app: the key, and the envelope as UTF-8 on the
  * wire (headerValue). The contract's MAX_ENVELOPE_TO_BYTES keeps the list well inside the host's
@@ -54,8 +59,8 @@ export async function requestHost(config: Pick<WorkerConfig, "endpoint">, init: 
     });
   } catch (e) {
     const err = e as Error;
-    const why = err.name === "TimeoutError" ? `no answer within ${init.timeoutMs} ms` : err.message;
-    throw new TemporaryFailure(`host unreachable: ${why}`);
+    if (err.name === "TimeoutError") throw new NoAnswer(`host unreachable: no answer within ${init.timeoutMs} ms`);
+    throw new TemporaryFailure(`host unreachable: ${err.message}`);
   }
 }
 
@@ -129,7 +134,7 @@ export function sendHeld(config: WorkerConfig) {
       return { outcome: results.some(isPermanent) ? "permanent" : "temporary", reply: replies };
     } catch (e) {
       if (e instanceof Refusal) return { outcome: "permanent", reply: `${e.status} ${e.message}` };
-      return { outcome: "temporary", reply: (e as Error).message, hostAnswered: e instanceof HostDeferral };
+      return { outcome: "temporary", reply: (e as Error).message, hostAnswered: e instanceof HostDeferral, noAnswer: e instanceof NoAnswer };
     }
   };
 }

@@ -547,6 +547,25 @@ describe("drain", () => {
     expect(h.sent.filter((s) => s.id === full)).toHaveLength(2);
   });
 
+  test("a run that knows the host is up stops at a failure without the host's answer; a tunnel error leaves the message no backoff of its own, a timeout does", async () => {
+    const h = harness(3);
+    await h.ready;
+    const [first, second] = h.ids;
+    h.answer((m) => (m.id === first ? { outcome: "temporary", reply: "host answered 502: HTTP 502" } : CONFIRMED));
+    expect(await h.drain("live")).toMatchObject({ retried: 1, delivered: 0, stopped: "host" });
+    expect((await h.held()).find((m) => m.id === first)).toMatchObject({ attempts: 1, specific: false });
+    // The next run offers it again at once (the host is back: no wait of its own).
+    h.answer((m) => (m.id === first ? CONFIRMED : { outcome: "temporary", reply: "host unreachable: no answer within 20000 ms", noAnswer: true }));
+    h.advance(MINUTE);
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, retried: 1, stopped: "host" });
+    expect((await h.held()).find((m) => m.id === second)).toMatchObject({ attempts: 1, specific: true });
+    // Too slow while the host confirmed others: it waits its backoff; the third goes.
+    h.answer(() => CONFIRMED);
+    h.advance(MINUTE);
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, remaining: 1 });
+    expect(await h.marker()).toMatchObject({ probe: false, due: h.now() - MINUTE + 5 * MINUTE });
+  });
+
   test("each step costs what it is budgeted at (COST), counted where the calls are made", async () => {
     const h = harness(3);
     await h.ready;
