@@ -7,7 +7,7 @@
 // Nothing here reads the body: no decoding, no parsing, nothing whose cost grows with the message.
 // With an R2 bucket bound as EDGE_SPOOL (edge/spool.ts), a message the host cannot take now, for
 // a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
-// and every live success drain it (edge/drain.ts). Without the binding, nothing of that runs.
+// and a live success drain it (edge/drain-runner.ts). Without the binding, nothing of that runs.
 
 import { workerConfig, type WorkerConfig } from "./edge/config.ts";
 import { Budget } from "./edge/budget.ts";
@@ -153,7 +153,7 @@ async function later(ctx: WaitUntil | undefined, work: Promise<unknown>): Promis
 
 /**
  * Per bucket, until when this isolate need not look for held mail after a live success: a drain
- * found nothing a moment ago. Saves an R2 HEAD per healthy message; held mail from another
+ * found nothing due a moment ago. Saves an R2 HEAD per healthy message; held mail from another
  * isolate then follows the next success after that moment, or the cron, within a minute.
  */
 const nothingHeldUntil = new WeakMap<R2BucketLike, number>();

@@ -114,7 +114,8 @@ export async function edgeQueue(
       for (const r of failed) out(row(r));
     } else if (cmd === "flush") {
       const s = await call("POST", "/edge/flush");
-      out(s.state === "busy" ? "another drain is running; it delivers what is held" : `delivered ${s.delivered}, retried ${s.retried}, failed ${s.failed}, still held ${s.remaining}`);
+      const goesOn = s.chained ? " (the drain goes on in the background: `bun run edge-queue list` shows it)" : "";
+      out(s.state === "busy" ? "another drain is running; it delivers what is held" : `delivered ${s.delivered}, retried ${s.retried}, failed ${s.failed}, still held ${s.remaining}${goesOn}`);
     } else {
       await call("POST", `/edge/retry/${encodeURIComponent(id!)}`);
       out(`${id} is back in the edge queue (\`bun run edge-queue flush\` delivers it now)`);

@@ -227,6 +227,25 @@ describe("email() with EDGE_SPOOL", () => {
     expect(bucket.keys()).toEqual([]);
   });
 
+  test("a held message answered 202 by the host (queued there while Dovecot is down) is confirmed: gone from the edge, the host delivers it later", async () => {
+    const bucket = new MemoryR2();
+    expect(await run(incoming(rfc822("held, then queued on the host")), env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }))).toBeNull();
+    const spoolDir = mkdtempSync(join(tmpdir(), "relay-edge-queued-"));
+    const queuing = startServer({ apiKeys: [KEY], lmtpHost: fake.host, lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: MiB, spoolDir, spoolMaxAgeMs: HOUR }, { log: () => {} });
+    try {
+      fake.behaviour.rcpt = () => 450;
+      const e = { ...env(bucket, "real"), DELL_API_ENDPOINT: `${queuing.url}/api/v1/inbound-mail` };
+      const lines: Record<string, unknown>[] = [];
+      expect(await runDrain(workerConfig(e), "cron", { log: (l) => void lines.push(l) })).toMatchObject({ delivered: 1, remaining: 0 });
+      expect(heldKeys(bucket)).toEqual([]);
+      expect(String(lines.find((l) => l.event === "edge_delivered")?.reply)).toContain("queued as");
+      expect(bucket.keys("known/")).toEqual([]); // a drain learns nothing either
+    } finally {
+      await queuing.stop();
+      rmSync(spoolDir, { recursive: true, force: true });
+    }
+  });
+
   test("a domain entry in ALLOWED_RECIPIENTS is a filter only: it does not make its addresses known", async () => {
     const bucket = new MemoryR2();
     const err = await run(incoming(rfc822("domain")), env(bucket, "stub", { ALLOWED_RECIPIENTS: "kuma8088.com" }));
@@ -272,6 +291,9 @@ describe("email() with EDGE_SPOOL", () => {
     ["EDGE_SPOOL_MAX_AGE_HOURS not a number", { EDGE_SPOOL_MAX_AGE_HOURS: "five days" }, /EDGE_SPOOL_MAX_AGE_HOURS must be a number/],
     ["EDGE_SPOOL_MAX_AGE_HOURS zero", { EDGE_SPOOL_MAX_AGE_HOURS: "0" }, /EDGE_SPOOL_MAX_AGE_HOURS must be more than 0/],
     ["POSTMASTER not an address", { POSTMASTER: "postmaster" }, /POSTMASTER must be an address/],
+    ["EDGE_SPOOL_SUBREQUESTS not a number", { EDGE_SPOOL_SUBREQUESTS: "fifty" }, /EDGE_SPOOL_SUBREQUESTS must be a number/],
+    ["EDGE_SPOOL_SUBREQUESTS below what a run needs", { EDGE_SPOOL_SUBREQUESTS: "10" }, /EDGE_SPOOL_SUBREQUESTS must be at least 20/],
+    ["EDGE_SPOOL_SUBREQUESTS above the paid plan's", { EDGE_SPOOL_SUBREQUESTS: "50000" }, /EDGE_SPOOL_SUBREQUESTS must be at most 10000/],
   ] as const) {
     test(`${name}: a configuration error naming it`, async () => {
       const msg = incoming(rfc822(name));
