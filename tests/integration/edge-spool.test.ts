@@ -511,6 +511,15 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
     return subjects.sort();
   }
 
+  /** An empty mailbox, then `n` messages held while the host is down; the host back up. */
+  async function heldWhileHostDown(n: number, label: string): Promise<string[]> {
+    await dv.clear();
+    await stopHost();
+    const subjects = await holdMany(worker, n, label);
+    startHost();
+    return subjects;
+  }
+
   const triggerCron = async (w: WranglerDev) => expect((await fetch(`${w.url}/cdn-cgi/handler/scheduled`)).status).toBe(200);
   const drains = (w: WranglerDev, from: number) => lines(w, from).filter((l) => l.event === "edge_drain");
 
@@ -531,10 +540,7 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
   });
 
   test("the Worker killed while a cron run delivers, restarted on the same R2: every held message arrives once, without a new hold, within a couple of minutes", async () => {
-    await dv.clear();
-    await stopHost();
-    const subjects = await holdMany(worker, 3, "killed");
-    startHost();
+    const subjects = await heldWhileHostDown(3, "killed");
     slow = true; // the relay holds each answer back: the Worker dies while waiting for the first
     const before = hostLines.length;
     void fetch(`${worker.url}/cdn-cgi/handler/scheduled`).catch(() => {});
@@ -559,10 +565,7 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
   }, 240_000);
 
   test("200 held, the host back, one cron run: all delivered within a minute, each once, by chained runs within 50 subrequests each", async () => {
-    await dv.clear();
-    await stopHost();
-    const subjects = await holdMany(worker, 200, "backlog");
-    startHost();
+    const subjects = await heldWhileHostDown(200, "backlog");
     const start = worker.output().length;
     const triggered = Date.now();
     await triggerCron(worker);
@@ -581,10 +584,7 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
   }, 240_000);
 
   test("200 held, the host back, one live delivery: all follow it, each once", async () => {
-    await dv.clear();
-    await stopHost();
-    const subjects = await holdMany(worker, 200, "afterlive");
-    startHost();
+    const subjects = await heldWhileHostDown(200, "afterlive");
     const from = uniqueSender("live");
     expect((await send(worker, from, USER, rfc822(from, USER, "afterlive live"))).log).toMatchObject({ outcome: "accept" });
     await waitFor("all 201 in Dovecot", async () => (await dv.messages(USER)).length >= 201, 120_000);
@@ -593,10 +593,7 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
   }, 240_000);
 
   test("the host going away in the middle stops the chain; the rest wait for the cron's probe, then follow", async () => {
-    await dv.clear();
-    await stopHost();
-    await holdMany(worker, 40, "away");
-    startHost();
+    await heldWhileHostDown(40, "away");
     relayed = 0;
     passesLeft = 20;
     try {
@@ -624,10 +621,7 @@ describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog
   }, 180_000);
 
   test("two cron runs and a live delivery at once make one drain; each message arrives once", async () => {
-    await dv.clear();
-    await stopHost();
-    const subjects = await holdMany(worker, 30, "twice");
-    startHost();
+    const subjects = await heldWhileHostDown(30, "twice");
     const start = worker.output().length;
     const from = uniqueSender("twicelive");
     await Promise.all([triggerCron(worker), triggerCron(worker), send(worker, from, USER, rfc822(from, USER, "twice live"))]);
