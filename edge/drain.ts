@@ -88,12 +88,11 @@ export interface DrainSummary {
 export const RUN_MS = 25_000;
 const MIN_DELIVERY_MS = 10_000;
 /**
- * The lock outlives a run (at most 30 s) and its handover to the next; a drain cut off anywhere
+ * The lock's lease: longer than a run (its deliveries end by RUN_MS, the invocation by 30 s) and
+ * its handover; each chained run renews it as it takes the lock over. A drain cut off anywhere
  * holds the others back at most this long, and the next cron run after it goes on.
  */
 export const LOCK_LEASE_MS = 45_000;
-/** A lease is renewed before a delivery that could outlast it with less than this to spare. */
-const LEASE_SPARE_MS = 5_000;
 /** A drain chains at most this many runs: a request may cause 32 Worker invocations, each call through a service binding counting. */
 export const MAX_LINKS = 30;
 
@@ -110,8 +109,6 @@ export const COST = {
   delivery: 3,
   /** Whether failed/ has it, the header block's GET, the notice and its marker, the body's GET and its failed/ copy, the delete. */
   giveUp: 7,
-  /** The lock's renewal when its lease runs short. */
-  renew: 1,
   /** The marker's conditional write and the lock's release, or the call that starts the next run. */
   end: 2,
 } as const;
@@ -188,14 +185,6 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
       if (now() - started > RUN_MS - MIN_DELIVERY_MS) {
         stopped = "time";
         break;
-      }
-      // The lease must outlast this delivery (a run within RUN_MS never needs it; the lease is short on purpose).
-      if (lease.until - now() < RUN_MS - (now() - started) + LEASE_SPARE_MS) {
-        if (!budget.affords(COST.renew + WORST_ATTEMPT, COST.end)) {
-          stopped = "budget";
-          break;
-        }
-        lease = (await spool.renew(lease.etag, LOCK_LEASE_MS, now())) ?? lease;
       }
       if (!budget.affords(WORST_ATTEMPT, COST.end)) {
         stopped = "budget";
