@@ -7,18 +7,19 @@
 // Nothing here reads the body: no decoding, no parsing, nothing whose cost grows with the message.
 // With an R2 bucket bound as EDGE_SPOOL (edge/spool.ts), a message the host cannot take now, for
 // a recipient known to exist, is held there and accepted instead of thrown; the cron's scheduled()
-// and every live success drain it (edge/drain.ts). Without the binding, nothing of that runs.
+// and a live success drain it (edge/drain-runner.ts). Without the binding, nothing of that runs.
 // A 429 (the host's spam filter deferring: greylisting) is thrown and never held.
 
 import { withoutTag, workerConfig, type WorkerConfig } from "./edge/config.ts";
-import { drain, type DrainSummary, type DrainTrigger } from "./edge/drain.ts";
-import { HOST_ANSWERED, forwardToHost, messageHeaders, sendHeld } from "./edge/forward.ts";
-import { edgeQueueApp } from "./edge/queue-http.ts";
-import { EdgeSpool, MINUTE, type R2BucketLike } from "./edge/spool.ts";
+import { Budget } from "./edge/budget.ts";
+import { runDrain } from "./edge/drain-runner.ts";
+import { HOST_ANSWERED, forwardToHost, messageHeaders } from "./edge/forward.ts";
+import { edgeQueueApp, type RunDrain } from "./edge/queue-http.ts";
+import { EdgeSpool, type R2BucketLike } from "./edge/spool.ts";
 import { createApp } from "./shared/app.ts";
-import { INBOUND_PATH, InboundResponse } from "./shared/contract.ts";
+import { INBOUND_PATH, InboundResponse, type RecipientResult } from "./shared/contract.ts";
 import { jsonLines, stamped } from "./shared/log.ts";
-import { outcomeForStatus } from "./shared/replies.ts";
+import { isAccepted, outcomeForStatus } from "./shared/replies.ts";
 
 /** What this file needs of Cloudflare's ForwardableEmailMessage (kept structural so Bun can run it too). */
 export interface IncomingEmail {
@@ -66,7 +67,12 @@ function edgeApp(env: Env): EdgeApps {
   if (!built) {
     const config = workerConfig(env); // throws: temporary (and not cached, so a fix takes effect)
     const opts = { apiKeys: [config.apiKey], deliver: forwardToHost(config), maxMessageBytes: config.maxMessageBytes };
-    built = { config, mail: createApp({ ...opts, log: () => {} }), http: createApp(opts), edge: edgeQueueApp(config, () => runDrain(config, "flush"), log) };
+    const drainNow: RunDrain = (chain) =>
+      runDrain(config, chain ? "chain" : "flush", { ...chain, log }).catch((e: Error) => {
+        log({ event: "edge_spool_error", during: chain ? `the drain's run ${chain.link}` : "a flush", error: e.message });
+        throw e;
+      });
+    built = { config, mail: createApp({ ...opts, log: () => {} }), http: createApp(opts), edge: edgeQueueApp(config, drainNow, log) };
     edgeApps.set(env, built);
   }
   return built;
@@ -90,7 +96,10 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
   // message.raw can be read once. With the edge spool, a second branch keeps the bytes while the
   // first goes to the host (tee() buffers what the host has read): if the host cannot take the
   // message, that branch goes to R2. On any other outcome it is cancelled and the buffer freed.
-  const spool = config.spool ? new EdgeSpool(config.spool) : null;
+  // What this invocation may spend, its drain after a live success included; the live delivery is one.
+  const budget = new Budget(config.subrequests);
+  budget.spend();
+  const spool = config.spool ? new EdgeSpool(config.spool, budget) : null;
   const [live, kept] = spool ? message.raw.tee() : [message.raw, null];
   const res = await app.fetch(
     new Request(`http://edge${INBOUND_PATH}`, {
@@ -112,11 +121,12 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
     void kept?.cancel();
     log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
     if (outcome === "accept") {
-      if (spool) await later(ctx, afterLiveSuccess(config, spool, rcpt));
+      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? rcpt : null));
       return;
     }
     if (outcome === "reject") {
-      await message.setReject(smtpReason(res.status === 413 ? `552 5.3.4 ${text}` : text));
+      // A 413 carries the host's words, or the delivery target's own reply (an MTA's 552 5.3.4).
+      await message.setReject(smtpReason(res.status === 413 && !/^[245]\d\d[ -]/.test(text) ? `552 5.3.4 ${text}` : text));
       return;
     }
     // Thrown: Email Routing answers the sender with a temporary failure and the sender retries.
@@ -150,18 +160,27 @@ async function later(ctx: WaitUntil | undefined, work: Promise<unknown>): Promis
 
 /**
  * Per bucket, until when this isolate need not look for held mail after a live success: a drain
- * found nothing a moment ago. Saves an R2 HEAD per healthy message; held mail from another
+ * found nothing due a moment ago. Saves an R2 HEAD per healthy message; held mail from another
  * isolate then follows the next success after that moment, or the cron, within a minute.
  */
 const nothingHeldUntil = new WeakMap<R2BucketLike, number>();
 const NOTHING_HELD_FOR_MS = 10_000;
 
-/** The host took a message: remember its recipient, and deliver what the edge holds while it is up. */
-async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: string): Promise<void> {
+/**
+ * Whether the host's answer says that this recipient's mailbox took the message: its own reply
+ * accepted, and not merely queued. A host whose Dovecot is down queues mail for any address (202):
+ * that proves nothing about who exists, and learning from it would make catch-all spam "known".
+ */
+function deliveredTo(recipients: RecipientResult[] | undefined, rcpt: string): boolean {
+  return recipients?.some((r) => r.address.toLowerCase() === rcpt && isAccepted(r) && !r.queued) ?? false;
+}
+
+/** The host took a message: remember its recipient if it was delivered, and deliver what the edge holds while the host is up. */
+async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: string | null): Promise<void> {
   try {
-    if (await spool.learn(rcpt)) log({ event: "edge_known", to: rcpt, message: "the host accepted mail for this address: it may be held at the edge for 60 days" });
+    if (rcpt && (await spool.learn(rcpt))) log({ event: "edge_known", to: rcpt, message: "the host accepted mail for this address: it may be held at the edge for 60 days" });
     if (Date.now() < (nothingHeldUntil.get(spool.bucket) ?? 0)) return;
-    const summary = await runDrain(config, "live");
+    const summary = await runDrain(config, "live", { budget: spool.budget, log });
     if (summary.state === "idle") nothingHeldUntil.set(spool.bucket, Date.now() + NOTHING_HELD_FOR_MS);
   } catch (e) {
     log({ event: "edge_spool_error", during: "after a live delivery", error: (e as Error).message });
@@ -169,36 +188,26 @@ async function afterLiveSuccess(config: WorkerConfig, spool: EdgeSpool, rcpt: st
 }
 
 // ---------------------------------------------------------------------------------------------
-// The drain: scheduled() every minute, after a live success, and on an operator's flush
+// The drain: scheduled() every minute, after a live success, and on an operator's flush; each run
+// chains the next while the host confirms (edge/drain-runner.ts)
 
-/**
- * How long each kind of run may go on, and one message in it. A scheduled run may last minutes
- * (the cron's own limit is 15), so a message too large or too slow for the SMTP session's 25 s
- * still arrives; after a live delivery, the drain runs in that invocation's remaining time.
- */
-const RUN_LIMITS: Record<DrainTrigger, { budgetMs: number; perMessageMs: number | null }> = {
-  cron: { budgetMs: 8 * MINUTE, perMessageMs: 5 * MINUTE },
-  flush: { budgetMs: 30_000, perMessageMs: 5 * MINUTE },
-  live: { budgetMs: 20_000, perMessageMs: null }, // HOST_TIMEOUT_MS
-};
-
-export function runDrain(config: WorkerConfig, trigger: DrainTrigger): Promise<DrainSummary> {
-  const limits = RUN_LIMITS[trigger];
-  const send = sendHeld({ ...config, timeoutMs: limits.perMessageMs ?? config.timeoutMs });
-  return drain(new EdgeSpool(config.spool!), { trigger, send, maxAgeMs: config.maxAgeMs, postmaster: config.postmaster, budgetMs: limits.budgetMs, log }).then((summary) => {
-    if (summary.state !== "idle") log({ event: "edge_drain", ...summary });
-    return summary;
-  });
-}
+/** failed/ is swept once an hour, at most this many list pages of 100 per cron run (the oldest first). */
+const SWEEP_PAGES = 2;
 
 export async function scheduled(controller: { scheduledTime: number }, env: Env): Promise<void> {
   const { config } = edgeApp(env);
   if (!config.spool) return;
-  await runDrain(config, "cron");
-  // Once an hour: failed/ keeps a message 30 days.
-  if (new Date(controller.scheduledTime).getUTCMinutes() === 0) {
-    const removed = await new EdgeSpool(config.spool).sweepFailed();
-    if (removed) log({ event: "edge_failed_expired", removed });
+  // One budget for the whole invocation: the sweep's calls count against the drain's.
+  const budget = new Budget(config.subrequests);
+  try {
+    // Once an hour: failed/ keeps a message 30 days.
+    if (new Date(controller.scheduledTime).getUTCMinutes() === 0) {
+      const removed = await new EdgeSpool(config.spool, budget).sweepFailed(Date.now(), SWEEP_PAGES);
+      if (removed) log({ event: "edge_failed_expired", removed });
+    }
+    await runDrain(config, "cron", { budget, log });
+  } catch (e) {
+    log({ event: "edge_spool_error", during: "the cron's drain", error: (e as Error).message });
   }
 }
 
@@ -217,14 +226,15 @@ export function smtpReason(text: string): string {
  * and, with the key, the edge spool: GET /edge/queue, GET /edge/metrics, POST /edge/flush,
  * POST /edge/retry/:id.
  */
-async function fetchHandler(request: Request, env: Env): Promise<Response> {
+async function fetchHandler(request: Request, env: Env, ctx?: WaitUntil & { passThroughOnException?(): void }): Promise<Response> {
   let built;
   try {
     built = edgeApp(env);
   } catch (e) {
     return Response.json({ status: "error", error: "misconfigured", message: (e as Error).message }, { status: 500 });
   }
-  return (new URL(request.url).pathname.startsWith("/edge/") ? built.edge : built.http).fetch(request);
+  const app = new URL(request.url).pathname.startsWith("/edge/") ? built.edge : built.http;
+  return app.fetch(request, env, ctx as Parameters<typeof app.fetch>[2]);
 }
 
 export default { fetch: fetchHandler, email, scheduled };

@@ -8,7 +8,7 @@ import type { MemoryResult } from "./memory.ts";
 import type { Machine } from "./proc.ts";
 import type { SpamRun } from "./spam.ts";
 import type { WorkerCpuRow } from "./worker-cpu.ts";
-import { BASELINE, type WorkerdCpuRow } from "./worker-workerd.ts";
+import { BASELINE, type R2CostRow, type WorkerdCpuRow } from "./worker-workerd.ts";
 
 export type PathName = "ceiling" | "relay-raw" | "relay-json" | "baseline-raw" | "baseline-json";
 
@@ -69,6 +69,8 @@ export interface Results {
   workerCpu: WorkerCpuRow[];
   /** The Worker in workerd: today's worker.ts, the edge spool's healthy and holding paths, the alternative, the floor. */
   workerdCpu: WorkerdCpuRow[];
+  /** The edge spool's paths in workerd: R2 operations by class and Worker invocations. */
+  r2Costs?: R2CostRow[];
   targets: Target[];
   failures: string[];
   notes: string[];
@@ -210,6 +212,14 @@ export function renderTable(r: Results): string {
   out.push("  (healthy: the host takes every message; holding: it answers 503 and each message goes to the local R2, whose simulation runs in the same process;");
   out.push("   write-first: the alternative design, R2 first and delivered from there; floor: an email() that only reads the message, the local runtime's own share)");
   out.push("");
+
+  if (r.r2Costs?.length) {
+    out.push("The edge spool in workerd: R2 operations (A: put, list; B: get, head; delete is free) and Workers requests (invocations)");
+    const cr = [["path", "per", "class A", "class B", "delete", "requests"]];
+    for (const c of r.r2Costs) cr.push([c.path, c.per, f(c.A, 2), f(c.B, 2), f(c.free, 2), f(c.invocations, 2)]);
+    out.push(...table(cr, ["l", "l", "r", "r", "r", "r"]));
+    out.push("");
+  }
 
   out.push("Targets (measured as is; never tuned to)");
   const tr = [["target", "wanted", "measured", "result"]];

@@ -27,7 +27,7 @@ import { marker, renderTable, writeOutputs, type ComparisonRow, type PathName, t
 import { OUT_DIR, spawnServer, type ServerChild } from "./server-child.ts";
 import { spamFilterRuns, type SpamRun } from "./spam.ts";
 import { workerCpu, type WorkerCpuRow } from "./worker-cpu.ts";
-import { workerdCpu, type WorkerdCpuRow } from "./worker-workerd.ts";
+import { workerdCpu, workerdR2Costs, type R2CostRow, type WorkerdCpuRow } from "./worker-workerd.ts";
 
 const quick = process.argv.includes("--quick") || process.env.BENCH_QUICK === "1";
 const PER_RUN = Number(process.env.BENCH_MESSAGES) || (quick ? 40 : 2000);
@@ -67,6 +67,7 @@ let bigCeilingMs: number | null = null;
 let spamRuns: SpamRun[] = [];
 let cpuRows: WorkerCpuRow[] = [];
 let workerdRows: WorkerdCpuRow[] = [];
+let r2Rows: R2CostRow[] = [];
 
 /** Clears the mailbox, warms the path up (connections, JIT), clears again, runs, counts what was stored. */
 async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
@@ -193,6 +194,13 @@ try {
   failures.push(`workerd CPU: ${(e as Error).stack ?? e}`);
 }
 
+// --- 8: what each path of the edge spool costs in R2 operations and Workers requests, in workerd
+try {
+  r2Rows = await workerdR2Costs(progress, quick ? 40 : 200);
+} catch (e) {
+  failures.push(`workerd R2 costs: ${(e as Error).stack ?? e}`);
+}
+
 await backend.dispose().catch((e: Error) => failures.push(`stopping the LMTP server: ${e.message}`));
 
 // --- 4, 7: ratios and targets ------------------------------------------------------------------
@@ -289,6 +297,7 @@ const results: Results = {
   big: { ceilingMs: bigCeilingMs, memory },
   workerCpu: cpuRows,
   workerdCpu: workerdRows,
+  r2Costs: r2Rows,
   targets,
   failures,
   notes,

@@ -180,3 +180,124 @@ export async function workerdCpu(counts: readonly number[], progress: (line: str
     rmSync(state, { recursive: true, force: true });
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// What each path of the edge spool costs in R2 operations and Workers requests, in workerd
+
+/** One path's R2 operations (class A: put, list; B: get, head; delete is free) and Worker invocations, per `per`. */
+export interface R2CostRow {
+  path: string;
+  per: string;
+  A: number;
+  B: number;
+  free: number;
+  invocations: number;
+}
+
+/**
+ * worker.ts in wrangler dev behind bench/r2-counting-worker.ts (the same code, its bucket
+ * counted), in front of a stub host that confirms, answers 503 (down), defers one mailbox (its
+ * LMTP server's 450: full) and refuses another (422). Each path is run and divided by its count.
+ */
+export async function workerdR2Costs(progress: (line: string) => void, backlog = 200): Promise<R2CostRow[]> {
+  const key = `bench-r2-${crypto.randomUUID().replace(/-/g, "")}`;
+  const FULL = "full@kuma8088.com";
+  const GONE = "gone@kuma8088.com";
+  let down = false;
+  let received = 0;
+  const host = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      await req.arrayBuffer();
+      const to = req.headers.get("x-envelope-to") ?? "";
+      if (down) return Response.json({ status: "deferred", error: "lmtp_unavailable", message: "temporary failure" }, { status: 503 });
+      received++;
+      if (to === FULL) return Response.json({ status: "deferred", message: "temporary failure", recipients: [{ address: to, code: 450, enhanced: "4.2.2", reply: "450 4.2.2 Mailbox full" }] }, { status: 503 });
+      if (to === GONE) return Response.json({ status: "rejected", error: "lmtp_rejected", message: "550 5.1.1 User unknown", recipients: [{ address: to, code: 550, enhanced: "5.1.1", reply: "550 5.1.1 User unknown" }] }, { status: 422 });
+      return Response.json({ status: "success", message: "Email delivered to LMTP", recipients: [{ address: to, code: 250, enhanced: "2.0.0", reply: "250 2.0.0 Saved" }] });
+    },
+  });
+  const state = mkdtempSync(join(OUT_DIR, "workerd-r2-"));
+  let w: WranglerDev | null = null;
+  try {
+    w = await startWranglerDev({
+      vars: { API_KEY: key, DELL_API_ENDPOINT: `http://127.0.0.1:${host.port}/api/v1/inbound-mail`, POSTMASTER: RECIPIENT },
+      persistTo: state,
+      main: join(ROOT, "bench", "r2-counting-worker.ts"),
+      readyTimeoutMs: 120_000,
+    });
+    const url = w.url;
+    const make = messageFactory("workerd-r2", 2 * 1024);
+    let index = 0;
+    const send = async (to: string) => {
+      const res = await fetch(`${url}/cdn-cgi/handler/email?${new URLSearchParams({ from: SENDER, to })}`, { method: "POST", body: make(index++) });
+      await res.text();
+      if (res.status !== 200) throw new Error(`email() to ${to}: HTTP ${res.status}`);
+    };
+    const cron = async () => void (await (await fetch(`${url}/cdn-cgi/handler/scheduled`)).text());
+    const counts = async (reset: boolean) => (await (await fetch(`${url}/bench/r2`, { method: reset ? "POST" : "GET" })).json()) as Omit<R2CostRow, "path" | "per">;
+    const settle = () => Bun.sleep(300); // what email() does after answering (waitUntil)
+    const rows: R2CostRow[] = [];
+    const measure = async (path: string, per: string, n: number, run: () => Promise<void>) => {
+      await settle(); // the previous step's work after its answer is not this one's
+      await counts(true);
+      await run();
+      await settle();
+      const c = await counts(true);
+      const row = { path, per, A: c.A / n, B: c.B / n, free: c.free / n, invocations: c.invocations / n };
+      rows.push(row);
+      progress(`workerd R2: ${path}: A ${row.A.toFixed(2)}, B ${row.B.toFixed(2)}, delete ${row.free.toFixed(2)}, requests ${row.invocations.toFixed(2)} per ${per}`);
+    };
+    const learn = await fetch(`${url}/edge/known`, { method: "POST", headers: { "x-api-key": key, "content-type": "application/json" }, body: JSON.stringify({ addresses: [RECIPIENT, FULL, GONE] }) });
+    if (!learn.ok) throw new Error(`POST /edge/known: HTTP ${learn.status}`);
+    await send(RECIPIENT); // the isolate warm: its caches as in production after the first message
+
+    await measure("healthy, nothing held", "message", 50, async () => {
+      for (let i = 0; i < 50; i++) await send(RECIPIENT);
+    });
+    await measure("cron, nothing held", "run", 5, async () => {
+      for (let i = 0; i < 5; i++) await cron();
+    });
+    down = true;
+    await measure("holding (the host answers 503)", "message", 50, async () => {
+      for (let i = 0; i < 50; i++) await send(RECIPIENT);
+    });
+    await measure("cron, host down, mail held (the probe)", "run", 5, async () => {
+      for (let i = 0; i < 5; i++) await cron();
+    });
+    for (let i = 50; i < backlog; i++) await send(RECIPIENT);
+    down = false;
+    received = 0;
+    await measure(`draining a backlog of ${backlog} (one cron run, chained)`, "backlog", 1, async () => {
+      await cron();
+      const deadline = Date.now() + 120_000;
+      while (received < backlog && Date.now() < deadline) await Bun.sleep(100);
+      if (received < backlog) throw new Error(`the backlog: ${received} of ${backlog} reached the host`);
+      await Bun.sleep(500); // the last run's end
+    });
+    await send(FULL); // held: the host defers it
+    await send(RECIPIENT); // its drain offers it once more: deferred, 5 minutes
+    await measure("healthy, while one message the host defers is held", "message", 50, async () => {
+      for (let i = 0; i < 50; i++) await send(RECIPIENT);
+    });
+    down = true;
+    await send(GONE);
+    down = false;
+    await measure("a cron run giving up on one (refused: failed/, the notice queued)", "run", 1, cron);
+    await measure("GET /edge/queue", "call", 5, async () => {
+      for (let i = 0; i < 5; i++) await (await fetch(`${url}/edge/queue`, { headers: { "x-api-key": key } })).text();
+    });
+    return rows;
+  } finally {
+    await w?.stop();
+    await host.stop(true);
+    rmSync(state, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.main && process.argv[2] === "r2") {
+  mkdirSync(OUT_DIR, { recursive: true });
+  const rows = await workerdR2Costs(console.log, Number(process.argv[3] ?? 200));
+  console.log(JSON.stringify(rows, null, 2));
+}

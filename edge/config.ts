@@ -38,6 +38,11 @@ export const WorkerEnv = z
       .string()
       .refine((d) => d.length <= 8 && !/[@\s"<>,]/.test(d), { message: "must be a few delimiter characters such as + (no @, blanks, quotes, <>, commas)" })
       .default(""),
+    /**
+     * With EDGE_SPOOL: the subrequests (fetches, R2 calls, calls to itself) one invocation may
+     * make: 50 on the free plan, 10,000 on the paid one. A drain's run stops within it.
+     */
+    EDGE_SPOOL_SUBREQUESTS: z.coerce.number({ error: "must be a number" }).int("must be a whole number").min(20, "must be at least 20").max(10_000, "must be at most 10000 (the paid plan's limit)").default(50),
     /** With EDGE_SPOOL: who hears of a held message the edge gave up on. */
     POSTMASTER: z
       .string()
@@ -62,7 +67,13 @@ export const WorkerEnv = z
     postmaster: e.POSTMASTER ?? "",
     access: e.CF_ACCESS_CLIENT_ID && e.CF_ACCESS_CLIENT_SECRET ? { clientId: e.CF_ACCESS_CLIENT_ID, clientSecret: e.CF_ACCESS_CLIENT_SECRET } : null,
     recipientDelimiter: e.RECIPIENT_DELIMITER,
+    subrequests: e.EDGE_SPOOL_SUBREQUESTS,
   }));
+
+/** The Worker's binding to itself (a service binding, `SELF`): what the drain needs of it. */
+export interface SelfBinding {
+  fetch(input: string, init?: RequestInit): Promise<Response>;
+}
 
 /** What the Worker needs of a binding that fetches: a vpc_services binding (Workers VPC), or a service binding standing in for one. */
 export interface HostBinding {
@@ -73,6 +84,8 @@ export type WorkerConfig = z.output<typeof WorkerEnv> & {
   spool: R2BucketLike | null;
   /** Bound: every request to the host goes through it (Workers VPC), not over the public hostname. */
   host: HostBinding | null;
+  /** The drain's binding to this Worker itself, to go on in a fresh invocation (edge/drain-runner.ts). */
+  self: SelfBinding | null;
 };
 
 /** "user+tag@example.com" -> "user@example.com" for a delimiter "+"; the address itself when it has no tag. */
@@ -100,5 +113,7 @@ export function workerConfig(env: Record<string, unknown>): WorkerConfig {
   // Through the binding the request is encrypted to the tunnel whatever the scheme, and https://
   // would make cloudflared speak TLS to the host, which serves plain HTTP.
   if (!host && !isHttpsOrLocal(config.endpoint)) throw new ConfigError("worker configuration: DELL_API_ENDPOINT must be https:// (plain http only for localhost, or through the HOST binding)");
-  return { ...config, spool, host };
+  // Optional: without it, a drain that runs out of subrequests goes on at the next cron run.
+  const self = (env.SELF ?? null) as SelfBinding | null;
+  return { ...config, spool, host, self: self && typeof self.fetch === "function" ? self : null };
 }

@@ -1,24 +1,44 @@
 // The edge spool's own HTTP face (the Worker's fetch() under /edge/, with the key): GET
 // /edge/queue and /edge/metrics show what is held and what failed, POST /edge/flush drains now,
-// POST /edge/retry/:id puts a failed message back (a malformed id: 400). `bun run edge-queue` calls
-// these. /edge/metrics also asks the host's /health (edge_host_up).
+// POST /edge/retry/:id puts a failed message back (a malformed id: 400), POST /edge/known records
+// the host's mailboxes as known. `bun run edge-queue` calls these. POST /edge/drain is the
+// Worker's own: the next run of a drain, started through its binding to itself
+// (edge/drain-runner.ts). /edge/metrics also asks the host's /health (edge_host_up). Every body and
+// parameter goes through the design card's validator (shared/validate.ts).
 
 import { Hono, type Context } from "hono";
 import { z } from "zod";
+import { addressProblem } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
 import { valid } from "../shared/validate.ts";
 import type { WorkerConfig } from "./config.ts";
-import type { DrainSummary } from "./drain.ts";
+import { MAX_LINKS, type DrainSummary } from "./drain.ts";
+import { Budget } from "./budget.ts";
 import { hostReachable } from "./host-probe.ts";
 import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
+
+/** How the app runs a drain: an operator's flush now, or a chained run handed this drain's lock. */
+export type RunDrain = (chain?: { lock: string; link: number }) => Promise<DrainSummary>;
 
 /** POST /edge/retry/:id takes an id of the edge spool's form (20250101T000000000Z-0a1b2c3d). */
 const RetryParams = z.object({ id: z.string().refine(isId, { message: "is not an edge spool id (ids from GET /edge/queue)" }) });
 
-/** The edge spool's HTTP face, behind the key: `flush` runs a drain now. */
-export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSummary>, log: LogWriter) {
+/** What POST /edge/drain takes: the lock handed over and the run's place in its drain. */
+const ChainedRun = z.object({ lock: z.string().min(1).max(200), link: z.number().int().min(1).max(MAX_LINKS) });
+
+/** What POST /edge/known takes: the host's mailboxes, each checked as an envelope address is. */
+const KnownAddresses = z.object({
+  addresses: z
+    .array(z.string().refine((a) => addressProblem(a) === null, { error: (i) => `${JSON.stringify(String(i.input).slice(0, 80))} ${addressProblem(String(i.input))}` }))
+    .min(1, "needs at least one address"),
+});
+/** Of each request's subrequests, what POST /edge/known keeps for itself (one put per address). */
+const KNOWN_RESERVE = 2;
+
+/** The edge spool's HTTP face, behind the key. */
+export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogWriter) {
   const app = new Hono();
   app.use("*", apiKey([config.apiKey], (c: Context, message: string) => c.json({ status: "error", error: "unauthorized", message }, 401)));
   app.use("*", async (c, next) => {
@@ -38,7 +58,23 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
     ];
     return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
-  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await flush()) }));
+  app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await runDrain()) }));
+  app.post("/edge/drain", valid("json", ChainedRun), async (c) => {
+    const run = c.req.valid("json");
+    // Answered at once: the previous run ends, and this one runs after the answer (waitUntil).
+    await afterAnswer(c, runDrain(run));
+    return c.json({ status: "started", link: run.link }, 202);
+  });
+  app.post("/edge/known", valid("json", KnownAddresses), async (c) => {
+    const addresses = [...new Set(c.req.valid("json").addresses.map((a) => a.toLowerCase()))];
+    const max = config.subrequests - KNOWN_RESERVE;
+    if (addresses.length > max) {
+      return c.json({ status: "error", error: "too_many", message: `at most ${max} addresses per request (EDGE_SPOOL_SUBREQUESTS)`, max_per_request: max }, 413);
+    }
+    const recorded = await new EdgeSpool(config.spool!, new Budget(config.subrequests)).record(addresses);
+    log({ event: "edge_known_recorded", count: recorded });
+    return c.json({ status: "ok", recorded });
+  });
   app.post("/edge/retry/:id", valid("param", RetryParams), async (c) => {
     const { id } = c.req.valid("param");
     if (!(await spool().retryFailed(id))) return c.json({ status: "error", error: "not_found", message: `no failed message ${JSON.stringify(id)}` }, 404);
@@ -47,6 +83,19 @@ export function edgeQueueApp(config: WorkerConfig, flush: () => Promise<DrainSum
   });
   app.notFound((c) => c.json({ status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }, 404));
   return app;
+}
+
+/** In workerd, after the answer (ctx.waitUntil); in Bun (tests), before it. */
+async function afterAnswer(c: Context, work: Promise<unknown>): Promise<void> {
+  let ctx: { waitUntil(p: Promise<unknown>): void } | undefined;
+  try {
+    ctx = c.executionCtx;
+  } catch {
+    ctx = undefined; // Hono throws when the runtime gave no context
+  }
+  const logged = work.catch(() => {}); // the run logs its own failures
+  if (ctx) ctx.waitUntil(logged);
+  else await logged;
 }
 
 async function edgeListing(spool: EdgeSpool) {

@@ -33,7 +33,7 @@ export function metricsIn(expr: string): string[] {
 let written: Set<string>;
 beforeAll(async () => {
   const host = new Metrics(() => ({ queued: 0, failed: 0, unreadable: 0, oldestAgeSeconds: 0 })).render();
-  const edgeApp = edgeQueueApp(workerConfig({ DELL_API_ENDPOINT: "http://127.0.0.1:9/api/v1/inbound-mail", API_KEY: KEY, POSTMASTER: "postmaster@example.com", EDGE_SPOOL: new MemoryR2() }), async () => ({ trigger: "flush", state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0 }), () => {});
+  const edgeApp = edgeQueueApp(workerConfig({ DELL_API_ENDPOINT: "http://127.0.0.1:9/api/v1/inbound-mail", API_KEY: KEY, POSTMASTER: "postmaster@example.com", EDGE_SPOOL: new MemoryR2() }), async () => ({ trigger: "flush", link: 1, state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0, complete: true, chained: false, subrequests: 0, r2: { A: 0, B: 0, free: 0 } }), () => {});
   const edge = await (await edgeApp.request("/edge/metrics", { headers: { "x-api-key": KEY } })).text();
   written = new Set([...`${host}\n${edge}`.split("\n")].filter((l) => l && !l.startsWith("#")).map((l) => l.split(/[{ ]/)[0]!));
   written.add("up"); // Prometheus' own, per scrape job

@@ -104,7 +104,7 @@ describe("the Access service token (CF_ACCESS_CLIENT_ID, CF_ACCESS_CLIENT_SECRET
     const send = sendHeld(workerConfig(withToken()));
     const body = new TextEncoder().encode("Subject: held\r\n\r\nHeld.\r\n");
     const m = { id: "x", from: "a@example.org", to: USER, size: body.length } as Parameters<typeof send>[0];
-    expect((await send(m, streamOf([body]), crypto.randomUUID())).outcome).toBe("confirmed");
+    expect((await send(m, streamOf([body]), crypto.randomUUID(), 5_000)).outcome).toBe("confirmed");
     expect(seen[0]!.get("cf-access-client-id")).toBe(CLIENT_ID);
     expect(seen[0]!.get("cf-access-client-secret")).toBe(CLIENT_SECRET);
   });
@@ -156,7 +156,8 @@ describe("the HOST binding (Workers VPC)", () => {
 
   test("fetchHost: the binding's answer is the Worker's answer (a 403 from Access stays a 403: temporary)", async () => {
     const denied: HostBinding = { fetch: async () => new Response("Forbidden", { status: 403 }) };
-    const res = await fetchHost(workerConfig(env({ HOST: denied })), { method: "GET" });
+    const config = workerConfig(env({ HOST: denied }));
+    const res = await fetchHost(config, config.endpoint, { method: "GET" });
     expect(res.status).toBe(403);
     const msg = incoming("denied");
     expect((await run(msg, env({ HOST: denied })))?.message).toContain("temporary failure");

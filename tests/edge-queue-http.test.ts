@@ -25,7 +25,7 @@ afterAll(() => host?.stop(true));
 
 function edgeApp(r2: MemoryR2, endpoint = `http://127.0.0.1:${host.port}/api/v1/inbound-mail`) {
   const config = workerConfig({ DELL_API_ENDPOINT: endpoint, API_KEY: KEY, POSTMASTER: "postmaster@example.com", EDGE_SPOOL: r2 });
-  return edgeQueueApp(config, async () => ({ trigger: "flush", state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0 }), () => {});
+  return edgeQueueApp(config, async () => ({ trigger: "flush", link: 1, state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0, complete: true, chained: false, subrequests: 0, r2: { A: 0, B: 0, free: 0 } }), () => {});
 }
 const post = (app: ReturnType<typeof edgeApp>, path: string) => app.request(path, { method: "POST", headers: { "x-api-key": KEY } });
 
@@ -52,7 +52,8 @@ describe("POST /edge/retry/:id", () => {
     const spool = new EdgeSpool(r2);
     await spool.hold("Subject: x\r\n\r\nhi\r\n", { from: "a@example.org", to: "b@example.com", size: 18, reason: "host unreachable", noAnswer: false });
     const m = (await spool.held()).messages[0]!;
-    await spool.moveToFailed(m, "refused", "550 5.1.1 no such user");
+    await spool.copyToFailed(m, "refused", "550 5.1.1 no such user");
+    await spool.delivered(m.id);
     const res = await post(edgeApp(r2), `/edge/retry/${m.id}`);
     expect(res.status).toBe(200);
     expect((await spool.held()).messages.map((x) => x.id)).toEqual([m.id]);
@@ -86,7 +87,7 @@ describe("edge_host_up", () => {
     const other = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: (req) => (seen.push(new URL(req.url).pathname), Response.json({ status: "healthy" })) });
     const redirecting = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: (req) => (seen.push(`redirect ${new URL(req.url).pathname}`), Response.redirect(`http://127.0.0.1:${other.port}/health`, 302)) });
     try {
-      expect(await hostReachable({ endpoint: `http://127.0.0.1:${redirecting.port}/api/v1/inbound-mail` })).toBe(false);
+      expect(await hostReachable({ endpoint: `http://127.0.0.1:${redirecting.port}/api/v1/inbound-mail`, access: null, host: null })).toBe(false);
       expect(seen).toEqual(["redirect /health"]);
     } finally {
       await other.stop(true);

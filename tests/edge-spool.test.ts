@@ -3,17 +3,24 @@
 // weeks passing) and the drain's rules one by one, with R2 operations counted. email() runs
 // against the real host (startServer) in front of the fake LMTP, or a stub host.
 
-import { afterAll, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
+import { afterAll, beforeAll, beforeEach, describe, expect, setSystemTime, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
-import { backoffMs, drain, LOCK_LEASE_MS, MAX_CALLS, type DrainOptions, type SendResult } from "../edge/drain.ts";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Budget } from "../edge/budget.ts";
+import { backoffMs, COST, drain, LOCK_LEASE_MS, MAX_LINKS, type DrainOptions, type DrainTrigger, type SendResult } from "../edge/drain.ts";
+import { runDrain } from "../edge/drain-runner.ts";
 import { headerBlock, summarizeHeaders } from "../edge/notice.ts";
 import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge/spool.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { workerConfig } from "../edge/config.ts";
-import { email, runDrain, scheduled, type IncomingEmail } from "../worker.ts";
+import worker, { email, scheduled, type IncomingEmail } from "../worker.ts";
+import { edgeQueue } from "../scripts/edge-queue.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
+import { until } from "./support/wait.ts";
 
 allowSlowTests();
 
@@ -27,6 +34,9 @@ let fake: FakeLmtpServer;
 let server: RunningServer;
 let stub: Server<undefined>;
 let stubStatus = 503;
+/** When set, what the stub answers instead. */
+let stubAnswer: (() => Response) | null = null;
+let stubRequests = 0;
 let consoleSpy: Mock<typeof console.log>;
 const workerLines: Record<string, unknown>[] = [];
 
@@ -37,8 +47,9 @@ beforeAll(async () => {
     hostname: "127.0.0.1",
     port: 0,
     async fetch(req) {
+      stubRequests++;
       await req.arrayBuffer();
-      return Response.json({ status: "error", message: `stub says ${stubStatus}` }, { status: stubStatus });
+      return stubAnswer?.() ?? Response.json({ status: "error", message: `stub says ${stubStatus}` }, { status: stubStatus });
     },
   });
   consoleSpy = spyOn(console, "log").mockImplementation((...args: unknown[]) => {
@@ -60,6 +71,8 @@ afterAll(async () => {
 beforeEach(() => {
   fake.reset();
   stubStatus = 503;
+  stubAnswer = null;
+  stubRequests = 0;
 });
 
 // --- helpers --------------------------------------------------------------------------------
@@ -123,7 +136,7 @@ describe("email() with EDGE_SPOOL", () => {
     const [key] = heldKeys(bucket);
     expect(Buffer.from(bucket.bytesOf(key!)!).equals(Buffer.from(raw))).toBe(true);
 
-    const summary = await runDrain(workerConfig(env(bucket, "real")), "cron");
+    const summary = await runDrain(workerConfig(env(bucket, "real")), "cron", { log: () => {} });
     expect(summary).toMatchObject({ delivered: 1, remaining: 0 });
     expect(fake.received).toHaveLength(1);
     const got = Buffer.from(fake.received[0]!.data);
@@ -188,6 +201,68 @@ describe("email() with EDGE_SPOOL", () => {
     expect(heldKeys(bucket)).toHaveLength(1);
   });
 
+  test("a 202 (queued on the host while Dovecot is down) teaches nothing: a random address stays unknown and is thrown back in the next outage", async () => {
+    // The real host with its spool, in front of an LMTP server that answers 450 for now: it
+    // cannot know who exists, queues the message for anyone and answers 202.
+    const spoolDir = mkdtempSync(join(tmpdir(), "relay-edge-learn-"));
+    const queuing = startServer({ apiKeys: [KEY], lmtpHost: fake.host, lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: MiB, spoolDir, spoolMaxAgeMs: HOUR }, { log: () => {} });
+    try {
+      fake.behaviour.rcpt = () => 450;
+      const bucket = new MemoryR2();
+      const random = "catchall-7f3a9c@kuma8088.com";
+      const e = { ...env(bucket, "real"), DELL_API_ENDPOINT: `${queuing.url}/api/v1/inbound-mail` };
+      expect(await run(incoming(rfc822("to a random address"), random), e)).toBeNull(); // accepted: 202
+      expect(workerLines.filter((l) => l.outcome && l.to === random).at(-1)).toMatchObject({ outcome: "accept", status: 202 });
+      expect(bucket.keys("known/")).toEqual([]);
+      expect(workerLines.some((l) => l.event === "edge_known" && l.to === random)).toBe(false);
+
+      // The next outage: not known, so not held and not accepted; the sender retries.
+      const msg = incoming(rfc822("catch-all spam, host down"), random);
+      const err = await run(msg, env(bucket, "stub"));
+      expect(err?.message).toContain("temporary failure");
+      expect(heldKeys(bucket)).toEqual([]);
+
+      // A delivery confirmed for that recipient (its LMTP 250) does teach.
+      fake.reset();
+      expect(await run(incoming(rfc822("delivered"), USER), env(bucket, "real"))).toBeNull();
+      expect(bucket.keys("known/")).toEqual([`known/${USER}`]);
+    } finally {
+      await queuing.stop();
+      rmSync(spoolDir, { recursive: true, force: true });
+    }
+  });
+
+  test("an envelope too long for R2's metadata is not held: thrown back (the sender retries), nothing written", async () => {
+    const bucket = new MemoryR2();
+    const msg = incoming(rfc822("very long sender"));
+    (msg as { from: string }).from = `${"送信者".repeat(21)}@${"例え".repeat(90)}.jp`; // 243 characters outside ASCII
+    const err = await run(msg, env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }));
+    expect(err?.message).toContain("temporary failure");
+    expect(msg.rejects).toEqual([]);
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "retry", held: false });
+    expect(String(workerLines.at(-1)!.why_not_held)).toContain("more than the 1200 the edge spool keeps for it");
+    expect(bucket.keys()).toEqual([]);
+  });
+
+  test("a held message answered 202 by the host (queued there while Dovecot is down) is confirmed: gone from the edge, the host delivers it later", async () => {
+    const bucket = new MemoryR2();
+    expect(await run(incoming(rfc822("held, then queued on the host")), env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }))).toBeNull();
+    const spoolDir = mkdtempSync(join(tmpdir(), "relay-edge-queued-"));
+    const queuing = startServer({ apiKeys: [KEY], lmtpHost: fake.host, lmtpPort: fake.port, port: 0, host: "127.0.0.1", maxMessageBytes: MiB, spoolDir, spoolMaxAgeMs: HOUR }, { log: () => {} });
+    try {
+      fake.behaviour.rcpt = () => 450;
+      const e = { ...env(bucket, "real"), DELL_API_ENDPOINT: `${queuing.url}/api/v1/inbound-mail` };
+      const lines: Record<string, unknown>[] = [];
+      expect(await runDrain(workerConfig(e), "cron", { log: (l) => void lines.push(l) })).toMatchObject({ delivered: 1, remaining: 0 });
+      expect(heldKeys(bucket)).toEqual([]);
+      expect(String(lines.find((l) => l.event === "edge_delivered")?.reply)).toContain("queued as");
+      expect(bucket.keys("known/")).toEqual([]); // a drain learns nothing either
+    } finally {
+      await queuing.stop();
+      rmSync(spoolDir, { recursive: true, force: true });
+    }
+  });
+
   test("a domain entry in ALLOWED_RECIPIENTS is a filter only: it does not make its addresses known", async () => {
     const bucket = new MemoryR2();
     const err = await run(incoming(rfc822("domain")), env(bucket, "stub", { ALLOWED_RECIPIENTS: "kuma8088.com" }));
@@ -233,6 +308,9 @@ describe("email() with EDGE_SPOOL", () => {
     ["EDGE_SPOOL_MAX_AGE_HOURS not a number", { EDGE_SPOOL_MAX_AGE_HOURS: "five days" }, /EDGE_SPOOL_MAX_AGE_HOURS must be a number/],
     ["EDGE_SPOOL_MAX_AGE_HOURS zero", { EDGE_SPOOL_MAX_AGE_HOURS: "0" }, /EDGE_SPOOL_MAX_AGE_HOURS must be more than 0/],
     ["POSTMASTER not an address", { POSTMASTER: "postmaster" }, /POSTMASTER must be an address/],
+    ["EDGE_SPOOL_SUBREQUESTS not a number", { EDGE_SPOOL_SUBREQUESTS: "fifty" }, /EDGE_SPOOL_SUBREQUESTS must be a number/],
+    ["EDGE_SPOOL_SUBREQUESTS below what a run needs", { EDGE_SPOOL_SUBREQUESTS: "10" }, /EDGE_SPOOL_SUBREQUESTS must be at least 20/],
+    ["EDGE_SPOOL_SUBREQUESTS above the paid plan's", { EDGE_SPOOL_SUBREQUESTS: "50000" }, /EDGE_SPOOL_SUBREQUESTS must be at most 10000/],
   ] as const) {
     test(`${name}: a configuration error naming it`, async () => {
       const msg = incoming(rfc822(name));
@@ -254,11 +332,11 @@ describe("email() with EDGE_SPOOL", () => {
 // --- the drain's rules ------------------------------------------------------------------------
 
 /** A spool with held messages and a scriptable host; time moves only when the test says so. */
-function harness(count: number, opts: { noAnswer?: boolean; kind?: "mail" | "notice"; to?: string } = {}) {
+function harness(count: number, opts: { noAnswer?: boolean; kind?: "mail" | "notice"; to?: string; from?: string } = {}) {
   const bucket = new MemoryR2();
   let t = Date.UTC(2026, 0, 1);
   bucket.now = () => t;
-  const sent: { id: string; to: string; bytes: Uint8Array }[] = [];
+  const sent: { id: string; to: string; bytes: Uint8Array; timeoutMs: number }[] = [];
   let answer: (m: HeldMessage) => SendResult = () => ({ outcome: "temporary", reply: "host answered 502: origin unreachable" });
   const logs: Record<string, unknown>[] = [];
   const ids: string[] = [];
@@ -266,59 +344,71 @@ function harness(count: number, opts: { noAnswer?: boolean; kind?: "mail" | "not
     for (let i = 0; i < count; i++) {
       t += 1000;
       const raw = rfc822(`held ${i}`);
-      ids.push(await new EdgeSpool(bucket).hold(new TextDecoder("latin1").decode(raw), { from: SENDER, to: opts.to ?? USER, size: raw.length, reason: "host down", noAnswer: opts.noAnswer ?? false, kind: opts.kind }, t));
+      ids.push((await new EdgeSpool(bucket).hold(new TextDecoder("latin1").decode(raw), { from: opts.from ?? SENDER, to: opts.to ?? USER, size: raw.length, reason: "host down", noAnswer: opts.noAnswer ?? false, kind: opts.kind }, t))!);
     }
   })();
-  const options = (trigger: DrainOptions["trigger"] = "cron"): DrainOptions => ({
+  /** Subrequests each run may make; the fetches to the host are counted here beside the bucket's calls. */
+  let fetches = 0;
+  const options = (trigger: DrainTrigger, extra: Partial<DrainOptions>): DrainOptions => ({
     trigger,
     maxAgeMs: 120 * HOUR,
     postmaster: POSTMASTER,
-    budgetMs: 8 * MINUTE,
     now: () => t,
     log: (l) => void logs.push(l),
-    send: async (m, body) => {
-      sent.push({ id: m.id, to: m.to, bytes: new Uint8Array(await new Response(body).arrayBuffer()) });
+    send: async (m, body, _requestId, timeoutMs) => {
+      fetches++;
+      sent.push({ id: m.id, to: m.to, bytes: new Uint8Array(await new Response(body).arrayBuffer()), timeoutMs });
       return answer(m);
     },
+    ...extra,
   });
+  const run = (trigger: DrainTrigger = "cron", extra: Partial<DrainOptions> = {}, budget = new Budget(50)) => drain(new EdgeSpool(bucket, budget), budget, options(trigger, extra));
   return {
     bucket,
     sent,
     logs,
     ids,
     ready,
+    fetches: () => fetches,
     advance: (ms: number) => void (t += ms),
     now: () => t,
     answer: (f: (m: HeldMessage) => SendResult) => void (answer = f),
-    drain: (trigger?: DrainOptions["trigger"]) => drain(new EdgeSpool(bucket), options(trigger)),
+    drain: run,
     held: async () => (await new EdgeSpool(bucket).held()).messages,
+    marker: () => new EdgeSpool(bucket).marker(),
   };
 }
+
+const CONFIRMED: SendResult = { outcome: "confirmed", reply: "250 2.0.0 ok" };
 
 describe("drain", () => {
   test("backoff like Postfix's: 5 min after the first failed attempt, doubling, at most an hour", () => {
     expect([1, 2, 3, 4, 5, 6, 20].map((n) => backoffMs(n) / MINUTE)).toEqual([5, 10, 20, 40, 60, 60, 60]);
   });
 
-  test("host down: one attempt per run (the probe), the others untouched; the host back: everything in one run, oldest first", async () => {
+  test("host down: one attempt per run (the probe), the others untouched; the host back: everything in one run, oldest first; then an idle run is one HEAD", async () => {
     const h = harness(3);
     await h.ready;
     for (let run = 0; run < 3; run++) {
       h.advance(MINUTE);
-      expect(await h.drain()).toMatchObject({ state: "ran", retried: 1, delivered: 0, remaining: 3 });
+      expect(await h.drain()).toMatchObject({ state: "ran", retried: 1, delivered: 0, remaining: 3, stopped: "host" });
     }
     expect(h.sent).toHaveLength(3);
     // Each probe took the message due soonest: the backoff rotates them.
     expect(new Set(h.sent.map((s) => s.id)).size).toBe(3);
+    expect(await h.marker()).toMatchObject({ empty: false, probe: true });
     h.sent.length = 0;
-    h.answer(() => ({ outcome: "confirmed", reply: "250 2.0.0 ok" }));
+    h.answer(() => CONFIRMED);
     h.advance(MINUTE);
-    expect(await h.drain()).toMatchObject({ delivered: 3, remaining: 0 });
+    expect(await h.drain()).toMatchObject({ delivered: 3, remaining: 0, stopped: "done" });
     // The probe first, then the others in the order they arrived.
     expect(h.sent.slice(1).map((s) => s.id)).toEqual(h.ids.filter((id) => id !== h.sent[0]!.id));
     expect(await h.held()).toEqual([]);
     expect(h.bucket.keys("queue/")).toEqual([]);
-    expect(h.bucket.keys()).toEqual([]); // no marker left: the next idle run is one HEAD
+    expect(await h.marker()).toMatchObject({ empty: true });
+    h.bucket.resetCounts();
+    expect(await h.drain()).toMatchObject({ state: "idle" });
+    expect(h.bucket.calls).toEqual(["head held"]);
   });
 
   test("nothing confirmed: a message whose backoff has not run out is not tried besides the probe", async () => {
@@ -349,7 +439,7 @@ describe("drain", () => {
   test("a permanent refusal: failed/, one notice (itself queued for the host), no retry of the message after", async () => {
     const h = harness(1);
     await h.ready;
-    h.answer((m) => (m.kind === "notice" ? { outcome: "confirmed", reply: "250 ok" } : { outcome: "permanent", reply: "422 550 5.1.1 <user@kuma8088.com> User unknown" }));
+    h.answer((m) => (m.kind === "notice" ? CONFIRMED : { outcome: "permanent", reply: "422 550 5.1.1 <user@kuma8088.com> User unknown" }));
     expect(await h.drain()).toMatchObject({ failed: 1 });
     expect(h.bucket.keys("failed/")).toEqual([`failed/${h.ids[0]}`]);
     const held = await h.held();
@@ -365,7 +455,29 @@ describe("drain", () => {
     expect(notice).toContain("Subject:     held 0");
     expect(notice).toContain(`From:        Sender <${SENDER}>`);
     // The failed copy is the message, byte for byte, with its story.
-    expect(h.bucket.bytesOf(`failed/${h.ids[0]}`)!.length).toBe(held.length ? h.sent[0]!.bytes.length : 0);
+    expect(h.bucket.bytesOf(`failed/${h.ids[0]}`)).toEqual(h.sent[0]!.bytes);
+  });
+
+  test("a give-up cut off before the message left queue/ is finished by the next run without a second notice", async () => {
+    const h = harness(1);
+    await h.ready;
+    h.answer((m) => (m.kind === "notice" ? CONFIRMED : { outcome: "permanent", reply: "422 550 5.1.1 User unknown" }));
+    // Cut off after the notice, before the message left queue/.
+    const realDelete = h.bucket.delete.bind(h.bucket);
+    h.bucket.delete = async () => {
+      throw new Error("cut off");
+    };
+    await h.drain();
+    expect(h.bucket.keys("queue/").filter((k) => !k.endsWith(".retry"))).toHaveLength(2); // the message and its notice
+    h.bucket.delete = realDelete;
+    for (let i = 0; i < 2; i++) {
+      h.advance(HOUR);
+      await h.drain();
+    }
+    expect(h.bucket.keys("failed/")).toEqual([`failed/${h.ids[0]}`]);
+    expect(await h.held()).toEqual([]);
+    expect(h.sent.filter((s) => s.to === POSTMASTER)).toHaveLength(1);
+    expect(h.logs.filter((l) => l.event === "edge_notice")).toHaveLength(1);
   });
 
   test("never a notice about a notice: a refused notice goes to failed/ and nothing is queued", async () => {
@@ -381,7 +493,7 @@ describe("drain", () => {
     const h = harness(1);
     await h.ready;
     h.advance(120 * HOUR);
-    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    h.answer(() => CONFIRMED);
     expect(await h.drain()).toMatchObject({ failed: 1 });
     expect(h.sent).toEqual([]);
     const failed = await new EdgeSpool(h.bucket).failed();
@@ -389,38 +501,191 @@ describe("drain", () => {
     expect((await h.held()).map((m) => m.kind)).toEqual(["notice"]);
   });
 
-  test("two drains at once: one runs, the other says busy; a dead drain's lock is taken over after its lease", async () => {
+  test("a long non-ASCII envelope and a long reply fit R2's metadata: refused once, one notice, failed/ keeps it, the next runs add nothing", async () => {
+    const from = `${"送信者".repeat(21)}@${"例え".repeat(30)}.jp`; // 123 characters outside ASCII: 738 bytes as \uXXXX
+    const h = harness(1, { from });
+    await h.ready;
+    const reply = `422 550 5.1.1 ${"ユーザーが見つかりません。".repeat(60)}`; // 780 characters outside ASCII
+    h.answer((m) => (m.kind === "notice" ? CONFIRMED : { outcome: "permanent", reply }));
+    expect(await h.drain()).toMatchObject({ failed: 1, stopped: "done" });
+    const [failed] = await new EdgeSpool(h.bucket).failed();
+    expect(failed).toMatchObject({ from, to: USER, why: "refused" });
+    expect(failed!.lastReply.startsWith("422 550 5.1.1 ユーザー")).toBe(true);
+    for (let i = 0; i < 3; i++) {
+      h.advance(HOUR);
+      await h.drain();
+    }
+    expect(h.sent.map((s) => s.to)).toEqual([USER, POSTMASTER]);
+    expect(h.logs.filter((l) => l.event === "edge_spool_error")).toEqual([]);
+    expect(await h.held()).toEqual([]);
+    // A temporary failure's long reply too (the .retry record).
+    const g = harness(1, { from });
+    await g.ready;
+    g.answer(() => ({ outcome: "temporary", reply: `451 ${"一時的な失敗".repeat(400)}` }));
+    expect(await g.drain()).toMatchObject({ retried: 1 });
+    expect((await g.held())[0]).toMatchObject({ from, attempts: 1 });
+  });
+
+  test("two drains at once: one runs, the other says busy; a dead drain's lock is taken over after its lease, under a minute", async () => {
     const h = harness(2);
     await h.ready;
-    h.answer((m) => (m.kind === "notice" ? { outcome: "confirmed", reply: "250 ok" } : { outcome: "permanent", reply: "422 refused" }));
+    h.answer((m) => (m.kind === "notice" ? CONFIRMED : { outcome: "permanent", reply: "422 refused" }));
     const [a, b] = await Promise.all([h.drain(), h.drain()]);
     expect([a.state, b.state].sort()).toEqual(["busy", "ran"]);
     expect((await h.held()).filter((m) => m.kind === "notice")).toHaveLength(2); // one per message, not per drain
 
-    expect(await new EdgeSpool(h.bucket).lock(LOCK_LEASE_MS, h.now())).toBe(true); // a drain that then dies
+    expect(await new EdgeSpool(h.bucket).lock(LOCK_LEASE_MS, h.now())).not.toBeNull(); // a drain that then dies
     expect((await h.drain()).state).toBe("busy");
+    expect(LOCK_LEASE_MS).toBeLessThan(MINUTE);
     h.advance(LOCK_LEASE_MS + 1);
     expect((await h.drain()).state).toBe("ran");
   });
 
-  test("bounded: one run stays under the free plan's 50 subrequests; the rest wait with the marker set", async () => {
+  test("a drain cut off at any of its calls delays nothing by more than two cron runs after its lease; none is lost, none sent more than twice", async () => {
+    // The run that is cut off makes these calls: marker, lock (2), list, then per message a get, a
+    // fetch and a delete, then the marker's write and the unlock.
+    for (let cut = 0; cut < 14; cut++) {
+      const h = harness(3);
+      await h.ready;
+      h.answer(() => CONFIRMED);
+      h.bucket.resetCounts();
+      let calls = 0;
+      h.bucket.freezeWhen = () => calls++ === cut;
+      void h.drain(); // never answers again once frozen: no finally runs, as when the Worker is killed
+      for (let i = 0; i < 20; i++) await Bun.sleep(0);
+      h.bucket.thaw();
+      h.advance(LOCK_LEASE_MS);
+      for (let run = 0; run < 2 && (await h.held()).length; run++) {
+        h.advance(MINUTE);
+        await h.drain();
+      }
+      expect({ cut, held: await h.held() }).toEqual({ cut, held: [] });
+      const sends = new Map<string, number>();
+      for (const s of h.sent) sends.set(s.id, (sends.get(s.id) ?? 0) + 1);
+      expect({ cut, delivered: [...sends.keys()].sort() }).toEqual({ cut, delivered: [...h.ids].sort() });
+      expect(Math.max(...sends.values())).toBeLessThanOrEqual(2); // a second copy only after a cut between the host's answer and the delete
+    }
+  });
+
+  test("a message the host itself defers (a full mailbox) waits its backoff: cron runs before it is due are one HEAD; others still go", async () => {
+    const h = harness(2);
+    await h.ready;
+    const [full] = h.ids;
+    h.answer((m) => (m.id === full ? { outcome: "temporary", reply: "host answered 503: 452 4.2.2 Mailbox full", hostAnswered: true } : CONFIRMED));
+    expect(await h.drain()).toMatchObject({ delivered: 1, retried: 1, remaining: 1 });
+    expect(await h.marker()).toMatchObject({ probe: false, due: h.now() + 5 * MINUTE });
+    h.bucket.resetCounts();
+    for (let i = 0; i < 4; i++) {
+      h.advance(MINUTE);
+      expect(await h.drain()).toMatchObject({ state: "idle" });
+    }
+    expect(h.bucket.calls).toEqual(Array(4).fill("head held"));
+    expect(h.sent.filter((s) => s.id === full)).toHaveLength(1);
+    h.advance(MINUTE);
+    await h.drain("live"); // due: offered again
+    expect(h.sent.filter((s) => s.id === full)).toHaveLength(2);
+  });
+
+  test("a run that knows the host is up stops at a failure without the host's answer; a tunnel error leaves the message no backoff of its own, a timeout does", async () => {
+    const h = harness(3);
+    await h.ready;
+    const [first, second] = h.ids;
+    h.answer((m) => (m.id === first ? { outcome: "temporary", reply: "host answered 502: HTTP 502" } : CONFIRMED));
+    expect(await h.drain("live")).toMatchObject({ retried: 1, delivered: 0, stopped: "host" });
+    expect((await h.held()).find((m) => m.id === first)).toMatchObject({ attempts: 1, specific: false });
+    // The next run offers it again at once (the host is back: no wait of its own).
+    h.answer((m) => (m.id === first ? CONFIRMED : { outcome: "temporary", reply: "host unreachable: no answer within 20000 ms", noAnswer: true }));
+    h.advance(MINUTE);
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, retried: 1, stopped: "host" });
+    expect((await h.held()).find((m) => m.id === second)).toMatchObject({ attempts: 1, specific: true });
+    // Too slow while the host confirmed others: it waits its backoff; the third goes.
+    h.answer(() => CONFIRMED);
+    h.advance(MINUTE);
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, remaining: 1 });
+    expect(await h.marker()).toMatchObject({ probe: false, due: h.now() - MINUTE + 5 * MINUTE });
+  });
+
+  test("each step costs what it is budgeted at (COST), counted where the calls are made", async () => {
+    const h = harness(3);
+    await h.ready;
+    const budget = new Budget(1000);
+    h.answer((m) => (m.id === h.ids[0] ? CONFIRMED : m.id === h.ids[1] ? { outcome: "permanent", reply: "422 refused" } : { outcome: "temporary", reply: "451 later", hostAnswered: true }));
+    h.bucket.resetCounts();
+    await h.drain("live", {}, budget);
+    const calls = h.bucket.calls;
+    // start: the marker's HEAD, the lock's HEAD and put; one page; then per message.
+    expect(calls.slice(0, 4)).toEqual(["head held", "head drain.lock", "put drain.lock", "list queue/"]);
+    const fetches = h.fetches();
+    expect(budget.used).toBe(calls.length + fetches);
+    expect(calls.length + fetches).toBe(COST.start + COST.page + COST.delivery /* delivered */ + (2 + COST.giveUp) /* refused */ + COST.delivery /* retried */ + COST.end);
+  });
+
+  test("bounded: one run stays within its budget of subrequests; without a next run, the rest wait with the marker set", async () => {
     const h = harness(30);
     await h.ready;
-    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    h.answer(() => CONFIRMED);
     h.bucket.resetCounts();
-    const first = await h.drain();
-    expect(h.bucket.calls.length + first.delivered).toBeLessThanOrEqual(MAX_CALLS + 2);
-    expect(h.bucket.calls.length + first.delivered).toBeLessThan(50);
-    expect(first.delivered).toBeGreaterThan(5);
-    expect(first.remaining).toBe(30 - first.delivered);
-    expect(h.bucket.keys()).toContain("held");
+    const budget = new Budget(50);
+    const first = await h.drain("cron", {}, budget);
+    expect(h.bucket.calls.length + h.fetches()).toBe(budget.used);
+    expect(budget.used).toBeLessThanOrEqual(50);
+    expect(first.delivered).toBeGreaterThan(10);
+    expect(first).toMatchObject({ remaining: 30 - first.delivered, stopped: "budget", chained: false });
+    expect(await h.marker()).toMatchObject({ empty: false, due: 0 });
     let runs = 1;
     while ((await h.held()).length && runs < 10) {
+      h.advance(MINUTE);
       await h.drain();
       runs++;
     }
+    expect(runs).toBe(3);
     expect(h.sent).toHaveLength(30);
     expect(new Set(h.sent.map((s) => s.id)).size).toBe(30);
+  });
+
+  test("with a next run: a drain cut short by its budget hands its lock on, each run within its own budget, until all is delivered", async () => {
+    const h = harness(100);
+    await h.ready;
+    h.answer(() => CONFIRMED);
+    const runs: { link: number; used: number }[] = [];
+    const next = async (lock: string, link: number): Promise<boolean> => {
+      const budget = new Budget(50);
+      void h.drain("chain", { lock, link, next }, budget).then((s) => runs.push({ link: s.link, used: budget.used }));
+      return true;
+    };
+    const budget = new Budget(50);
+    const first = await h.drain("cron", { next }, budget);
+    expect(first).toMatchObject({ chained: true, stopped: "budget" });
+    for (let i = 0; i < 200 && (await h.held()).length; i++) await Bun.sleep(1);
+    expect(await h.held()).toEqual([]);
+    expect(h.sent).toHaveLength(100);
+    expect(new Set(h.sent.map((s) => s.id)).size).toBe(100);
+    expect(runs.length).toBeGreaterThanOrEqual(6);
+    expect(Math.max(budget.used, ...runs.map((r) => r.used))).toBeLessThanOrEqual(50);
+    expect(await h.marker()).toMatchObject({ empty: true });
+    expect(h.bucket.keys()).toEqual(["held"]); // the lock released by the last run
+  });
+
+  test("a chain stops when the host stops confirming: the rest wait for the cron's probe", async () => {
+    const h = harness(60);
+    await h.ready;
+    let confirmations = 0;
+    h.answer(() => (++confirmations <= 20 ? CONFIRMED : { outcome: "temporary", reply: "host answered 502: origin unreachable" }));
+    let chained = 0;
+    const next = async (lock: string, link: number): Promise<boolean> => {
+      chained++;
+      void h.drain("chain", { lock, link, next });
+      return true;
+    };
+    await h.drain("cron", { next });
+    for (let i = 0; i < 100; i++) await Bun.sleep(1);
+    expect(h.sent).toHaveLength(21);
+    expect(chained).toBe(1);
+    expect((await h.held()).length).toBe(40);
+    // The next cron run probes with one message.
+    h.advance(MINUTE);
+    expect(await h.drain("cron", { next })).toMatchObject({ retried: 1, delivered: 0, stopped: "host" });
+    expect(h.sent).toHaveLength(22);
   });
 
   test("an idle run costs one HEAD (class B) and nothing else", async () => {
@@ -431,12 +696,11 @@ describe("drain", () => {
     expect(h.bucket.calls).toEqual(["head held"]);
   });
 
-  test("a message held while a drain lists is found by it or by the next one (the marker is cleared before the list)", async () => {
-    const h = harness(0);
+  test("a message held while a drain runs keeps the marker: the drain's write is conditional, and the next run delivers it", async () => {
+    const h = harness(1);
     await h.ready;
-    const spool = new EdgeSpool(h.bucket);
-    await spool.markHeld();
-    // The hold lands between the drain's listing and its end: the marker it writes survives.
+    h.answer(() => CONFIRMED);
+    // The hold lands between the drain's listing and its end.
     const realList = h.bucket.list.bind(h.bucket);
     h.bucket.list = async (o) => {
       const res = await realList(o);
@@ -444,10 +708,10 @@ describe("drain", () => {
       h.bucket.list = realList;
       return res;
     };
-    await h.drain();
-    expect(h.bucket.keys()).toContain("held");
-    h.answer(() => ({ outcome: "confirmed", reply: "250 ok" }));
+    expect(await h.drain()).toMatchObject({ delivered: 1, remaining: 0 });
+    expect(await h.marker()).toMatchObject({ empty: false });
     expect(await h.drain()).toMatchObject({ delivered: 1 });
+    expect(await h.marker()).toMatchObject({ empty: true });
   });
 
   test("failed/ keeps a message 30 days", async () => {
@@ -462,7 +726,7 @@ describe("drain", () => {
   });
 });
 
-test("a drain has a longer limit per message than the live attempt: a message too slow for the SMTP session still arrives", async () => {
+test("a drain gives a message the time its run has left, not HOST_TIMEOUT_MS: a message too slow for the SMTP session still arrives", async () => {
   const slowHost = Bun.serve({
     hostname: "127.0.0.1",
     port: 0,
@@ -483,14 +747,233 @@ test("a drain has a longer limit per message than the live attempt: a message to
     const [key] = heldKeys(bucket);
     const meta = JSON.parse(bucket.objects.get(key!)!.meta.customMetadata!.m!);
     bucket.objects.get(key!)!.meta.customMetadata = { m: JSON.stringify({ ...meta, received: meta.received - NO_ANSWER_GRACE_MS }) };
+    await new EdgeSpool(bucket).markHeld(0);
 
-    const config = workerConfig(e);
-    expect(await runDrain(config, "live")).toMatchObject({ delivered: 0, retried: 1 }); // the live limit: 1 s
-    expect(await runDrain(config, "cron")).toMatchObject({ delivered: 1, remaining: 0 }); // the cron's: minutes
+    expect(await runDrain(workerConfig(e), "cron", { log: () => {} })).toMatchObject({ delivered: 1, remaining: 0 });
     expect(heldKeys(bucket)).toEqual([]);
   } finally {
     await slowHost.stop(true);
   }
+});
+
+// --- the Worker's drain as Cloudflare runs it: email() and scheduled() --------------------------
+
+describe("the drain through email() and scheduled()", () => {
+  const minute = (n: number) => Date.UTC(2026, 0, 1, 12, n, 7);
+  const holdVia = async (bucket: MemoryR2, n: number, to = USER) => {
+    for (let i = 0; i < n; i++) expect(await run(incoming(rfc822(`held ${i}`), to), env(bucket, "stub", { ALLOWED_RECIPIENTS: `${USER}, ${to}` }))).toBeNull();
+  };
+  const subjects = () => fake.received.map((r) => /Subject: ([^\r]*)/.exec(Buffer.from(r.data).toString("latin1"))![1]);
+
+  test("a cron run cut off while it sends strands nothing: the cron runs after it deliver every message, once", async () => {
+    const bucket = new MemoryR2();
+    await holdVia(bucket, 3);
+    try {
+      setSystemTime(minute(1));
+      // Killed as it reads the first message to send it: nothing after that runs, no finally.
+      bucket.freezeWhen = (call) => call.startsWith("get queue/");
+      void scheduled({ scheduledTime: minute(1) }, env(bucket, "real"));
+      await until("the cron run to list queue/", () => bucket.calls.some((c) => c.startsWith("list queue/")));
+      await Bun.sleep(20);
+      bucket.thaw();
+      for (let m = 2; m <= 3; m++) {
+        setSystemTime(minute(m));
+        await scheduled({ scheduledTime: minute(m) }, env(bucket, "real"));
+      }
+      expect(heldKeys(bucket)).toEqual([]);
+      expect(subjects().sort()).toEqual(["held 0", "held 1", "held 2"]);
+    } finally {
+      setSystemTime();
+    }
+  });
+
+  test("one held message the host keeps deferring (a full mailbox): 20 healthy messages write nothing to R2 and never resend it", async () => {
+    const bucket = new MemoryR2();
+    const FULL = "full@kuma8088.com";
+    fake.behaviour.rcpt = (a) => (a === FULL ? 450 : 250);
+    const e = env(bucket, "real", { ALLOWED_RECIPIENTS: `${USER}, ${FULL}` });
+    expect(await run(incoming(rfc822("for a full mailbox"), FULL), e)).toBeNull();
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "held", status: 503 });
+    expect(await run(incoming(rfc822("the first healthy one")), e)).toBeNull(); // its drain offers the held one: 450 again
+    const offered = () => workerLines.filter((l) => l.event === "edge_retry" && l.to === FULL).length;
+    expect(offered()).toBe(1);
+    bucket.resetCounts();
+    for (let i = 0; i < 20; i++) expect(await run(incoming(rfc822(`healthy ${i}`)), e)).toBeNull();
+    expect(fake.received.filter((r) => r.to.includes(USER))).toHaveLength(21);
+    expect(offered()).toBe(1);
+    expect(bucket.ops.A).toBe(0);
+    expect(bucket.ops.B).toBeLessThanOrEqual(2);
+  });
+
+  test("a long non-ASCII sender and a long refusal: failed/ and one notice, nothing thrown, nothing repeated", async () => {
+    const bucket = new MemoryR2();
+    const from = `${"送信者".repeat(21)}@${"例え".repeat(30)}.jp`; // 123 characters outside ASCII
+    const msg = incoming(rfc822("long sender"));
+    (msg as { from: string }).from = from;
+    expect(await run(msg, env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }))).toBeNull();
+    stubAnswer = () => Response.json({ status: "rejected", error: "lmtp_rejected", message: `550 5.1.1 ${"このユーザーは存在しません。".repeat(40)}` }, { status: 422 });
+    await scheduled({ scheduledTime: minute(1) }, env(bucket, "stub"));
+    expect(bucket.keys("failed/")).toHaveLength(1);
+    expect(workerLines.filter((l) => l.event === "edge_spool_error")).toEqual([]);
+    // The notice goes through the host, once.
+    for (let m = 2; m <= 4; m++) await scheduled({ scheduledTime: minute(m) }, env(bucket, "real"));
+    expect(fake.received.map((r) => r.to)).toEqual([[POSTMASTER]]);
+    expect(bucket.keys("queue/")).toEqual([]);
+    expect(stubRequests).toBe(2); // the live attempt and the refusal
+  });
+
+  test("a cron run at the full hour with expired messages, 40 refusals and a long failed/ listing stays within 50 subrequests", async () => {
+    const bucket = new MemoryR2();
+    const spool = new EdgeSpool(bucket);
+    const old = Date.UTC(2025, 0, 1);
+    for (let i = 0; i < 1000; i++) {
+      const meta = { from: SENDER, to: USER, size: 10, received: old, since: old, reason: "x", kind: "mail", noAnswer: false, attempts: 1, next: 0, lastReply: "422", failed: old, why: "refused" };
+      await bucket.put(`failed/20250101T000000000Z-${i.toString(16).padStart(8, "0")}`, "0123456789", { customMetadata: { m: JSON.stringify(meta) } });
+    }
+    for (let i = 0; i < 43; i++) {
+      const text = `Subject: ${i}\r\n\r\nx\r\n`;
+      // The first three are past the maximum age (5 days): given up without an attempt.
+      await spool.hold(text, { from: SENDER, to: USER, size: text.length, reason: "host down", noAnswer: false }, i < 3 ? Date.now() - 6 * DAY : Date.now());
+    }
+    stubAnswer = () => Response.json({ status: "rejected", error: "lmtp_rejected", message: "550 5.1.1 User unknown" }, { status: 422 });
+    bucket.resetCounts();
+    await scheduled({ scheduledTime: Date.UTC(2026, 0, 1, 12, 0) }, env(bucket, "stub"));
+    expect(bucket.calls.length + stubRequests).toBeLessThanOrEqual(50);
+    expect(stubRequests).toBeGreaterThan(0);
+  });
+
+  /** The Worker's binding to itself, as wrangler.toml declares it (SELF): its own fetch(). */
+  const withSelf = (e: Record<string, unknown>) => {
+    e.SELF = { fetch: (input: string, init?: RequestInit) => worker.fetch(new Request(input, init), e) };
+    return e;
+  };
+
+  test("200 held, one cron run: every message delivered once, each run within 50 subrequests, chained through SELF", async () => {
+    const bucket = new MemoryR2();
+    await holdVia(bucket, 200);
+    const from = workerLines.length;
+    await scheduled({ scheduledTime: minute(1) }, withSelf(env(bucket, "real")));
+    expect(heldKeys(bucket)).toEqual([]);
+    expect(new Set(subjects()).size).toBe(200);
+    expect(fake.received).toHaveLength(200);
+    const runs = workerLines.slice(from).filter((l) => l.event === "edge_drain");
+    expect(runs.length).toBeGreaterThan(10);
+    expect(runs.length).toBeLessThanOrEqual(MAX_LINKS + 1);
+    expect(Math.max(...runs.map((r) => r.subrequests as number))).toBeLessThanOrEqual(50);
+    expect(new Set(runs.map((r) => r.link)).size).toBe(runs.length);
+  });
+
+  test("200 held, one live success: every message delivered once", async () => {
+    const bucket = new MemoryR2();
+    await holdVia(bucket, 200);
+    expect(await run(incoming(rfc822("live")), withSelf(env(bucket, "real")))).toBeNull();
+    expect(heldKeys(bucket)).toEqual([]);
+    expect(new Set(subjects()).size).toBe(201);
+    expect(fake.received).toHaveLength(201);
+  });
+
+  test("the host going away in the middle stops the chain; the rest wait for the cron's probe", async () => {
+    const bucket = new MemoryR2();
+    await holdVia(bucket, 60);
+    // A tunnel that passes 20 requests to the host, then answers as cloudflared does with the origin down.
+    let passed = 0;
+    const tunnel = Bun.serve({
+      hostname: "127.0.0.1",
+      port: 0,
+      async fetch(req) {
+        const body = await req.arrayBuffer();
+        if (++passed > 20) return new Response("origin unreachable", { status: 502 });
+        return fetch(`${server.url}/api/v1/inbound-mail`, { method: "POST", headers: req.headers, body });
+      },
+    });
+    try {
+      const e = withSelf({ ...env(bucket, "real"), DELL_API_ENDPOINT: `http://127.0.0.1:${tunnel.port}/api/v1/inbound-mail` });
+      await scheduled({ scheduledTime: minute(1) }, e);
+      expect(fake.received).toHaveLength(20);
+      expect(passed).toBe(21);
+      expect(heldKeys(bucket)).toHaveLength(40);
+      await scheduled({ scheduledTime: minute(2) }, e);
+      expect(passed).toBe(22); // one probe
+    } finally {
+      await tunnel.stop(true);
+    }
+  });
+
+  test("two triggers at once make one drain", async () => {
+    const bucket = new MemoryR2();
+    await holdVia(bucket, 30);
+    const from = workerLines.length;
+    const e = withSelf(env(bucket, "real"));
+    await Promise.all([scheduled({ scheduledTime: minute(1) }, e), scheduled({ scheduledTime: minute(1) }, e), run(incoming(rfc822("live")), e)]);
+    expect(heldKeys(bucket)).toEqual([]);
+    expect(fake.received).toHaveLength(31);
+    expect(new Set(subjects()).size).toBe(31);
+    const starts = workerLines.slice(from).filter((l) => l.event === "edge_drain" && l.link === 0);
+    expect(starts.filter((l) => l.state === "ran")).toHaveLength(1);
+  });
+});
+
+describe("POST /edge/known and `bun run edge-queue learn`: the host's mailboxes known at cutover", () => {
+  const serve = (e: Record<string, unknown>) => Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: (req) => worker.fetch(req, e) });
+  const learn = async (url: string, args: string[], stdin = "") => {
+    const out: string[] = [];
+    const err = spyOn(console, "error").mockImplementation(() => {});
+    try {
+      const code = await edgeQueue(["learn", ...args], { EDGE_URL: url, API_KEY: KEY }, (l) => void out.push(l), async () => stdin);
+      return { code, out: out.join("\n"), err: err.mock.calls.map((c) => c.join(" ")).join("\n") };
+    } finally {
+      err.mockRestore();
+    }
+  };
+
+  test("from stdin (doveadm user '*'), in batches the Worker's budget allows; then mail for them is held while the host is away", async () => {
+    const bucket = new MemoryR2();
+    const e = env(bucket, "stub", { EDGE_SPOOL_SUBREQUESTS: "20" }); // at most 18 per request
+    const worker = serve(e);
+    try {
+      const mailboxes = Array.from({ length: 30 }, (_, i) => `box${i}@kuma8088.com`);
+      const r = await learn(`http://127.0.0.1:${worker.port}`, ["-"], `${mailboxes.slice(0, 10).join("\n")}\n\n${mailboxes.slice(10).join("  ")}\nBOX0@KUMA8088.COM\n`);
+      expect(r).toMatchObject({ code: 0 });
+      expect(r.out).toContain("30 addresses are known at the edge");
+      expect(bucket.keys("known/")).toEqual(mailboxes.map((m) => `known/${m}`).sort());
+      expect(workerLines.filter((l) => l.event === "edge_known_recorded").map((l) => l.count)).toEqual([18, 12]);
+
+      const msg = incoming(rfc822("for a mailbox learned at cutover"), "box7@kuma8088.com");
+      expect(await run(msg, e)).toBeNull();
+      expect(workerLines.at(-1)).toMatchObject({ outcome: "held", to: "box7@kuma8088.com" });
+    } finally {
+      await worker.stop(true);
+    }
+  });
+
+  test("one bad address: nothing is recorded, and the answer names it; the route refuses a request without the key, a bad body and too many at once", async () => {
+    const bucket = new MemoryR2();
+    const e = env(bucket, "stub");
+    const worker = serve(e);
+    const url = `http://127.0.0.1:${worker.port}`;
+    try {
+      const r = await learn(url, ["good@kuma8088.com", "dovecot-user-without-domain"]);
+      expect(r.code).toBe(1);
+      expect(r.err).toContain('"dovecot-user-without-domain" is not of the form local@domain');
+      expect(r.err).toContain("nothing was recorded");
+      expect(bucket.keys("known/")).toEqual([]);
+      expect((await learn(url, [])).code).toBe(2);
+
+      const post = (body: unknown, key = KEY) => fetch(`${url}/edge/known`, { method: "POST", headers: { "x-api-key": key, "content-type": "application/json" }, body: JSON.stringify(body) });
+      expect((await post({ addresses: ["a@kuma8088.com"] }, "not-the-key")).status).toBe(401);
+      const bad = await post({ addresses: ["a@kuma8088.com", "b@x\r\nRCPT TO:<c@y>"] });
+      expect(bad.status).toBe(400);
+      expect(((await bad.json()) as { message: string }).message).toContain("forbidden character");
+      expect((await post({ addresses: [] })).status).toBe(400);
+      expect((await post({ list: ["a@kuma8088.com"] })).status).toBe(400);
+      const many = await post({ addresses: Array.from({ length: 49 }, (_, i) => `m${i}@kuma8088.com`) });
+      expect(many.status).toBe(413);
+      expect(await many.json()).toMatchObject({ max_per_request: 48 });
+      expect(bucket.keys("known/")).toEqual([]);
+    } finally {
+      await worker.stop(true);
+    }
+  });
 });
 
 describe("the notice reads the header block only", () => {

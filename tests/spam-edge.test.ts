@@ -9,7 +9,8 @@
 import { afterAll, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
 import { workerConfig } from "../edge/config.ts";
-import { email, runDrain, type IncomingEmail } from "../worker.ts";
+import { runDrain } from "../edge/drain-runner.ts";
+import { email, type IncomingEmail } from "../worker.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
@@ -125,7 +126,7 @@ describe("the drain", () => {
     expect(await run(incoming("held"), env(bucket))).toBeNull();
     expect(held(bucket)).toHaveLength(1);
     answer = delivered;
-    expect(await runDrain(workerConfig(env(bucket)), "flush")).toMatchObject({ delivered: 1, failed: 0 });
+    expect(await runDrain(workerConfig(env(bucket)), "flush", { log: () => {} })).toMatchObject({ delivered: 1, failed: 0 });
     expect(marks).toEqual(["", "true"]);
     expect(held(bucket)).toEqual([]);
   });
@@ -135,7 +136,7 @@ describe("the drain", () => {
     answer = () => new Response(null, { status: 503 });
     expect(await run(incoming("held, then deferred"), env(bucket))).toBeNull();
     answer = () => Response.json(DEFERRED, { status: 429 });
-    expect(await runDrain(workerConfig(env(bucket)), "flush")).toMatchObject({ delivered: 0, retried: 1, failed: 0 });
+    expect(await runDrain(workerConfig(env(bucket)), "flush", { log: () => {} })).toMatchObject({ delivered: 0, retried: 1, failed: 0 });
     expect(held(bucket)).toHaveLength(1);
     expect(bucket.keys("failed/")).toEqual([]);
     expect(lines.some((l) => l.event === "edge_notice")).toBe(false);

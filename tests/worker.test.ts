@@ -406,6 +406,54 @@ describe("temporary (throws, never setReject)", () => {
     }
   });
 
+  describe("a redirect is never followed: the key stays with the host, the mail waits", () => {
+    // What a misconfigured Access application or tunnel answers: a login page on another origin.
+    let elsewhere: Server<undefined>;
+    let elsewhereRequests: { method: string; key: string | null }[] = [];
+    beforeAll(() => {
+      elsewhere = Bun.serve({
+        hostname: "127.0.0.1",
+        port: 0,
+        async fetch(req) {
+          elsewhereRequests.push({ method: req.method, key: req.headers.get("x-api-key") });
+          await req.arrayBuffer();
+          return Response.json({ status: "success", message: "a login page that says 200" });
+        },
+      });
+    });
+    afterAll(() => elsewhere.stop(true));
+
+    for (const status of [301, 302, 303, 307, 308]) {
+      test(`${status} to another origin: a temporary failure naming the Location; the other origin sees no request`, async () => {
+        elsewhereRequests = [];
+        const location = `http://127.0.0.1:${elsewhere.port}/cdn-cgi/access/login?redirect_url=%2F`;
+        stubHandler = () => new Response(null, { status, headers: { location } });
+        const msg = incoming(rfc822(`redirect ${status}`));
+        const { error, worker: lines } = await run(msg, stubEnv());
+        expect(error?.message).toContain(`host answered ${status}: a redirect to ${location}, not followed`);
+        expect(msg.rejects).toEqual([]);
+        expect(lines[0]).toMatchObject({ outcome: "retry", status: 503 });
+        expect(stubRequests).toHaveLength(1);
+        expect(elsewhereRequests).toEqual([]);
+
+        // A JSON body through the Worker's HTTP face is bytes, which a fetch that follows redirects can replay.
+        stubRequests = [];
+        const res = await worker.fetch(
+          new Request("http://edge/api/v1/inbound-mail", {
+            method: "POST",
+            headers: { "content-type": "application/json", "x-api-key": KEY },
+            body: JSON.stringify({ from: SENDER, to: USER, raw: `Subject: redirect ${status}\r\n\r\nx\r\n` }),
+          }),
+          stubEnv(),
+        );
+        expect(res.status).toBe(503);
+        expect(((await res.json()) as { message: string }).message).toContain(`a redirect to ${location}, not followed`);
+        expect(stubRequests).toHaveLength(1);
+        expect(elsewhereRequests).toEqual([]);
+      });
+    }
+  });
+
   test("502 with an HTML body (a proxy's error page, not the host's JSON)", async () => {
     stubHandler = () => new Response("<html>Bad gateway</html>", { status: 502, headers: { "content-type": "text/html" } });
     const msg = incoming(rfc822("html"));

@@ -39,6 +39,14 @@ let hostKeys = [KEY];
 const hostLines: LogLine[] = [];
 let relay: Server<undefined>;
 let slow = false;
+/** When set, the relay answers every request with this redirect to `elsewhere` instead (a misconfigured Access application). */
+let redirectWith: number | null = null;
+/** When set, the relay passes this many more requests on, then answers 502 as cloudflared does with the origin down. */
+let passesLeft: number | null = null;
+let relayed = 0;
+/** Another origin: a redirect's target, which must never see a request. */
+let elsewhere: Server<undefined>;
+const elsewhereRequests: { key: string | null }[] = [];
 let worker: WranglerDev;
 /** A second Worker with a maximum age of 10.8 s, for the give-up-on-age test. */
 let shortAge: WranglerDev;
@@ -86,6 +94,9 @@ beforeAll(async () => {
     async fetch(req) {
       const url = new URL(req.url);
       const body = new Uint8Array(await req.arrayBuffer());
+      relayed++;
+      if (redirectWith !== null) return new Response(null, { status: redirectWith, headers: { location: `http://127.0.0.1:${elsewhere.port}/cdn-cgi/access/login` } });
+      if (passesLeft !== null && passesLeft-- <= 0) return new Response("origin unreachable", { status: 502 });
       let res: Response;
       try {
         res = await fetch(`http://127.0.0.1:${hostPort}${url.pathname}`, { method: req.method, headers: req.headers, body: body.length ? body : undefined });
@@ -97,6 +108,15 @@ beforeAll(async () => {
       return new Response(text, { status: res.status, headers: res.headers });
     },
   });
+  elsewhere = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      elsewhereRequests.push({ key: req.headers.get("x-api-key") });
+      await req.arrayBuffer();
+      return Response.json({ status: "success", message: "a login page" });
+    },
+  });
   [worker, shortAge] = await Promise.all([startWorker(), startWranglerDev({ vars: vars({ EDGE_SPOOL_MAX_AGE_HOURS: "0.003" }), persistTo: shortAgeState })]);
 }, 120_000);
 
@@ -104,6 +124,7 @@ afterAll(async () => {
   await Promise.all([worker?.stop(), shortAge?.stop()]);
   await stopHost();
   await relay?.stop(true);
+  await elsewhere?.stop(true);
   await dv?.dispose();
   for (const d of stateDirs) rmSync(d, { recursive: true, force: true });
 }, HOOK_TIMEOUT_MS);
@@ -467,4 +488,148 @@ describe("the edge spool in workerd, with the real host and Dovecot", () => {
     const l = await listing(shortAge);
     expect([l.held, l.failed]).toEqual([0, 0]);
   });
+});
+
+describe("the drain in workerd: a redirect, a Worker killed mid-drain, a backlog", () => {
+  const subjectsOf = async (to: string) => (await dv.messages(to)).map((m) => /^Subject: (.*)$/m.exec(new TextDecoder("latin1").decode(m))?.[1]?.trim() ?? "").sort();
+
+  /** `n` messages for USER held while the host is down (a few at a time); their subjects. */
+  async function holdMany(w: WranglerDev, n: number, label: string): Promise<string[]> {
+    // Known to the edge (as `bun run edge-queue learn` makes it), whichever test ran before.
+    const known = await fetch(`${w.url}/edge/known`, { method: "POST", headers: { "X-API-Key": KEY, "content-type": "application/json" }, body: JSON.stringify({ addresses: [USER] }) });
+    expect(await known.json()).toMatchObject({ status: "ok", recorded: 1 });
+    const subjects = Array.from({ length: n }, (_, i) => `${label} ${String(i).padStart(3, "0")}`);
+    for (let i = 0; i < n; i += 8) {
+      await Promise.all(
+        subjects.slice(i, i + 8).map(async (subject) => {
+          const from = uniqueSender(label);
+          const r = await send(w, from, USER, rfc822(from, USER, subject));
+          expect(r.log).toMatchObject({ outcome: "held" });
+        }),
+      );
+    }
+    return subjects.sort();
+  }
+
+  /** An empty mailbox, then `n` messages held while the host is down; the host back up. */
+  async function heldWhileHostDown(n: number, label: string): Promise<string[]> {
+    await dv.clear();
+    await stopHost();
+    const subjects = await holdMany(worker, n, label);
+    startHost();
+    return subjects;
+  }
+
+  const triggerCron = async (w: WranglerDev) => expect((await fetch(`${w.url}/cdn-cgi/handler/scheduled`)).status).toBe(200);
+  const drains = (w: WranglerDev, from: number) => lines(w, from).filter((l) => l.event === "edge_drain");
+
+  test("a redirect from the endpoint (301, 302, 303, 307, 308) is never followed: the other origin sees no request, the key stays home, the mail waits", async () => {
+    for (const status of [301, 302, 303, 307, 308]) {
+      redirectWith = status;
+      try {
+        const from = uniqueSender(`redirect${status}`);
+        const r = await send(worker, from, NEVER_SEEN, rfc822(from, NEVER_SEEN, `redirect ${status}`));
+        expect(r.status).toBe(500); // thrown: the sender retries
+        expect(r.log).toMatchObject({ outcome: "retry" });
+        expect(String(r.log.message)).toContain(`host answered ${status}: a redirect to http://127.0.0.1:${elsewhere.port}/cdn-cgi/access/login, not followed`);
+      } finally {
+        redirectWith = null;
+      }
+    }
+    expect(elsewhereRequests).toEqual([]);
+  });
+
+  test("the Worker killed while a cron run delivers, restarted on the same R2: every held message arrives once, without a new hold, within a couple of minutes", async () => {
+    const subjects = await heldWhileHostDown(3, "killed");
+    slow = true; // the relay holds each answer back: the Worker dies while waiting for the first
+    const before = hostLines.length;
+    void fetch(`${worker.url}/cdn-cgi/handler/scheduled`).catch(() => {});
+    await waitFor("the host to deliver the first held message", () => hostLines.slice(before).some((l) => l.path === INBOUND && l.status === 200));
+    process.kill(-worker.pid, "SIGKILL");
+    await worker.stop();
+    slow = false;
+    worker = await startWorker();
+    // The cron every 5 s here (every minute in production), until everything has arrived.
+    const restarted = Date.now();
+    const start = worker.output().length;
+    while ((await listing(worker)).held > 0) {
+      if (Date.now() - restarted > 2 * 60_000) throw new Error(`still held 2 minutes after the restart: ${JSON.stringify(await listing(worker))}`);
+      await triggerCron(worker);
+      await Bun.sleep(5_000);
+    }
+    // The run cut off left its lock to expire (45 s); the first run after that delivered the rest.
+    expect(drains(worker, start).filter((l) => l.state === "ran").length).toBeGreaterThanOrEqual(1);
+    expect(await subjectsOf(USER)).toEqual(subjects);
+    const repeated = lines(worker, start).filter((l) => l.event === "edge_delivered" && String(l.reply).includes("already delivered"));
+    expect(repeated.length).toBeLessThanOrEqual(1); // the one the host had delivered when the Worker died
+  }, 240_000);
+
+  test("200 held, the host back, one cron run: all delivered within a minute, each once, by chained runs within 50 subrequests each", async () => {
+    const subjects = await heldWhileHostDown(200, "backlog");
+    const start = worker.output().length;
+    const triggered = Date.now();
+    await triggerCron(worker);
+    await waitFor("all 200 in Dovecot", async () => (await dv.messages(USER)).length >= 200, 120_000);
+    await waitFor("the last run's summary", () => drains(worker, start).some((l) => l.stopped === "done"));
+    const delivered = lines(worker, start).filter((l) => l.event === "edge_delivered");
+    expect(delivered).toHaveLength(200);
+    expect(Math.max(...delivered.map((l) => Date.parse(String(l.time)))) - triggered).toBeLessThan(60_000);
+    expect(await subjectsOf(USER)).toEqual(subjects);
+    const runs = drains(worker, start);
+    expect(runs[0]).toMatchObject({ trigger: "cron", link: 0, chained: true });
+    expect(runs.slice(1).every((r) => r.trigger === "chain")).toBe(true);
+    expect(runs.map((r) => r.link).sort((a, b) => Number(a) - Number(b))).toEqual(runs.map((_, i) => i));
+    expect(Math.max(...runs.map((r) => Number(r.subrequests)))).toBeLessThanOrEqual(50);
+    expect((await listing(worker)).held).toBe(0);
+  }, 240_000);
+
+  test("200 held, the host back, one live delivery: all follow it, each once", async () => {
+    const subjects = await heldWhileHostDown(200, "afterlive");
+    const from = uniqueSender("live");
+    expect((await send(worker, from, USER, rfc822(from, USER, "afterlive live"))).log).toMatchObject({ outcome: "accept" });
+    await waitFor("all 201 in Dovecot", async () => (await dv.messages(USER)).length >= 201, 120_000);
+    expect(await subjectsOf(USER)).toEqual([...subjects, "afterlive live"].sort());
+    expect((await listing(worker)).held).toBe(0);
+  }, 240_000);
+
+  test("the host going away in the middle stops the chain; the rest wait for the cron's probe, then follow", async () => {
+    await heldWhileHostDown(40, "away");
+    relayed = 0;
+    passesLeft = 20;
+    try {
+      const start = worker.output().length;
+      await triggerCron(worker);
+      await waitFor("the run that met the 502", () => drains(worker, start).some((l) => l.stopped === "host"));
+      await Bun.sleep(1_000);
+      expect(relayed).toBe(21);
+      expect(await dv.messages(USER)).toHaveLength(20);
+      expect((await listing(worker)).held).toBe(20);
+      // The next cron run offers one message (the probe), and that is all.
+      const probeStart = worker.output().length;
+      await triggerCron(worker);
+      await waitFor("the probe's run", () => drains(worker, probeStart).length > 0);
+      expect(relayed).toBe(22);
+      // The host back: the next cron run delivers the rest.
+      passesLeft = null;
+      await triggerCron(worker);
+      await waitFor("the other 20 in Dovecot", async () => (await dv.messages(USER)).length >= 40, 60_000);
+      expect((await listing(worker)).held).toBe(0);
+      expect(new Set(await subjectsOf(USER)).size).toBe(40);
+    } finally {
+      passesLeft = null;
+    }
+  }, 180_000);
+
+  test("two cron runs and a live delivery at once make one drain; each message arrives once", async () => {
+    const subjects = await heldWhileHostDown(30, "twice");
+    const start = worker.output().length;
+    const from = uniqueSender("twicelive");
+    await Promise.all([triggerCron(worker), triggerCron(worker), send(worker, from, USER, rfc822(from, USER, "twice live"))]);
+    await waitFor("all 31 in Dovecot", async () => (await dv.messages(USER)).length >= 31, 60_000);
+    await Bun.sleep(1_000);
+    expect(await subjectsOf(USER)).toEqual([...subjects, "twice live"].sort());
+    const firstRuns = drains(worker, start).filter((l) => l.link === 0);
+    expect(firstRuns.filter((l) => l.state === "ran")).toHaveLength(1);
+    expect((await listing(worker)).held).toBe(0);
+  }, 120_000);
 });
