@@ -7,6 +7,7 @@
 // parameter goes through the design card's validator (shared/validate.ts).
 
 import { Hono, type Context } from "hono";
+import { HTTPException } from "hono/http-exception";
 import { z } from "zod";
 import { addressProblem } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
@@ -82,6 +83,13 @@ export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogW
     return c.json({ status: "ok", id, message: "back in the edge queue; the next drain delivers it" });
   });
   app.notFound((c) => c.json({ status: "error", error: "not_found", message: `no route for ${c.req.method} ${c.req.path}` }, 404));
+  // A body the validator could not even parse (malformed JSON) is answered like any other bad input.
+  app.onError((err, c) => {
+    if (err instanceof HTTPException && err.status === 400) return c.json({ status: "error", error: "invalid_request", message: err.message }, 400);
+    if (err instanceof HTTPException) return err.getResponse();
+    log({ event: "edge_spool_error", during: `${c.req.method} ${c.req.path}`, error: err.message });
+    return c.json({ status: "error", error: "internal_error", message: `the edge spool could not do it: ${err.message}` }, 500);
+  });
   return app;
 }
 

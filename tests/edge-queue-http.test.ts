@@ -95,3 +95,33 @@ describe("edge_host_up", () => {
     }
   });
 });
+
+describe("POST /edge/known and /edge/drain: bodies through the validator", () => {
+  const postJson = (app: ReturnType<typeof edgeApp>, path: string, body: string) => app.request(path, { method: "POST", headers: { "x-api-key": KEY, "content-type": "application/json" }, body });
+
+  test("malformed JSON, a bad address, a chained run without its lock: 400 in the contract's JSON, nothing recorded", async () => {
+    const r2 = new MemoryR2();
+    const app = edgeApp(r2);
+    for (const [path, body, says] of [
+      ["/edge/known", "{not json", "Malformed JSON"],
+      ["/edge/known", JSON.stringify({ addresses: ["no-at-sign"] }), "addresses.0"],
+      ["/edge/known", JSON.stringify({ addresses: [] }), "at least one address"],
+      ["/edge/drain", JSON.stringify({ link: 1 }), "lock"],
+      ["/edge/drain", "", "Malformed JSON"],
+    ] as const) {
+      const res = await postJson(app, path, body);
+      expect({ path, body, status: res.status, type: res.headers.get("content-type") }).toEqual({ path, body, status: 400, type: "application/json" });
+      const answer = (await res.json()) as { error: string; message: string };
+      expect(answer.error).toBe("invalid_request");
+      expect(answer.message).toContain(says);
+    }
+    expect(r2.keys()).toEqual([]);
+  });
+
+  test("good addresses are recorded, lowercased and once each", async () => {
+    const r2 = new MemoryR2();
+    const res = await postJson(edgeApp(r2), "/edge/known", JSON.stringify({ addresses: ["Alice@Example.org", "alice@example.org", "bob@example.org"] }));
+    expect(res.status).toBe(200);
+    expect(r2.keys("known/").sort()).toEqual(["known/alice@example.org", "known/bob@example.org"]);
+  });
+});
