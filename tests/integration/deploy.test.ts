@@ -68,7 +68,9 @@ test("one deploy uploads worker.env's values, the key as a secret, Workers Logs 
   expect(bindings.API_KEY).toEqual({ name: "API_KEY", type: "secret_text", text: KEY });
   expect(bindings.EDGE_SPOOL).toEqual({ name: "EDGE_SPOOL", type: "r2_bucket", bucket_name: "mailserver-inbound-relay-spool" });
   // Neither wrangler's login nor the tools' URL becomes a binding.
-  expect(Object.keys(bindings).sort()).toEqual(["ALLOWED_RECIPIENTS", "API_KEY", "DELL_API_ENDPOINT", "EDGE_SPOOL", "EDGE_SPOOL_MAX_AGE_HOURS", "HOST_TIMEOUT_MS", "POSTMASTER"]);
+  expect(Object.keys(bindings).sort()).toEqual(["ALLOWED_RECIPIENTS", "API_KEY", "DELL_API_ENDPOINT", "EDGE_SPOOL", "EDGE_SPOOL_MAX_AGE_HOURS", "EDGE_SPOOL_SUBREQUESTS", "HOST_TIMEOUT_MS", "POSTMASTER", "SELF"]);
+  // The drain's binding to the Worker itself (docs/edge-spool.md): a service binding to its own name.
+  expect(bindings.SELF).toMatchObject({ name: "SELF", type: "service", service: "mailserver-inbound-relay" });
   expect(uploads[0]!.observability).toEqual({ enabled: true, head_sampling_rate: 1 });
 
   const mine = api.requests.slice(before);
