@@ -162,17 +162,27 @@ function headerProblem(h: unknown, id: string): string | null {
   return null;
 }
 
+/**
+ * Whether a state file's JSON is a SpoolState, optional fields included: a state of another shape
+ * (`refused: {}`, a `reason` that is a number) would fail whatever reads it later, after a
+ * delivery, and so become a retry of a message already delivered.
+ */
 export function isState(s: unknown): s is SpoolState {
   if (typeof s !== "object" || s === null) return false;
   const o = s as Record<string, unknown>;
   return (
-    typeof o.attempts === "number" &&
+    Number.isSafeInteger(o.attempts) &&
+    (o.attempts as number) >= 0 &&
     typeof o.next_at === "number" &&
+    Number.isFinite(o.next_at) &&
     (o.last_reply === null || typeof o.last_reply === "string") &&
-    Array.isArray(o.remaining) &&
-    o.remaining.every((r) => typeof r === "string")
+    isStringArray(o.remaining) &&
+    (o.refused === undefined || (Array.isArray(o.refused) && o.refused.every((r) => typeof r === "object" && r !== null && typeof r.address === "string" && typeof r.reply === "string"))) &&
+    (o.reason === undefined || typeof o.reason === "string")
   );
 }
+
+const isStringArray = (a: unknown): a is string[] => Array.isArray(a) && a.every((r) => typeof r === "string");
 
 /** A small JSON file (a state file), not following links; undefined if it cannot be read. */
 export async function readJson(path: string): Promise<unknown> {

@@ -152,10 +152,12 @@ export class Spool {
     if (!ID_RE.test(id)) throw new Error(`not a spool id: ${JSON.stringify(id)}`);
     const dir = this.area(area);
     const { header } = await readHeader(join(dir, id), id);
-    // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet".
+    // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet"
+    // (recipients delivered before are known from the record of deliveries, delivered-log.ts).
     const saved = await readJson(join(dir, `${id}.state`));
-    const state = isState(saved) ? saved : freshState(header.to);
-    return { header, state };
+    if (isState(saved)) return { header, state: saved };
+    const state = freshState(header.to);
+    return { header, state: area === "failed" ? { ...state, reason: "not known: its state file is missing or damaged" } : state };
   }
 
   private area(area: SpoolArea): string {
