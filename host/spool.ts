@@ -174,8 +174,15 @@ export class Spool {
   async saveState(id: string, state: SpoolState, area: SpoolArea = "queue"): Promise<void> {
     const dir = this.area(area);
     const tmp = join(this.tmp, `${id}.state.${Math.random().toString(36).slice(2)}`);
-    await writeFile(tmp, JSON.stringify(state), { mode: 0o600 });
-    await rename(tmp, join(dir, `${id}.state`));
+    try {
+      await writeFile(tmp, JSON.stringify(state), { mode: 0o600 });
+      await rename(tmp, join(dir, `${id}.state`));
+    } catch (e) {
+      // On a full disk the file is created and its write fails: left behind, each retry of each
+      // queued message would add one, until the inodes run out.
+      await rm(tmp, { force: true }).catch(() => {});
+      throw e;
+    }
   }
 
   /** Delivered: the message leaves the spool. (If this is lost in a crash, it is delivered again: a duplicate, never a loss.) */
