@@ -1,5 +1,6 @@
-// A few LMTP connections to one server, reused (LmtpPool): how many run at once, which are kept
-// idle, and the delivery's deadline, which starts when the pool is asked.
+// A few LMTP connections to one server, reused (LmtpPool): how many run at once, how many of them
+// one mailbox may hold, which are kept idle, and the delivery's deadline, which starts when the
+// pool is asked.
 
 import { LmtpConnection, type LmtpConnectionOptions } from "./connection.ts";
 import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
@@ -17,6 +18,8 @@ type Probe = { result: Promise<string[]>; settledAt: number | null; failed: bool
 export interface LmtpPoolOptions extends LmtpConnectionOptions {
   /** Most connections open at once; further deliveries wait for one. */
   maxConnections?: number;
+  /** Most of them busy with one mailbox at once (default half of maxConnections); see MailboxTurns. */
+  maxPerMailbox?: number;
   /** Idle connections kept for reuse. */
   maxIdle?: number;
   /** An idle connection older than this is closed with QUIT. */
@@ -25,7 +28,8 @@ export interface LmtpPoolOptions extends LmtpConnectionOptions {
 
 /**
  * A few LMTP connections for reuse. At most `maxConnections` deliveries run at once (a slot
- * each); the rest wait their turn. A connection goes back to the idle list only after a
+ * each), at most `maxPerMailbox` of them to any one mailbox (its share, taken before the slot:
+ * a delivery waiting for its mailbox holds no slot); the rest wait their turn. A connection goes back to the idle list only after a
  * transaction that ran to its end; any fault drops it. A reused connection may have been closed
  * by the server while idle: if it fails before the server answered LHLO, RSET or MAIL, nothing
  * of the message was sent, so the delivery is tried once more on a fresh connection.
@@ -35,6 +39,7 @@ export class LmtpPool {
   private busy = 0;
   private readonly waiting: (() => void)[] = [];
   private readonly maxConnections: number;
+  private readonly shares: MailboxTurns;
   private readonly maxIdle: number;
   private readonly idleMs: number;
   private closed = false;
@@ -48,6 +53,8 @@ export class LmtpPool {
   ) {
     this.opts = { ...opts, turns: opts.turns ?? new MailboxTurns() };
     this.maxConnections = opts.maxConnections ?? 16;
+    const each = opts.maxPerMailbox ?? Math.max(1, Math.ceil(this.maxConnections / 2));
+    this.shares = new MailboxTurns(each, (mailbox, ms) => new LmtpFault("timeout", "connect", `no LMTP connection free for ${mailbox} within ${ms} ms (${each} of ${this.maxConnections} busy with it)`));
     this.maxIdle = opts.maxIdle ?? 8;
     this.idleMs = opts.idleMs ?? 30_000;
     this.sweeper = setInterval(() => this.sweep(), Math.max(1_000, this.idleMs / 2));
@@ -56,15 +63,20 @@ export class LmtpPool {
 
   async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
     const deadline = performance.now() + (this.opts.timeouts?.transaction ?? DEFAULT_TIMEOUTS.transaction);
-    return this.withConnection(deadline, async (conn, reused) => {
-      try {
-        return await conn.deliver(envelope, body, size, deadline);
-      } catch (e) {
-        const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "mail");
-        if (!stale) throw e;
-        return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
-      }
-    });
+    const release = this.shares.takeNow(envelope.to) ?? (await this.shares.take(envelope.to, deadline));
+    try {
+      return await this.withConnection(deadline, async (conn, reused) => {
+        try {
+          return await conn.deliver(envelope, body, size, deadline);
+        } catch (e) {
+          const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "mail");
+          if (!stale) throw e;
+          return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
+        }
+      });
+    } finally {
+      release();
+    }
   }
 
   /**
