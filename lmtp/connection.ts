@@ -90,9 +90,11 @@ export class LmtpConnection {
    * that ended the transaction early). A fault after the final dot is the reply of every
    * recipient it left unanswered (outcomeUnknown). Throws LmtpFault when the connection fails
    * before the final dot; nothing was delivered then, and the outcome for every recipient is
-   * temporary. `deadline` (performance.now() time): the final dot is not sent after it.
+   * temporary. `deadline` (performance.now() time): the final dot is not sent after it; nor once
+   * `signal` has aborted (the client that sent the message is gone: nobody would hear the outcome,
+   * and its retry would be a second copy).
    */
-  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity, signal?: AbortSignal): Promise<RecipientReply[]> {
     if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
     // RFC 6531 3.2: without SMTPUTF8 a non-ASCII address must not be sent at all (Dovecot 2.3
     // takes a UTF-8 MAIL FROM and stores "Return-Path: <>"). Refused here for good, with the
@@ -101,12 +103,12 @@ export class LmtpConnection {
       if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
       if (envelope.to.some(nonAscii)) {
         const sendable = envelope.to.filter((r) => !nonAscii(r));
-        const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline) : [];
+        const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline, signal) : [];
         let next = 0;
         return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
       }
     }
-    return this.transaction(envelope, body, size, deadline);
+    return this.transaction(envelope, body, size, deadline, signal);
   }
 
   /**
@@ -114,7 +116,7 @@ export class LmtpConnection {
    * replies; if a recipient was accepted and DATA answered 354, the message data and the final dot;
    * then one reply per accepted recipient.
    */
-  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number): Promise<RecipientReply[]> {
+  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number, signal: AbortSignal | undefined): Promise<RecipientReply[]> {
     checkDeliveryId(envelope.deliveryId);
     const replies = await this.sendEnvelope(envelope, size, deadline);
     const answers = this.envelopeAnswers(envelope.to, replies);
@@ -122,10 +124,12 @@ export class LmtpConnection {
     const taken = answers.filter(accepted).map((r) => r.recipient);
     if (taken.length === 0) return answers;
     const dot = await this.sendData(body, deadline);
-    // The final dot: in the mailboxes' turn when the delivery is named, and never after the deadline.
+    // The final dot: in the mailboxes' turn when the delivery is named, never after the deadline,
+    // and never for a client that is gone.
     const release = envelope.deliveryId !== undefined ? await this.waitTurn(taken, deadline) : null;
     try {
       this.abortIfLate(deadline, "body");
+      this.abortIfGone(signal);
       await this.socket.write(dot, deadline);
       return await this.finalReplies(answers);
     } finally {
@@ -324,6 +328,14 @@ export class LmtpConnection {
 
   private abortIfLate(deadline: number, phase: LmtpPhase): void {
     if (performance.now() >= deadline) throw this.abort(phase);
+  }
+
+  /** The client is gone before the final dot: dropped without it, as at the deadline. Nothing was delivered. */
+  private abortIfGone(signal: AbortSignal | undefined): void {
+    if (!signal?.aborted) return;
+    const e = new BodyAborted("the client left before the final dot; the transaction was dropped without it", { cause: signal.reason });
+    this.close(e);
+    throw e;
   }
 
   /** Sends one command and reads its reply. */

@@ -4,7 +4,7 @@
 
 import { LmtpConnection, type LmtpConnectionOptions } from "./connection.ts";
 import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
-import { LmtpFault } from "./faults.ts";
+import { BodyAborted, LmtpFault } from "./faults.ts";
 import type { RecipientReply } from "./replies.ts";
 import type { LmtpTarget } from "./target.ts";
 import { DEFAULT_TIMEOUTS, waitInLine } from "./timeouts.ts";
@@ -61,17 +61,22 @@ export class LmtpPool {
     this.sweeper.unref?.();
   }
 
-  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
+  /**
+   * One transaction on a pooled connection (LmtpConnection.deliver). `signal`: the one who asked
+   * is gone once it aborts, and the final dot is not sent after that.
+   */
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, signal?: AbortSignal): Promise<RecipientReply[]> {
     const deadline = performance.now() + (this.opts.timeouts?.transaction ?? DEFAULT_TIMEOUTS.transaction);
     const release = this.shares.takeNow(envelope.to) ?? (await this.shares.take(envelope.to, deadline));
     try {
+      if (signal?.aborted) throw new BodyAborted("the client left before the LMTP transaction began; nothing was sent");
       return await this.withConnection(deadline, async (conn, reused) => {
         try {
-          return await conn.deliver(envelope, body, size, deadline);
+          return await conn.deliver(envelope, body, size, deadline, signal);
         } catch (e) {
           const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "mail");
           if (!stale) throw e;
-          return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
+          return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline, signal));
         }
       });
     } finally {

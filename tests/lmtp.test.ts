@@ -1230,6 +1230,55 @@ describe("against a scripted raw server", () => {
     });
   });
 
+  describe("a client gone before the final dot: the dot is never sent (the signal)", () => {
+    const server = () => start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250 hi\r\n" : l === "DATA" ? "354 go\r\n" : "250 ok\r\n"));
+    const envelope = { from: "s@x.org", to: ["a@x.org"] };
+
+    test("gone as the last bytes of the message arrive: BodyAborted, the connection dropped without the dot", async () => {
+      const s = await server();
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const client = new AbortController();
+      const body = new ReadableStream<Uint8Array>({
+        pull(ctl) {
+          ctl.enqueue(bytes("Subject: x\r\n\r\nthe last line\r\n"));
+          client.abort();
+          ctl.close();
+        },
+      });
+      const e = await c.deliver(envelope, body, null, Infinity, client.signal).catch((err: unknown) => err);
+      expect(e).toBeInstanceOf(BodyAborted);
+      expect((e as Error).message).toContain("the client left before the final dot");
+      await s.closed;
+      expect(s.lines).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+      expect(s.messages).toEqual([]);
+    });
+
+    test("gone while waiting for the mailbox's turn: no dot once the turn comes", async () => {
+      const s = await server();
+      const turns = new MailboxTurns();
+      const holder = await turns.take(["a@x.org"], Infinity);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST, turns });
+      const client = new AbortController();
+      const delivery = c.deliver({ ...envelope, deliveryId: "d1" }, bytes("x\r\n"), null, Infinity, client.signal).catch((err: unknown) => err);
+      await until("the message data sent", () => s.lines.includes("DATA"));
+      await sleep(50);
+      client.abort();
+      holder();
+      expect(await delivery).toBeInstanceOf(BodyAborted);
+      await s.closed;
+      expect(s.messages).toEqual([]);
+    });
+
+    test("through the pool: gone before it starts, nothing is sent at all", async () => {
+      const s = await server();
+      const p = new LmtpPool(target(s), { timeouts: FAST });
+      const e = await p.deliver(envelope, bytes("x\r\n"), null, AbortSignal.abort()).catch((err: unknown) => err);
+      expect(e).toBeInstanceOf(BodyAborted);
+      expect(s.connections).toBe(0);
+      await p.close();
+    });
+  });
+
   describe("a mailbox's share of the connections", () => {
     /** A server that answers after the final dot at once, except for slow@x.org: that reply waits until release(). */
     async function slowMailboxServer() {
