@@ -14,13 +14,15 @@
 //
 // Reading never changes the spool: a file in queue/ or failed/ that cannot be read as a spool file
 // (damaged, foreign, a directory, a symbolic link, which is never followed) is reported by scan()
-// as unreadable and left where it is, for the operator. Files and folders are the owner's only
+// as unreadable and left where it is, for the operator. A read that fails for another reason (out
+// of file descriptors, an I/O error) says nothing about the file: scan() reports it apart, as not
+// readable now, to be read again. Files and folders are the owner's only
 // (0600, 0700): they hold who wrote to whom.
 
 import { chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { lstat, readdir, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { freshState, isState, readHeader, readJson, type SpoolHeader, type SpoolState } from "./spool-file.ts";
+import { SpoolFileDamaged, freshState, isState, readHeader, readJson, type SpoolHeader, type SpoolState } from "./spool-file.ts";
 import { StagedMessage } from "./staged-message.ts";
 
 /** A file the CLI drops into the spool directory; the running host's deliverer watches for it. */
@@ -48,6 +50,8 @@ export interface UnreadableEntry {
 export interface SpoolListing {
   entries: SpoolEntry[];
   unreadable: UnreadableEntry[];
+  /** Files whose read failed for a reason that may pass (EMFILE, EIO): nothing known about them yet. */
+  notReadNow: { name: string; problem: string }[];
 }
 export type SpoolArea = "queue" | "failed";
 function newId(): string {
@@ -119,13 +123,14 @@ export class Spool {
   }
 
   /**
-   * What an area holds, oldest first: the messages, and every other entry (except state files) as
-   * unreadable with its problem. Only reads: nothing is moved, written or followed.
+   * What an area holds, oldest first: the messages, every other entry (except state files) as
+   * unreadable with its problem, and the files that could not be read just now. Only reads:
+   * nothing is moved, written or followed.
    */
   async scan(area: SpoolArea = "queue"): Promise<SpoolListing> {
     const dir = this.area(area);
     const names = (await readdir(dir)).filter((n) => !STATE_RE.test(n)).sort();
-    const listing: SpoolListing = { entries: [], unreadable: [] };
+    const listing: SpoolListing = { entries: [], unreadable: [], notReadNow: [] };
     for (const name of names) {
       if (!ID_RE.test(name)) {
         listing.unreadable.push({ name, problem: "not a spool file (its name is not a spool id)" });
@@ -136,6 +141,10 @@ export class Spool {
       } catch (e) {
         // Gone since readdir (delivered and removed meanwhile): nothing to say about it.
         if ((e as NodeJS.ErrnoException).code === "ENOENT") continue;
+        if (!(e instanceof SpoolFileDamaged)) {
+          listing.notReadNow.push({ name, problem: (e as Error).message });
+          continue;
+        }
         const reason = ((await readJson(join(dir, `${name}.state`))) as Partial<SpoolState> | undefined)?.reason;
         listing.unreadable.push({ name, problem: (e as Error).message, ...(typeof reason === "string" ? { reason } : {}) });
       }

@@ -214,8 +214,18 @@ describe("damaged files", () => {
       if (id === h.id) await spool.remove(id);
       return original(id, area);
     };
-    expect(await spool.scan()).toEqual({ entries: [], unreadable: [] });
+    expect(await spool.scan()).toEqual({ entries: [], unreadable: [], notReadNow: [] });
     expect(names("failed")).toEqual([]);
+  });
+
+  test("a read that fails for a reason that passes (EMFILE) is reported apart, as not readable now, never as damaged", async () => {
+    const h = await spoolMessage([awkwardBytes(10)]);
+    const original = spool.read.bind(spool);
+    spool.read = async (id, area) => {
+      if (id === h.id) throw Object.assign(new Error("EMFILE: too many open files, open"), { code: "EMFILE" });
+      return original(id, area);
+    };
+    expect(await spool.scan()).toEqual({ entries: [], unreadable: [], notReadNow: [{ name: h.id, problem: "EMFILE: too many open files, open" }] });
   });
 
   test("state files are not entries; a name that is not a spool id (an editor's leftover) is reported, not listed, not touched", async () => {
@@ -512,7 +522,7 @@ describe("reading never changes the spool, and shows what it cannot read", () =>
       "0000000000junk": "not a spool file (no spool header)",
       "0000000000fifo": "not a regular file",
     });
-    expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }] });
+    expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }], notReadNow: [] });
   });
 
   test("read() refuses a path instead of an id", async () => {
