@@ -17,7 +17,7 @@
 // dot is not sent (the LMTP client checks the request's signal), and nothing is spooled.
 
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
-import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { Refusal, TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
 import { BodyStalled } from "../shared/body-limit.ts";
 import type { RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
@@ -151,8 +151,9 @@ async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: stri
   try {
     attempt = { results: await lmtpTransaction(h, { ...message.envelope, deliveryId }, received.body, received.size ?? message.size, message.signal), fault: null };
   } catch (e) {
-    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
-    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
+    // Streamed without a spool: the request body failed under LMTP (client gone, size limit,
+    // stalled, a JSON body bad after its message): the app answers for what it says.
+    if (e instanceof BodyAborted && (e.cause instanceof BodyStalled || e.cause instanceof Refusal)) throw e.cause;
     if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
     attempt = { results: null, fault: e };
   } finally {

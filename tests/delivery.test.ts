@@ -871,6 +871,51 @@ describe("a client that leaves gets nothing delivered after it left", () => {
   });
 });
 
+describe("the runbook's JSON body streams into delivery", () => {
+  /** json.dumps's default: every character outside ASCII as \uXXXX (3 times the UTF-8 of Cyrillic). */
+  const asciiOnly = (json: string) => json.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  const postJson = (h: Host, body: BodyInit) => fetch(h.server.url + INBOUND_PATH, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": KEY }, body });
+
+  for (const spool of [true, false]) {
+    test(`7.5 MiB of Cyrillic as json.dumps writes it (22.5 MiB of JSON, under the 8 MiB message limit) ${spool ? "with" : "without"} a spool: delivered byte-exact`, async () => {
+      const h = await host({ spool });
+      const head = `Message-ID: <cyrillic-${spool}@example.org>\r\nSubject: big\r\n\r\n`;
+      const line = "\u0416\u0438\u0432\u0451\u0442 \u0441\u043b\u043e\u043d.\r\n";
+      const raw = enc.encode(head + line.repeat(350_000));
+      expect(raw.length).toBeLessThan(8 * 1024 * 1024);
+      // Escaped line by line (one regular expression over 7.5 MiB takes JavaScriptCore seconds).
+      const escaped = (t: string) => asciiOnly(JSON.stringify(t)).slice(1, -1);
+      const json = `{"from": "sender@example.org", "to": "${USER}", "subject": "big", "raw": "${escaped(head)}${escaped(line).repeat(350_000)}", "timestamp": "2025-11-12T10:00:00Z"}`;
+      expect(json.length).toBeGreaterThan(2 * 8 * 1024 * 1024 + 1024 * 1024); // past the old JSON limit (Bun's bare 413)
+      const r = await postJson(h, json);
+      expect(r.status).toBe(200);
+      expect(((await r.json()) as { status: string }).status).toBe("success");
+      expect(fake.received.length).toBe(1);
+      expect(same(fake.received[0]!.data, raw)).toBe(true);
+      if (h.dir) expect(readdirSync(join(h.dir, "tmp"))).toEqual([]);
+    });
+  }
+
+  test("a field after a 2 MiB message that the schema refuses, without a spool (the message already streaming into LMTP): 400 naming it, nothing delivered", async () => {
+    const h = await host({ spool: false });
+    const json = `{"from":"sender@example.org","to":"${USER}","raw":"Subject: x\\r\\n\\r\\n${"y".repeat(2 * 1024 * 1024)}\\r\\n","timestamp":5}`;
+    const r = await postJson(h, json);
+    expect(r.status).toBe(400);
+    expect(await r.json()).toMatchObject({ error: "invalid_request", message: "timestamp: must be a string" });
+    await Bun.sleep(100);
+    expect(fake.received).toEqual([]);
+  });
+
+  test("a message over the limit, escaped to 3 times its size in JSON: the host's own 413 naming the limit, with a body (never Bun's bare 413 and a cut connection)", async () => {
+    const h = await host();
+    const r = await postJson(h, `{"from": "sender@example.org", "to": "${USER}", "raw": "${"\\u0416".repeat(4 * 1024 * 1024 + 1)}"}`);
+    expect(r.status).toBe(413);
+    expect(await r.json()).toMatchObject({ error: "payload_too_large", message: `the message is larger than ${8 * 1024 * 1024} bytes` });
+    expect(files(h, "queue")).toEqual([]);
+    expect(files(h, "tmp")).toEqual([]);
+  });
+});
+
 describe("restart", () => {
   test("what a stopped host left in queue/ is delivered by the next one at start-up; leftovers in tmp/ are discarded and counted", async () => {
     const dir = await mkdtemp("/tmp/delivery-test-");
