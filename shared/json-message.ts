@@ -214,11 +214,7 @@ class JsonMessageReader {
           }
           break;
         case "colon":
-          if (isBlank(b)) i++;
-          else if (b === 0x3a) {
-            this.state = "value";
-            i++;
-          } else throw malformed(`expected ":" at byte ${start + i}`);
+          this.step(b, { 0x3a: "value" }, '":"', start + i++);
           break;
         case "value":
           if (isBlank(b)) i++;
@@ -242,18 +238,10 @@ class JsonMessageReader {
           if (this.message!.closed) this.state = "after-value";
           break;
         case "after-value":
-          if (isBlank(b)) i++;
-          else if (b === 0x2c) {
-            this.state = "key";
-            i++;
-          } else if (b === 0x7d) {
-            this.state = "after-object";
-            i++;
-          } else throw malformed(`expected "," or "}" at byte ${start + i}`);
+          this.step(b, { 0x2c: "key", 0x7d: "after-object" }, '"," or "}"', start + i++);
           break;
         case "after-object":
-          if (!isBlank(b)) throw malformed(`data after the JSON object, at byte ${start + i}`);
-          i++;
+          this.step(b, {}, "nothing after the JSON object", start + i++);
           break;
         case "not-object":
           from = i;
@@ -262,6 +250,14 @@ class JsonMessageReader {
       }
     }
     if (from >= 0) this.keep(chunk.subarray(from, n));
+  }
+
+  /** A blank is skipped; a byte of `next` goes on to its state; anything else is not JSON. */
+  private step(b: number, next: Partial<Record<number, State>>, expected: string, at: number): void {
+    if (isBlank(b)) return;
+    const state = next[b];
+    if (!state) throw malformed(`expected ${expected} at byte ${at}`);
+    this.state = state;
   }
 
   /** The body has ended. */
@@ -532,12 +528,15 @@ const BASE64_VALUE = (() => {
  * breaks anywhere.
  */
 class Base64Decoder {
+  /** Characters of the string so far, for positions in errors. */
   private at = 0;
+  /** Alphabet characters and "=" so far, the "=" alone, and the value of the last alphabet character. */
   private symbols = 0;
   private padding = 0;
   private last = 0;
-  private bits = 0;
+  /** Bits decoded that do not make a byte yet (at most 6), and how many there are. */
   private acc = 0;
+  private bits = 0;
 
   constructor(private readonly sink: (bytes: Uint8Array) => void) {}
 
