@@ -20,8 +20,9 @@
 //   envelope.ts     the envelope and body, the MAIL FROM / RCPT TO lines, the SMTPUTF8 rule
 //   socket.ts       one socket: commands out, replies in, each wait with its limit
 //   connection.ts   LmtpConnection: the protocol's state machine, one transaction at a time
-//   turns.ts        MailboxTurns: one final dot at a time per mailbox
-//   pool.ts         LmtpPool: a few connections reused, deliveries waiting for a free one
+//   turns.ts        MailboxTurns: places per mailbox (one final dot at a time; a share of the pool)
+//   pool.ts         LmtpPool: a few connections reused, at most a share of them per mailbox,
+//                   deliveries waiting for a free one
 
 export { describeTarget, lmtpTarget, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
