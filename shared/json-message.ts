@@ -101,6 +101,16 @@ const isMessageField = (key: string): key is MessageField => key === "raw" || ke
 
 type State = "start" | "bom" | "first-key" | "key" | "key-text" | "colon" | "value" | "small" | "message" | "after-value" | "after-object" | "not-object";
 
+/** Fatal: bytes that are not UTF-8 are refused, never replaced with U+FFFD. */
+const UTF8 = new TextDecoder("utf-8", { fatal: true });
+
+/** Field names and most small values: ASCII, a few dozen bytes, made a string without a decoder. */
+function isShortAscii(bytes: Uint8Array): boolean {
+  if (bytes.byteLength > 1024) return false;
+  for (let i = 0; i < bytes.byteLength; i++) if (bytes[i]! >= 0x80) return false;
+  return true;
+}
+
 const isBlank = (b: number) => b === 0x20 || b === 0x09 || b === 0x0a || b === 0x0d;
 
 /**
@@ -308,7 +318,7 @@ class JsonMessageReader {
     this.collected = [];
     let text: string;
     try {
-      text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+      text = isShortAscii(bytes) ? String.fromCharCode(...bytes) : UTF8.decode(bytes);
     } catch {
       throw notUtf8();
     }
@@ -414,15 +424,18 @@ class JsonString {
       } else if (b < 0x20) {
         throw malformed(`a control character (0x${b.toString(16).padStart(2, "0")}) inside the string ${this.field}; JSON writes it as an escape`);
       } else if (b < 0x80) {
-        // A run of plain ASCII, copied at once.
+        // A run of plain ASCII: a long one copied at once, a short one (a line between "\r\n"
+        // escapes) byte by byte, which costs less than the view that set() needs.
         let j = i + 1;
         while (j < n) {
           const c = chunk[j]!;
           if (c === 0x22 || c === 0x5c || c < 0x20 || c >= 0x80) break;
           j++;
         }
-        out.set(chunk.subarray(i, j), o);
-        o += j - i;
+        if (j - i > 256) {
+          out.set(chunk.subarray(i, j), o);
+          o += j - i;
+        } else for (let k = i; k < j; k++) out[o++] = chunk[k]!;
         this.units += j - i;
         i = j;
       } else {
