@@ -10,7 +10,7 @@
 // message streams on to delivery. A message that comes before them is held until they come, at
 // most RAW_FIRST_MAX_BYTES of it.
 
-import { InboundJsonBody, describeIssues, type InboundEnvelope } from "./contract.ts";
+import { InboundJsonBody, describeIssues, loneSurrogateAt, type InboundEnvelope } from "./contract.ts";
 import { Refusal, tooLarge } from "./refusal.ts";
 
 const MiB = 1024 * 1024;
@@ -48,7 +48,9 @@ export async function readJsonMessage(body: ReadableStream<Uint8Array> | null, l
   const reader = new JsonMessageReader(limits);
   const source = body?.getReader() ?? null;
   try {
-    while (!reader.done && !(reader.messageField && reader.envelopeSeen)) {
+    // On until the message is under way with the envelope known (it streams on from there), or
+    // the body has ended (a message already whole goes on as bytes).
+    while (!reader.done && !(reader.inMessage && reader.envelopeSeen)) {
       const r = source ? await source.read() : { done: true as const, value: undefined };
       if (r.done) reader.end();
       else reader.push(r.value);
@@ -103,6 +105,9 @@ type State = "start" | "bom" | "first-key" | "key" | "key-text" | "colon" | "val
 
 /** Fatal: bytes that are not UTF-8 are refused, never replaced with U+FFFD. */
 const UTF8 = new TextDecoder("utf-8", { fatal: true });
+const ENCODER = new TextEncoder();
+/** A message string up to this long, whole in one chunk, is decoded natively (JsonString.whole). */
+const WHOLE_MAX_BYTES = 1024 * 1024;
 
 /** Field names and most small values: ASCII, a few dozen bytes, made a string without a decoder. */
 function isShortAscii(bytes: Uint8Array): boolean {
@@ -139,6 +144,11 @@ class JsonMessageReader {
   heldBytes = 0;
 
   constructor(private readonly limits: { maxMessage: number; maxJson: number }) {}
+
+  /** The message's string has begun and not ended yet. */
+  get inMessage(): boolean {
+    return this.state === "message";
+  }
 
   get envelopeSeen(): boolean {
     return this.fields.has("from") && this.fields.has("to");
@@ -388,6 +398,8 @@ class JsonString {
 
   /** Decodes from chunk[i]; returns where it stopped: just past the closing quote, or the chunk's end. */
   push(chunk: Uint8Array, i: number): number {
+    const whole = this.units === 0 && !this.escape && !this.need && i > 0 ? this.whole(chunk, i) : -1;
+    if (whole >= 0) return whole;
     const n = chunk.byteLength;
     // Nothing decodes longer than its JSON, but a "\u" escape or a surrogate pair may end in this
     // chunk with its start in the one before: up to 4 bytes more.
@@ -461,6 +473,37 @@ class JsonString {
     }
     if (this.closed) this.base64?.finish();
     return i;
+  }
+
+  /**
+   * A string that begins and ends in this chunk (most messages: the whole body comes in one),
+   * decoded at once by the runtime's own JSON.parse, as it was before the body streamed; where it
+   * ends, or -1 to go byte by byte (also for any string it refuses, so that the refusal says
+   * exactly what is wrong and where).
+   */
+  private whole(chunk: Uint8Array, i: number): number {
+    let q = chunk.indexOf(0x22, i);
+    for (; q !== -1; q = chunk.indexOf(0x22, q + 1)) {
+      let k = q - 1;
+      while (k >= i && chunk[k] === 0x5c) k--;
+      if ((q - 1 - k) % 2 === 0) break; // not escaped
+    }
+    if (q === -1 || q - i > WHOLE_MAX_BYTES) return -1;
+    let text: string;
+    try {
+      text = JSON.parse(UTF8.decode(chunk.subarray(i - 1, q + 1)));
+    } catch {
+      return -1;
+    }
+    if (loneSurrogateAt(text) >= 0 || (this.base64 && !/^[\x00-\x7f]*$/.test(text))) return -1;
+    const bytes = ENCODER.encode(text);
+    if (this.base64) {
+      this.base64.push(bytes);
+      this.base64.finish();
+    } else if (bytes.byteLength) this.sink(bytes);
+    this.units = text.length;
+    this.closed = true;
+    return q + 1;
   }
 
   /** One byte of an escape; returns where the output goes on. */

@@ -124,8 +124,17 @@ describe("streams: the envelope is known before the body ends", () => {
     expect((await reader.read()).done).toBe(true);
   });
 
+  test("a message that ends in the chunks read so far goes on as bytes, its size known; a field after it that the schema refuses is refused at once", async () => {
+    const m = await readJsonMessage(cut(enc.encode('{"from":"a@example.org","to":"u@example.com","raw":"short", "timestamp": "now"}'), 60), LIMITS);
+    expect(m.size).toBe(5);
+    expect(m.body).toBeInstanceOf(Uint8Array);
+    const e = await readJsonMessage(cut(enc.encode('{"from":"a@example.org","to":"u@example.com","raw":"short", "timestamp": 5}'), 60), LIMITS).catch((err: unknown) => err);
+    expect(e).toMatchObject({ status: 400, message: "timestamp: must be a string" });
+  });
+
   test("a field after the message that the schema refuses fails the stream with that Refusal (nothing was whole, nothing is delivered)", async () => {
-    const m = await readJsonMessage(cut(enc.encode('{"from":"a@example.org","to":"u@example.com","raw":"the message", "timestamp": 5}'), 40), LIMITS);
+    const m = await readJsonMessage(cut(enc.encode(`{"from":"a@example.org","to":"u@example.com","raw":"${"the message ".repeat(20)}", "timestamp": 5}`), 80), LIMITS);
+    expect(m.body).toBeInstanceOf(ReadableStream);
     const e = await new Response(m.body as ReadableStream).arrayBuffer().catch((err: unknown) => err);
     expect(e).toBeInstanceOf(Refusal);
     expect(e).toMatchObject({ status: 400, code: "invalid_request", message: "timestamp: must be a string" });
