@@ -1,6 +1,6 @@
 // What the host knows it has delivered: (Message-ID, recipient, SHA-256 of the message bytes) for
 // 6 days, recorded after Dovecot's 250; a message without a Message-ID is recorded by the other
-// two (the digest is of every byte, so it alone says "the same message again"). A repeat of the same bytes (the Worker retrying after a
+// two, and counts only for a repeat that waited for it, or for the spool's own retry (repeats.ts). A repeat of the same bytes (the Worker retrying after a
 // lost HTTP answer) is answered "duplicate" instead of being delivered twice; a different message
 // that reuses a Message-ID has another digest and is delivered. Kept in SQLite beside the spool so
 // it survives restarts; in memory when there is no spool. Best effort by design: losing a record

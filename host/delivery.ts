@@ -7,10 +7,10 @@
 // fsynced into queue/ and the sender answered 202. Without a spool the first MiB is held in
 // memory before LMTP is tried and the rest streams to LMTP as it arrives.
 //
-// The SHA-256 of the bytes is taken while they arrive: with the recipient it is the record of a
-// delivery (delivered-log.ts) and finds the message in the spool, so a repeat of the same bytes
-// is answered from what became of it (repeats.ts: "duplicate", or 202 with its spool id), never
-// delivered twice, and another message that reuses a Message-ID is delivered.
+// The SHA-256 of the bytes is taken while they arrive: with the recipient (and the Message-ID) it
+// is the record of a delivery (delivered-log.ts) and finds the message in the spool, so a repeat
+// of the same bytes is answered from what became of it (repeats.ts: "duplicate", or 202 with its
+// spool id), never delivered twice, and another message that reuses a Message-ID is delivered.
 //
 // One message goes through steps, each its own function: receive -> [scan] -> repeats -> deliver
 // now -> or spool the rest. A client that leaves gets nothing delivered after it left: the final
@@ -53,8 +53,8 @@ export function deliverNow(h: HostDelivery): Deliverer {
   return async (message: InboundMessage) => {
     const { info: { messageId }, body } = await peekHeaders(message.body);
     const received = await receiveHeld(body, message.signal);
-    return sameBytes.run(received.sha256(), async () => {
-      const { earlier, rest } = repeats(h, null, message.envelope.to, messageId, received.sha256());
+    return sameBytes.run(received.sha256(), async (waited) => {
+      const { earlier, rest } = repeats(h, null, message.envelope.to, messageId, received.sha256(), waited);
       if (!rest.length) return inEnvelopeOrder(message.envelope.to, earlier, []);
       const attempt = await tryLmtp(h, addressedTo(message, rest), messageId, received, undefined);
       if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
@@ -75,8 +75,8 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
       const received = await receiveIntoSpool(h, message, body, staged);
       // What the spool holds is known before a repeat is looked for in it.
       await queue.runner.scanned();
-      return await sameBytes.run(received.sha256(), async () => {
-        const { earlier, rest } = repeats(h, queue, message.envelope.to, messageId, received.sha256());
+      return await sameBytes.run(received.sha256(), async (waited) => {
+        const { earlier, rest } = repeats(h, queue, message.envelope.to, messageId, received.sha256(), waited);
         if (!rest.length) return inEnvelopeOrder(message.envelope.to, earlier, []);
         const left = addressedTo(message, rest);
         // The spool id names the delivery on this attempt and on every retry from the spool, so
@@ -101,7 +101,7 @@ export function deliverSpooled(h: HostDelivery): SpoolDeliver {
     const sha256 = header.sha256 ?? null;
     // Recipients on record already (its state file lost after a partial delivery, or a removal
     // that failed before a restart) are not sent it again.
-    const { earlier, rest } = repeats(h, null, envelope.to, messageId, sha256);
+    const { earlier, rest } = repeats(h, null, envelope.to, messageId, sha256, true);
     if (!rest.length) {
       await body.cancel().catch(() => {});
       return inEnvelopeOrder(envelope.to, earlier, []);
@@ -115,8 +115,8 @@ export function deliverSpooled(h: HostDelivery): SpoolDeliver {
 }
 
 /** Who of these recipients had this message before, delivered or queued (repeats.ts); counted when one is queued. */
-function repeats(h: HostDelivery, queue: SpoolQueue | null, to: string[], messageId: string | null, sha256: string | null): Repeats {
-  const split = repeatsOf({ delivered: h.delivered, queuedAs: queue ? (digest, rcpt) => queue.runner.queuedAs(digest, rcpt) : undefined }, to, messageId, sha256);
+function repeats(h: HostDelivery, queue: SpoolQueue | null, to: string[], messageId: string | null, sha256: string | null, waited: boolean): Repeats {
+  const split = repeatsOf({ delivered: h.delivered, queuedAs: queue ? (digest, rcpt) => queue.runner.queuedAs(digest, rcpt) : undefined }, to, messageId, sha256, waited);
   if ([...split.earlier.values()].some((r) => r.queued)) h.metrics.inc("queued_repeats");
   return split;
 }

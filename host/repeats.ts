@@ -3,8 +3,13 @@
 // (the record of deliveries) or is queued (the spool) is answered from there and never delivered
 // a second time; only the recipients left go on. "Again" means the same bytes: the SHA-256 of
 // every byte, to the same mailbox; a message that reuses a Message-ID with other bytes is another
-// message. Without a Message-ID the digest alone says it (a message from Email Routing carries its
-// own trace header with the time it arrived, so two arrivals are never the same bytes).
+// message.
+//
+// Without a Message-ID a message is a repeat while the first is queued or still under way (the
+// repeat waited for it), not once it has been delivered: the same test message posted again by
+// hand (the runbook's curl) is delivered again, as an operator expects, and what that leaves open
+// (an answer lost after such a message was delivered) is a duplicate, never a loss. Mail without a
+// Message-ID is rare, and Dovecot's own duplicate detection keys on Message-ID too.
 
 import type { RecipientResult } from "../shared/contract.ts";
 import { alreadyQueuedResult, duplicateResult } from "../shared/replies.ts";
@@ -23,12 +28,16 @@ export interface Repeats {
   rest: string[];
 }
 
-/** Each recipient that had this message before gets that outcome: delivered (duplicate) or queued (its spool id). */
-export function repeatsOf(known: EarlierOutcomes, to: string[], messageId: string | null, sha256: string | null): Repeats {
+/**
+ * Each recipient that had this message before gets that outcome: delivered (duplicate) or queued
+ * (its spool id). `waited`: this request waited for the same bytes under way (OneAtATime), or is
+ * the spool's own retry of its file: a delivery on record counts then even without a Message-ID.
+ */
+export function repeatsOf(known: EarlierOutcomes, to: string[], messageId: string | null, sha256: string | null, waited: boolean): Repeats {
   const earlier = new Map<string, RecipientResult>();
   if (sha256) {
     for (const address of to) {
-      if (known.delivered.has(messageId, address, sha256)) earlier.set(address, duplicateResult(address, messageId));
+      if ((messageId !== null || waited) && known.delivered.has(messageId, address, sha256)) earlier.set(address, duplicateResult(address, messageId));
       else {
         const id = known.queuedAs?.(sha256, address);
         if (id) earlier.set(address, alreadyQueuedResult(address, id));
@@ -53,13 +62,18 @@ export function inEnvelopeOrder(to: string[], earlier: Map<string, RecipientResu
 export class OneAtATime {
   private readonly underway = new Map<string, Promise<void>>();
 
-  async run<T>(key: string | null, fn: () => Promise<T>): Promise<T> {
-    if (key === null) return fn();
-    for (let first = this.underway.get(key); first; first = this.underway.get(key)) await first;
+  /** Runs fn once no other run with this key is under way; fn learns whether it waited for one. */
+  async run<T>(key: string | null, fn: (waited: boolean) => Promise<T>): Promise<T> {
+    if (key === null) return fn(false);
+    let waited = false;
+    for (let first = this.underway.get(key); first; first = this.underway.get(key)) {
+      waited = true;
+      await first;
+    }
     let done!: () => void;
     this.underway.set(key, new Promise<void>((resolve) => (done = resolve)));
     try {
-      return await fn();
+      return await fn(waited);
     } finally {
       this.underway.delete(key);
       done();
