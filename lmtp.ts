@@ -22,8 +22,9 @@
 //   socket.ts       one socket: commands out, replies in, each wait with its limit
 //   smtp-connection.ts  SmtpConnection: the protocol's state machine, one transaction at a time
 //   connection.ts   LmtpConnection: SMTP's, with LMTP's own states (LHLO, one reply per recipient)
-//   turns.ts        MailboxTurns: one final dot at a time per mailbox
-//   pool.ts         LmtpPool: a few connections reused, deliveries waiting for a free one
+//   turns.ts        MailboxTurns: places per mailbox (one final dot at a time; a share of the pool)
+//   pool.ts         LmtpPool: a few connections reused, at most a share of them per mailbox,
+//                   deliveries waiting for a free one
 //   probe.ts        the doctor's question: greeting, LHLO, would RCPT take an address (nothing sent)
 
 export { describeTarget, lmtpTarget, parseDeliverTo, protocolOf, type DeliveryProtocol, type LmtpTarget } from "./lmtp/target.ts";

@@ -21,7 +21,7 @@ import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { statusApp } from "./host/status-http.ts";
 import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
-import { createApp, maxJsonBytes, type Deliverer } from "./shared/app.ts";
+import { createApp, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 
@@ -130,8 +130,10 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     hostname: config.host,
     port: config.port,
     fetch: app.fetch,
-    // Bun refuses larger bodies itself; the app's own limit (a clear 413) sits below this.
-    maxRequestBodySize: maxJsonBytes(config.maxMessageBytes),
+    // No limit of Bun's own: its 413 has no body and cuts the connection. The app refuses every
+    // body that is too large itself (by Content-Length first, then counting as it streams), with
+    // a 413 that names the limit.
+    maxRequestBodySize: Number.MAX_SAFE_INTEGER,
     // A delivery may wait on Dovecot's fsync with no bytes moving; don't cut it off at Bun's 10 s.
     idleTimeout: 60,
   });

@@ -1,5 +1,6 @@
 // What the host knows it has delivered: (Message-ID, recipient, SHA-256 of the message bytes) for
-// 6 days, recorded after Dovecot's 250. A repeat of the same bytes (the Worker retrying after a
+// 6 days, recorded after Dovecot's 250; a message without a Message-ID is recorded by the other
+// two, and counts only for a repeat that waited for it, or for the spool's own retry (repeats.ts). A repeat of the same bytes (the Worker retrying after a
 // lost HTTP answer) is answered "duplicate" instead of being delivered twice; a different message
 // that reuses a Message-ID has another digest and is delivered. Kept in SQLite beside the spool so
 // it survives restarts; in memory when there is no spool. Best effort by design: losing a record
@@ -8,6 +9,7 @@
 
 import { Database } from "bun:sqlite";
 import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
+import { mailboxKey } from "../shared/contract.ts";
 
 /**
  * Longer than anything may come again: the edge holds mail for up to 5 days
@@ -16,12 +18,20 @@ import { chmodSync, closeSync, existsSync, openSync } from "node:fs";
 export const DEDUPE_WINDOW_MS = 6 * 24 * 60 * 60 * 1000;
 
 export interface DeliveredLog {
-  has(messageId: string, recipient: string, sha256: string): boolean;
-  add(messageId: string, recipient: string, sha256: string): void;
+  /** `messageId` null: the message has none. */
+  has(messageId: string | null, recipient: string, sha256: string): boolean;
+  add(messageId: string | null, recipient: string, sha256: string): void;
+  /** Writes what is held in memory now (before a step that must not run ahead of the record). */
+  flush(): void;
   close(): void;
 }
 
-const keyOf = (messageId: string, recipient: string, sha256: string) => `${messageId}\u0000${recipient.toLowerCase()}\u0000${sha256}`;
+/**
+ * The recipient as Dovecot finds its mailbox (ASCII letters folded, nothing else: see mailboxKey);
+ * toLowerCase() folded the Kelvin sign into "k", and a message to another user was taken for a
+ * repeat. No Message-ID is "", which no Message-ID field gives (peekHeaders ignores an empty one).
+ */
+const keyOf = (messageId: string | null, recipient: string, sha256: string) => `${messageId ?? ""}\u0000${mailboxKey(recipient)}\u0000${sha256}`;
 
 /** How long records wait in memory before they are written, together, in one transaction. */
 const FLUSH_EVERY_MS = 250;
@@ -120,6 +130,7 @@ export function openDeliveredLog(path: string | null, opts: DeliveredLogOptions 
       pending.set(key, Date.now());
       if (!timer) later(FLUSH_EVERY_MS);
     },
+    flush,
     close() {
       flush();
       if (timer) clearTimeout(timer);

@@ -7,9 +7,14 @@
 // fsynced into queue/ and the sender answered 202. Without a spool the first MiB is held in
 // memory before LMTP is tried and the rest streams to LMTP as it arrives.
 //
-// The SHA-256 of the bytes is taken while they arrive: with the Message-ID and the recipient it
-// is the record of a delivery (delivered-log.ts), so only a repeat of the same bytes is answered
-// "duplicate", never another message that reuses a Message-ID.
+// The SHA-256 of the bytes is taken while they arrive: with the recipient (and the Message-ID) it
+// is the record of a delivery (delivered-log.ts) and finds the message in the spool, so a repeat
+// of the same bytes is answered from what became of it (repeats.ts: "duplicate", or 202 with its
+// spool id), never delivered twice, and another message that reuses a Message-ID is delivered.
+//
+// One message goes through steps, each its own function: receive -> repeats -> scan -> deliver now
+// -> or spool the rest. A client that leaves gets nothing delivered after it left: the final dot is
+// not sent (the LMTP client checks the request's signal), and nothing is spooled.
 //
 // With the spam filter (RSPAMD_URL, which needs the spool), a received message that is not a
 // repeat is scanned before LMTP (spam-filter.ts): refused or deferred there if it is live, else
@@ -17,11 +22,11 @@
 // and the spool keeps those bytes: a retry from the spool is scanned again, as already accepted.
 
 import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
-import { TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
+import { Refusal, TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
 import { BodyStalled } from "../shared/body-limit.ts";
 import type { RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
-import { duplicateResult, isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
+import { isAccepted, isTemporary, queuedResult } from "../shared/replies.ts";
 import type { DeliveredLog } from "./delivered-log.ts";
 import type { LastAnswer } from "./last-answer.ts";
 import { peekHeaders, type HeaderInfo } from "./message-headers.ts";
@@ -30,6 +35,7 @@ import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
 import { filterSpam, prepended, type SpamFilter } from "./spam-filter.ts";
 import { SpoolWriteError } from "./spool-file.ts";
 import type { Spool } from "./spool.ts";
+import { OneAtATime, inEnvelopeOrder, repeatsOf, type Repeats } from "./repeats.ts";
 import { HELD_BYTES, type StagedMessage } from "./staged-message.ts";
 
 export interface HostDelivery {
@@ -54,19 +60,23 @@ export interface SpoolQueue {
 
 /** Without a spool: LMTP at once; what Dovecot cannot take now is the sender's to offer again (503). */
 export function deliverNow(h: HostDelivery): Deliverer {
+  const sameBytes = new OneAtATime();
   return async (message: InboundMessage) => {
     const { info: { messageId, sender }, body } = await peekHeaders(message.body);
     const received = await receiveHeld(body, message.signal);
-    const repeat = duplicates(h, message, messageId, received);
-    if (repeat) return repeat;
-    const attempt = await tryLmtp(h, message, messageId, sender, received, undefined);
-    if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
-    return attempt.results;
+    return sameBytes.run(received.sha256(), async (waited) => {
+      const { earlier, rest } = repeats(h, null, message.envelope.to, messageId, received.sha256(), waited);
+      if (!rest.length) return inEnvelopeOrder(message.envelope.to, earlier, []);
+      const attempt = await tryLmtp(h, addressedTo(message, rest), messageId, sender, received, undefined);
+      if (attempt.fault) throw new TemporaryFailure(attempt.fault.message, { cause: attempt.fault });
+      return inEnvelopeOrder(message.envelope.to, earlier, attempt.results);
+    });
   };
 }
 
 /** With a spool: LMTP at once, and what Dovecot cannot take now into the spool (202). */
 export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer {
+  const sameBytes = new OneAtATime();
   return async (message: InboundMessage) => {
     const { info, body } = await peekHeaders(message.body);
     const { messageId } = info;
@@ -74,24 +84,21 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
     // Whatever happens below, a staged file is either committed or discarded: an open file
     // handle left to the garbage collector is an uncaught error in Bun (the process would die).
     try {
-      let received: Received;
-      try {
-        received = await receiveStaged(body, staged, message.signal);
-      } catch (e) {
-        if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
-        // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
-        spoolUnwritable(h, message, e);
-        throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
-      }
-      const repeat = duplicates(h, message, messageId, received);
-      if (repeat) return repeat;
-      const toDeliver = h.spam ? await scanned(h.spam, message, info, received, staged) : received;
-      // The spool id names the delivery on this attempt and on every retry from the spool, so that
-      // Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
-      const attempt = await tryLmtp(h, message, messageId, info.sender, toDeliver, h.exactlyOnce ? staged.id : undefined);
-      if (attempt.results?.some(isAccepted)) queue.runner.kick();
-      if (attempt.results && !attempt.results.some(isTemporary)) return attempt.results;
-      return await spoolTheRest(h, queue, message, messageId, received, staged, attempt);
+      const received = await receiveIntoSpool(h, message, body, staged);
+      // What the spool holds is known before a repeat is looked for in it.
+      await queue.runner.scanned();
+      return await sameBytes.run(received.sha256(), async (waited) => {
+        const { earlier, rest } = repeats(h, queue, message.envelope.to, messageId, received.sha256(), waited);
+        if (!rest.length) return inEnvelopeOrder(message.envelope.to, earlier, []);
+        const left = addressedTo(message, rest);
+        const toDeliver = h.spam ? await scanned(h.spam, left, info, received, staged) : received;
+        // The spool id names the delivery on this attempt and on every retry from the spool, so
+        // that Dovecot can tell a retry of a message it already saved (see LmtpEnvelope.deliveryId).
+        const attempt = await tryLmtp(h, left, messageId, info.sender, toDeliver, h.exactlyOnce ? staged.id : undefined);
+        if (attempt.results?.some(isAccepted)) queue.runner.kick();
+        const results = attempt.results && !attempt.results.some(isTemporary) ? attempt.results : await spoolTheRest(h, queue, left, messageId, received, staged, attempt);
+        return inEnvelopeOrder(message.envelope.to, earlier, results);
+      });
     } finally {
       await staged.discard();
     }
@@ -105,12 +112,23 @@ export function deliverNowOrSpool(h: HostDelivery, queue: SpoolQueue): Deliverer
  */
 export function deliverSpooled(h: HostDelivery, spool?: Spool): SpoolDeliver {
   return async (envelope, spooled, spooledSize, header) => {
+    // A file spooled before digests were kept has none: its delivery is neither looked up nor
+    // recorded (a repeat of it would be delivered again: a duplicate, never a loss).
+    const messageId = header.message_id ?? null;
+    const sha256 = header.sha256 ?? null;
+    // Recipients on record already (its state file lost after a partial delivery, or a removal
+    // that failed before a restart) are not sent it again.
+    const { earlier, rest } = repeats(h, null, envelope.to, messageId, sha256, true);
+    if (!rest.length) {
+      await spooled.cancel().catch(() => {});
+      return inEnvelopeOrder(envelope.to, earlier, []);
+    }
     const peeked = await peekHeaders(spooled);
     let body: MessageBody = peeked.body;
     let size = spooledSize;
     if (h.spam && spool) {
       try {
-        const subject = { envelope, queueId: header.request_id ?? header.id, info: peeked.info, alreadyAccepted: true };
+        const subject = { envelope: { from: envelope.from, to: rest }, queueId: header.request_id ?? header.id, info: peeked.info, alreadyAccepted: true };
         const fields = await filterSpam(h.spam, subject, await spool.body(header.id));
         body = prepended(fields, peeked.body);
         size += fields.byteLength;
@@ -119,27 +137,32 @@ export function deliverSpooled(h: HostDelivery, spool?: Spool): SpoolDeliver {
         throw e;
       }
     }
-    const results = await lmtpTransaction(h, { ...envelope, deliveryId: h.exactlyOnce ? header.id : undefined, client: peeked.info.sender }, body, size);
-    // A file spooled before digests were kept has none: its delivery is not recorded (a repeat of
-    // it would be delivered again: a duplicate, never a loss).
-    recordDelivered(h, header.message_id ?? null, header.sha256 ?? null, results);
-    return results;
+    const envelopeNow: LmtpEnvelope = { from: envelope.from, to: rest, deliveryId: h.exactlyOnce ? header.id : undefined, client: peeked.info.sender };
+    const results = await lmtpTransaction(h, envelopeNow, body, size, undefined);
+    // On disk before the runner removes the file: a crash between the two finds the record.
+    recordDelivered(h, messageId, sha256, results);
+    h.delivered.flush();
+    return inEnvelopeOrder(envelope.to, earlier, results);
   };
 }
 
-/** A repeat of the same bytes already delivered to every recipient (the Worker retrying after a lost answer), or null. */
-function duplicates(h: HostDelivery, message: InboundMessage, messageId: string | null, received: Received): RecipientResult[] | null {
-  const sha256 = received.sha256();
-  const { to } = message.envelope;
-  if (!messageId || !sha256 || !to.every((rcpt) => h.delivered.has(messageId, rcpt, sha256))) return null;
-  return to.map((address) => duplicateResult(address, messageId));
+/** Who of these recipients had this message before, delivered or queued (repeats.ts); counted when one is queued. */
+function repeats(h: HostDelivery, queue: SpoolQueue | null, to: string[], messageId: string | null, sha256: string | null, waited: boolean): Repeats {
+  const split = repeatsOf({ delivered: h.delivered, queuedAs: queue ? (digest, rcpt) => queue.runner.queuedAs(digest, rcpt) : undefined }, to, messageId, sha256, waited);
+  if ([...split.earlier.values()].some((r) => r.queued)) h.metrics.inc("queued_repeats");
+  return split;
+}
+
+/** The message for some of its recipients. */
+function addressedTo(message: InboundMessage, to: string[]): InboundMessage {
+  return to.length === message.envelope.to.length ? message : { ...message, envelope: { ...message.envelope, to } };
 }
 
 /** One LMTP transaction, timed and counted, its replies in the contract's form. */
-async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientResult[]> {
+async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: MessageBody, size: number | null, signal: AbortSignal | undefined): Promise<RecipientResult[]> {
   const started = performance.now();
   try {
-    const replies = await h.pool.deliver(envelope, body, size);
+    const replies = await h.pool.deliver(envelope, body, size, signal);
     // After the final dot without an answer to hold on to (no reply, connection lost, "421
     // Shutting down" while Dovecot saves): it may have saved the message (seen here: it had).
     // Retried like any temporary failure, its reply saying the outcome is unknown, and counted:
@@ -164,10 +187,11 @@ async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: stri
   let attempt: Attempt;
   try {
     const envelope: LmtpEnvelope = { ...message.envelope, deliveryId, client, orcpt: message.originalRecipients };
-    attempt = { results: await lmtpTransaction(h, envelope, received.body, received.size ?? message.size), fault: null };
+    attempt = { results: await lmtpTransaction(h, envelope, received.body, received.size ?? message.size, message.signal), fault: null };
   } catch (e) {
-    // Streamed without a spool: the request body failed under LMTP (client gone, size limit, stalled).
-    if (e instanceof BodyAborted && e.cause instanceof BodyStalled) throw e.cause;
+    // Streamed without a spool: the request body failed under LMTP (client gone, size limit,
+    // stalled, a JSON body bad after its message): the app answers for what it says.
+    if (e instanceof BodyAborted && (e.cause instanceof BodyStalled || e.cause instanceof Refusal)) throw e.cause;
     if (!(e instanceof LmtpFault || e instanceof BodyAborted)) throw e;
     attempt = { results: null, fault: e };
   } finally {
@@ -180,13 +204,16 @@ async function tryLmtp(h: HostDelivery, message: InboundMessage, messageId: stri
 
 /** Each accepted recipient, for duplicate suppression: the one place a delivery is recorded. */
 function recordDelivered(h: HostDelivery, messageId: string | null, sha256: string | null, results: RecipientResult[]): void {
-  if (messageId && sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
+  if (sha256) for (const r of results) if (isAccepted(r)) h.delivered.add(messageId, r.address, sha256);
 }
 
 /** Dovecot could not take it now: the spool takes it for the recipients still to do (the whole message is staged already). */
 async function spoolTheRest(h: HostDelivery, queue: SpoolQueue, message: InboundMessage, messageId: string | null, received: Received, staged: StagedMessage, attempt: Attempt): Promise<RecipientResult[]> {
   const { envelope } = message;
   const { why, to } = stillToDo(attempt, envelope.to);
+  // Nobody would hear the 202: not acknowledged, not spooled. Its retry (the same bytes) finds
+  // what was delivered on record and takes the rest.
+  if (message.signal.aborted) throw new TemporaryFailure(`${why}; not spooled: the client left before the answer`);
   // Unless it could never take it: a non-ASCII address needs SMTPUTF8 (RFC 6531), and a server not
   // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
   // retries, and hears the refusal with its reason once Dovecot answers.
@@ -255,6 +282,18 @@ interface Received {
   size: number | null;
   /** SHA-256 of its bytes (hex); for a streamed body known only once LMTP has read all of it. */
   sha256(): string | null;
+}
+
+/** With a spool: receiveStaged(), a spool that cannot take it answered 503 (and counted). */
+async function receiveIntoSpool(h: HostDelivery, message: InboundMessage, body: MessageBody, staged: StagedMessage): Promise<Received> {
+  try {
+    return await receiveStaged(body, staged, message.signal);
+  } catch (e) {
+    if (!(e instanceof SpoolWriteError)) throw e; // the request body failed: the app answers for it
+    // Past the first MiB the message is only in tmp/: without it, it cannot be delivered either.
+    spoolUnwritable(h, message, e);
+    throw new TemporaryFailure(`the spool could not be written: ${e.message}`);
+  }
 }
 
 /** With a spool: the whole body into the staged message; LMTP then reads it back from there. */

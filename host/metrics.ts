@@ -13,6 +13,7 @@ export type Counter =
   | "deferred"
   | "queued"
   | "duplicates"
+  | "queued_repeats"
   | "unknown_outcome"
   | "spool_delivered"
   | "spool_retried"
@@ -28,6 +29,7 @@ const HELP: Record<Counter, string> = {
   deferred: "Messages answered 503 or 429 (not delivered, not spooled: the sender retries).",
   queued: "Messages written to the spool and answered 202.",
   duplicates: "Repeats of a message already delivered, answered 200 without delivering.",
+  queued_repeats: "Repeats of a message already in the spool, answered 202 with its spool id instead of being taken again.",
   unknown_outcome: "LMTP transactions without an answer after the final dot (timeout, connection lost, 421): Dovecot may have saved the message (a later retry may duplicate it).",
   spool_delivered: "Spooled messages delivered by the background deliverer.",
   spool_retried: "Failed delivery attempts of spooled messages (retried later).",

@@ -66,6 +66,11 @@ export async function queueCommand(dir: string | undefined, args: string[]): Pro
         console.log(`unreadable: ${unreadable}${unreadable ? " (never delivered as they are: repair or remove them by hand)" : ""}`);
         for (const u of queued.unreadable) console.log(unreadableRow("queue", u));
         for (const u of failed.unreadable) console.log(unreadableRow("failed", u));
+        // A read that failed for a reason that passes (out of file descriptors): nothing wrong is
+        // known of these files, and the host reads them again.
+        const notNow = [...queued.notReadNow.map((u) => ["queue", u] as const), ...failed.notReadNow.map((u) => ["failed", u] as const)];
+        if (notNow.length) console.log(`not readable just now: ${notNow.length} (not known to be damaged: run it again)`);
+        for (const [area, u] of notNow) console.log(unreadableRow(area, u));
         return 0;
       }
       case "flush":

@@ -1,17 +1,21 @@
 // The background deliverer (Postfix's qmgr): takes spooled messages to LMTP, retries temporary
 // failures with exponential backoff and jitter, and gives up only after the maximum age, moving
 // the message to failed/ with its last reply. Never deletes a message it has not delivered.
-// A spool file it cannot read is an incident: logged (spool_unreadable), counted (the unreadable
-// gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed.
+// What an attempt decided is kept before the disk is touched: a message delivered (or given up
+// on) whose file cannot be removed (or moved) is never offered to LMTP again; only that step is
+// retried, with the same backoff as any failure, so an error that repeats is never a busy loop.
+// A spool file that is damaged is an incident: logged (spool_unreadable), counted (the unreadable
+// gauge) and left where it is for the operator; it is never offered to LMTP, moved or removed. A
+// read that fails otherwise (out of file descriptors) says nothing about the file: it is retried.
 
 import { watch, type FSWatcher } from "node:fs";
 import { rm } from "node:fs/promises";
 import { join } from "node:path";
-import type { RecipientResult } from "../shared/contract.ts";
+import { mailboxKey, type RecipientResult } from "../shared/contract.ts";
 import { stamped, type LogWriter } from "../shared/log.ts";
 import { isAccepted, isPermanent, isTemporary, noReplyResult } from "../shared/replies.ts";
 import type { Metrics } from "./metrics.ts";
-import { freshState, type SpoolHeader, type SpoolState } from "./spool-file.ts";
+import { SpoolFileDamaged, freshState, type SpoolHeader, type SpoolState } from "./spool-file.ts";
 import { FLUSH_REQUEST, type SpoolEntry, type Spool } from "./spool.ts";
 
 /** Delivers spooled bytes; throws on a connection fault (temporary). */
@@ -82,12 +86,22 @@ export function expired(state: SpoolState, ageMs: number): Next {
 
 export class QueueRunner {
   private readonly entries = new Map<string, SpoolEntry>();
+  /** Queued messages by the SHA-256 of their bytes, for the receiving side's repeat check (queuedAs). */
+  private readonly byDigest = new Map<string, Set<string>>();
+  /**
+   * What an attempt decided that is still to be carried out on disk (removal from queue/, or the
+   * move to failed/): the next attempt only carries it out again, LMTP is not asked twice.
+   */
+  private readonly decided = new Map<string, End>();
   private readonly running = new Set<string>();
   private readonly inFlight = new Set<Promise<void>>();
   /** State files being written by add(): an attempt waits for its message's, so that removing
    * a delivered message cannot race with (and be undone by) the first state write. */
   private readonly saving = new Map<string, Promise<void>>();
   private timer: Timer | null = null;
+  /** The next look at queue/ after files in it could not be read (rescanAfter: how long until then). */
+  private rescanTimer: Timer | null = null;
+  private rescanAfter = 0;
   private firstScan: Promise<void> = Promise.resolve();
   private watcher: FSWatcher | null = null;
   private stopped = false;
@@ -159,16 +173,30 @@ export class QueueRunner {
     const queue = await this.spool.scan("queue");
     for (const e of queue.entries) {
       if (this.entries.has(e.header.id)) continue;
-      this.entries.set(e.header.id, { ...e, state: { ...e.state, next_at: 0 } });
+      this.track({ ...e, state: { ...e.state, next_at: 0 } });
       found++;
     }
     const failed = await this.spool.scan("failed");
-    this.failedCount = failed.entries.length + failed.unreadable.length;
+    this.failedCount = failed.entries.length + failed.unreadable.length + failed.notReadNow.length;
     this.unreadable.clear();
     for (const u of queue.unreadable) this.noteUnreadable(`queue/${u.name}`, u.problem);
     for (const u of failed.unreadable) this.noteUnreadable(`failed/${u.name}`, u.problem, u.reason);
+    // Not damaged, only not readable now (out of file descriptors): looked at again, later.
+    for (const u of queue.notReadNow) this.log({ event: "spool_read_error", file: `queue/${u.name}`, error: u.problem });
+    if (queue.notReadNow.length) this.rescanLater();
+    else this.rescanAfter = 0;
     this.schedule();
     return found;
+  }
+
+  private rescanLater(): void {
+    if (this.stopped || this.rescanTimer) return;
+    this.rescanAfter = Math.min(this.cap, Math.max(this.base, this.rescanAfter * 2));
+    this.rescanTimer = setTimeout(() => {
+      this.rescanTimer = null;
+      this.rescan().catch((e) => this.log({ event: "spool_error", error: `cannot list the spool: ${(e as Error).message}` }));
+    }, this.rescanAfter);
+    this.rescanTimer.unref?.();
   }
 
   private noteUnreadable(file: string, problem: string, reason?: string): void {
@@ -179,7 +207,7 @@ export class QueueRunner {
   /** A message just spooled by the receiving side. */
   add(header: SpoolHeader, firstReply: string | null): void {
     const state = { ...freshState(header.to), attempts: 1, next_at: Date.now() + backoffMs(1, this.base, this.cap), last_reply: firstReply };
-    this.entries.set(header.id, { header, state });
+    this.track({ header, state });
     const saved = this.spool
       .saveState(header.id, state)
       .catch(() => {})
@@ -190,12 +218,27 @@ export class QueueRunner {
     this.schedule();
   }
 
-  /** LMTP works again: everything waiting is due now. */
+  /**
+   * The id of a queued message with these bytes (SHA-256) still to be delivered to this
+   * recipient, or null: a repeat of it is answered with that id instead of being taken again.
+   */
+  queuedAs(sha256: string, recipient: string): string | null {
+    const mailbox = mailboxKey(recipient);
+    for (const id of this.byDigest.get(sha256) ?? []) {
+      const e = this.entries.get(id);
+      if (!e || this.decided.has(id)) continue;
+      if (toDo(e).some((a) => mailboxKey(a) === mailbox)) return id;
+    }
+    return null;
+  }
+
+  /** LMTP works again: everything waiting for it is due now (not what waits for the disk). */
   kick(): void {
     if (this.stopped) return;
     let any = false;
     for (const e of this.entries.values()) {
-      if (e.state.next_at > Date.now() && !this.running.has(e.header.id)) {
+      const id = e.header.id;
+      if (e.state.next_at > Date.now() && !this.running.has(id) && !this.decided.has(id)) {
         e.state.next_at = 0;
         any = true;
       }
@@ -223,12 +266,31 @@ export class QueueRunner {
     this.stopped = true;
     this.watcher?.close();
     if (this.timer) clearTimeout(this.timer);
+    if (this.rescanTimer) clearTimeout(this.rescanTimer);
     await Promise.allSettled([...this.inFlight]);
   }
 
   /** Resolves when the spool is empty (tests, `queue flush`). */
   async drained(pollMs = 50): Promise<void> {
     while (this.entries.size > 0) await Bun.sleep(pollMs);
+  }
+
+  private track(entry: SpoolEntry): void {
+    this.entries.set(entry.header.id, entry);
+    const digest = entry.header.sha256;
+    if (!digest) return;
+    const ids = this.byDigest.get(digest) ?? new Set<string>();
+    ids.add(entry.header.id);
+    this.byDigest.set(digest, ids);
+  }
+
+  private forget(id: string): void {
+    const digest = this.entries.get(id)?.header.sha256;
+    this.entries.delete(id);
+    this.decided.delete(id);
+    const ids = digest ? this.byDigest.get(digest) : undefined;
+    ids?.delete(id);
+    if (ids?.size === 0) this.byDigest.delete(digest!);
   }
 
   private schedule(): void {
@@ -254,9 +316,12 @@ export class QueueRunner {
     const p = this.attempt(entry)
       .catch((e) => {
         this.log({ event: "spool_error", id, error: (e as Error).message });
-        // Not due again at once: an error that repeats must not become a busy loop.
+        // Counted, and not due again at once: an error that repeats must not become a busy loop.
         const cur = this.entries.get(id);
-        if (cur) cur.state = { ...cur.state, next_at: Date.now() + backoffMs(cur.state.attempts + 1, this.base, this.cap) };
+        if (cur) {
+          const attempts = cur.state.attempts + 1;
+          cur.state = { ...cur.state, attempts, next_at: Date.now() + backoffMs(attempts, this.base, this.cap) };
+        }
       })
       .finally(() => {
         this.running.delete(id);
@@ -266,69 +331,100 @@ export class QueueRunner {
     this.inFlight.add(p);
   }
 
-  private async attempt({ header, state }: SpoolEntry): Promise<void> {
+  private async attempt(entry: SpoolEntry): Promise<void> {
+    const { header } = entry;
     const id = header.id;
     await this.saving.get(id);
+    const decided = this.decided.get(id);
+    if (decided) return this.carryOut(header, decided);
     let body: ReadableStream<Uint8Array>;
     try {
       body = await this.spool.body(id);
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === "ENOENT") {
         // Removed behind our back (by hand, or a stale entry of a message delivered meanwhile).
-        this.entries.delete(id);
+        this.forget(id);
         this.log({ event: "spool_vanished", id });
         return;
       }
+      if (!(e instanceof SpoolFileDamaged)) {
+        // Out of file descriptors, an I/O error: nothing is known to be wrong with the file.
+        this.log({ event: "spool_read_error", id, error: (e as Error).message });
+        return this.retryLater(id, entry.state, `the spool file could not be read: ${(e as Error).message}`);
+      }
       // Damaged on disk: retrying cannot help, and its bytes are not what was acknowledged.
       // Left in queue/ for the operator (`queue list` shows it); read again at the next flush.
-      this.entries.delete(id);
-      this.noteUnreadable(`queue/${id}`, (e as Error).message, `last reply: ${state.last_reply ?? "none"}`);
+      this.forget(id);
+      this.noteUnreadable(`queue/${id}`, e.message, `last reply: ${entry.state.last_reply ?? "none"}`);
       return;
     }
+    const { state } = entry;
     const age = Date.now() - header.received_at;
     if (age > this.maxAgeMs) {
       await body.cancel().catch(() => {});
-      return this.follow(header, state, expired(state, age));
+      return this.settle(header, state, expired(state, age));
     }
-    const to = state.remaining.length ? state.remaining : header.to;
+    const to = toDo(entry);
     let results: RecipientResult[];
     try {
       results = await this.deliver({ from: header.from, to }, body, header.size, header);
     } catch (e) {
       return this.retryLater(id, state, (e as Error).message);
     }
-    if (results.some(isAccepted)) this.kick();
-    return this.follow(header, state, afterAttempt(state, to, results));
+    // LMTP took something just now (not a delivery already on record): it works, the rest may go.
+    if (results.some((r) => isAccepted(r) && !r.duplicate)) this.kick();
+    return this.settle(header, state, afterAttempt(state, to, results));
   }
 
-  /** Carries out what afterAttempt() or expired() decided. */
-  private async follow(header: SpoolHeader, state: SpoolState, next: Next): Promise<void> {
+  /** What afterAttempt() or expired() decided: a retry is scheduled; an end is kept, then carried out. */
+  private async settle(header: SpoolHeader, state: SpoolState, next: Next): Promise<void> {
     const id = header.id;
     if (next.then === "retry") {
       if (next.refusedNow.length) this.log({ event: "spool_refused", id, refused: next.refusedNow });
       return this.retryLater(id, next.state, next.reply);
     }
-    if (next.then === "give up") return this.giveUp(id, next.state, next.reason);
-    await this.spool.remove(id);
-    this.entries.delete(id);
-    this.opts.metrics?.inc("spool_delivered");
-    this.log({ event: "spool_delivered", id, request_id: header.request_id, to: header.to, attempts: state.attempts + 1, queued_ms: Date.now() - header.received_at });
+    this.decided.set(id, next);
+    if (next.then === "delivered") {
+      this.opts.metrics?.inc("spool_delivered");
+      this.log({ event: "spool_delivered", id, request_id: header.request_id, to: header.to, attempts: state.attempts + 1, queued_ms: Date.now() - header.received_at });
+    }
+    return this.carryOut(header, next);
   }
 
-  private async retryLater(id: string, state: SpoolEntry["state"], reply: string): Promise<void> {
+  /** Removes a delivered message from queue/, or moves one given up on to failed/. */
+  private async carryOut(header: SpoolHeader, end: End): Promise<void> {
+    const id = header.id;
+    try {
+      if (end.then === "give up") await this.spool.moveToFailed(id, end.reason, end.state);
+      else await this.spool.remove(id);
+    } catch (e) {
+      const what = end.then === "give up" ? "given up on, but not moved to failed/" : "delivered, but not removed from queue/";
+      throw new Error(`${what} (tried again later, never delivered again): ${(e as Error).message}`);
+    }
+    this.forget(id);
+    if (end.then === "give up") {
+      this.failedCount++;
+      this.opts.metrics?.inc("spool_failed");
+      this.log({ event: "spool_failed", id, reason: end.reason });
+    }
+  }
+
+  private async retryLater(id: string, state: SpoolState, reply: string): Promise<void> {
+    const entry = this.entries.get(id);
+    if (!entry) return;
     const attempts = state.attempts + 1;
     const next = { ...state, attempts, last_reply: reply, next_at: Date.now() + backoffMs(attempts, this.base, this.cap) };
-    this.entries.set(id, { header: this.entries.get(id)!.header, state: next });
+    entry.state = next;
     this.opts.metrics?.inc("spool_retried");
     await this.spool.saveState(id, next).catch(() => {});
     this.log({ event: "spool_retry", id, attempts, next_in_ms: next.next_at - Date.now(), reply });
   }
+}
 
-  private async giveUp(id: string, state: SpoolEntry["state"], reason: string): Promise<void> {
-    await this.spool.moveToFailed(id, reason, state);
-    this.entries.delete(id);
-    this.failedCount++;
-    this.opts.metrics?.inc("spool_failed");
-    this.log({ event: "spool_failed", id, reason });
-  }
+/** An attempt's decision that ends the message's time in queue/. */
+type End = Exclude<Next, { then: "retry" }>;
+
+/** The recipients a queued message is still to be delivered to. */
+function toDo({ header, state }: SpoolEntry): string[] {
+  return state.remaining.length ? state.remaining : header.to;
 }

@@ -41,6 +41,15 @@ export function freshState(remaining: string[]): SpoolState {
 export class SpoolWriteError extends Error {
   override name = "SpoolWriteError";
 }
+
+/**
+ * What was read is not a whole spool file (damaged, truncated, foreign, a link, a directory): an
+ * incident for the operator, never retried. Any other error of a read (EMFILE, ENFILE, EIO, ...)
+ * says nothing about the file and may pass: reading it is tried again.
+ */
+export class SpoolFileDamaged extends Error {
+  override name = "SpoolFileDamaged";
+}
 // The header has a fixed reserved space so the body can be written first, at its final offset,
 // while it streams; the envelope is filled in at commit. Layout, in bytes:
 //
@@ -108,21 +117,25 @@ async function readAt(fh: FileHandle, position: number, length: number): Promise
 const startsWith = (bytes: Uint8Array, ascii: string) => bytes.byteLength >= ascii.length && Buffer.from(bytes.buffer, bytes.byteOffset, ascii.length).toString("latin1") === ascii;
 
 /**
- * Reads and checks a spool file's header; every way it can be wrong is an Error saying which.
+ * Reads and checks a spool file's header; every way it can be wrong is a SpoolFileDamaged saying
+ * which (a failed read is thrown as it is).
  * `bodyAt`: where the message starts, which depends on the file's version (HEADER_RESERVED, or
  * 32 KiB in a file an older host wrote).
  */
 export async function readHeader(path: string, id: string): Promise<{ header: SpoolHeader; bodyAt: number }> {
   const problem = await notAFile(path);
-  if (problem) throw new Error(problem);
-  const fh = await open(path, NO_FOLLOW);
+  if (problem) throw new SpoolFileDamaged(problem);
+  const fh = await open(path, NO_FOLLOW).catch((e: NodeJS.ErrnoException) => {
+    // Replaced by a link since lstat(): O_NOFOLLOW refuses it.
+    throw e.code === "ELOOP" ? new SpoolFileDamaged("a symbolic link, not a spool file (not followed)") : e;
+  });
   try {
     const { size } = await fh.stat();
     let head = await readAt(fh, 0, Math.min(size, 4096));
     const version = startsWith(head, MAGIC) ? 2 : startsWith(head, MAGIC_V1) ? 1 : 0;
-    if (!version) throw new Error("not a spool file (no spool header)");
+    if (!version) throw new SpoolFileDamaged("not a spool file (no spool header)");
     const reserved = version === 2 ? HEADER_RESERVED : HEADER_RESERVED_V1;
-    if (size < reserved) throw new Error(`truncated inside its header (${size} of at least ${reserved} bytes)`);
+    if (size < reserved) throw new SpoolFileDamaged(`truncated inside its header (${size} of at least ${reserved} bytes)`);
     let end = head.indexOf(0x0a);
     if (end === -1) {
       head = await readAt(fh, 0, reserved);
@@ -130,19 +143,19 @@ export async function readHeader(path: string, id: string): Promise<{ header: Sp
     }
     // The line ends inside the reserved space, and its last byte is the "\n" that closes it.
     const last = end === reserved - 1 ? 0x0a : (await readAt(fh, reserved - 1, 1))[0];
-    if (end === -1 || last !== 0x0a || (version === 1 && end !== reserved - 1)) throw new Error("damaged header (it overruns its reserved space)");
+    if (end === -1 || last !== 0x0a || (version === 1 && end !== reserved - 1)) throw new SpoolFileDamaged("damaged header (it overruns its reserved space)");
     let json = head.subarray(version === 2 ? MAGIC.length : MAGIC_V1.length, end);
     if (version === 1) while (json.byteLength && json[json.byteLength - 1] === 0x20) json = json.subarray(0, -1);
     let header: unknown;
     try {
       header = JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(json));
     } catch (e) {
-      throw new Error(`damaged header (${(e as Error).message})`);
+      throw new SpoolFileDamaged(`damaged header (${(e as Error).message})`);
     }
     const bad = headerProblem(header, id);
-    if (bad) throw new Error(`damaged header (${bad})`);
+    if (bad) throw new SpoolFileDamaged(`damaged header (${bad})`);
     const h = header as SpoolHeader;
-    if (size !== reserved + h.size) throw new Error(`truncated: ${size - reserved} of ${h.size} bytes`);
+    if (size !== reserved + h.size) throw new SpoolFileDamaged(`truncated: ${size - reserved} of ${h.size} bytes`);
     return { header: h, bodyAt: reserved };
   } finally {
     await fh.close();
@@ -162,17 +175,27 @@ function headerProblem(h: unknown, id: string): string | null {
   return null;
 }
 
+/**
+ * Whether a state file's JSON is a SpoolState, optional fields included: a state of another shape
+ * (`refused: {}`, a `reason` that is a number) would fail whatever reads it later, after a
+ * delivery, and so become a retry of a message already delivered.
+ */
 export function isState(s: unknown): s is SpoolState {
   if (typeof s !== "object" || s === null) return false;
   const o = s as Record<string, unknown>;
   return (
-    typeof o.attempts === "number" &&
+    Number.isSafeInteger(o.attempts) &&
+    (o.attempts as number) >= 0 &&
     typeof o.next_at === "number" &&
+    Number.isFinite(o.next_at) &&
     (o.last_reply === null || typeof o.last_reply === "string") &&
-    Array.isArray(o.remaining) &&
-    o.remaining.every((r) => typeof r === "string")
+    isStringArray(o.remaining) &&
+    (o.refused === undefined || (Array.isArray(o.refused) && o.refused.every((r) => typeof r === "object" && r !== null && typeof r.address === "string" && typeof r.reply === "string"))) &&
+    (o.reason === undefined || typeof o.reason === "string")
   );
 }
+
+const isStringArray = (a: unknown): a is string[] => Array.isArray(a) && a.every((r) => typeof r === "string");
 
 /** A small JSON file (a state file), not following links; undefined if it cannot be read. */
 export async function readJson(path: string): Promise<unknown> {

@@ -14,13 +14,15 @@
 //
 // Reading never changes the spool: a file in queue/ or failed/ that cannot be read as a spool file
 // (damaged, foreign, a directory, a symbolic link, which is never followed) is reported by scan()
-// as unreadable and left where it is, for the operator. Files and folders are the owner's only
+// as unreadable and left where it is, for the operator. A read that fails for another reason (out
+// of file descriptors, an I/O error) says nothing about the file: scan() reports it apart, as not
+// readable now, to be read again. Files and folders are the owner's only
 // (0600, 0700): they hold who wrote to whom.
 
 import { chmodSync, closeSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, writeFileSync, writeSync } from "node:fs";
 import { lstat, readdir, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { freshState, isState, readHeader, readJson, type SpoolHeader, type SpoolState } from "./spool-file.ts";
+import { SpoolFileDamaged, freshState, isState, readHeader, readJson, type SpoolHeader, type SpoolState } from "./spool-file.ts";
 import { StagedMessage } from "./staged-message.ts";
 
 /** A file the CLI drops into the spool directory; the running host's deliverer watches for it. */
@@ -48,6 +50,8 @@ export interface UnreadableEntry {
 export interface SpoolListing {
   entries: SpoolEntry[];
   unreadable: UnreadableEntry[];
+  /** Files whose read failed for a reason that may pass (EMFILE, EIO): nothing known about them yet. */
+  notReadNow: { name: string; problem: string }[];
 }
 export type SpoolArea = "queue" | "failed";
 function newId(): string {
@@ -130,13 +134,14 @@ export class Spool {
   }
 
   /**
-   * What an area holds, oldest first: the messages, and every other entry (except state files) as
-   * unreadable with its problem. Only reads: nothing is moved, written or followed.
+   * What an area holds, oldest first: the messages, every other entry (except state files) as
+   * unreadable with its problem, and the files that could not be read just now. Only reads:
+   * nothing is moved, written or followed.
    */
   async scan(area: SpoolArea = "queue"): Promise<SpoolListing> {
     const dir = this.area(area);
     const names = (await readdir(dir)).filter((n) => !STATE_RE.test(n)).sort();
-    const listing: SpoolListing = { entries: [], unreadable: [] };
+    const listing: SpoolListing = { entries: [], unreadable: [], notReadNow: [] };
     for (const name of names) {
       if (!ID_RE.test(name)) {
         listing.unreadable.push({ name, problem: "not a spool file (its name is not a spool id)" });
@@ -147,6 +152,10 @@ export class Spool {
       } catch (e) {
         // Gone since readdir (delivered and removed meanwhile): nothing to say about it.
         if ((e as NodeJS.ErrnoException).code === "ENOENT") continue;
+        if (!(e instanceof SpoolFileDamaged)) {
+          listing.notReadNow.push({ name, problem: (e as Error).message });
+          continue;
+        }
         const reason = ((await readJson(join(dir, `${name}.state`))) as Partial<SpoolState> | undefined)?.reason;
         listing.unreadable.push({ name, problem: (e as Error).message, ...(typeof reason === "string" ? { reason } : {}) });
       }
@@ -163,10 +172,12 @@ export class Spool {
     if (!ID_RE.test(id)) throw new Error(`not a spool id: ${JSON.stringify(id)}`);
     const dir = this.area(area);
     const { header } = await readHeader(join(dir, id), id);
-    // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet".
+    // The state is bookkeeping (see the top): a missing or damaged one means "not tried yet"
+    // (recipients delivered before are known from the record of deliveries, delivered-log.ts).
     const saved = await readJson(join(dir, `${id}.state`));
-    const state = isState(saved) ? saved : freshState(header.to);
-    return { header, state };
+    if (isState(saved)) return { header, state: saved };
+    const state = freshState(header.to);
+    return { header, state: area === "failed" ? { ...state, reason: "not known: its state file is missing or damaged" } : state };
   }
 
   private area(area: SpoolArea): string {
@@ -183,8 +194,15 @@ export class Spool {
   async saveState(id: string, state: SpoolState, area: SpoolArea = "queue"): Promise<void> {
     const dir = this.area(area);
     const tmp = join(this.tmp, `${id}.state.${Math.random().toString(36).slice(2)}`);
-    await writeFile(tmp, JSON.stringify(state), { mode: 0o600 });
-    await rename(tmp, join(dir, `${id}.state`));
+    try {
+      await writeFile(tmp, JSON.stringify(state), { mode: 0o600 });
+      await rename(tmp, join(dir, `${id}.state`));
+    } catch (e) {
+      // On a full disk the file is created and its write fails: left behind, each retry of each
+      // queued message would add one, until the inodes run out.
+      await rm(tmp, { force: true }).catch(() => {});
+      throw e;
+    }
   }
 
   /** Delivered: the message leaves the spool. (If this is lost in a crash, it is delivered again: a duplicate, never a loss.) */

@@ -1,10 +1,11 @@
-// A few LMTP connections to one server, reused (LmtpPool): how many run at once, which are kept
-// idle, and the delivery's deadline, which starts when the pool is asked.
+// A few LMTP connections to one server, reused (LmtpPool): how many run at once, how many of them
+// one mailbox may hold, which are kept idle, and the delivery's deadline, which starts when the
+// pool is asked.
 
 import { openConnection, type LmtpConnectionOptions } from "./connection.ts";
 import type { SmtpConnection } from "./smtp-connection.ts";
 import type { LmtpEnvelope, MessageBody } from "./envelope.ts";
-import { LmtpFault } from "./faults.ts";
+import { BodyAborted, LmtpFault } from "./faults.ts";
 import type { RecipientReply } from "./replies.ts";
 import type { LmtpTarget } from "./target.ts";
 import { DEFAULT_TIMEOUTS, waitInLine } from "./timeouts.ts";
@@ -18,6 +19,8 @@ type Probe = { result: Promise<string[]>; settledAt: number | null; failed: bool
 export interface LmtpPoolOptions extends LmtpConnectionOptions {
   /** Most connections open at once; further deliveries wait for one. */
   maxConnections?: number;
+  /** Most of them busy with one mailbox at once (default half of maxConnections); see MailboxTurns. */
+  maxPerMailbox?: number;
   /** Idle connections kept for reuse. */
   maxIdle?: number;
   /** An idle connection older than this is closed with QUIT. */
@@ -26,7 +29,8 @@ export interface LmtpPoolOptions extends LmtpConnectionOptions {
 
 /**
  * A few LMTP connections for reuse. At most `maxConnections` deliveries run at once (a slot
- * each); the rest wait their turn. A connection goes back to the idle list only after a
+ * each), at most `maxPerMailbox` of them to any one mailbox (its share, taken before the slot:
+ * a delivery waiting for its mailbox holds no slot); the rest wait their turn. A connection goes back to the idle list only after a
  * transaction that ran to its end; any fault drops it. A reused connection may have been closed
  * by the server while idle: if it fails before the server answered LHLO, RSET or MAIL, nothing
  * of the message was sent, so the delivery is tried once more on a fresh connection.
@@ -36,6 +40,7 @@ export class LmtpPool {
   private busy = 0;
   private readonly waiting: (() => void)[] = [];
   private readonly maxConnections: number;
+  private readonly shares: MailboxTurns;
   private readonly maxIdle: number;
   private readonly idleMs: number;
   private closed = false;
@@ -49,23 +54,35 @@ export class LmtpPool {
   ) {
     this.opts = { ...opts, turns: opts.turns ?? new MailboxTurns() };
     this.maxConnections = opts.maxConnections ?? 16;
+    const each = opts.maxPerMailbox ?? Math.max(1, Math.ceil(this.maxConnections / 2));
+    this.shares = new MailboxTurns(each, (mailbox, ms) => new LmtpFault("timeout", "connect", `no LMTP connection free for ${mailbox} within ${ms} ms (${each} of ${this.maxConnections} busy with it)`));
     this.maxIdle = opts.maxIdle ?? 8;
     this.idleMs = opts.idleMs ?? 30_000;
     this.sweeper = setInterval(() => this.sweep(), Math.max(1_000, this.idleMs / 2));
     this.sweeper.unref?.();
   }
 
-  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null): Promise<RecipientReply[]> {
+  /**
+   * One transaction on a pooled connection (LmtpConnection.deliver). `signal`: the one who asked
+   * is gone once it aborts, and the final dot is not sent after that.
+   */
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, signal?: AbortSignal): Promise<RecipientReply[]> {
     const deadline = performance.now() + (this.opts.timeouts?.transaction ?? DEFAULT_TIMEOUTS.transaction);
-    return this.withConnection(deadline, async (conn, reused) => {
-      try {
-        return await conn.deliver(envelope, body, size, deadline);
-      } catch (e) {
-        const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "xforward" || e.phase === "mail");
-        if (!stale) throw e;
-        return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline));
-      }
-    });
+    const release = this.shares.takeNow(envelope.to) ?? (await this.shares.take(envelope.to, deadline));
+    try {
+      if (signal?.aborted) throw new BodyAborted("the client left before the LMTP transaction began; nothing was sent");
+      return await this.withConnection(deadline, async (conn, reused) => {
+        try {
+          return await conn.deliver(envelope, body, size, deadline, signal);
+        } catch (e) {
+          const stale = reused && e instanceof LmtpFault && e.kind === "closed" && (e.phase === "lhlo" || e.phase === "rset" || e.phase === "xforward" || e.phase === "mail");
+          if (!stale) throw e;
+          return this.withFresh(deadline, (fresh) => fresh.deliver(envelope, body, size, deadline, signal));
+        }
+      });
+    } finally {
+      release();
+    }
   }
 
   /**

@@ -120,9 +120,11 @@ export class SmtpConnection {
    * that ended the transaction early). A fault after the final dot is the reply of every
    * recipient it left unanswered (outcomeUnknown). Throws LmtpFault when the connection fails
    * before the final dot; nothing was delivered then, and the outcome for every recipient is
-   * temporary. `deadline` (performance.now() time): the final dot is not sent after it.
+   * temporary. `deadline` (performance.now() time): the final dot is not sent after it; nor once
+   * `signal` has aborted (the client that sent the message is gone: nobody would hear the outcome,
+   * and its retry would be a second copy).
    */
-  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity): Promise<RecipientReply[]> {
+  async deliver(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline = Infinity, signal?: AbortSignal): Promise<RecipientReply[]> {
     if (this.broken) throw new LmtpFault("closed", "mail", `connection already failed: ${this.broken.message}`);
     // RFC 1870: a message known to be larger than the server's SIZE is not offered (the server
     // would refuse it at MAIL, or after the whole upload).
@@ -135,12 +137,12 @@ export class SmtpConnection {
       if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
       if (envelope.to.some(nonAscii)) {
         const sendable = envelope.to.filter((r) => !nonAscii(r));
-        const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline) : [];
+        const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline, signal) : [];
         let next = 0;
         return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
       }
     }
-    return this.transaction(envelope, body, size, deadline);
+    return this.transaction(envelope, body, size, deadline, signal);
   }
 
   /**
@@ -148,7 +150,7 @@ export class SmtpConnection {
    * TO per recipient, DATA) and its replies; if a recipient was accepted and DATA answered 354, the
    * message data and the final dot; then the reply (SMTP) or replies (LMTP) to it.
    */
-  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number): Promise<RecipientReply[]> {
+  private async transaction(envelope: LmtpEnvelope, body: MessageBody, size: number | null, deadline: number, signal: AbortSignal | undefined): Promise<RecipientReply[]> {
     const replies = await this.sendEnvelope(envelope, size, deadline);
     const answers = this.envelopeAnswers(envelope.to, replies);
     // Any 2xx accepts (RFC 5321 4.2.2: 251 and 252 too), and an accepted recipient is sent the message.
@@ -157,7 +159,9 @@ export class SmtpConnection {
     const dot = await this.sendData(body, deadline);
     const release = await this.beforeDot(envelope, taken, deadline);
     try {
+      // The final dot: never after the deadline, and never for a client that is gone.
       this.abortIfLate(deadline, "body");
+      this.abortIfGone(signal);
       await this.socket.write(dot, deadline);
       return await this.finalReplies(answers);
     } finally {
@@ -366,6 +370,13 @@ export class SmtpConnection {
     const e = new LmtpFault("timeout", phase, `${this.protocol} delivery time limit reached before the final dot; the transaction was dropped without it`);
     this.close(e);
     return e;
+  }
+
+  private abortIfGone(signal: AbortSignal | undefined): void {
+    if (!signal?.aborted) return;
+    const e = new BodyAborted("the client left before the final dot; the transaction was dropped without it", { cause: signal.reason });
+    this.close(e);
+    throw e;
   }
 
   protected abortIfLate(deadline: number, phase: LmtpPhase): void {

@@ -1,33 +1,68 @@
-// Whose turn it is to send the final dot to a mailbox (MailboxTurns): one transaction at a time.
+// How many transactions may be at one mailbox at once (MailboxTurns): one at a time for the final
+// dot of a named delivery, a share of the pool's connections for a whole delivery.
 
 import { LmtpFault } from "./faults.ts";
 import { waitInLine } from "./timeouts.ts";
 
 /**
- * One final dot at a time per mailbox, for transactions that carry a delivery id. Dovecot's
- * duplicate database (where the Sieve duplicate test keeps ids: ~/.dovecot.lda-dupes) loses ids
- * when two deliveries to one user save at the same time: each rewrites the whole file from what it
- * read before the other's write (Dovecot 2.3.19, seen losing 172 of 200 ids at 16 at once; the same
- * code in Dovecot's main branch). So such a transaction waits for its turn after its message data,
- * before its final dot, and hands the turn on once its replies are in: uploads still run side by
- * side, only Dovecot's saving for one mailbox goes one at a time. Several recipients' turns are
- * taken in sorted order, so two transactions never wait for each other.
+ * At most `each` holders per mailbox; the rest wait in line, first come first. Several recipients'
+ * places are taken in sorted order, so two callers never wait for each other.
+ *
+ * With `each` = 1 (the default) it gives the turn to send the final dot, for transactions that
+ * carry a delivery id. Dovecot's duplicate database (where the Sieve duplicate test keeps ids:
+ * ~/.dovecot.lda-dupes) loses ids when two deliveries to one user save at the same time: each
+ * rewrites the whole file from what it read before the other's write (Dovecot 2.3.19, seen losing
+ * 172 of 200 ids at 16 at once; the same code in Dovecot's main branch). So such a transaction
+ * waits for its turn after its message data, before its final dot, and hands the turn on once its
+ * replies are in: uploads still run side by side, only Dovecot's saving for one mailbox goes one
+ * at a time.
+ *
+ * With a larger `each` it is a mailbox's share of the pool's connections (LmtpPool): deliveries
+ * that hang in one mailbox's save (a slow disk, a locked Maildir, a full quota check) hold at most
+ * that many, and the others stay free for everyone else's mail.
  */
 export class MailboxTurns {
-  /** Mailboxes whose turn is taken, each with the callers waiting for it, first come first. */
-  private readonly taken = new Map<string, (() => void)[]>();
+  /** Mailboxes held: by how many, and who waits for a place, first come first. */
+  private readonly held = new Map<string, { holders: number; waiting: (() => void)[] }>();
 
-  /** Resolves with a release function once every recipient's turn is the caller's; rejects at the deadline. */
+  constructor(
+    private readonly each = 1,
+    private readonly late: (mailbox: string, ms: number) => Error = (mailbox, ms) => new LmtpFault("timeout", "body", `no turn to deliver to ${mailbox} within ${ms} ms`),
+  ) {
+    if (!(Number.isInteger(each) && each >= 1)) throw new Error(`MailboxTurns: each must be a whole number of at least 1, not ${each}`);
+  }
+
+  /**
+   * Every recipient's place if each is free now, with no waiting (and no turn of the event loop,
+   * so that a caller that finds them free goes on at once); else null, and nothing is taken.
+   */
+  takeNow(recipients: string[]): (() => void) | null {
+    const keys = [...new Set(recipients.map(mailboxKey))];
+    if (!keys.every((key) => (this.held.get(key)?.holders ?? 0) < this.each)) return null;
+    for (const key of keys) {
+      const place = this.held.get(key);
+      if (place) place.holders++;
+      else this.held.set(key, { holders: 1, waiting: [] });
+    }
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      for (const key of keys) this.handOn(key);
+    };
+  }
+
+  /** Resolves with a release function once the caller holds a place at every recipient's mailbox; rejects at the deadline. */
   async take(recipients: string[], deadline: number): Promise<() => void> {
     const keys = [...new Set(recipients.map(mailboxKey))].sort();
-    const held: string[] = [];
+    const taken: string[] = [];
     const release = () => {
-      for (const key of held.splice(0)) this.handOn(key);
+      for (const key of taken.splice(0)) this.handOn(key);
     };
     try {
       for (const key of keys) {
         await this.takeOne(key, deadline);
-        held.push(key);
+        taken.push(key);
       }
     } catch (e) {
       release();
@@ -37,28 +72,34 @@ export class MailboxTurns {
   }
 
   private takeOne(key: string, deadline: number): Promise<void> {
-    const waiting = this.taken.get(key);
-    if (!waiting) {
-      this.taken.set(key, []);
+    const place = this.held.get(key);
+    if (!place) {
+      this.held.set(key, { holders: 1, waiting: [] });
       return Promise.resolve();
     }
-    return waitInLine(waiting, deadline, (ms) => new LmtpFault("timeout", "body", `no turn to deliver to ${key} within ${ms} ms`));
+    if (place.holders < this.each) {
+      place.holders++;
+      return Promise.resolve();
+    }
+    return waitInLine(place.waiting, deadline, (ms) => this.late(key, ms));
   }
 
-  /** The next in line gets the turn as it is; with nobody waiting, the mailbox is free. */
+  /** The next in line gets the place as it is; with nobody waiting, one place more is free. */
   private handOn(key: string): void {
-    const next = this.taken.get(key)?.shift();
+    const place = this.held.get(key)!;
+    const next = place.waiting.shift();
     if (next) next();
-    else this.taken.delete(key);
+    else if (--place.holders === 0) this.held.delete(key);
   }
 }
 
 /**
- * Recipients that reach one mailbox share a turn: case does not matter, nor a "+detail" (Dovecot's
- * usual recipient_delimiter). Aliases that the userdb maps to one user are not known here.
+ * Recipients that reach one mailbox share its places: ASCII letters in any case (Dovecot's %Lu
+ * folds nothing else), with or without a "+detail" (Dovecot's usual recipient_delimiter). Aliases
+ * that the userdb maps to one user are not known here.
  */
 function mailboxKey(address: string): string {
-  const a = address.toLowerCase();
+  const a = address.replace(/[A-Z]+/g, (letters) => letters.toLowerCase());
   const at = a.lastIndexOf("@");
   const local = at === -1 ? a : a.slice(0, at);
   const plus = local.indexOf("+");

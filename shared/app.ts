@@ -7,24 +7,17 @@ import { Hono, type Context, type MiddlewareHandler } from "hono";
 import { except } from "hono/combine";
 import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
-import {
-  ALREADY_ACCEPTED,
-  DEFAULT_MAX_MESSAGE_BYTES,
-  EnvelopeHeaders,
-  INBOUND_PATH,
-  InboundJsonBody,
-  describeIssues,
-  headerText,
-  type InboundEnvelope,
-  type InboundResponse,
-  type RecipientResult,
-} from "./contract.ts";
+import { ALREADY_ACCEPTED, DEFAULT_MAX_MESSAGE_BYTES, EnvelopeHeaders, INBOUND_PATH, describeIssues, headerText, type InboundEnvelope, type InboundResponse, type RecipientResult } from "./contract.ts";
 import { jsonLines, type LogLine, type LogWriter } from "./log.ts";
 import { accessLog, logFields, type AccessLogEnv } from "./middleware/access-log.ts";
 import { apiKey, keyCheck } from "./middleware/api-key.ts";
-import { BodyStalled, countBytes, idleLimited, readAtMost } from "./body-limit.ts";
+import { BodyStalled, countBytes, idleLimited } from "./body-limit.ts";
+import { jsonTooLarge, maxJsonBytes, readJsonMessage } from "./json-message.ts";
 import { PROMETHEUS_CONTENT_TYPE } from "./prometheus.ts";
+import { Refusal, tooLarge } from "./refusal.ts";
 import { answerForReplies, answerOutcome, type AnswerOutcome } from "./replies.ts";
+
+export { Refusal, maxJsonBytes };
 
 export interface InboundMessage {
   envelope: InboundEnvelope;
@@ -59,17 +52,6 @@ export class TemporaryFailure extends Error {
   override name = "TemporaryFailure";
 }
 
-/** A request refused before delivery: the status, a short code, and what was wrong. */
-export class Refusal extends Error {
-  constructor(
-    readonly status: 400 | 401 | 413 | 415 | 422 | 429 | 503,
-    readonly code: string,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
 export interface AppOptions {
   apiKeys: readonly string[];
   deliver: Deliverer;
@@ -93,7 +75,7 @@ type AppEnv = { Variables: AccessLogEnv["Variables"] & { duplicate?: boolean } }
 
 export function createApp(opts: AppOptions) {
   const maxMessage = opts.maxMessageBytes ?? DEFAULT_MAX_MESSAGE_BYTES;
-  // A JSON body carries the message escaped (CRLF as \r\n) or in base64 (4/3): allow for that.
+  // A JSON body carries the message escaped (up to 6 bytes for one: "\u00XX") or in base64.
   const maxJson = maxJsonBytes(maxMessage);
   const retryAfter = String(opts.retryAfterSeconds ?? 30);
   const log = opts.log ?? jsonLines;
@@ -199,10 +181,6 @@ export function createApp(opts: AppOptions) {
   return app;
 }
 
-export function maxJsonBytes(maxMessage: number): number {
-  return 2 * maxMessage + 1024 * 1024;
-}
-
 // ---------------------------------------------------------------------------------------------
 
 interface ParsedRequest {
@@ -243,30 +221,15 @@ function envelopeHeader(c: Context, name: "x-envelope-from" | "x-envelope-to"): 
   return text;
 }
 
-/** application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact bytes. */
+/**
+ * application/json: the runbook's {from, to, subject, raw, timestamp}, or raw_base64 for exact
+ * bytes; the message streams out of its JSON string as it arrives (json-message.ts).
+ */
 async function jsonMessage(req: Request, maxMessage: number, maxJson: number, idleMs?: number): Promise<ParsedRequest> {
-  const bytes = await readAtMost(req, maxJson, idleMs);
-  if (bytes === null) throw tooLarge(maxMessage);
-  let text: string;
-  try {
-    text = new TextDecoder("utf-8", { fatal: true }).decode(bytes);
-  } catch {
-    // Not replaced with U+FFFD: that would change the message without a word.
-    throw new Refusal(400, "invalid_utf8", "the request body is not valid UTF-8 (JSON must be, RFC 8259): send a message that is not UTF-8 as raw_base64");
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new Refusal(400, "malformed_json", `the request body is not valid JSON: ${(e as Error).message}`);
-  }
-  const parsed = InboundJsonBody.safeParse(json);
-  if (!parsed.success) throw new Refusal(400, "invalid_request", describeIssues(parsed.error));
-  const { from, to, raw, raw_base64 } = parsed.data;
-  const body = raw !== undefined ? new TextEncoder().encode(raw) : decodeBase64(raw_base64 ?? "");
-  if (body.length === 0) throw new Refusal(400, "empty_message", "the message (raw) is empty");
-  if (body.length > maxMessage) throw tooLarge(maxMessage);
-  return { envelope: { from, to }, body, size: body.length };
+  const declared = Number(req.headers.get("content-length") ?? NaN);
+  if (declared > maxJson) throw jsonTooLarge(maxJson);
+  const body = req.body && idleMs ? idleLimited(req.body, idleMs) : req.body;
+  return readJsonMessage(body, { maxMessage, maxJson });
 }
 
 /**
@@ -305,20 +268,8 @@ function clientGone(): Refusal {
   return new Refusal(503, "client_gone", "the connection was closed before the answer could be sent; not delivered");
 }
 
-function tooLarge(max: number): Refusal {
-  return new Refusal(413, "payload_too_large", `the message is larger than ${max} bytes`);
-}
-
 function mediaType(header: string | undefined): string {
   return (header ?? "").split(";")[0]!.trim().toLowerCase();
-}
-
-/** raw_base64 to bytes; the schema has checked it is strict base64 (atob skips the blanks). */
-function decodeBase64(b64: string): Uint8Array {
-  const bin = atob(b64);
-  const out = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-  return out;
 }
 
 /** An error for the log. Bun's stack of some errors (a DOMException from atob) lacks the message. */

@@ -91,31 +91,3 @@ export function idleLimited(body: ReadableStream<Uint8Array>, idleMs: number): R
     { highWaterMark: 0 },
   );
 }
-
-/** The whole body, or null if it is (or declares itself) larger than `max` bytes. Fails with BodyStalled past `idleMs` without bytes. */
-export async function readAtMost(req: Request, max: number, idleMs?: number): Promise<Uint8Array | null> {
-  const declared = Number(req.headers.get("content-length") ?? NaN);
-  if (declared > max) return null;
-  if (!req.body) return new Uint8Array(0);
-  const chunks: Uint8Array[] = [];
-  let total = 0;
-  const reader = (idleMs ? idleLimited(req.body, idleMs) : req.body).getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    total += value.byteLength;
-    if (total > max) {
-      await reader.cancel();
-      return null;
-    }
-    chunks.push(value);
-  }
-  if (chunks.length === 1) return chunks[0]!;
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.byteLength;
-  }
-  return out;
-}

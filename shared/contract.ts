@@ -276,7 +276,7 @@ export const RecipientResult = z.object({
   reply: z.string(),
   /** Not delivered yet, but safe in the host's durable spool: it will be (202). */
   queued: z.boolean().optional(),
-  /** Already delivered earlier (same Message-ID, recipient and size): not delivered again. */
+  /** Already delivered earlier (the same bytes to the same recipient): not delivered again. */
   duplicate: z.boolean().optional(),
 });
 export type RecipientResult = z.output<typeof RecipientResult>;

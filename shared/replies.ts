@@ -38,9 +38,14 @@ export function queuedResult(address: string, spoolId: string, why: string): Rec
   return { ...acceptedResult(address, `queued as ${spoolId} (LMTP: ${why})`), queued: true };
 }
 
-/** Delivered before (the same bytes, Message-ID and recipient): not delivered again. */
-export function duplicateResult(address: string, messageId: string): RecipientResult {
-  return { ...acceptedResult(address, `already delivered (Message-ID ${messageId})`), duplicate: true };
+/** Delivered before (the same bytes to the same recipient): not delivered again. */
+export function duplicateResult(address: string, messageId: string | null): RecipientResult {
+  return { ...acceptedResult(address, `already delivered (${messageId ? `Message-ID ${messageId}` : "the same bytes, no Message-ID"})`), duplicate: true };
+}
+
+/** The same bytes are in the host's spool already, under `spoolId`, still to go to this recipient: not taken again (202). */
+export function alreadyQueuedResult(address: string, spoolId: string): RecipientResult {
+  return { ...acceptedResult(address, `already queued as ${spoolId}; not taken again`), queued: true };
 }
 
 /** A recipient the server gave no reply for: still to do. */

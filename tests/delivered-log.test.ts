@@ -46,6 +46,36 @@ describe("delivered log", () => {
     log.close();
   });
 
+  test("recipients fold ASCII letters only, as Dovecot does: the Kelvin sign is not k, nor the dotted I i", () => {
+    const log = openDeliveredLog(file);
+    log.add("<a@x>", "kim@example.test", D1);
+    log.add("<a@x>", "i@example.test", D1);
+    expect(log.has("<a@x>", "KIM@example.TEST", D1)).toBe(true);
+    expect(log.has("<a@x>", "\u212aim@example.test", D1)).toBe(false); // KELVIN SIGN, which toLowerCase() makes "k"
+    expect(log.has("<a@x>", "\u0130@example.test", D1)).toBe(false); // LATIN CAPITAL I WITH DOT ABOVE
+    log.close();
+  });
+
+  test("a message without a Message-ID is recorded by recipient and digest, and survives a restart", () => {
+    const log = openDeliveredLog(file);
+    log.add(null, "u@x.test", D1);
+    expect(log.has(null, "u@x.test", D1)).toBe(true);
+    expect(log.has(null, "u@x.test", D2)).toBe(false);
+    expect(log.has("<a@x>", "u@x.test", D1)).toBe(false);
+    log.close();
+    const again = openDeliveredLog(file);
+    expect(again.has(null, "U@X.test", D1)).toBe(true);
+    again.close();
+  });
+
+  test("flush() writes what is held at once", () => {
+    const log = openDeliveredLog(file);
+    log.add("<a@x>", "u@x.test", D1);
+    log.flush();
+    expect(rowsOnDisk()).toBe(1);
+    log.close();
+  });
+
   test("records reach the file shortly after, without a close", async () => {
     const log = openDeliveredLog(file);
     log.add("<a@x>", "u@x.test", D1);

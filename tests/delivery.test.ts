@@ -57,7 +57,7 @@ interface Host {
   spool: Spool | null;
 }
 
-async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lmtp?: LmtpPoolOptions; queue?: QueueRunnerOptions; bodyIdleMs?: number } = {}): Promise<Host> {
+async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lmtp?: LmtpPoolOptions; queue?: QueueRunnerOptions; bodyIdleMs?: number; exactlyOnce?: boolean } = {}): Promise<Host> {
   let dir: string | null = null;
   if (opts.spool !== false) {
     dir = opts.dir ?? (await mkdtemp("/tmp/delivery-test-"));
@@ -73,6 +73,7 @@ async function host(opts: { spool?: boolean; dir?: string; lmtpPort?: number; lm
       maxMessageBytes: 8 * 1024 * 1024,
       spoolDir: dir ?? undefined,
       bodyIdleMs: opts.bodyIdleMs,
+      exactlyOnce: opts.exactlyOnce,
     },
     { log: (l) => logs.push(l), lmtp: opts.lmtp, queue: { baseBackoffMs: 100, maxBackoffMs: 200, ...opts.queue } },
   );
@@ -631,12 +632,26 @@ describe("duplicates", () => {
     expect(fake.received.length).toBe(2);
   });
 
-  test("a message without Message-ID is never taken for a duplicate", async () => {
+  test("a message without Message-ID delivered before is delivered again (the runbook's test posted twice); no digest of it is taken for one with a Message-ID", async () => {
     const h = await host();
     const sent = enc.encode("Subject: no id\r\n\r\nbody\r\n");
     expect((await post(h, sent)).body.status).toBe("success");
     expect((await post(h, sent)).body.status).toBe("success");
     expect(fake.received.length).toBe(2);
+  });
+
+  test("some recipients had it: only the others are sent it; the answer says which was which", async () => {
+    const h = await host();
+    const sent = message("half-known");
+    expect((await post(h, sent, USER)).status).toBe(200);
+    const both = await post(h, sent, `alice@example.test, ${USER}`);
+    expect(both.status).toBe(200);
+    expect(both.body.status).toBe("success");
+    expect(both.body.recipients!.map((r) => [r.address, !!r.duplicate])).toEqual([
+      ["alice@example.test", false],
+      [USER, true],
+    ]);
+    expect(fake.received.map((r) => r.to)).toEqual([[USER], ["alice@example.test"]]);
   });
 
   test("a spooled message delivered later is remembered too, and across a restart", async () => {
@@ -663,6 +678,239 @@ describe("duplicates", () => {
     const both = await post(h, sent, `${USER}, alice@example.test`);
     expect(both.status).toBe(200);
     expect(both.body.status).toBe("success");
+  });
+});
+
+describe("a repeat of a message the host already queued", () => {
+  for (const [label, sent] of [
+    ["with a Message-ID", message("queued-twice")],
+    ["without a Message-ID", enc.encode("Subject: queued twice, no id\r\n\r\nbody\r\n")],
+  ] as const) {
+    for (const exactlyOnce of [false, true]) {
+      test(`${label}${exactlyOnce ? ", EXACTLY_ONCE" : ""}: answered 202 with the spool id it has, not queued again; delivered once`, async () => {
+        const h = await host({ exactlyOnce, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+        fake.behaviour.rcpt = () => 450;
+        const first = await post(h, sent);
+        expect(first.status).toBe(202);
+        const [entry] = await h.spool!.list();
+        const again = await post(h, streamOf(sent, uneven(7)));
+        expect(again.status).toBe(202);
+        expect(again.body.status).toBe("queued");
+        expect(again.body.recipients![0]).toMatchObject({ address: USER, code: 250, queued: true, reply: `250 2.0.0 already queued as ${entry!.header.id}; not taken again` });
+        expect((await h.spool!.list()).map((e) => e.header.id)).toEqual([entry!.header.id]);
+        expect(files(h, "tmp")).toEqual([]);
+        const m = await metrics(h);
+        expect(m.relay_queued_total).toBe(1);
+        expect(m.relay_queued_repeats_total).toBe(1);
+
+        fake.behaviour.rcpt = () => 250;
+        h.server.runner!.kick();
+        await until("delivered from the spool", () => h.server.runner!.size === 0);
+        expect(fake.received.length).toBe(1);
+        // Once delivered, a repeat is a duplicate; without a Message-ID it is delivered again.
+        const named = label === "with a Message-ID";
+        expect((await post(h, sent)).body.status).toBe(named ? "duplicate" : "success");
+        expect(fake.received.length).toBe(named ? 1 : 2);
+      });
+    }
+  }
+
+  test("left in queue/ by a host that was killed before its 202: a restarted host answers the sender's retry with that spool id", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir, lmtpPort: await freePort() });
+    const sent = message("killed-before-202");
+    expect((await post(h, sent)).status).toBe(202);
+    const [entry] = await h.spool!.list();
+    await h.server.stop();
+    const again = await host({ dir, lmtpPort: await freePort() });
+    const retry = await post(again, sent);
+    expect(retry.status).toBe(202);
+    expect(retry.body.recipients![0]!.reply).toContain(`already queued as ${entry!.header.id}`);
+    expect((await again.spool!.list()).length).toBe(1);
+  });
+
+  test("only the recipients it is queued for are answered from the spool; another recipient of the same bytes is delivered", async () => {
+    const h = await host({ queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    fake.behaviour.rcpt = (a) => (a === USER ? 450 : 250);
+    const sent = message("queued-for-one");
+    expect((await post(h, sent, USER)).status).toBe(202);
+    const both = await post(h, sent, `${USER}, alice@example.test`);
+    expect(both.status).toBe(202);
+    expect(both.body.recipients!.map((r) => [r.address, !!r.queued])).toEqual([
+      [USER, true],
+      ["alice@example.test", false],
+    ]);
+    expect(fake.received.map((r) => r.to)).toEqual([["alice@example.test"]]);
+    expect((await h.spool!.list()).length).toBe(1);
+  });
+});
+
+describe("recipients on record are not sent a spooled message again", () => {
+  test("a partial delivery from the spool whose state file was then lost: after a restart only the recipient still to do is sent it", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir, lmtpPort: await freePort() });
+    const sent = message("state-lost");
+    expect((await post(h, sent, `${USER}, alice@example.test`)).status).toBe(202);
+    await h.server.stop();
+    // Spooled for both; then one attempt delivers to USER and not to alice.
+    fake.behaviour.rcpt = (a) => (a === "alice@example.test" ? 450 : 250);
+    const partial = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    await until("USER delivered", () => fake.received.length === 1);
+    const [entry] = await partial.spool!.list();
+    await until("the state says so", async () => (await partial.spool!.read(entry!.header.id)).state.remaining.length === 1);
+    await partial.server.stop();
+    expect(entry!.header.to).toEqual([USER, "alice@example.test"]);
+    rmSync(join(dir, "queue", `${entry!.header.id}.state`));
+
+    fake.behaviour.rcpt = () => 250;
+    const again = await host({ dir });
+    await again.server.runner!.scanned();
+    await until("delivered", () => again.server.runner!.size === 0);
+    expect(fake.received.map((r) => r.to)).toEqual([[USER], ["alice@example.test"]]);
+  });
+
+  test("a spooled message whose every recipient is on record (delivered, the file not removed before a restart) is removed without LMTP", async () => {
+    const dir = await mkdtemp("/tmp/delivery-test-");
+    dirs.push(dir);
+    const h = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    fake.behaviour.rcpt = () => 450;
+    const sent = message("on-record");
+    expect((await post(h, sent)).status).toBe(202);
+    const [entry] = await h.spool!.list();
+    // The file is copied aside while queued, and put back after the delivery removed it: as if
+    // its removal had not reached the disk before a crash.
+    const copy = await Bun.file(join(dir, "queue", entry!.header.id)).arrayBuffer();
+    fake.behaviour.rcpt = () => 250;
+    h.server.runner!.kick();
+    await until("delivered", () => h.server.runner!.size === 0);
+    await h.server.stop();
+    writeFileSync(join(dir, "queue", entry!.header.id), new Uint8Array(copy));
+
+    const commands = fake.commands.length;
+    const again = await host({ dir });
+    await again.server.runner!.scanned();
+    await until("removed again", () => again.server.runner!.size === 0 && files({ dir } as Host, "queue").length === 0);
+    expect(fake.received.length).toBe(1);
+    expect(fake.commands.slice(commands).filter((c) => c.startsWith("MAIL"))).toEqual([]);
+  });
+});
+
+describe("a client that leaves gets nothing delivered after it left", () => {
+  /** An LMTP server that answers DATA after `dataMs` (Dovecot slow), and records every message that reached its final dot. */
+  function slowData(dataMs: number) {
+    return startScripted("220 slow LMTP\r\n", (line) => {
+      if (line === ".") return "250 2.0.0 Saved\r\n";
+      const verb = line.split(" ")[0]!.toUpperCase();
+      if (verb === "LHLO") return "250-slow\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n";
+      if (verb === "DATA") return { text: "354 go ahead\r\n", afterMs: dataMs };
+      if (verb === "QUIT") return { text: "221 2.0.0 bye\r\n", then: "end" };
+      return "250 2.0.0 OK\r\n";
+    });
+  }
+
+  /** Posts and gives up after `ms` (the client's connection closed); resolves once the host has logged its answer. */
+  async function postAndLeave(h: Host, body: Uint8Array<ArrayBuffer>, ms: number): Promise<void> {
+    const before = logs.filter((l) => l.path === INBOUND_PATH).length;
+    await fetch(h.server.url + INBOUND_PATH, { method: "POST", headers: sendHeaders, body, signal: AbortSignal.timeout(ms) }).catch(() => null);
+    await until("the host answered nobody", () => logs.filter((l) => l.path === INBOUND_PATH).length > before, 10_000);
+  }
+
+  for (const spool of [true, false]) {
+    test(`gone while Dovecot is slow, before the final dot (${spool ? "with" : "without"} a spool): no dot, not spooled; the retry is delivered once`, async () => {
+      const lmtp = await slowData(800);
+      try {
+        const h = await host({ spool, lmtpPort: lmtp.port });
+        const sent = enc.encode("Subject: left early, no id\r\n\r\nbody\r\n");
+        await postAndLeave(h, sent, 200);
+        await Bun.sleep(900);
+        expect(lmtp.messages).toEqual([]);
+        expect(lmtp.lines).toContain("DATA");
+        if (h.dir) expect(files(h, "queue")).toEqual([]);
+        expect(logs.find((l) => l.path === INBOUND_PATH)).toMatchObject({ status: 503, error: "client_gone" });
+
+        const retry = await post(h, sent);
+        expect(retry.status).toBe(200);
+        expect(retry.body.status).toBe("success");
+        expect(lmtp.messages).toEqual(["Subject: left early, no id\r\n\r\nbody\r\n"]);
+      } finally {
+        await lmtp.close();
+      }
+    });
+  }
+
+  test("gone while LMTP fails, before the spool commit: not spooled (no 202 to nobody); the retry is delivered once", async () => {
+    const h = await host({ lmtp: { timeouts: { command: 600 } }, queue: { baseBackoffMs: 100, maxBackoffMs: 100 } });
+    fake.behaviour.stall = "rcpt";
+    const sent = message("left-before-spooling");
+    await postAndLeave(h, sent, 200);
+    expect(files(h, "queue")).toEqual([]);
+    expect(files(h, "tmp")).toEqual([]);
+    expect((await metrics(h)).relay_queued_total).toBe(0);
+    fake.behaviour.stall = null;
+    expect((await post(h, sent)).status).toBe(200);
+    await Bun.sleep(300);
+    expect(fake.received.length).toBe(1);
+  });
+
+  test("a repeat that arrives while the first is still being delivered waits for it, and is answered duplicate: one copy", async () => {
+    const lmtp = await slowData(400);
+    try {
+      const h = await host({ lmtpPort: lmtp.port });
+      const sent = enc.encode("Subject: twice at once, no id\r\n\r\nbody\r\n");
+      const [a, b] = await Promise.all([post(h, sent), Bun.sleep(100).then(() => post(h, sent))]);
+      expect([a.status, b.status]).toEqual([200, 200]);
+      expect([a.body.status, b.body.status]).toEqual(["success", "duplicate"]);
+      expect(lmtp.messages.length).toBe(1);
+    } finally {
+      await lmtp.close();
+    }
+  });
+});
+
+describe("the runbook's JSON body streams into delivery", () => {
+  /** json.dumps's default: every character outside ASCII as \uXXXX (3 times the UTF-8 of Cyrillic). */
+  const asciiOnly = (json: string) => json.replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  const postJson = (h: Host, body: BodyInit) => fetch(h.server.url + INBOUND_PATH, { method: "POST", headers: { "Content-Type": "application/json", "X-API-Key": KEY }, body });
+
+  for (const spool of [true, false]) {
+    test(`7.5 MiB of Cyrillic as json.dumps writes it (22.5 MiB of JSON, under the 8 MiB message limit) ${spool ? "with" : "without"} a spool: delivered byte-exact`, async () => {
+      const h = await host({ spool });
+      const head = `Message-ID: <cyrillic-${spool}@example.org>\r\nSubject: big\r\n\r\n`;
+      const line = "\u0416\u0438\u0432\u0451\u0442 \u0441\u043b\u043e\u043d.\r\n";
+      const raw = enc.encode(head + line.repeat(350_000));
+      expect(raw.length).toBeLessThan(8 * 1024 * 1024);
+      // Escaped line by line (one regular expression over 7.5 MiB takes JavaScriptCore seconds).
+      const escaped = (t: string) => asciiOnly(JSON.stringify(t)).slice(1, -1);
+      const json = `{"from": "sender@example.org", "to": "${USER}", "subject": "big", "raw": "${escaped(head)}${escaped(line).repeat(350_000)}", "timestamp": "2025-11-12T10:00:00Z"}`;
+      expect(json.length).toBeGreaterThan(2 * 8 * 1024 * 1024 + 1024 * 1024); // past the old JSON limit (Bun's bare 413)
+      const r = await postJson(h, json);
+      expect(r.status).toBe(200);
+      expect(((await r.json()) as { status: string }).status).toBe("success");
+      expect(fake.received.length).toBe(1);
+      expect(same(fake.received[0]!.data, raw)).toBe(true);
+      if (h.dir) expect(readdirSync(join(h.dir, "tmp"))).toEqual([]);
+    });
+  }
+
+  test("a field after a 2 MiB message that the schema refuses, without a spool (the message already streaming into LMTP): 400 naming it, nothing delivered", async () => {
+    const h = await host({ spool: false });
+    const json = `{"from":"sender@example.org","to":"${USER}","raw":"Subject: x\\r\\n\\r\\n${"y".repeat(2 * 1024 * 1024)}\\r\\n","timestamp":5}`;
+    const r = await postJson(h, json);
+    expect(r.status).toBe(400);
+    expect(await r.json()).toMatchObject({ error: "invalid_request", message: "timestamp: must be a string" });
+    await Bun.sleep(100);
+    expect(fake.received).toEqual([]);
+  });
+
+  test("a message over the limit, escaped to 3 times its size in JSON: the host's own 413 naming the limit, with a body (never Bun's bare 413 and a cut connection)", async () => {
+    const h = await host();
+    const r = await postJson(h, `{"from": "sender@example.org", "to": "${USER}", "raw": "${"\\u0416".repeat(4 * 1024 * 1024 + 1)}"}`);
+    expect(r.status).toBe(413);
+    expect(await r.json()).toMatchObject({ error: "payload_too_large", message: `the message is larger than ${8 * 1024 * 1024} bytes` });
+    expect(files(h, "queue")).toEqual([]);
+    expect(files(h, "tmp")).toEqual([]);
   });
 });
 
@@ -817,6 +1065,39 @@ describe("a slow or stalled client costs only itself", () => {
     expect(String(a.body.message)).toContain("spool");
     expect(fake.received).toEqual([]);
     expect((await metrics(h)).relay_spool_write_errors_total).toBe(1);
+  });
+});
+
+describe("a spool that turns read-only", () => {
+  test("queue/ read-only (errors=remount-ro) when Dovecot comes back: each queued message is delivered once, never again in a loop; once writable the spool empties", async () => {
+    const h = await host({ queue: { baseBackoffMs: 50, maxBackoffMs: 400 } });
+    fake.behaviour.rcpt = () => 450;
+    for (const id of ["ro-1", "ro-2", "ro-3"]) expect((await post(h, message(id))).status).toBe(202);
+    await until("first retries done", () => logs.filter((l) => l.event === "spool_retry").length >= 3);
+    // queue/ made read-only under the running host: a read-only bind mount of itself.
+    const queue = join(h.dir!, "queue");
+    expect(Bun.spawnSync(["mount", "--bind", queue, queue]).exitCode).toBe(0);
+    try {
+      expect(Bun.spawnSync(["mount", "-o", "remount,bind,ro", queue]).exitCode).toBe(0);
+      fake.behaviour.rcpt = () => 250;
+      h.server.runner!.kick();
+      await until("each delivered", () => fake.received.length >= 3);
+      await Bun.sleep(1_500);
+      expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1").match(/Subject: (\S+)/)![1]).sort()).toEqual(["ro-1", "ro-2", "ro-3"]);
+      const errors = logs.filter((l) => l.event === "spool_error");
+      expect(errors.length).toBeGreaterThan(0);
+      expect(errors.length).toBeLessThan(3 * 12); // backed off, not thousands
+      expect(String(errors[0]!.error)).toContain("delivered, but not removed from queue/");
+      expect(String(errors[0]!.error)).toContain("EROFS");
+      const m = await metrics(h);
+      expect(m.relay_spool_delivered_total).toBe(3);
+      expect(m.relay_spool_messages).toBe(3);
+    } finally {
+      Bun.spawnSync(["umount", "-l", queue]);
+    }
+    await until("removed once writable", () => h.server.runner!.size === 0, 10_000);
+    expect(files(h, "queue")).toEqual([]);
+    expect(fake.received.length).toBe(3);
   });
 });
 

@@ -372,6 +372,31 @@ describe("MailboxTurns", () => {
     expect(await settled(next)).toBe(true);
   });
 
+  test("with places for two: a third waits until one of them is released; a release with nobody waiting frees a place", async () => {
+    const shares = new MailboxTurns(2);
+    const one = await shares.take(["a@x.org"], Infinity);
+    const two = await shares.take(["A@x.org"], Infinity);
+    const three = shares.take(["a+tag@x.org"], Infinity);
+    expect(await settled(three)).toBe(false);
+    expect(await settled(shares.take(["b@x.org"], Infinity))).toBe(true);
+    one();
+    expect(await settled(three)).toBe(true);
+    (await three)();
+    two();
+    // Both places free again: two at once, the third waits.
+    const again = [await shares.take(["a@x.org"], Infinity), await shares.take(["a@x.org"], Infinity)];
+    expect(await settled(shares.take(["a@x.org"], Infinity))).toBe(false);
+    for (const r of again) r();
+  });
+
+  test("only ASCII letters are folded, as Dovecot folds them: the Kelvin sign is another mailbox than k", async () => {
+    const turns = new MailboxTurns();
+    const held = await turns.take(["kim@x.org"], Infinity);
+    expect(await settled(turns.take(["\u212aim@x.org"], Infinity))).toBe(true);
+    expect(await settled(turns.take(["KIM@x.org"], Infinity))).toBe(false);
+    held();
+  });
+
   test("several recipients: taken in one order, so two transactions never wait for each other", async () => {
     const turns = new MailboxTurns();
     const held = await turns.take(["b@x.org", "a@x.org"], Infinity);
@@ -1202,6 +1227,119 @@ describe("against a scripted raw server", () => {
         expect(s.lines).toEqual(["LHLO mail-relay", "LHLO d1.mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
         expect(s.messages).toEqual([]); // no "." line ever reached the server
       });
+    });
+  });
+
+  describe("a client gone before the final dot: the dot is never sent (the signal)", () => {
+    const server = () => start("220 hi\r\n", (l) => (l.startsWith("LHLO") ? "250 hi\r\n" : l === "DATA" ? "354 go\r\n" : "250 ok\r\n"));
+    const envelope = { from: "s@x.org", to: ["a@x.org"] };
+
+    test("gone as the last bytes of the message arrive: BodyAborted, the connection dropped without the dot", async () => {
+      const s = await server();
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST });
+      const client = new AbortController();
+      const body = new ReadableStream<Uint8Array>({
+        pull(ctl) {
+          ctl.enqueue(bytes("Subject: x\r\n\r\nthe last line\r\n"));
+          client.abort();
+          ctl.close();
+        },
+      });
+      const e = await c.deliver(envelope, body, null, Infinity, client.signal).catch((err: unknown) => err);
+      expect(e).toBeInstanceOf(BodyAborted);
+      expect((e as Error).message).toContain("the client left before the final dot");
+      await s.closed;
+      expect(s.lines).toEqual(["LHLO mail-relay", "MAIL FROM:<s@x.org>", "RCPT TO:<a@x.org>", "DATA"]);
+      expect(s.messages).toEqual([]);
+    });
+
+    test("gone while waiting for the mailbox's turn: no dot once the turn comes", async () => {
+      const s = await server();
+      const turns = new MailboxTurns();
+      const holder = await turns.take(["a@x.org"], Infinity);
+      const c = await LmtpConnection.open(target(s), { timeouts: FAST, turns });
+      const client = new AbortController();
+      const delivery = c.deliver({ ...envelope, deliveryId: "d1" }, bytes("x\r\n"), null, Infinity, client.signal).catch((err: unknown) => err);
+      await until("the message data sent", () => s.lines.includes("DATA"));
+      await sleep(50);
+      client.abort();
+      holder();
+      expect(await delivery).toBeInstanceOf(BodyAborted);
+      await s.closed;
+      expect(s.messages).toEqual([]);
+    });
+
+    test("through the pool: gone before it starts, nothing is sent at all", async () => {
+      const s = await server();
+      const p = new LmtpPool(target(s), { timeouts: FAST });
+      const e = await p.deliver(envelope, bytes("x\r\n"), null, AbortSignal.abort()).catch((err: unknown) => err);
+      expect(e).toBeInstanceOf(BodyAborted);
+      expect(s.connections).toBe(0);
+      await p.close();
+    });
+  });
+
+  describe("a mailbox's share of the connections", () => {
+    /** A server that answers after the final dot at once, except for slow@x.org: that reply waits until release(). */
+    async function slowMailboxServer() {
+      const rcpt = new Map<net.Socket, string>();
+      const hanging: net.Socket[] = [];
+      let most = 0;
+      const s = await start("220 hi\r\n", (l, sock) => {
+        if (l.startsWith("LHLO")) return "250-hi\r\n250 PIPELINING\r\n";
+        if (l.startsWith("MAIL")) rcpt.set(sock, "");
+        if (l.startsWith("RCPT")) rcpt.set(sock, rcpt.get(sock) + l);
+        if (l === "DATA") return "354 go\r\n";
+        if (l === "." && rcpt.get(sock)?.includes("slow@")) {
+          hanging.push(sock);
+          most = Math.max(most, hanging.length);
+          return null;
+        }
+        return l === "." ? "250 2.0.0 saved\r\n" : "250 ok\r\n";
+      });
+      // One reply per recipient after the dot (RFC 2033).
+      const release = () => {
+        for (const sock of hanging.splice(0)) sock.write("250 2.0.0 saved at last\r\n".repeat(rcpt.get(sock)!.split("RCPT").length - 1));
+      };
+      return { s, hanging, release, most: () => most };
+    }
+
+    test("deliveries hanging in one mailbox's save hold at most its share (half the pool): another mailbox's message is delivered at once", async () => {
+      const { s, hanging, release, most } = await slowMailboxServer();
+      const p = new LmtpPool(target(s), { maxConnections: 4, timeouts: { ...FAST, dataEnd: 10_000, transaction: 3_000 } });
+      const slow = Array.from({ length: 8 }, (_, i) => p.deliver({ from: "s@x.org", to: [i % 2 ? "slow@x.org" : "Slow+list@x.org"] }, bytes(`slow ${i}\r\n`), null));
+      await until("the slow mailbox's share hangs at the dot", () => hanging.length >= 2);
+      const other = await p.deliver({ from: "s@x.org", to: ["other@x.org"] }, bytes("other\r\n"), null);
+      expect(other.map((r) => r.code)).toEqual([250]);
+      expect(s.messages).toContain("other\r\n");
+      const timer = setInterval(release, 20);
+      try {
+        const outcomes = await Promise.allSettled(slow);
+        for (const o of outcomes) {
+          if (o.status === "fulfilled") expect(o.value.map((r) => r.code)).toEqual([250]);
+          else expect((o.reason as LmtpFault).message).toContain("no LMTP connection free for slow@x.org");
+        }
+      } finally {
+        clearInterval(timer);
+      }
+      expect(most()).toBe(2);
+      expect(p.stats).toMatchObject({ busy: 0, waiting: 0 });
+      await p.close();
+    });
+
+    test("maxPerMailbox sets the share; a delivery to several mailboxes counts against each", async () => {
+      const { s, hanging, release, most } = await slowMailboxServer();
+      const p = new LmtpPool(target(s), { maxConnections: 8, maxPerMailbox: 1, timeouts: { ...FAST, dataEnd: 10_000 } });
+      const first = p.deliver({ from: "s@x.org", to: ["slow@x.org", "b@x.org"] }, bytes("first\r\n"), null);
+      await until("the first hangs at the dot", () => hanging.length === 1);
+      const second = p.deliver({ from: "s@x.org", to: ["b@x.org"] }, bytes("second\r\n"), null);
+      await sleep(100);
+      expect(s.messages).toEqual(["first\r\n"]); // b@x.org's one place is held by the first
+      release();
+      expect((await first).map((r) => r.code)).toEqual([250, 250]);
+      expect((await second).map((r) => r.code)).toEqual([250]);
+      expect(most()).toBe(1);
+      await p.close();
     });
   });
 

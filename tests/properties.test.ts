@@ -361,8 +361,10 @@ const MAX = 4096;
 function stubApp() {
   const calls: InboundMessage[] = [];
   const deliver: Deliverer = async (m) => {
-    calls.push(m);
+    // Counted once the whole message is in, as a real delivery sends its final dot only then: a
+    // body that fails on the way (a JSON body refused after its message began) delivers nothing.
     if (!(m.body instanceof Uint8Array)) await new Response(m.body).arrayBuffer();
+    calls.push(m);
     return m.envelope.to.map((address) => ({ address, code: 250, enhanced: "2.0.0", reply: "250 2.0.0 Saved" }));
   };
   const app = createApp({ apiKeys: [KEY], deliver, maxMessageBytes: MAX, log: () => {} });

@@ -84,6 +84,28 @@ describe("queue list", () => {
     expect(r.stdout).not.toMatch(/[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028]/);
   });
 
+  test("state files of another shape (a reason that is a number, refused: {}) do not stop it: every entry is listed, the unknown reason said so", async () => {
+    const failed = await spoolMessage("failed, its state rewritten");
+    await spool.moveToFailed(failed.id, "refused: 550 5.1.1 no such user");
+    writeFileSync(join(dir, "failed", `${failed.id}.state`), JSON.stringify({ attempts: 3, next_at: 0, last_reply: null, remaining: ["user@example.test"], reason: 5 }));
+    const waiting = await spoolMessage("waiting");
+    writeFileSync(join(dir, "queue", `${waiting.id}.state`), JSON.stringify({ attempts: 2, next_at: 0, last_reply: "451 busy", remaining: ["user@example.test"], refused: {} }));
+    const later = await spoolMessage("listed after them");
+    await spool.moveToFailed(later.id, "refused: 552 over quota");
+
+    const r = await queue("list");
+    expect(r.stderr).toBe("");
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain("queued: 1\n");
+    expect(r.stdout).toContain(`${waiting.id} `);
+    expect(r.stdout).toContain("failed: 2\n");
+    expect(r.stdout).toContain(`${failed.id} `);
+    expect(r.stdout).toContain("not known: its state file is missing or damaged");
+    expect(r.stdout).toContain(`${later.id} `);
+    expect(r.stdout).toContain("refused: 552 over quota");
+    expect(r.stdout).toContain("unreadable: 0\n");
+  });
+
   test("an empty spool: zero of each", async () => {
     const r = await queue("list");
     expect(r.code).toBe(0);

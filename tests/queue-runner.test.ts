@@ -441,6 +441,150 @@ describe("giving up", () => {
   });
 });
 
+const errno = (code: string, syscall: string) => Object.assign(new Error(`${code}: ${syscall} failed`), { code, syscall });
+
+describe("what an attempt decided holds, whatever the disk does after it", () => {
+  test("delivered messages whose removal fails (queue/ read-only) are never offered to LMTP again: the removal is retried with growing delays, then they go", async () => {
+    const sent = [await spoolMessage("one"), await spoolMessage("two"), await spoolMessage("three")];
+    const metrics = new Metrics();
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 Saved")]);
+    let readOnly = true;
+    const remove = spool.remove.bind(spool);
+    const removals: number[] = [];
+    spool.remove = async (id) => {
+      removals.push(Date.now());
+      if (readOnly) throw errno("EROFS", "unlink");
+      return remove(id);
+    };
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 400, metrics, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("each delivered once", () => calls.length === 3);
+    await Bun.sleep(600);
+    expect(calls.map((c) => c.id).sort()).toEqual(sent.map((h) => h.id).sort());
+    expect(runner.size).toBe(3);
+    expect(metrics.get("spool_delivered")).toBe(3);
+    // 20 ms doubling to 400 ms: a handful of tries each in 600 ms, never a busy loop.
+    expect(removals.length).toBeLessThan(3 * 8);
+    const errors = logs.filter((l) => l.event === "spool_error");
+    expect(errors.length).toBe(removals.length);
+    expect(String(errors[0]!.error)).toContain("delivered, but not removed from queue/");
+    expect(String(errors[0]!.error)).toContain("EROFS");
+
+    // A later success elsewhere (a kick) does not hurry them either.
+    runner.kick();
+    readOnly = false;
+    await until("removed", () => runner!.size === 0, 5_000);
+    expect(calls.length).toBe(3);
+    expect(queueFiles()).toEqual([]);
+    expect(metrics.get("spool_delivered")).toBe(3);
+  });
+
+  test("a message given up on whose move to failed/ fails is not offered to LMTP again; the move is retried", async () => {
+    const h = await spoolMessage("refused");
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 550, "5.1.1 unknown user")]);
+    let readOnly = true;
+    const move = spool.moveToFailed.bind(spool);
+    spool.moveToFailed = async (...args) => {
+      if (readOnly) throw errno("EROFS", "rename");
+      return move(...args);
+    };
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 50, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("tried to move it twice", () => logs.filter((l) => l.event === "spool_error").length >= 2);
+    readOnly = false;
+    await until("in failed/", () => failedFiles().includes(h.id));
+    expect(calls.length).toBe(1);
+  });
+
+  test("a state file of another shape (refused: {}) is read as not tried yet: delivered once, no loop", async () => {
+    const h = await spoolMessage("odd state");
+    writeFileSync(join(dir, "queue", `${h.id}.state`), JSON.stringify({ attempts: 2, next_at: 0, last_reply: "451 busy", remaining: ["user@example.test"], refused: {} }));
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 Saved")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 20, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("delivered", () => runner!.size === 0);
+    await Bun.sleep(200);
+    expect(calls.length).toBe(1);
+    expect(logs.filter((l) => l.event === "spool_error")).toEqual([]);
+  });
+
+  test("a record of an earlier delivery (a duplicate answer from the deliverer) does not kick the others", async () => {
+    // Oldest first: the waiting one is tried (and deferred) before the known one comes back as a duplicate.
+    const waiting = await spoolMessage("waiting");
+    await Bun.sleep(2);
+    await spoolMessage("known");
+    const { calls, deliver } = scripted((c) => (c.id === waiting.id ? [reply(c.to[0]!, 451, "4.3.0 later")] : [{ ...reply(c.to[0]!, 250, "2.0.0 already delivered"), duplicate: true }]));
+    runner = new QueueRunner(spool, deliver, { concurrency: 1, baseBackoffMs: 60_000, maxBackoffMs: 60_000 });
+    await runner.start();
+    await until("the known one settled", () => runner!.size === 1 && calls.length === 2);
+    await Bun.sleep(100);
+    expect(calls.length).toBe(2); // the waiting one was not made due by a delivery that did not happen now
+  });
+});
+
+describe("a read that fails for a reason that passes (out of file descriptors)", () => {
+  test("EMFILE opening a queued message: retried later and delivered, never reported unreadable nor dropped from the schedule", async () => {
+    const h = await spoolMessage("fine on disk");
+    const metrics = new Metrics(() => runner!.stats());
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 Saved")]);
+    let failures = 3;
+    const body = spool.body.bind(spool);
+    spool.body = async (id) => {
+      if (failures-- > 0) throw errno("EMFILE", "open");
+      return body(id);
+    };
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 40, metrics, log: (l) => logs.push(l) });
+    await runner.start();
+    await until("delivered", () => runner!.size === 0);
+    expect(calls.map((c) => c.id)).toEqual([h.id]);
+    expect(logs.filter((l) => l.event === "spool_unreadable")).toEqual([]);
+    expect(logs.filter((l) => l.event === "spool_read_error").length).toBe(3);
+    expect(logs.filter((l) => l.event === "spool_retry").map((l) => l.attempts)).toEqual([1, 2, 3]);
+    expect(runner.stats().unreadable).toBe(0);
+  });
+
+  test("EMFILE while the queue is read at start: the file is looked at again later and delivered", async () => {
+    const h = await spoolMessage("read later");
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 Saved")]);
+    let failures = 2;
+    const read = spool.read.bind(spool);
+    spool.read = async (id, area) => {
+      if (id === h.id && failures-- > 0) throw errno("EMFILE", "open");
+      return read(id, area);
+    };
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 20, maxBackoffMs: 40, log: (l) => logs.push(l) });
+    await runner.start();
+    expect(runner.size).toBe(0);
+    await until("delivered", () => calls.length === 1);
+    expect(calls[0]!.id).toBe(h.id);
+    expect(logs.filter((l) => l.event === "spool_unreadable")).toEqual([]);
+    expect(logs.filter((l) => l.event === "spool_read_error").map((l) => l.file)).toEqual([`queue/${h.id}`, `queue/${h.id}`]);
+  });
+});
+
+describe("queuedAs: what the receiving side asks of a repeat", () => {
+  test("a queued message is found by its digest and a recipient still to do (ASCII case folded), until it is delivered", async () => {
+    const staged = spool.stage();
+    await staged.write(enc.encode("queued"));
+    const digest = "ab".repeat(32);
+    const h = await staged.commit({ from: "", to: ["a@example.test", "b@example.test"], received_at: Date.now(), message_id: null, sha256: digest });
+    let answer = 451;
+    const { calls, deliver } = scripted((c) => c.to.map((a) => reply(a, a === "a@example.test" ? 250 : answer, "x")));
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 60_000, maxBackoffMs: 60_000 });
+    await runner.start();
+    expect(runner.queuedAs(digest, "A@example.test")).toBe(h.id);
+    expect(runner.queuedAs(digest, "\u212a@example.test")).toBeNull();
+    expect(runner.queuedAs("cd".repeat(32), "a@example.test")).toBeNull();
+    await until("first attempt", () => calls.length === 1);
+    expect(runner.queuedAs(digest, "a@example.test")).toBeNull(); // delivered to a: only b is still to do
+    expect(runner.queuedAs(digest, "b@example.test")).toBe(h.id);
+    answer = 250;
+    runner.kick();
+    await until("delivered", () => runner!.size === 0);
+    expect(runner.queuedAs(digest, "b@example.test")).toBeNull();
+  });
+});
+
 describe("stop and flush", () => {
   test("stop() waits for the delivery under way and starts no new one", async () => {
     await spoolMessage("a");

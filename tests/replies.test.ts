@@ -4,6 +4,7 @@
 import { describe, expect, test } from "bun:test";
 import {
   acceptedResult,
+  alreadyQueuedResult,
   answerForReplies,
   duplicateResult,
   noReplyResult,
@@ -127,6 +128,9 @@ describe("the results the relay writes itself", () => {
       queued: true,
     });
     expect(duplicateResult("a@x.org", "<m1@x.org>")).toEqual({ address: "a@x.org", code: 250, enhanced: "2.0.0", reply: "250 2.0.0 already delivered (Message-ID <m1@x.org>)", duplicate: true });
+    expect(duplicateResult("a@x.org", null).reply).toBe("250 2.0.0 already delivered (the same bytes, no Message-ID)");
+    expect(alreadyQueuedResult("a@x.org", "0abc123def")).toEqual({ address: "a@x.org", code: 250, enhanced: "2.0.0", reply: "250 2.0.0 already queued as 0abc123def; not taken again", queued: true });
+    expect(statusForReplies([alreadyQueuedResult("a@x.org", "0abc123def")])).toBe(202);
     expect(noReplyResult("a@x.org")).toEqual({ address: "a@x.org", code: 451, enhanced: "4.3.0", reply: "451 4.3.0 no reply for this recipient" });
     expect(replyClass(noReplyResult("a@x.org").code)).toBe("temporary");
   });

@@ -13,7 +13,7 @@ import { FLUSH_REQUEST, Spool } from "../host/spool.ts";
 import { StagedMessage, type OpenFile } from "../host/staged-message.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 import { snapshot } from "./support/tree.ts";
-import { mountTmpfs } from "./support/tmpfs.ts";
+import { fillDisk, mountTmpfs } from "./support/tmpfs.ts";
 
 allowSlowTests();
 
@@ -214,8 +214,18 @@ describe("damaged files", () => {
       if (id === h.id) await spool.remove(id);
       return original(id, area);
     };
-    expect(await spool.scan()).toEqual({ entries: [], unreadable: [] });
+    expect(await spool.scan()).toEqual({ entries: [], unreadable: [], notReadNow: [] });
     expect(names("failed")).toEqual([]);
+  });
+
+  test("a read that fails for a reason that passes (EMFILE) is reported apart, as not readable now, never as damaged", async () => {
+    const h = await spoolMessage([awkwardBytes(10)]);
+    const original = spool.read.bind(spool);
+    spool.read = async (id, area) => {
+      if (id === h.id) throw Object.assign(new Error("EMFILE: too many open files, open"), { code: "EMFILE" });
+      return original(id, area);
+    };
+    expect(await spool.scan()).toEqual({ entries: [], unreadable: [], notReadNow: [{ name: h.id, problem: "EMFILE: too many open files, open" }] });
   });
 
   test("state files are not entries; a name that is not a spool id (an editor's leftover) is reported, not listed, not touched", async () => {
@@ -512,7 +522,7 @@ describe("reading never changes the spool, and shows what it cannot read", () =>
       "0000000000junk": "not a spool file (no spool header)",
       "0000000000fifo": "not a regular file",
     });
-    expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }] });
+    expect(failed).toEqual({ entries: [], unreadable: [{ name: "0000000000junk", problem: "not a spool file (no spool header)", reason: "unreadable spool file: not a spool file" }], notReadNow: [] });
   });
 
   test("read() refuses a path instead of an id", async () => {
@@ -702,5 +712,29 @@ describe("short writes and failed syncs (a full disk)", () => {
     expect(await full.content().catch((e) => e)).toBeInstanceOf(SpoolWriteError);
     await full.discard();
     expect(names("tmp")).toEqual([]);
+  });
+});
+
+describe("state files on a full disk", () => {
+  test("a state write that fails (a full tmpfs) throws and leaves nothing in tmp/, however often it is tried", async () => {
+    const mnt = await mkdtemp("/tmp/spool-state-full-");
+    mountTmpfs(mnt, "256k");
+    try {
+      const s = new Spool(join(mnt, "spool"));
+      s.prepare();
+      const staged = s.stage();
+      await staged.write(new TextEncoder().encode("queued before the disk filled"));
+      const h = await staged.commit({ from: "", to: ["user@example.test"], received_at: Date.now(), message_id: null });
+      fillDisk(mnt);
+      for (let i = 0; i < 20; i++) {
+        const err = await s.saveState(h.id, { attempts: i, next_at: 0, last_reply: "451 busy", remaining: ["user@example.test"] }).then(() => null, (e: NodeJS.ErrnoException) => e);
+        expect(err?.code).toBe("ENOSPC");
+      }
+      expect(readdirSync(join(mnt, "spool", "tmp"))).toEqual([]);
+      expect(readdirSync(join(mnt, "spool", "queue"))).toEqual([h.id]);
+    } finally {
+      expect(Bun.spawnSync(["umount", mnt]).exitCode).toBe(0);
+      await rm(mnt, { recursive: true, force: true });
+    }
   });
 });
