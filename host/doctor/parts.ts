@@ -7,7 +7,8 @@ import { dns } from "./dns.ts";
 import { edge } from "./edge.ts";
 import type { DoctorPart } from "./finding.ts";
 import { publicUrl } from "./public-url.ts";
+import { rspamd } from "./rspamd.ts";
 import { spool } from "./spool.ts";
 import { target } from "./target.ts";
 
-export const PARTS: DoctorPart[] = [dns, target, spool, access, publicUrl, edge];
+export const PARTS: DoctorPart[] = [dns, target, spool, rspamd, access, publicUrl, edge];
