@@ -100,7 +100,7 @@ describe("settings", () => {
     expect(findings[0]!.found).toContain("target smtp://postfix:10025,");
   });
 
-  test("the Access service token: both halves are taken (and never shown); one half alone, or one that cannot be a header, fails naming it", () => {
+  test("the Access service token: both halves are taken (and never shown); one half alone, or one with a character no token has (CR LF, a full-width dot from a Japanese IME), fails naming it", () => {
     const id = `${"ab".repeat(16)}.access`;
     const secret = "cd".repeat(32);
     const both = doctorContext({ API_KEY: KEY, CF_ACCESS_CLIENT_ID: ` ${id} `, CF_ACCESS_CLIENT_SECRET: `${secret}\n` });
@@ -109,7 +109,8 @@ describe("settings", () => {
     for (const [env, says] of [
       [{ CF_ACCESS_CLIENT_ID: id }, "CF_ACCESS_CLIENT_SECRET is not set, but CF_ACCESS_CLIENT_ID is"],
       [{ CF_ACCESS_CLIENT_SECRET: secret }, "CF_ACCESS_CLIENT_ID is not set, but CF_ACCESS_CLIENT_SECRET is"],
-      [{ CF_ACCESS_CLIENT_ID: id, CF_ACCESS_CLIENT_SECRET: `${secret.slice(0, 10)}\r\n${secret.slice(10)}` }, "CF_ACCESS_CLIENT_SECRET holds whitespace or a control character"],
+      [{ CF_ACCESS_CLIENT_ID: id, CF_ACCESS_CLIENT_SECRET: `${secret.slice(0, 10)}\r\n${secret.slice(10)}` }, "CF_ACCESS_CLIENT_SECRET holds whitespace, a control character or a character outside ASCII"],
+      [{ CF_ACCESS_CLIENT_ID: `${id}\u3000`.replace(".access", "。access"), CF_ACCESS_CLIENT_SECRET: secret }, "CF_ACCESS_CLIENT_ID holds whitespace, a control character or a character outside ASCII"],
     ] as const) {
       const { ctx: c, findings } = doctorContext({ API_KEY: KEY, ...env });
       expect(c.serviceToken).toBeUndefined();

@@ -58,7 +58,7 @@ const TOKEN_HALVES = ["CF_ACCESS_CLIENT_ID", "CF_ACCESS_CLIENT_SECRET"] as const
 
 /**
  * The Worker's Access service token, as the Worker itself takes it (edge/config.ts): both halves or
- * neither. A half alone, or one that could not go into a header, is a failed finding naming it,
+ * neither. A half alone, or one with a character no token has, is a failed finding naming it,
  * never its value.
  */
 function serviceToken(env: Record<string, string | undefined>, findings: Finding[]): ServiceToken | undefined {
@@ -70,9 +70,11 @@ function serviceToken(env: Record<string, string | undefined>, findings: Finding
     fail(`${missing} is not set, but ${set} is (set both, or neither): PUBLIC_URL and EDGE_URL are asked without the service token`);
     return undefined;
   }
-  const bad = TOKEN_HALVES.find((_, i) => /[\s\x00-\x1f\x7f]/.test([id, secret][i]!));
+  // Access's halves are hex, dots and a domain name; anything else is a paste gone wrong (and
+  // a header cannot carry a control character, nor fetch() a character past Latin-1).
+  const bad = TOKEN_HALVES.find((_, i) => /[^\x21-\x7e]/.test([id, secret][i]!));
   if (bad) {
-    fail(`${bad} holds whitespace or a control character: it cannot be sent as a header`);
+    fail(`${bad} holds whitespace, a control character or a character outside ASCII: Access's tokens have none`);
     return undefined;
   }
   return { id, secret };
