@@ -27,7 +27,7 @@
 //                   deliveries waiting for a free one
 //   probe.ts        the doctor's question: greeting, LHLO, would RCPT take an address (nothing sent)
 
-export { describeTarget, lmtpTarget, parseDeliverTo, protocolOf, type DeliveryProtocol, type LmtpTarget } from "./lmtp/target.ts";
+export { describeTarget, lmtpTarget, parseDeliverTo, protocolOf, targetUrl, type DeliveryProtocol, type LmtpTarget } from "./lmtp/target.ts";
 export { BodyAborted, LmtpFault, type LmtpPhase } from "./lmtp/faults.ts";
 export { DEFAULT_TIMEOUTS, type LmtpTimeouts } from "./lmtp/timeouts.ts";
 export { DotStuffer } from "./lmtp/dot-stuffer.ts";

@@ -20,7 +20,7 @@ import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { statusApp } from "./host/status-http.ts";
-import { LmtpPool, describeTarget, lmtpTarget, type LmtpPoolOptions } from "./lmtp.ts";
+import { LmtpPool, describeTarget, lmtpTarget, targetUrl, type LmtpPoolOptions } from "./lmtp.ts";
 import { createApp, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
@@ -120,7 +120,8 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
     deliver: withAliases(aliases, queue ? deliverNowOrSpool(host, queue) : deliverNow(host)),
     // Neither says anything about the spool before what is on disk has been read.
-    ready: async () => ({ lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
+    // `target` names the protocol too (smtp://, lmtp://, lmtp:/socket); `lmtp` is its older form, kept for the clients that read it.
+    ready: async () => ({ target: targetUrl(target), lmtp: describeTarget(target), capabilities: await pool.check(), spooled: runner ? (await runner.scanned(), runner.size) : null }),
     metrics: async () => (await runner?.scanned(), metrics.render()),
     log,
     onAnswer: (outcome) => metrics.countAnswer(outcome),

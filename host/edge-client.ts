@@ -37,13 +37,16 @@ export type EdgeQueueAnswer =
   | { kind: "no_spool" }
   | { kind: "error"; message: string };
 
-/** GET /edge/queue with each key until one is taken. `keys`: [setting name, key]. */
-export async function fetchEdgeQueue(edgeUrl: string, keys: [string, string][], timeoutMs = 5_000): Promise<EdgeQueueAnswer> {
+/**
+ * GET /edge/queue with each key until one is taken. `keys`: [setting name, key]. `headers` go with
+ * each request (the doctor's Access service token, for a Worker behind Access).
+ */
+export async function fetchEdgeQueue(edgeUrl: string, keys: [string, string][], timeoutMs = 5_000, headers: Record<string, string> = {}): Promise<EdgeQueueAnswer> {
   const url = new URL("/edge/queue", edgeUrl);
   for (const [keyName, key] of keys) {
     let res: Response;
     try {
-      res = await fetch(url, { headers: { "x-api-key": key }, redirect: "manual", signal: AbortSignal.timeout(timeoutMs) });
+      res = await fetch(url, { headers: { ...headers, "x-api-key": key }, redirect: "manual", signal: AbortSignal.timeout(timeoutMs) });
     } catch (e) {
       const err = e as Error;
       return { kind: "error", message: `${url.origin} cannot be reached: ${err.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : err.message}` };

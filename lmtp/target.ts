@@ -49,6 +49,14 @@ export function parseDeliverTo(value: string): LmtpTarget {
 
 export function describeTarget(t: LmtpTarget): string {
   if (t.kind === "unix") return `unix:${t.path}`;
-  const where = `${t.host.includes(":") ? `[${t.host}]` : t.host}:${t.port}`;
-  return t.protocol === "smtp" ? `smtp://${where}` : `${t.host}:${t.port}`;
+  return t.protocol === "smtp" ? targetUrl(t) : `${t.host}:${t.port}`;
+}
+
+/**
+ * The target as DELIVER_TO writes it, protocol first: `lmtp://host:port`, `lmtp:/path` (a unix
+ * socket), `smtp://host:port`. parseDeliverTo reads it back as the same target.
+ */
+export function targetUrl(t: LmtpTarget): string {
+  if (t.kind === "unix") return `lmtp:${t.path}`;
+  return `${protocolOf(t)}://${t.host.includes(":") ? `[${t.host}]` : t.host}:${t.port}`;
 }

@@ -745,7 +745,7 @@ describe("health and readiness", () => {
         const text = await bare.text();
         expect(Object.keys(JSON.parse(text)).sort()).toEqual(["status", "timestamp"]);
         expect(JSON.parse(text).status).toBe("ready");
-        for (const secret of ["127.0.0.1", String(fake.port), "PIPELINING", "spooled", "lmtp"]) expect(text).not.toContain(secret);
+        for (const secret of ["127.0.0.1", String(fake.port), "PIPELINING", "spooled", "lmtp", "target"]) expect(text).not.toContain(secret);
         expect(fake.commands.some((c) => c.startsWith("LHLO"))).toBe(true); // it did look
         // A wrong key is no key.
         expect(Object.keys(await readyBody(await fetch(s.url + path, { headers: { "X-API-Key": KEY_3 } }))).sort()).toEqual(["status", "timestamp"]);
@@ -754,7 +754,7 @@ describe("health and readiness", () => {
           const r = await fetch(s.url + path, { headers });
           expect(r.status).toBe(200);
           const body = await readyBody(r);
-          expect(body).toMatchObject({ status: "ready", lmtp: `127.0.0.1:${fake.port}`, spooled: null });
+          expect(body).toMatchObject({ status: "ready", target: `lmtp://127.0.0.1:${fake.port}`, lmtp: `127.0.0.1:${fake.port}`, spooled: null });
           expect(body.capabilities).toContain("PIPELINING");
         }
       } finally {

@@ -25,6 +25,7 @@ import { freePort } from "../scripts/free-port.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { INBOUND_PATH } from "../shared/contract.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
+import { startScripted } from "./support/scripted-lmtp.ts";
 import { spoolDirect } from "./support/spooled.ts";
 import { fillDisk, mountTmpfs } from "./support/tmpfs.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
@@ -64,7 +65,7 @@ describe("settings", () => {
   test("the host's settings, and the doctor's own, parse: one ok finding that names no key", () => {
     const { ctx: c, findings } = doctorContext({ API_KEY: KEY, API_KEYS: OTHER_KEY, LMTP_HOST: "/run/dovecot/lmtp", MAIL_DOMAIN: "Example.com, example.org.,example.com,xn--r8jz45g.xn--q9jyb4c", DNS_SERVER: "[::1]:5353", PUBLIC_URL: "https://mail-api.example.com/api/v1/inbound-mail" });
     expect(statuses(findings)).toEqual(["ok"]);
-    expect(findings[0]!.found).toContain("2 keys, LMTP unix:/run/dovecot/lmtp, spool off");
+    expect(findings[0]!.found).toContain("2 keys, target lmtp:/run/dovecot/lmtp, spool off");
     expect(c.domains).toEqual(["example.com", "example.org", "xn--r8jz45g.xn--q9jyb4c"]);
     expect(c.dnsServer).toBe("[::1]:5353");
     expect(c.keys.map(([name]) => name)).toEqual(["API_KEYS (key 1)", "API_KEY"]);
@@ -92,6 +93,32 @@ describe("settings", () => {
     expect(text).toMatch(/^- target +the host's settings do not parse/m);
     expect(text).toMatch(/^- spool +the host's settings do not parse/m);
     expect(text).toMatch(/^- dns +MAIL_DOMAIN is not set/m);
+  });
+
+  test("DELIVER_TO: the settings' line names that target, not LMTP_HOST's default", () => {
+    const { findings } = doctorContext({ API_KEY: KEY, DELIVER_TO: "smtp://postfix:10025" });
+    expect(findings[0]!.found).toContain("target smtp://postfix:10025,");
+  });
+
+  test("the Access service token: both halves are taken (and never shown); one half alone, or one with a character no token has (CR LF, a full-width dot from a Japanese IME), fails naming it", () => {
+    const id = `${"ab".repeat(16)}.access`;
+    const secret = "cd".repeat(32);
+    const both = doctorContext({ API_KEY: KEY, CF_ACCESS_CLIENT_ID: ` ${id} `, CF_ACCESS_CLIENT_SECRET: `${secret}\n` });
+    expect(both.ctx.serviceToken).toEqual({ id, secret });
+    expect(statuses(both.findings)).toEqual(["ok"]);
+    for (const [env, says] of [
+      [{ CF_ACCESS_CLIENT_ID: id }, "CF_ACCESS_CLIENT_SECRET is not set, but CF_ACCESS_CLIENT_ID is"],
+      [{ CF_ACCESS_CLIENT_SECRET: secret }, "CF_ACCESS_CLIENT_ID is not set, but CF_ACCESS_CLIENT_SECRET is"],
+      [{ CF_ACCESS_CLIENT_ID: id, CF_ACCESS_CLIENT_SECRET: `${secret.slice(0, 10)}\r\n${secret.slice(10)}` }, "CF_ACCESS_CLIENT_SECRET holds whitespace, a control character or a character outside ASCII"],
+      [{ CF_ACCESS_CLIENT_ID: `${id}\u3000`.replace(".access", "。access"), CF_ACCESS_CLIENT_SECRET: secret }, "CF_ACCESS_CLIENT_ID holds whitespace, a control character or a character outside ASCII"],
+    ] as const) {
+      const { ctx: c, findings } = doctorContext({ API_KEY: KEY, ...env });
+      expect(c.serviceToken).toBeUndefined();
+      const bad = findings.find((f) => f.status === "fail")!;
+      expect(bad.found).toStartWith(says);
+      expect(JSON.stringify(findings)).not.toContain(id.slice(0, 8));
+      expect(JSON.stringify(findings)).not.toContain(secret.slice(0, 8));
+    }
   });
 
   test("a wrong command line: exit 2", async () => {
@@ -182,7 +209,38 @@ describe("PUBLIC_URL", () => {
   test("the real host: /health healthy, /ready with the key ready, naming the key's setting and the LMTP target", async () => {
     const fs = await publicUrl.run(ctx({ publicUrl: host.url + INBOUND_PATH }));
     expect(statuses(fs)).toEqual(["ok", "ok"]);
-    expect(fs[1]!.found).toBe(`GET /ready with API_KEY: ready, the host delivers to ${fake.host}:${fake.port}`);
+    expect(fs[1]!.found).toBe(`GET /ready with API_KEY: ready, the host delivers to lmtp://${fake.host}:${fake.port}`);
+  });
+
+  test("a host delivering over SMTP (DELIVER_TO=smtp://): /ready names it smtp://, and the doctor says so; other settings here: a warning that the target check asked elsewhere", async () => {
+    const mta = await startScripted("220 mx.test ESMTP\r\n", (line) => (line.startsWith("EHLO") ? "250-mx.test\r\n250 PIPELINING\r\n" : line === "QUIT" ? "221 bye\r\n" : "250 2.0.0 Ok\r\n"));
+    const deliverTo = { kind: "tcp", host: "127.0.0.1", port: mta.port, protocol: "smtp" } as const;
+    const viaSmtp = startServer({ apiKeys: [KEY], lmtpHost: "dovecot", lmtpPort: 2525, deliverTo, port: 0, host: "127.0.0.1", maxMessageBytes: 1 << 20 }, { log: () => {} });
+    try {
+      const ready = (await (await fetch(`${viaSmtp.url}/ready`, { headers: { "x-api-key": KEY } })).json()) as Record<string, unknown>;
+      expect(ready).toMatchObject({ status: "ready", target: `smtp://127.0.0.1:${mta.port}`, lmtp: `smtp://127.0.0.1:${mta.port}` });
+      const config = { apiKeys: [KEY], lmtpHost: "dovecot", lmtpPort: 2525, port: 1, host: "x", maxMessageBytes: 1 };
+      const same = await publicUrl.run(ctx({ publicUrl: viaSmtp.url + INBOUND_PATH, config: { ...config, deliverTo } }));
+      expect(statuses(same)).toEqual(["ok", "ok"]);
+      expect(same[1]!.found).toBe(`GET /ready with API_KEY: ready, the host delivers to smtp://127.0.0.1:${mta.port}`);
+      const other = await publicUrl.run(ctx({ publicUrl: viaSmtp.url + INBOUND_PATH, config }));
+      expect(statuses(other)).toEqual(["ok", "ok", "warn"]);
+      expect(other[2]!.found).toBe(`the host behind PUBLIC_URL delivers to smtp://127.0.0.1:${mta.port}, the settings here say lmtp://dovecot:2525: the target check above asked another target`);
+    } finally {
+      await viaSmtp.stop();
+      await mta.close();
+    }
+  });
+
+  test("a host from before /ready's target field (lmtp only): still ready, named by what it says", async () => {
+    const old = stub((req) => (new URL(req.url).pathname === "/health" ? Response.json({ status: "healthy" }) : Response.json({ status: "ready", lmtp: "dovecot:2525" })));
+    try {
+      const fs = await publicUrl.run(ctx({ publicUrl: `http://127.0.0.1:${old.port}${INBOUND_PATH}`, config: { apiKeys: [KEY], lmtpHost: "elsewhere", lmtpPort: 24, port: 1, host: "x", maxMessageBytes: 1 } }));
+      expect(statuses(fs)).toEqual(["ok", "ok"]);
+      expect(fs[1]!.found).toBe("GET /ready with API_KEY: ready, the host delivers to dovecot:2525");
+    } finally {
+      await old.stop(true);
+    }
   });
 
   test("a rotation: the second key is the one the host takes", async () => {

@@ -4,7 +4,7 @@
 
 import { afterEach, describe, expect, test } from "bun:test";
 import type net from "node:net";
-import { LmtpPool, SmtpConnection, openConnection, parseDeliverTo, type LmtpTarget, type LmtpTimeouts } from "../lmtp.ts";
+import { LmtpPool, SmtpConnection, lmtpTarget, openConnection, parseDeliverTo, targetUrl, type LmtpTarget, type LmtpTimeouts } from "../lmtp.ts";
 import { startScripted, type Scripted, type ScriptedReply } from "./support/scripted-lmtp.ts";
 import { allowSlowTests } from "./support/timeout.ts";
 
@@ -52,6 +52,14 @@ describe("DELIVER_TO", () => {
     expect(() => parseDeliverTo("smtp://h:25/path")).toThrow("nothing more");
     expect(() => parseDeliverTo("lmtp:relative/path")).toThrow("absolute path");
     expect(() => parseDeliverTo("smtp://h:70000")).toThrow();
+  });
+
+  test("targetUrl writes a target back as DELIVER_TO names it, the protocol first (what /ready's target says)", () => {
+    for (const url of ["lmtp://dovecot:24", "lmtp:/run/dovecot/lmtp", "smtp://postfix:10025", "smtp://[::1]:2525"]) expect(targetUrl(parseDeliverTo(url))).toBe(url);
+    expect(targetUrl(parseDeliverTo("smtp://127.0.0.1"))).toBe("smtp://127.0.0.1:25");
+    // LMTP_HOST/LMTP_PORT's targets carry no protocol: LMTP.
+    expect(targetUrl(lmtpTarget("dovecot", 2525))).toBe("lmtp://dovecot:2525");
+    expect(targetUrl(lmtpTarget("/run/dovecot/lmtp", 2525))).toBe("lmtp:/run/dovecot/lmtp");
   });
 });
 

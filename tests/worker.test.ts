@@ -13,6 +13,7 @@ import type { LogLine } from "../shared/log.ts";
 import { startServer, type RunningServer } from "../server.ts";
 import { MAX_ENVELOPE_TO_BYTES, headerText } from "../shared/contract.ts";
 import worker, { email, type IncomingEmail } from "../worker.ts";
+import { startScripted } from "./support/scripted-lmtp.ts";
 import { allowSlowTests, HOOK_TIMEOUT_MS } from "./support/timeout.ts";
 
 allowSlowTests();
@@ -293,6 +294,37 @@ describe("bounce (setReject, no exception)", () => {
     expect(msg.rejects).toHaveLength(1);
     expect(msg.rejects[0]).toMatch(/^552 5\.3\.4 /);
     expect(msg.rejects[0]).toContain("larger than 1000 bytes");
+  });
+
+  test("413 whose message is the delivery target's own 552 5.3.4 (stub): that reply, one code, not a second one in front", async () => {
+    stubHandler = answer(413, "552 5.3.4 Message size exceeds fixed limit", { error: "payload_too_large" });
+    const msg = incoming(rfc822("413 with the target's code"));
+    const { error, worker } = await run(msg, stubEnv());
+    expect(error).toBeNull();
+    expect(msg.rejects).toEqual(["552 5.3.4 Message size exceeds fixed limit"]);
+    expect(worker[0]).toMatchObject({ outcome: "reject", status: 413 });
+  });
+
+  test("413 from a real host whose MTA (DELIVER_TO=smtp://) refuses the data with 552 5.3.4: the MTA's reply, one code", async () => {
+    const mta = await startScripted("220 mx.test ESMTP\r\n", (line) => {
+      if (line.startsWith("EHLO")) return "250-mx.test\r\n250 PIPELINING\r\n";
+      if (line === "DATA") return "354 End data with <CR><LF>.<CR><LF>\r\n";
+      if (line === ".") return "552 5.3.4 Message size exceeds fixed limit\r\n";
+      if (line === "QUIT") return "221 2.0.0 Bye\r\n";
+      return "250 2.1.0 Ok\r\n";
+    });
+    const viaMta = startServer({ apiKeys: [KEY], lmtpHost: "unused", lmtpPort: 2525, deliverTo: { kind: "tcp", host: "127.0.0.1", port: mta.port, protocol: "smtp" }, port: 0, host: "127.0.0.1", maxMessageBytes: 25 * MiB }, { log: () => {} });
+    try {
+      const msg = incoming(rfc822("too big for the MTA"));
+      const { error, worker } = await run(msg, { API_KEY: KEY, DELL_API_ENDPOINT: `${viaMta.url}/api/v1/inbound-mail` });
+      expect(error).toBeNull();
+      expect(msg.rejects).toEqual(["552 5.3.4 Message size exceeds fixed limit"]);
+      expect(worker[0]).toMatchObject({ outcome: "reject", status: 413 });
+      expect(mta.messages).toHaveLength(1); // refused after the data, as an MTA over its limit does
+    } finally {
+      await viaMta.stop();
+      await mta.close();
+    }
   });
 
   test("413 answered before the body is read (a large message): still a 552 bounce, not a network error", async () => {

@@ -29,8 +29,18 @@ export interface DoctorContext {
   domains: string[];
   /** DNS_SERVER: the resolver to ask (ip or ip:port); the system's when unset. */
   dnsServer?: string;
+  /**
+   * CF_ACCESS_CLIENT_ID / CF_ACCESS_CLIENT_SECRET: the Worker's Access service token, sent on every
+   * request to PUBLIC_URL and EDGE_URL so that the doctor passes where the Worker passes. Never shown.
+   */
+  serviceToken?: ServiceToken;
   /** Limit of each network question. */
   timeoutMs: number;
+}
+
+export interface ServiceToken {
+  id: string;
+  secret: string;
 }
 
 export interface DoctorPart {

@@ -3,10 +3,10 @@
 // skipped), so that one run still reports everything else.
 
 import { z } from "zod";
-import { describeTarget, lmtpTarget } from "../../lmtp.ts";
+import { lmtpTarget, targetUrl } from "../../lmtp.ts";
 import { ConfigError, fromEnv, keyedUrl } from "../../shared/config-env.ts";
 import { ServerEnv, namedKeys, type ServerConfig } from "../config.ts";
-import type { DoctorContext, Finding } from "./finding.ts";
+import type { DoctorContext, Finding, ServiceToken } from "./finding.ts";
 
 /** A domain name in ASCII (an IDN as its xn-- form), at least two labels. */
 const DOMAIN = /^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+([a-z]{2,63}|xn--[a-z0-9-]{1,59})$/i;
@@ -47,13 +47,40 @@ export function doctorContext(env: Record<string, string | undefined>, timeoutMs
     publicUrl: setting("PUBLIC_URL"),
     domains: setting("MAIL_DOMAIN") ?? [],
     dnsServer: setting("DNS_SERVER"),
+    serviceToken: serviceToken(env, findings),
     timeoutMs,
   };
   if (config) findings.push({ part: "configuration", status: "ok", found: describeConfig(config, ctx) });
   return { ctx, findings };
 }
 
+const TOKEN_HALVES = ["CF_ACCESS_CLIENT_ID", "CF_ACCESS_CLIENT_SECRET"] as const;
+
+/**
+ * The Worker's Access service token, as the Worker itself takes it (edge/config.ts): both halves or
+ * neither. A half alone, or one with a character no token has, is a failed finding naming it,
+ * never its value.
+ */
+function serviceToken(env: Record<string, string | undefined>, findings: Finding[]): ServiceToken | undefined {
+  const [id, secret] = TOKEN_HALVES.map((name) => env[name]?.trim() ?? "");
+  if (!id && !secret) return undefined;
+  const fail = (found: string) => void findings.push({ part: "configuration", status: "fail", found, fix: "the values of the Worker's secrets of the same names (Zero Trust > Access > Service credentials); docs/access.md" });
+  if (!id || !secret) {
+    const [set, missing] = id ? TOKEN_HALVES : [TOKEN_HALVES[1], TOKEN_HALVES[0]];
+    fail(`${missing} is not set, but ${set} is (set both, or neither): PUBLIC_URL and EDGE_URL are asked without the service token`);
+    return undefined;
+  }
+  // Access's halves are hex, dots and a domain name; anything else is a paste gone wrong (and
+  // a header cannot carry a control character, nor fetch() a character past Latin-1).
+  const bad = TOKEN_HALVES.find((_, i) => /[^\x21-\x7e]/.test([id, secret][i]!));
+  if (bad) {
+    fail(`${bad} holds whitespace, a control character or a character outside ASCII: Access's tokens have none`);
+    return undefined;
+  }
+  return { id, secret };
+}
+
 function describeConfig(c: ServerConfig, ctx: DoctorContext): string {
   const keys = ctx.keys.length === 1 ? "1 key" : `${ctx.keys.length} keys`;
-  return `the host's settings parse: ${keys}, LMTP ${describeTarget(lmtpTarget(c.lmtpHost, c.lmtpPort))}, spool ${c.spoolDir ?? "off"}, listening on ${c.host}:${c.port}`;
+  return `the host's settings parse: ${keys}, target ${targetUrl(c.deliverTo ?? lmtpTarget(c.lmtpHost, c.lmtpPort))}, spool ${c.spoolDir ?? "off"}, listening on ${c.host}:${c.port}`;
 }

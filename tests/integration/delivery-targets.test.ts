@@ -8,6 +8,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, test } from "bun:tes
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { ServerEnv } from "../../host/config.ts";
+import { publicUrl } from "../../host/doctor/public-url.ts";
 import { startWranglerDev, type WranglerDev } from "../../scripts/wrangler-dev.ts";
 import { startServer, type RunningServer } from "../../server.ts";
 import { fromEnv } from "../../shared/config-env.ts";
@@ -128,6 +129,16 @@ describe("DELIVER_TO=smtp:// to Postfix", () => {
     // Dovecot's Received, and Postfix's below it; nothing else before the sender's bytes.
     expect(prepended.filter((f) => f.name === "Received").map((f) => f.value)).toEqual([expect.stringContaining("with LMTP"), expect.stringContaining("(Postfix) with ESMTP")]);
     expect(pf.log()).toContain("orig_client=unknown[192.0.2.9]");
+  });
+
+  test("/ready with the key names the target as smtp://, and the doctor's public-url check says the host delivers there", async () => {
+    const ready = (await (await fetch(`${viaPostfix.url}/ready`, { headers: { "x-api-key": KEY } })).json()) as Record<string, unknown>;
+    expect(ready).toMatchObject({ status: "ready", target: `smtp://${pf.host}:${pf.port}` });
+    expect(ready.capabilities).toContain("PIPELINING"); // Postfix's own EHLO
+    const config = fromEnv(ServerEnv, { API_KEY: KEY, DELIVER_TO: `smtp://${pf.host}:${pf.port}`, SPOOL_DIR: join(dir, "spool") });
+    const fs = await publicUrl.run({ config, keys: [["API_KEY", KEY]], domains: [], publicUrl: viaPostfix.url + INBOUND_PATH, timeoutMs: 5_000 });
+    expect(fs.map((f) => f.status)).toEqual(["ok", "ok"]);
+    expect(fs[1]!.found).toBe(`GET /ready with API_KEY: ready, the host delivers to smtp://${pf.host}:${pf.port}`);
   });
 
   test("an unknown user is refused at Postfix's RCPT: 422 with Postfix's reason, nothing queued", async () => {

@@ -86,3 +86,58 @@ export function startJwksServer(keys: SigningKey[]): JwksServer {
   state.url = `http://127.0.0.1:${server.port}/cdn-cgi/access/certs`;
   return state;
 }
+
+/** How the played Access application turns a request away. */
+export type AccessRefusal =
+  /** Its default: a redirect to the team's login page. */
+  | "login"
+  /** The application's "401 Response for Service Auth policies". */
+  | "401"
+  /** Its block page. */
+  | "403";
+
+export interface AccessApp {
+  url: string;
+  /** The service tokens its Service Auth policy includes (change freely). */
+  tokens: { id: string; secret: string }[];
+  refusal: AccessRefusal;
+  /** The aud of the JWT it adds (its own AUD tag unless a test plays a mix-up). */
+  aud: string;
+  /** Every request it saw: the service token's two headers as they came. */
+  saw: { path: string; id: string | null; secret: string | null }[];
+  stop(): Promise<void>;
+}
+
+/**
+ * Cloudflare Access on a hostname, played in front of `origin`: a request with one of `tokens`
+ * goes through with a JWT signed by `key` (iss https://<team>, aud `aud`) in place of the token's
+ * headers; any other is turned away as `refusal` says.
+ */
+export function startAccessApp(origin: string, key: SigningKey, team: string, aud: string, tokens: { id: string; secret: string }[]): AccessApp {
+  const state: AccessApp = { url: "", tokens, refusal: "login", aud, saw: [], stop: async () => void (await server.stop(true)) };
+  const server: Server<undefined> = Bun.serve({
+    hostname: "127.0.0.1",
+    port: 0,
+    async fetch(req) {
+      const url = new URL(req.url);
+      const id = req.headers.get("cf-access-client-id");
+      const secret = req.headers.get("cf-access-client-secret");
+      state.saw.push({ path: url.pathname, id, secret });
+      if (!state.tokens.some((t) => t.id === id && t.secret === secret)) {
+        if (state.refusal === "401") return new Response("Unauthorized", { status: 401 });
+        if (state.refusal === "403") return new Response("<html><body>Forbidden. You don't have permission to view this.</body></html>", { status: 403, headers: { "content-type": "text/html" } });
+        const login = `https://${team}/cdn-cgi/access/login/${url.host}?kid=0123&redirect_url=${encodeURIComponent(url.pathname)}&meta=eyJ0eXAi`;
+        return new Response(null, { status: 302, headers: { location: login } });
+      }
+      const headers = new Headers(req.headers);
+      headers.delete("cf-access-client-id");
+      headers.delete("cf-access-client-secret");
+      headers.set("cf-access-jwt-assertion", await mint(key, claims(team, state.aud, { common_name: id })));
+      const body = new Uint8Array(await req.arrayBuffer());
+      const res = await fetch(`${origin}${url.pathname}${url.search}`, { method: req.method, headers, body: body.length ? body : undefined, redirect: "manual" });
+      return new Response(await res.arrayBuffer(), { status: res.status, headers: res.headers });
+    },
+  });
+  state.url = `http://127.0.0.1:${server.port}`;
+  return state;
+}

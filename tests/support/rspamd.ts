@@ -30,6 +30,11 @@ export interface RspamdOptions {
   files?: Record<string, string>;
   /** More lines for local.d/options.inc, after the test's own resolver. */
   options?: string;
+  /**
+   * "127.0.0.1:port" of a resolver of the test's own, asked instead of the private dnsmasq (which
+   * then does not run): one that answers late, or never.
+   */
+  resolver?: string;
 }
 
 export interface RspamdInstance {
@@ -104,7 +109,7 @@ export async function startRspamd(opts: RspamdOptions = {}): Promise<RspamdInsta
     "local.d/worker-normal.inc": `bind_socket = "127.0.0.1:${port}";\ncount = 1;\n`,
     "local.d/worker-controller.inc": `bind_socket = "127.0.0.1:${controllerPort}";\n`,
     "local.d/worker-proxy.inc": "count = 0;\n",
-    "local.d/options.inc": `dns {\n  nameserver = ["127.0.0.1:${dnsPort}"];\n}\nhs_cache_dir = "${HS_CACHE}";\n${opts.options ?? ""}`,
+    "local.d/options.inc": `dns {\n  nameserver = ["${opts.resolver ?? `127.0.0.1:${dnsPort}`}"];\n}\nhs_cache_dir = "${HS_CACHE}";\n${opts.options ?? ""}`,
     "local.d/logging.inc": 'level = "info";\n',
     "rspamd.local.lua": FORCED_ACTIONS_LUA,
     ...opts.files,
@@ -135,7 +140,7 @@ export async function startRspamd(opts: RspamdOptions = {}): Promise<RspamdInsta
   const log = () => readFile(join(dir, "log", "rspamd.log"), "utf8").catch(() => "");
 
   async function start(): Promise<void> {
-    if (dnsPid === null) {
+    if (dnsPid === null && !opts.resolver) {
       const records = opts.dns ?? [];
       dnsPid = spawnGroup(
         [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", `--port=${dnsPort}`, "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/#/", ...records],
@@ -179,7 +184,7 @@ export async function startRspamd(opts: RspamdOptions = {}): Promise<RspamdInsta
   return {
     url,
     controllerUrl: `http://127.0.0.1:${controllerPort}`,
-    dns: `127.0.0.1:${dnsPort}`,
+    dns: opts.resolver ?? `127.0.0.1:${dnsPort}`,
     dir,
     log,
     stop,
