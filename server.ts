@@ -16,6 +16,7 @@ import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type 
 import { LastAnswer } from "./host/last-answer.ts";
 import { Metrics } from "./host/metrics.ts";
 import { accessJwt } from "./host/middleware/access-jwt.ts";
+import { exceptOnMonitor, monitorFetch } from "./host/monitor-listener.ts";
 import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
@@ -28,6 +29,8 @@ import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
 export interface RunningServer {
   url: string;
   port: number;
+  /** MONITOR_PORT's listener, when there is one (host/monitor-listener.ts). */
+  monitorPort: number | null;
   pool: LmtpPool;
   metrics: Metrics;
   runner: QueueRunner | null;
@@ -114,7 +117,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   void certs?.refresh();
 
   const app = createApp({
-    door: config.access && certs ? accessJwt(config.access, certs) : undefined,
+    door: config.access && certs ? exceptOnMonitor(accessJwt(config.access, certs)) : undefined,
     apiKeys: config.apiKeys,
     maxMessageBytes: config.maxMessageBytes,
     bodyIdleMs: config.bodyIdleMs ?? 10_000,
@@ -126,11 +129,12 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     log,
     onAnswer: (outcome) => metrics.countAnswer(outcome),
   });
-  app.route("/", statusApp({ apiKeys: config.apiKeys, metrics, lastAnswer, target: describeTarget(target), spool, edgeUrl: config.edgeUrl }));
+  app.route("/", statusApp({ apiKeys: config.apiKeys, metrics, lastAnswer, target: targetUrl(target), spool, edgeUrl: config.edgeUrl }));
   const server = Bun.serve({
     hostname: config.host,
     port: config.port,
-    fetch: app.fetch,
+    // Nothing of Bun's own reaches the app as its env (the monitoring listener's marks its requests).
+    fetch: (request) => app.fetch(request),
     // No limit of Bun's own: its 413 has no body and cuts the connection. The app refuses every
     // body that is too large itself (by Content-Length first, then counting as it streams), with
     // a 413 that names the limit.
@@ -139,12 +143,20 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     idleTimeout: 60,
   });
   const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
+  let monitor: ReturnType<typeof Bun.serve> | null = null;
+  try {
+    monitor = config.monitorPort ? Bun.serve({ hostname: config.host, port: config.monitorPort, fetch: monitorFetch(app), idleTimeout: 60 }) : null;
+  } catch (e) {
+    server.stop(true);
+    throw new ConfigError(`HOST=${config.host} MONITOR_PORT=${config.monitorPort} cannot be listened on: ${(e as Error).message}`);
+  }
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(monitor ? { monitor: `http://${config.host}:${monitor.port}` } : {}), ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
 
   let stopping: Promise<void> | null = null;
   return {
     url,
     port: server.port!,
+    monitorPort: monitor?.port ?? null,
     pool,
     metrics,
     runner,
@@ -153,7 +165,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       stopping ??= (async () => {
         aliases?.close();
         // Stop listening; requests under way run to their answer (LMTP's timeouts bound them).
-        await server.stop(false);
+        await Promise.all([server.stop(false), monitor?.stop(false)]);
         await runner?.stop();
         await pool.close();
         delivered.close();

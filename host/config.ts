@@ -51,6 +51,8 @@ export const ServerEnv = z
       .optional(),
     ALIASES_FILE: z.string().trim().optional(),
     PORT: port(8080),
+    // A second listener for monitoring from the host's own network (host/monitor-listener.ts).
+    MONITOR_PORT: anyPort.optional(),
     HOST: z.string().trim().min(1, "is empty").default("127.0.0.1"),
     MAX_MESSAGE_BYTES: positiveInt(DEFAULT_MAX_MESSAGE_BYTES),
     SPOOL_DIR: z.string().trim().optional(),
@@ -98,6 +100,7 @@ export const ServerEnv = z
     if (env.ACCESS_TEAM_DOMAIN && !env.ACCESS_AUD) ctx.addIssue({ code: "custom", path: ["ACCESS_AUD"], message: "is not set, but ACCESS_TEAM_DOMAIN is (set both, or neither)" });
     if (env.ACCESS_AUD && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_TEAM_DOMAIN"], message: "is not set, but ACCESS_AUD is (set both, or neither)" });
     if (env.ACCESS_CERTS_URL && !env.ACCESS_TEAM_DOMAIN) ctx.addIssue({ code: "custom", path: ["ACCESS_CERTS_URL"], message: "needs ACCESS_TEAM_DOMAIN and ACCESS_AUD" });
+    if (env.MONITOR_PORT !== undefined && env.MONITOR_PORT === env.PORT) ctx.addIssue({ code: "custom", path: ["MONITOR_PORT"], message: "is PORT: give the monitoring listener a port of its own (the tunnel reaches PORT only)" });
     if (env.DELIVER_TO && (env.LMTP_HOST !== undefined || env.LMTP_PORT !== undefined)) {
       ctx.addIssue({ code: "custom", path: ["DELIVER_TO"], message: "and LMTP_HOST/LMTP_PORT are both set: keep one (DELIVER_TO=lmtp://host:port says what they say)" });
     }
@@ -118,6 +121,7 @@ export const ServerEnv = z
       ...(env.DELIVER_TO ? { deliverTo: env.DELIVER_TO } : {}),
       ...(env.ALIASES_FILE ? { aliasesFile: env.ALIASES_FILE } : {}),
       port: env.PORT,
+      ...(env.MONITOR_PORT !== undefined ? { monitorPort: env.MONITOR_PORT } : {}),
       host: env.HOST,
       maxMessageBytes: env.MAX_MESSAGE_BYTES,
       spoolDir: env.SPOOL_DIR || undefined,
@@ -146,6 +150,8 @@ export interface ServerConfig {
   /** ALIASES_FILE: Postfix virtual(5) lines expanded before LMTP (host/aliases.ts). */
   aliasesFile?: string;
   port: number;
+  /** MONITOR_PORT: GET /health, /ready, /metrics and /status only, with the key and without the Access check. */
+  monitorPort?: number;
   host: string;
   maxMessageBytes: number;
   /** The durable spool; without it, temporary LMTP failures are answered 503. */
