@@ -2,9 +2,12 @@
 // and answers LHLO (EHLO), and that it would take postmaster@ of each MAIL_DOMAIN at RCPT (RFC 5321
 // 4.5.1 requires that address), asked with MAIL FROM:<>, RCPT TO, RSET: nothing is delivered. The
 // question goes through the target's own client (probeLmtp opens the protocol the target speaks).
+// With ALIASES_FILE, postmaster@ is asked as the host would deliver it: expanded first.
 
+import { readFileSync } from "node:fs";
 import { LmtpFault, describeTarget, formatReply, lmtpTarget, probeLmtp, protocolOf, type TargetProbe } from "../../lmtp.ts";
 import { replyClass } from "../../shared/replies.ts";
+import { AliasMap } from "../aliases.ts";
 import type { ServerConfig } from "../config.ts";
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
 
@@ -20,7 +23,13 @@ export const target: DoctorPart = {
   async run(ctx) {
     if (!ctx.config) return [{ part: "target", status: "skip", found: "the host's settings do not parse (see configuration)" }];
     const client = targetClient(ctx.config, ctx);
-    const addresses = ctx.domains.map((d) => `postmaster@${d}`);
+    // With ALIASES_FILE the host expands postmaster@ itself before delivery: the target is asked
+    // about what it expands to, as a delivery would be.
+    const aliases = ctx.config.aliasesFile ? readAliases(ctx.config.aliasesFile) : null;
+    if (aliases instanceof Error) return [{ part: "target", status: "fail", found: `ALIASES_FILE=${ctx.config.aliasesFile}: ${aliases.message}`, fix: "mend the file: the host keeps its previous map (or does not start) while it does not parse" }];
+    const postmasters = ctx.domains.map((d) => `postmaster@${d}`);
+    const reaches = new Map(postmasters.map((p) => [p, aliases ? aliases.expand(p) : [p]]));
+    const addresses = [...new Set([...reaches.values()].flat())];
     let probe: TargetProbe;
     try {
       probe = await client.probe(addresses);
@@ -29,7 +38,9 @@ export const target: DoctorPart = {
     }
     const findings: Finding[] = [{ part: "target", status: "ok", found: `${client.name}: ${probe.greeting}; ${client.name.startsWith("SMTP") ? "EHLO" : "LHLO"} ${probe.hello.split(" ")[0]}, offers ${probe.capabilities.join(" ") || "nothing"}` }];
     if (!addresses.length) findings.push({ part: "target", status: "skip", found: "postmaster@: MAIL_DOMAIN is not set, no address to ask about" });
-    for (const { address, reply } of probe.recipients) {
+    const replies = new Map(probe.recipients.map((r) => [r.address, r.reply]));
+    const asked = [...reaches].flatMap(([postmaster, targets]) => targets.map((t) => ({ address: t === postmaster ? t : `${postmaster} -> ${t} (ALIASES_FILE)`, reply: replies.get(t)! })));
+    for (const { address, reply } of asked) {
       const text = formatReply(reply);
       const verdict = replyClass(reply.code);
       if (verdict === "accepted") findings.push({ part: "target", status: "ok", found: `${address}: RCPT answered ${text} (then RSET: nothing delivered)` });
@@ -40,6 +51,15 @@ export const target: DoctorPart = {
     return findings;
   },
 };
+
+/** ALIASES_FILE's map as the host reads it, or why it cannot be read. */
+function readAliases(path: string): AliasMap | Error {
+  try {
+    return AliasMap.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    return e as Error;
+  }
+}
 
 function unanswered(name: string, e: Error, config: ServerConfig): Finding {
   const where = config.deliverTo ? "DELIVER_TO" : config.lmtpHost.startsWith("/") ? "LMTP_HOST (the socket's path)" : "LMTP_HOST and LMTP_PORT";

@@ -4,7 +4,10 @@
 // something else does (an SMTP server's EHLO-only answer), or when postmaster@ does not exist.
 
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { readdir } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { freePort } from "../../scripts/free-port.ts";
 import type { ServerConfig } from "../../host/config.ts";
 import type { DoctorContext } from "../../host/doctor/finding.ts";
@@ -128,4 +131,29 @@ test("DELIVER_TO=smtp:// with nothing listening: fail, naming DELIVER_TO and the
   expect(fs[0]!.status).toBe("fail");
   expect(fs[0]!.found).toContain(`SMTP smtp://127.0.0.1:${port}`);
   expect(fs[0]!.fix).toContain("DELIVER_TO");
+});
+
+test("ALIASES_FILE: postmaster@ that only the host's alias map has is asked as its targets, as a delivery would be; a file that does not parse fails naming it", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "doctor-aliases-"));
+  try {
+    const file = join(dir, "aliases");
+    writeFileSync(file, "# the domain's postmaster is a person\npostmaster@alias.test user@good.test\n");
+    const withAliases: ServerConfig = { ...config(dv.host, dv.port), aliasesFile: file };
+    // Dovecot alone has no postmaster@alias.test: without the map it is refused...
+    expect((await target.run(ctx(config(dv.host, dv.port), ["alias.test"]))).map((f) => f.status)).toEqual(["ok", "fail"]);
+    // ...with it, its target is asked, and takes it.
+    const fs = await target.run(ctx(withAliases, ["alias.test", "good.test"]));
+    expect(fs.map((f) => f.status)).toEqual(["ok", "ok", "ok"]);
+    expect(fs[1]!.found).toStartWith("postmaster@alias.test -> user@good.test (ALIASES_FILE): RCPT answered 250");
+    expect(fs[2]!.found).toStartWith(`${POSTMASTER}: RCPT answered 250`);
+    expect(await filesUnder(`${dv.dir}/mail`)).toEqual([]);
+
+    writeFileSync(file, "postmaster@alias.test\n");
+    const bad = await target.run(ctx(withAliases, ["alias.test"]));
+    expect(bad).toHaveLength(1);
+    expect(bad[0]).toMatchObject({ status: "fail" });
+    expect(bad[0]!.found).toContain(`ALIASES_FILE=${file}: line 1`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
