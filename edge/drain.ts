@@ -12,6 +12,8 @@
 //     oldest first, whatever their backoff, except a message whose last failure was its own (the
 //     host answered for it, a full mailbox; or it took too long while the host was up): it waits
 //     its backoff.
+//   - Messages waiting out a backoff of their own hide nothing: a run lists on until it has as
+//     many ready as it can deliver, or reaches the end of queue/.
 //   - A failure without the host's answer ends the run: the host may have gone away.
 //   - Backoff per message as Postfix's: 5 min after the first failed attempt, doubling, at most 1 h.
 //   - A permanent refusal, or EDGE_SPOOL_MAX_AGE_HOURS passed: failed/, and one notice to
@@ -93,6 +95,8 @@ const MIN_DELIVERY_MS = 10_000;
  * holds the others back at most this long, and the next cron run after it goes on.
  */
 export const LOCK_LEASE_MS = 45_000;
+/** A run lists no further than this many messages ready to go (ten pages of them at most). */
+const MAX_READY = 500;
 /** A drain chains at most this many runs: a request may cause 32 Worker invocations, each call through a service binding counting. */
 export const MAX_LINKS = 30;
 
@@ -155,11 +159,16 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
   let listing: { messages: HeldMessage[]; complete: boolean } = { messages: [], complete: false };
   const left = new Map<string, HeldMessage>();
   try {
-    // As many pages as this run could deliver messages for (each page holds at least 50).
-    const deliveries = Math.max(1, Math.floor((budget.left - COST.end) / COST.delivery));
-    listing = await spool.held(Math.min(10, Math.ceil(deliveries / 50)));
-    for (const m of listing.messages) left.set(m.id, m);
     const t = now();
+    // An operator's flush offers everything now; other runs respect the grace and the backoffs
+    // earned while the host was up.
+    const isReady = (m: HeldMessage) => (opts.trigger === "flush" ? graceEnd(m) : notBefore(m)) <= t;
+    // Listed until there are as many ready messages as this run could deliver (at most MAX_READY),
+    // page after page while the budget still allows an attempt after the page: messages waiting
+    // out a backoff of their own (a full mailbox) at the head of the queue never hide the rest.
+    const enough = Math.min(MAX_READY, Math.max(1, Math.floor((budget.left - COST.end) / COST.delivery)));
+    listing = await spool.held(budget.left, (soFar) => soFar.filter(isReady).length < enough && budget.affords(COST.page + WORST_ATTEMPT, COST.end));
+    for (const m of listing.messages) left.set(m.id, m);
 
     // Past the maximum age: given up before anything else, whatever the host does now.
     for (const m of listing.messages) {
@@ -173,9 +182,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
       summary.failed++;
     }
 
-    // An operator's flush offers everything now; other runs respect the grace and the backoffs
-    // earned while the host was up.
-    const ready = [...left.values()].filter((m) => (opts.trigger === "flush" ? graceEnd(m) : notBefore(m)) <= t);
+    const ready = [...left.values()].filter(isReady);
     // Not known to be up: the message due soonest goes first (the probe), and alone unless the host answers.
     const probe = hostUp ? undefined : [...ready].sort((a, b) => a.next - b.next || (a.id < b.id ? -1 : 1))[0];
     const order = probe ? [probe, ...ready.filter((m) => m !== probe)] : ready;

@@ -586,6 +586,45 @@ describe("drain", () => {
     expect(h.sent.filter((s) => s.id === full)).toHaveLength(2);
   });
 
+  test("messages waiting out a backoff of their own at the head of the queue (a full mailbox) hide nothing behind them: the rest are delivered, then idle runs are one HEAD", async () => {
+    // 60 held for a full mailbox: with their .retry records, more than a page of the listing.
+    const h = harness(60, { to: "full@kuma8088.com" });
+    await h.ready;
+    h.answer((m) => (m.to === "full@kuma8088.com" ? { outcome: "temporary", reply: "host answered 503: 452 4.2.2 Mailbox full", hostAnswered: true } : CONFIRMED));
+    // Each was offered while the host was up and answered for it: each waits its backoff.
+    for (const m of (await new EdgeSpool(h.bucket).held(10)).messages) await new EdgeSpool(h.bucket).retryLater(m, "452 4.2.2 Mailbox full", h.now() + 5 * MINUTE, true, h.now());
+    const others: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      h.advance(1000);
+      const text = `Subject: behind ${i}\r\n\r\nx\r\n`;
+      others.push((await new EdgeSpool(h.bucket).hold(text, { from: SENDER, to: USER, size: text.length, reason: "host down", noAnswer: false }, h.now()))!);
+    }
+    h.sent.length = 0;
+    h.advance(MINUTE);
+    const run = await h.drain();
+    expect(run).toMatchObject({ delivered: 5, retried: 0, complete: true });
+    expect(h.sent.map((s) => s.id)).toEqual(others);
+    // Nothing is due before the first backoff ends: the cron runs until then are one HEAD each.
+    h.bucket.resetCounts();
+    h.advance(MINUTE);
+    expect(await h.drain()).toMatchObject({ state: "idle" });
+    expect(h.bucket.calls).toEqual(["head held"]);
+  });
+
+  test("a listing cut at a page's end leaves out the message whose .retry record may be on the next page: its backoff is never lost", async () => {
+    const h = harness(100);
+    await h.ready;
+    // The 100th message was tried: the first page (100 keys) ends with it, its record starts the next.
+    const last = (await new EdgeSpool(h.bucket).held(2)).messages[99]!;
+    await new EdgeSpool(h.bucket).retryLater(last, "452 4.2.2 Mailbox full", h.now() + HOUR, true, h.now());
+    const one = await new EdgeSpool(h.bucket).held(1);
+    expect(one.complete).toBe(false);
+    expect(one.messages.map((m) => m.id)).toEqual(h.ids.slice(0, 99));
+    const two = await new EdgeSpool(h.bucket).held(2);
+    expect(two.complete).toBe(true);
+    expect(two.messages[99]).toMatchObject({ id: last.id, attempts: 1, specific: true });
+  });
+
   test("a run that knows the host is up stops at a failure without the host's answer; a tunnel error leaves the message no backoff of its own, a timeout does", async () => {
     const h = harness(3);
     await h.ready;
