@@ -16,8 +16,10 @@
 //     many ready as it can deliver, or reaches the end of queue/.
 //   - A failure without the host's answer ends the run: the host may have gone away.
 //   - Backoff per message as Postfix's: 5 min after the first failed attempt, doubling, at most 1 h.
-//   - A permanent refusal, or EDGE_SPOOL_MAX_AGE_HOURS passed: failed/, and one notice to
-//     POSTMASTER (queued here like any held message; none for a notice).
+//   - A permanent refusal, or an attempt failed after EDGE_SPOOL_MAX_AGE_HOURS (its own, or the
+//     run's that found the host away): failed/, and one notice to POSTMASTER (queued here like
+//     any held message; none for a notice). Never without an attempt: a host back after the
+//     maximum age gets the message (Postfix's maximal_queue_lifetime).
 //   - Bounded by what one invocation may spend: each step starts only if its worst case in
 //     subrequests fits the budget (edge/budget.ts) with the end's writes, and only while time is
 //     left (RUN_MS). A run that ends for those reasons right after the host confirmed something
@@ -125,6 +127,8 @@ export function backoffMs(attempts: number): number {
 
 /** A message held without the host's answer is not offered before this: its first copy may still be arriving. */
 const graceEnd = (m: HeldMessage) => (m.noAnswer && m.attempts === 0 ? m.received + NO_ANSWER_GRACE_MS : 0);
+/** Past EDGE_SPOOL_MAX_AGE_HOURS, and out of the grace: the next failed attempt gives it up. */
+const expiredAt = (m: HeldMessage, at: number, maxAgeMs: number) => at - m.since >= maxAgeMs && graceEnd(m) <= at;
 /** Not offered before this, whoever confirms what: the grace, and a backoff earned while the host was up. */
 const notBefore = (m: HeldMessage) => Math.max(graceEnd(m), m.specific ? m.next : 0);
 
@@ -134,6 +138,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
   const link = opts.link ?? 0;
   const summary: DrainSummary = { trigger: opts.trigger, link, state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0, complete: false, chained: false, subrequests: 0, r2: spool.ops };
   const done = (s: Partial<DrainSummary> = {}) => Object.assign(summary, s, { subrequests: budget.used });
+  const expired = (m: HeldMessage, at: number) => expiredAt(m, at, opts.maxAgeMs);
 
   // Take the lock (a chained run: take it over from the previous run), and read the marker
   // before listing: its ETag makes the end's write conditional on no hold since.
@@ -170,18 +175,6 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
     listing = await spool.held(budget.left, (soFar) => soFar.filter(isReady).length < enough && budget.affords(COST.page + WORST_ATTEMPT, COST.end));
     for (const m of listing.messages) left.set(m.id, m);
 
-    // Past the maximum age: given up before anything else, whatever the host does now.
-    for (const m of listing.messages) {
-      if (t - m.since < opts.maxAgeMs || graceEnd(m) > t) continue;
-      if (!budget.affords(COST.giveUp, COST.end)) {
-        stopped = "budget";
-        break;
-      }
-      await giveUp(spool, m, "expired", m.lastReply || m.reason, opts, now());
-      left.delete(m.id);
-      summary.failed++;
-    }
-
     const ready = [...left.values()].filter(isReady);
     // Not known to be up: the message due soonest goes first (the probe), and alone unless the host answers.
     const probe = hostUp ? undefined : [...ready].sort((a, b) => a.next - b.next || (a.id < b.id ? -1 : 1))[0];
@@ -212,6 +205,13 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
           left.delete(m.id);
           summary.failed++;
           hostUp = true;
+        } else if (expired(m, now())) {
+          // Past its maximum age, and this attempt failed too: given up (Postfix's maximal_queue_lifetime).
+          await giveUp(spool, m, "expired", r.reply, opts, now());
+          left.delete(m.id);
+          summary.failed++;
+          if (r.hostAnswered) hostUp = true;
+          else stopped = "host";
         } else {
           // This message's own failure: the host answered for it, or took too long with it while
           // up. It waits its backoff whoever confirms what. A tunnel's error or a refused
@@ -230,6 +230,18 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
         opts.log({ event: "edge_spool_error", during: "drain", id: m.id, error: (e as Error).message });
         await spool.retryLater(m, `the edge spool failed: ${(e as Error).message}`, now() + backoffMs(m.attempts + 1), false, now()).catch(() => {});
         stopped = "error";
+      }
+    }
+    // The host did not answer in this run (the probe, or a delivery once it was up): what is past
+    // its maximum age is given up now, as Postfix does with mail for a destination it found dead.
+    // Never before an attempt: a host back after the maximum age gets every message first.
+    if (stopped === "host") {
+      for (const m of [...left.values()]) {
+        if (!expired(m, now())) continue;
+        if (!budget.affords(COST.giveUp, COST.end) || now() - started > RUN_MS) break;
+        await giveUp(spool, m, "expired", m.lastReply || m.reason, opts, now());
+        left.delete(m.id);
+        summary.failed++;
       }
     }
     // Everything listed was offered, but the listing did not reach the end of queue/.

@@ -489,16 +489,38 @@ describe("drain", () => {
     expect(h.bucket.keys("failed/")).toHaveLength(1);
   });
 
-  test("past the maximum age: failed/ and a notice, without another attempt", async () => {
-    const h = harness(1);
+  test("past the maximum age, the host back: delivered, never given up without an attempt", async () => {
+    const h = harness(3);
     await h.ready;
     h.advance(120 * HOUR);
     h.answer(() => CONFIRMED);
-    expect(await h.drain()).toMatchObject({ failed: 1 });
-    expect(h.sent).toEqual([]);
+    expect(await h.drain()).toMatchObject({ delivered: 3, failed: 0 });
+    expect(h.sent.map((s) => s.id)).toEqual(h.ids);
+    expect(h.bucket.keys("failed/")).toEqual([]);
+    expect(await h.held()).toEqual([]);
+  });
+
+  test("past the maximum age, the host still away: the probe fails, then failed/ and one notice each", async () => {
+    const h = harness(3);
+    await h.ready;
+    h.advance(120 * HOUR);
+    expect(await h.drain()).toMatchObject({ failed: 3, retried: 0, stopped: "host" });
+    expect(h.sent).toHaveLength(1); // the probe: the host did not answer
     const failed = await new EdgeSpool(h.bucket).failed();
-    expect(failed.map((f) => f.why)).toEqual(["expired"]);
-    expect((await h.held()).map((m) => m.kind)).toEqual(["notice"]);
+    expect(failed.map((f) => [f.id, f.why])).toEqual(h.ids.map((id) => [id, "expired"]));
+    expect((await h.held()).map((m) => [m.kind, m.noticeFor])).toEqual(h.ids.map((id) => ["notice", id]));
+  });
+
+  test("past the maximum age, the host answering for the message (a full mailbox): given up after that attempt, the others delivered", async () => {
+    const h = harness(2);
+    await h.ready;
+    const [full] = h.ids;
+    h.advance(120 * HOUR);
+    h.answer((m) => (m.id === full ? { outcome: "temporary", reply: "host answered 503: 452 4.2.2 Mailbox full", hostAnswered: true } : CONFIRMED));
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, failed: 1 });
+    expect(h.sent.map((s) => s.id)).toEqual(h.ids);
+    const [failed] = await new EdgeSpool(h.bucket).failed();
+    expect(failed).toMatchObject({ id: full, why: "expired", lastReply: "host answered 503: 452 4.2.2 Mailbox full" });
   });
 
   test("a long non-ASCII envelope and a long reply fit R2's metadata: refused once, one notice, failed/ keeps it, the next runs add nothing", async () => {
