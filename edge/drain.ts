@@ -115,7 +115,7 @@ export const COST = {
   delivery: 3,
   /** Whether failed/ has it, the header block's GET, the notice and its marker, the body's GET and its failed/ copy, the delete. */
   giveUp: 7,
-  /** The marker's conditional write and the lock's release, or the call that starts the next run. */
+  /** The marker's conditional write and the lock's release; or the call that starts the next run and, if it fails, the marker's write. */
   end: 2,
 } as const;
 /** An attempt that ends in a refusal: GET and fetch, then the give-up. */
@@ -162,6 +162,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
   // The host is up: the run that chained this one, the live delivery or the operator says so.
   let hostUp = opts.trigger !== "cron";
   let listing: { messages: HeldMessage[]; complete: boolean } = { messages: [], complete: false };
+  let handedOn = false;
   const left = new Map<string, HeldMessage>();
   try {
     const t = now();
@@ -251,6 +252,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
     const readyLeft = !listing.complete || [...left.values()].some((m) => notBefore(m) <= now());
     if ((stopped === "budget" || stopped === "time") && confirmed > 0 && readyLeft && opts.next && link < MAX_LINKS) {
       budget.spend(); // the call through the service binding
+      handedOn = true;
       summary.chained = await opts.next(lease.etag, link + 1).catch((e) => {
         opts.log({ event: "edge_spool_error", during: "chaining the drain", error: (e as Error).message });
         return false;
@@ -260,17 +262,20 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
     summary.remaining = left.size;
     summary.complete = listing.complete;
     // The host was away for the probe: the cron probes again in a minute, whatever the backoffs.
-    if (!summary.chained) await end(spool, marker, lease, left, listing.complete, !hostUp && attempted > 0, now, opts);
+    // A run that tried to hand the lock on leaves it to its lease: the next run may have taken it
+    // over (an error says nothing of that), and the call took the subrequest the release had.
+    if (!summary.chained) await end(spool, marker, handedOn ? null : lease, left, listing.complete, !hostUp && attempted > 0, now, opts);
   }
   return done({ stopped });
 }
 
 /**
- * The marker and the lock at the end of a run that did not hand them on. Either write may fail
+ * The marker and the lock at the end of a run that did not hand them on (`lease` null: the lock
+ * is left to its lease). Either write may fail
  * (or never happen, if the run is cut off): the marker then still says "held" and the lease runs
  * out; nothing depends on this for the held mail to be delivered.
  */
-async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease, left: Map<string, HeldMessage>, complete: boolean, probe: boolean, now: () => number, opts: DrainOptions): Promise<void> {
+async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease | null, left: Map<string, HeldMessage>, complete: boolean, probe: boolean, now: () => number, opts: DrainOptions): Promise<void> {
   const state: MarkerState =
     complete && left.size === 0
       ? { empty: true }
@@ -281,6 +286,7 @@ async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease, left: 
   } catch (e) {
     opts.log({ event: "edge_spool_error", during: "the drain's end (the marker)", error: (e as Error).message });
   }
+  if (!lease) return;
   try {
     await spool.unlock(lease, now());
   } catch (e) {

@@ -727,6 +727,38 @@ describe("drain", () => {
     expect(h.bucket.keys()).toEqual(["held"]); // the lock released by the last run
   });
 
+  test("the next run cannot be started (SELF answers 500, or throws): the run stays within its budget, leaves the lock to its lease, and the cron after it goes on", async () => {
+    for (const self of ["500", "throws"] as const) {
+      const h = harness(10);
+      await h.ready;
+      // Two confirmed, then refusals: the run ends on the budget with a give-up just before it.
+      let confirmations = 0;
+      h.answer((m) => (m.kind === "notice" || ++confirmations <= 2 ? CONFIRMED : { outcome: "permanent", reply: "422 550 5.1.1 User unknown" }));
+      let calls = 0;
+      const next = async (): Promise<boolean> => {
+        calls++;
+        if (self === "throws") throw new Error("internal error; reference = 0123");
+        return false;
+      };
+      h.bucket.resetCounts();
+      const budget = new Budget(21);
+      expect(await h.drain("live", { next }, budget)).toMatchObject({ delivered: 2, failed: 1, stopped: "budget", chained: false });
+      expect(calls).toBe(1);
+      expect({ self, used: h.bucket.calls.length + h.fetches() + calls }).toEqual({ self, used: budget.used });
+      expect({ self, used: budget.used }).toEqual({ self, used: 21 });
+      // The callee may hold the lock now (an error says nothing of it): never deleted under it.
+      expect(h.bucket.calls.filter((c) => c.startsWith("delete drain.lock"))).toEqual([]);
+      const marker = await h.marker();
+      expect(marker).toMatchObject({ empty: false });
+      expect(marker!.due).toBeLessThanOrEqual(h.now());
+      expect((await h.drain()).state).toBe("busy");
+      h.advance(LOCK_LEASE_MS);
+      h.answer(() => CONFIRMED);
+      while ((await h.drain()).remaining > 0) h.advance(MINUTE);
+      expect(await h.held()).toEqual([]);
+    }
+  });
+
   test("a chain stops when the host stops confirming: the rest wait for the cron's probe", async () => {
     const h = harness(60);
     await h.ready;
