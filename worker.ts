@@ -121,7 +121,9 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
     void kept?.cancel();
     log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
     if (outcome === "accept") {
-      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? rcpt : null));
+      // With RECIPIENT_DELIMITER, user+tag@ delivered says that user@ exists: learned once for
+      // every tag (isKnown below looks the untagged address up), not once per tag.
+      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? untagged : null));
       return;
     }
     if (outcome === "reject") {

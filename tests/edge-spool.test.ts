@@ -201,6 +201,21 @@ describe("email() with EDGE_SPOOL", () => {
     expect(heldKeys(bucket)).toHaveLength(1);
   });
 
+  test("RECIPIENT_DELIMITER: a delivery to user+tag@ teaches user@, once: in the next outage user@ and any other tag are held", async () => {
+    const bucket = new MemoryR2();
+    const [local, domain] = USER.split("@");
+    const e = (host: "real" | "stub") => env(bucket, host, { RECIPIENT_DELIMITER: "+" });
+    expect(await run(incoming(rfc822("tagged"), `${local}+news@${domain}`), e("real"))).toBeNull();
+    expect(await run(incoming(rfc822("another tag"), `${local}+shop@${domain}`), e("real"))).toBeNull();
+    expect(bucket.keys("known/")).toEqual([`known/${USER}`]);
+    expect(bucket.calls.filter((c) => c.startsWith("put known/"))).toHaveLength(1);
+    for (const to of [USER, `${local}+other@${domain}`]) {
+      const msg = incoming(rfc822(`held for ${to}`), to);
+      expect({ to, err: (await run(msg, e("stub")))?.message ?? null }).toEqual({ to, err: null });
+      expect(workerLines.at(-1)).toMatchObject({ outcome: "held", to });
+    }
+  });
+
   test("a 202 (queued on the host while Dovecot is down) teaches nothing: a random address stays unknown and is thrown back in the next outage", async () => {
     // The real host with its spool, in front of an LMTP server that answers 450 for now: it
     // cannot know who exists, queues the message for anyone and answers 202.
