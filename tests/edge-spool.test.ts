@@ -11,7 +11,8 @@ import { join } from "node:path";
 import { Budget } from "../edge/budget.ts";
 import { backoffMs, COST, drain, LOCK_LEASE_MS, MAX_LINKS, type DrainOptions, type DrainTrigger, type SendResult } from "../edge/drain.ts";
 import { runDrain } from "../edge/drain-runner.ts";
-import { headerBlock, summarizeHeaders } from "../edge/notice.ts";
+import PostalMime from "postal-mime";
+import { headerBlock, noticeMessage, summarizeHeaders } from "../edge/notice.ts";
 import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge/spool.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import { startServer, type RunningServer } from "../server.ts";
@@ -1091,6 +1092,22 @@ describe("the notice reads the header block only", () => {
     );
     expect(new TextDecoder().decode(headerBlock(raw))).not.toContain("body@evil");
     expect(await summarizeHeaders(raw)).toEqual({ messageId: "<abc@example.jp>", from: "山田 <yamada@example.jp>", subject: "日本語", date: "2025-03-01T03:00:00.000Z" });
+  });
+
+  test("a long non-ASCII Subject and RFC 2047 garbage: the notice's header lines stay within 78 characters, its encoded words within 75 (RFC 2047), and it reads back as written", async () => {
+    const subject = "日本語の件名".repeat(40);
+    const raw = new TextEncoder().encode(
+      `Subject: =?UTF-8?B?!!!?= =?x-unknown?Q?odd?= =?UTF-8?B?${Buffer.from(subject).toString("base64")}?=\r\nMessage-ID: <${"m".repeat(2000)}@example.jp>\r\nFrom: =?UTF-8?Q?a=0D=0Ab?= <x@example.jp>\r\n\r\nbody\r\n`,
+    );
+    const h = await summarizeHeaders(raw);
+    const failed = { id: "20260101T000000000Z-0a1b2c3d", from: SENDER, to: USER, size: raw.length, received: 0, since: 0, reason: "", kind: "mail", noAnswer: false, attempts: 1, next: 0, specific: false, lastReply: "422", failed: 0, why: "refused" } as const;
+    const text = noticeMessage(failed, h, POSTMASTER, Date.UTC(2026, 0, 1));
+    const head = text.slice(0, text.indexOf("\r\n\r\n"));
+    for (const line of head.split("\r\n")) expect({ line, length: line.length <= 78 }).toEqual({ line, length: true });
+    for (const word of head.match(/=\?[^?]*\?[BQ]\?[^?]*\?=/g) ?? []) expect(word.length).toBeLessThanOrEqual(75);
+    const parsed = await PostalMime.parse(text);
+    expect(parsed.subject).toBe(`Undelivered mail held at the edge: ${h.subject}`.slice(0, 200));
+    expect(parsed.subject!.length).toBe(200);
   });
 
   test("a decoded CR LF cannot add a line to the notice", async () => {
