@@ -275,7 +275,14 @@ export class EdgeSpool {
     });
     if (!stored && m.id) return null;
     if (!stored || stored.size !== m.size) throw new Error(`the edge spool stored ${stored?.size ?? "nothing"} of ${m.size} bytes`);
-    await this.markHeld(now + (m.noAnswer ? NO_ANSWER_GRACE_MS : 0));
+    try {
+      await this.markHeld(now + (m.noAnswer ? NO_ANSWER_GRACE_MS : 0));
+    } catch (e) {
+      // Not held after all (the caller throws: the sender sends it again). Left in queue/, the copy
+      // would wait unseen behind a marker that may say "empty", then go to the host beside that one.
+      await this.r2("free").delete(queueKey(id)).catch(() => {});
+      throw e;
+    }
     return id;
   }
 

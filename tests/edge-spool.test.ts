@@ -310,6 +310,20 @@ describe("email() with EDGE_SPOOL", () => {
     expect(String(workerLines.at(-1)!.why_not_held)).toContain("internal error");
   });
 
+  test("R2 failing on the marker after the message was written: thrown, and the written copy removed (the sender sends it again; no second copy later)", async () => {
+    const bucket = new MemoryR2();
+    await bucket.put("held", crypto.randomUUID(), { customMetadata: { empty: "1" } }); // a drain emptied the queue before
+    bucket.failPuts = "held";
+    const msg = incoming(rfc822("marker down"));
+    const err = await run(msg, env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }));
+    expect(err?.message).toContain("temporary failure");
+    expect(msg.rejects).toEqual([]);
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "retry", held: false });
+    // Left there, it would wait unseen behind a marker that says "empty", and go to the host
+    // after the next hold, beside the copy the sender's retry delivered.
+    expect(heldKeys(bucket)).toEqual([]);
+  });
+
   test("a host refusal (422) is still a bounce in the session with the spool bound: nothing held", async () => {
     const bucket = new MemoryR2();
     await run(incoming(rfc822("learn")), env(bucket, "real"));
