@@ -7,6 +7,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, spyOn, te
 import type { Server } from "bun";
 import { workerConfig, type HostBinding } from "../edge/config.ts";
 import { fetchHost, sendHeld } from "../edge/forward.ts";
+import { hostReachable } from "../edge/host-probe.ts";
 import { ConfigError } from "../shared/config-env.ts";
 import { email, scheduled, type IncomingEmail } from "../worker.ts";
 import { MemoryR2 } from "./support/memory-r2.ts";
@@ -106,6 +107,13 @@ describe("the Access service token (CF_ACCESS_CLIENT_ID, CF_ACCESS_CLIENT_SECRET
     const body = new TextEncoder().encode("Subject: held\r\n\r\nHeld.\r\n");
     const m = { id: "x", from: "a@example.org", to: USER, size: body.length } as Parameters<typeof send>[0];
     expect((await send(m, streamOf([body]), crypto.randomUUID(), 5_000)).outcome).toBe("confirmed");
+    expect(seen[0]!.get("cf-access-client-id")).toBe(CLIENT_ID);
+    expect(seen[0]!.get("cf-access-client-secret")).toBe(CLIENT_SECRET);
+  });
+
+  test("set: the /edge/metrics probe of the host's /health carries both too (Access guards the whole hostname)", async () => {
+    await hostReachable(workerConfig(withToken()));
+    expect(seen).toHaveLength(1);
     expect(seen[0]!.get("cf-access-client-id")).toBe(CLIENT_ID);
     expect(seen[0]!.get("cf-access-client-secret")).toBe(CLIENT_SECRET);
   });
