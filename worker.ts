@@ -121,7 +121,9 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
     void kept?.cancel();
     log({ ...base, outcome, status: res.status, message: text, ms: Date.now() - started });
     if (outcome === "accept") {
-      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? rcpt : null));
+      // With RECIPIENT_DELIMITER, user+tag@ delivered says that user@ exists: learned once for
+      // every tag (isKnown below looks the untagged address up), not once per tag.
+      if (spool) await later(ctx, afterLiveSuccess(config, spool, deliveredTo(answer.data?.recipients, rcpt) ? untagged : null));
       return;
     }
     if (outcome === "reject") {
@@ -146,7 +148,8 @@ export async function email(message: IncomingEmail, env: Env, ctx?: WaitUntil): 
     void kept.cancel();
     log({ ...base, outcome: "retry", status: res.status, message: text, held: false, why_not_held: "recipient not known at the edge", ms: Date.now() - started });
   } catch (e) {
-    void kept.cancel();
+    // hold() may have locked it (workerd's R2 put pipes it at once): then cancel() rejects.
+    if (!kept.locked) void kept.cancel();
     log({ ...base, outcome: "retry", status: res.status, message: text, held: false, why_not_held: `edge spool: ${(e as Error).message}`, ms: Date.now() - started });
   }
   throw new Error(`temporary failure, try again later: ${text}`);

@@ -12,10 +12,14 @@
 //     oldest first, whatever their backoff, except a message whose last failure was its own (the
 //     host answered for it, a full mailbox; or it took too long while the host was up): it waits
 //     its backoff.
+//   - Messages waiting out a backoff of their own hide nothing: a run lists on until it has as
+//     many ready as it can deliver, or reaches the end of queue/.
 //   - A failure without the host's answer ends the run: the host may have gone away.
 //   - Backoff per message as Postfix's: 5 min after the first failed attempt, doubling, at most 1 h.
-//   - A permanent refusal, or EDGE_SPOOL_MAX_AGE_HOURS passed: failed/, and one notice to
-//     POSTMASTER (queued here like any held message; none for a notice).
+//   - A permanent refusal, or an attempt failed after EDGE_SPOOL_MAX_AGE_HOURS (its own, or the
+//     run's that found the host away): failed/, and one notice to POSTMASTER (queued here like
+//     any held message; none for a notice). Never without an attempt: a host back after the
+//     maximum age gets the message (Postfix's maximal_queue_lifetime).
 //   - Bounded by what one invocation may spend: each step starts only if its worst case in
 //     subrequests fits the budget (edge/budget.ts) with the end's writes, and only while time is
 //     left (RUN_MS). A run that ends for those reasons right after the host confirmed something
@@ -93,6 +97,8 @@ const MIN_DELIVERY_MS = 10_000;
  * holds the others back at most this long, and the next cron run after it goes on.
  */
 export const LOCK_LEASE_MS = 45_000;
+/** A run lists no further than this many messages ready to go (ten pages of them at most). */
+const MAX_READY = 500;
 /** A drain chains at most this many runs: a request may cause 32 Worker invocations, each call through a service binding counting. */
 export const MAX_LINKS = 30;
 
@@ -109,7 +115,7 @@ export const COST = {
   delivery: 3,
   /** Whether failed/ has it, the header block's GET, the notice and its marker, the body's GET and its failed/ copy, the delete. */
   giveUp: 7,
-  /** The marker's conditional write and the lock's release, or the call that starts the next run. */
+  /** The marker's conditional write and the lock's release; or the call that starts the next run and, if it fails, the marker's write. */
   end: 2,
 } as const;
 /** An attempt that ends in a refusal: GET and fetch, then the give-up. */
@@ -121,6 +127,8 @@ export function backoffMs(attempts: number): number {
 
 /** A message held without the host's answer is not offered before this: its first copy may still be arriving. */
 const graceEnd = (m: HeldMessage) => (m.noAnswer && m.attempts === 0 ? m.received + NO_ANSWER_GRACE_MS : 0);
+/** Past EDGE_SPOOL_MAX_AGE_HOURS, and out of the grace: the next failed attempt gives it up. */
+const expiredAt = (m: HeldMessage, at: number, maxAgeMs: number) => at - m.since >= maxAgeMs && graceEnd(m) <= at;
 /** Not offered before this, whoever confirms what: the grace, and a backoff earned while the host was up. */
 const notBefore = (m: HeldMessage) => Math.max(graceEnd(m), m.specific ? m.next : 0);
 
@@ -130,6 +138,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
   const link = opts.link ?? 0;
   const summary: DrainSummary = { trigger: opts.trigger, link, state: "idle", delivered: 0, retried: 0, failed: 0, remaining: 0, complete: false, chained: false, subrequests: 0, r2: spool.ops };
   const done = (s: Partial<DrainSummary> = {}) => Object.assign(summary, s, { subrequests: budget.used });
+  const expired = (m: HeldMessage, at: number) => expiredAt(m, at, opts.maxAgeMs);
 
   // Take the lock (a chained run: take it over from the previous run), and read the marker
   // before listing: its ETag makes the end's write conditional on no hold since.
@@ -153,29 +162,21 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
   // The host is up: the run that chained this one, the live delivery or the operator says so.
   let hostUp = opts.trigger !== "cron";
   let listing: { messages: HeldMessage[]; complete: boolean } = { messages: [], complete: false };
+  let handedOn = false;
   const left = new Map<string, HeldMessage>();
   try {
-    // As many pages as this run could deliver messages for (each page holds at least 50).
-    const deliveries = Math.max(1, Math.floor((budget.left - COST.end) / COST.delivery));
-    listing = await spool.held(Math.min(10, Math.ceil(deliveries / 50)));
-    for (const m of listing.messages) left.set(m.id, m);
     const t = now();
-
-    // Past the maximum age: given up before anything else, whatever the host does now.
-    for (const m of listing.messages) {
-      if (t - m.since < opts.maxAgeMs || graceEnd(m) > t) continue;
-      if (!budget.affords(COST.giveUp, COST.end)) {
-        stopped = "budget";
-        break;
-      }
-      await giveUp(spool, m, "expired", m.lastReply || m.reason, opts, now());
-      left.delete(m.id);
-      summary.failed++;
-    }
-
     // An operator's flush offers everything now; other runs respect the grace and the backoffs
     // earned while the host was up.
-    const ready = [...left.values()].filter((m) => (opts.trigger === "flush" ? graceEnd(m) : notBefore(m)) <= t);
+    const isReady = (m: HeldMessage) => (opts.trigger === "flush" ? graceEnd(m) : notBefore(m)) <= t;
+    // Listed until there are as many ready messages as this run could deliver (at most MAX_READY),
+    // page after page while the budget still allows an attempt after the page: messages waiting
+    // out a backoff of their own (a full mailbox) at the head of the queue never hide the rest.
+    const enough = Math.min(MAX_READY, Math.max(1, Math.floor((budget.left - COST.end) / COST.delivery)));
+    listing = await spool.held(budget.left, (soFar) => soFar.filter(isReady).length < enough && budget.affords(COST.page + WORST_ATTEMPT, COST.end));
+    for (const m of listing.messages) left.set(m.id, m);
+
+    const ready = [...left.values()].filter(isReady);
     // Not known to be up: the message due soonest goes first (the probe), and alone unless the host answers.
     const probe = hostUp ? undefined : [...ready].sort((a, b) => a.next - b.next || (a.id < b.id ? -1 : 1))[0];
     const order = probe ? [probe, ...ready.filter((m) => m !== probe)] : ready;
@@ -205,6 +206,13 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
           left.delete(m.id);
           summary.failed++;
           hostUp = true;
+        } else if (expired(m, now())) {
+          // Past its maximum age, and this attempt failed too: given up (Postfix's maximal_queue_lifetime).
+          await giveUp(spool, m, "expired", r.reply, opts, now());
+          left.delete(m.id);
+          summary.failed++;
+          if (r.hostAnswered) hostUp = true;
+          else stopped = "host";
         } else {
           // This message's own failure: the host answered for it, or took too long with it while
           // up. It waits its backoff whoever confirms what. A tunnel's error or a refused
@@ -225,6 +233,18 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
         stopped = "error";
       }
     }
+    // The host did not answer in this run (the probe, or a delivery once it was up): what is past
+    // its maximum age is given up now, as Postfix does with mail for a destination it found dead.
+    // Never before an attempt: a host back after the maximum age gets every message first.
+    if (stopped === "host") {
+      for (const m of [...left.values()]) {
+        if (!expired(m, now())) continue;
+        if (!budget.affords(COST.giveUp, COST.end) || now() - started > RUN_MS) break;
+        await giveUp(spool, m, "expired", m.lastReply || m.reason, opts, now());
+        left.delete(m.id);
+        summary.failed++;
+      }
+    }
     // Everything listed was offered, but the listing did not reach the end of queue/.
     if (stopped === "done" && !listing.complete) stopped = "budget";
 
@@ -232,6 +252,7 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
     const readyLeft = !listing.complete || [...left.values()].some((m) => notBefore(m) <= now());
     if ((stopped === "budget" || stopped === "time") && confirmed > 0 && readyLeft && opts.next && link < MAX_LINKS) {
       budget.spend(); // the call through the service binding
+      handedOn = true;
       summary.chained = await opts.next(lease.etag, link + 1).catch((e) => {
         opts.log({ event: "edge_spool_error", during: "chaining the drain", error: (e as Error).message });
         return false;
@@ -241,17 +262,20 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
     summary.remaining = left.size;
     summary.complete = listing.complete;
     // The host was away for the probe: the cron probes again in a minute, whatever the backoffs.
-    if (!summary.chained) await end(spool, marker, lease, left, listing.complete, !hostUp && attempted > 0, now, opts);
+    // A run that tried to hand the lock on leaves it to its lease: the next run may have taken it
+    // over (an error says nothing of that), and the call took the subrequest the release had.
+    if (!summary.chained) await end(spool, marker, handedOn ? null : lease, left, listing.complete, !hostUp && attempted > 0, now, opts);
   }
   return done({ stopped });
 }
 
 /**
- * The marker and the lock at the end of a run that did not hand them on. Either write may fail
+ * The marker and the lock at the end of a run that did not hand them on (`lease` null: the lock
+ * is left to its lease). Either write may fail
  * (or never happen, if the run is cut off): the marker then still says "held" and the lease runs
  * out; nothing depends on this for the held mail to be delivered.
  */
-async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease, left: Map<string, HeldMessage>, complete: boolean, probe: boolean, now: () => number, opts: DrainOptions): Promise<void> {
+async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease | null, left: Map<string, HeldMessage>, complete: boolean, probe: boolean, now: () => number, opts: DrainOptions): Promise<void> {
   const state: MarkerState =
     complete && left.size === 0
       ? { empty: true }
@@ -262,6 +286,7 @@ async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease, left: 
   } catch (e) {
     opts.log({ event: "edge_spool_error", during: "the drain's end (the marker)", error: (e as Error).message });
   }
+  if (!lease) return;
   try {
     await spool.unlock(lease, now());
   } catch (e) {

@@ -7,6 +7,7 @@ import { ALREADY_ACCEPTED, InboundResponse, headerValue } from "../shared/contra
 import { acceptedResult, isAccepted, isPermanent, outcomeForStatus } from "../shared/replies.ts";
 import type { WorkerConfig } from "./config.ts";
 import type { SendResult } from "./drain.ts";
+import { redactor } from "./redact.ts";
 import { sized, type HeldMessage } from "./spool.ts";
 
 /** How forwardToHost's failures start when the host answered; "host unreachable" otherwise. */
@@ -83,6 +84,8 @@ export async function requestHost(
 
 /** The Deliverer at the edge. */
 export function forwardToHost(config: WorkerConfig): Deliverer {
+  // The host's words, without anything of the key or the service token it was sent (edge/redact.ts).
+  const redact = redactor([config.apiKey, config.access?.clientId, config.access?.clientSecret]);
   return async ({ envelope, body, size, requestId, alreadyAccepted }) => {
     const res = await requestHost(config, {
       headers: messageHeaders(config.apiKey, envelope.from, envelope.to.join(", "), requestId, alreadyAccepted),
@@ -91,10 +94,14 @@ export function forwardToHost(config: WorkerConfig): Deliverer {
     });
     if (res.status >= 300 && res.status < 400) {
       void res.body?.cancel();
-      const location = (res.headers.get("location") ?? "(no Location)").replace(/[\x00-\x1f\x7f]/g, "").slice(0, 300);
+      const location = redact((res.headers.get("location") ?? "(no Location)").replace(/[\x00-\x1f\x7f]/g, "")).slice(0, 300);
       throw new TemporaryFailure(`${HOST_ANSWERED} ${res.status}: a redirect to ${location}, not followed (DELL_API_ENDPOINT must be the host's own URL)`);
     }
     const answer = InboundResponse.safeParse(await res.json().catch(() => null));
+    if (answer.success) {
+      const d = answer.data;
+      Object.assign(d, { message: redact(d.message), error: d.error && redact(d.error), recipients: d.recipients?.map((r) => ({ ...r, address: redact(r.address), reply: redact(r.reply) })) });
+    }
     const text = answer.success ? answer.data.message : `HTTP ${res.status}`;
     const recipients = answer.success ? answer.data.recipients : undefined;
 

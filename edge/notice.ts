@@ -43,13 +43,27 @@ export async function summarizeHeaders(start: Uint8Array): Promise<HeaderSummary
   }
 }
 
-/** RFC 2047 for a header value that is not plain ASCII. */
-function encodedWord(text: string): string {
+/**
+ * RFC 2047 for a header value that is not plain ASCII: encoded words of at most 39 bytes of UTF-8
+ * each (64 characters, within the RFC's 75), split between characters, one per folded line, so
+ * that "Subject: " and the first one stay within 78.
+ */
+function encodedWords(text: string): string {
   if (/^[\x20-\x7e]*$/.test(text)) return text;
-  const bytes = new TextEncoder().encode(text);
-  let bin = "";
-  for (const b of bytes) bin += String.fromCharCode(b);
-  return `=?UTF-8?B?${btoa(bin)}?=`;
+  const utf8 = new TextEncoder();
+  const words: string[] = [];
+  let chunk: number[] = [];
+  const flush = () => {
+    if (chunk.length) words.push(`=?UTF-8?B?${btoa(String.fromCharCode(...chunk))}?=`);
+    chunk = [];
+  };
+  for (const c of text) {
+    const bytes = utf8.encode(c);
+    if (chunk.length + bytes.length > 39) flush();
+    chunk.push(...bytes);
+  }
+  flush();
+  return words.join("\r\n ");
 }
 
 export function noticeMessage(m: FailedMessage, h: HeaderSummary, postmaster: string, now = Date.now()): string {
@@ -59,7 +73,7 @@ export function noticeMessage(m: FailedMessage, h: HeaderSummary, postmaster: st
   const lines = [
     `From: Mail relay edge <mailer-daemon@${domain}>`,
     `To: <${postmaster}>`,
-    `Subject: ${encodedWord(subject)}`,
+    `Subject: ${encodedWords(subject)}`,
     `Date: ${new Date(now).toUTCString().replace("GMT", "+0000")}`,
     `Message-ID: <edge-notice-${m.id}@${domain}>`,
     "Auto-Submitted: auto-generated",

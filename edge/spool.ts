@@ -275,7 +275,14 @@ export class EdgeSpool {
     });
     if (!stored && m.id) return null;
     if (!stored || stored.size !== m.size) throw new Error(`the edge spool stored ${stored?.size ?? "nothing"} of ${m.size} bytes`);
-    await this.markHeld(now + (m.noAnswer ? NO_ANSWER_GRACE_MS : 0));
+    try {
+      await this.markHeld(now + (m.noAnswer ? NO_ANSWER_GRACE_MS : 0));
+    } catch (e) {
+      // Not held after all (the caller throws: the sender sends it again). Left in queue/, the copy
+      // would wait unseen behind a marker that may say "empty", then go to the host beside that one.
+      await this.r2("free").delete(queueKey(id)).catch(() => {});
+      throw e;
+    }
     return id;
   }
 
@@ -308,15 +315,24 @@ export class EdgeSpool {
   // --- reading --------------------------------------------------------------------------------
 
   /**
-   * Held messages, oldest first: at most `pages` list calls of up to 100 objects (a message and
-   * its .retry record are two); `complete` when the listing reached the end of queue/.
+   * Held messages, oldest first: list calls of up to 100 objects (a message and its .retry record
+   * are two), at most `pages`, each further one only while `more` says so of what is listed so
+   * far; `complete` when the listing reached the end of queue/. A message last on the final page
+   * of an incomplete listing is left out: its .retry record, the next key, may be on the page not
+   * read, and without it the message would look never tried.
    */
-  async held(pages = 2): Promise<{ messages: HeldMessage[]; complete: boolean }> {
+  async held(pages = 2, more: (soFar: HeldMessage[]) => boolean = () => true): Promise<{ messages: HeldMessage[]; complete: boolean }> {
     const msgs = new Map<string, HeldMessage>();
     const retries = new Map<string, Pick<HeldMessage, "attempts" | "next" | "lastReply" | "specific">>();
+    const listed = () => {
+      for (const [id, r] of retries) {
+        const m = msgs.get(id);
+        if (m) Object.assign(m, r, { specific: r.specific === true });
+      }
+      return [...msgs.values()].sort((a, b) => (a.id < b.id ? -1 : 1));
+    };
     let cursor: string | undefined;
-    let complete = false;
-    for (let page = 0; page < pages; page++) {
+    for (let page = 0; ; page++) {
       const res = await this.r2("A").list({ prefix: "queue/", cursor, include: ["customMetadata"] });
       for (const o of res.objects) {
         const name = o.key.slice("queue/".length);
@@ -337,17 +353,14 @@ export class EdgeSpool {
           });
         }
       }
-      if (!res.truncated) {
-        complete = true;
-        break;
+      if (!res.truncated) return { messages: listed(), complete: true };
+      if (page + 1 >= pages || !more(listed())) {
+        const last = res.objects.at(-1)?.key.slice("queue/".length);
+        if (last && !last.endsWith(".retry")) msgs.delete(last);
+        return { messages: listed(), complete: false };
       }
       cursor = res.cursor;
     }
-    for (const [id, r] of retries) {
-      const m = msgs.get(id);
-      if (m) Object.assign(m, r, { specific: r.specific === true });
-    }
-    return { messages: [...msgs.values()].sort((a, b) => (a.id < b.id ? -1 : 1)), complete };
   }
 
   /** failed/, oldest first: at most `pages` list calls of up to 100. */

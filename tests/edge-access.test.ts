@@ -7,8 +7,10 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, spyOn, te
 import type { Server } from "bun";
 import { workerConfig, type HostBinding } from "../edge/config.ts";
 import { fetchHost, sendHeld } from "../edge/forward.ts";
+import { hostReachable } from "../edge/host-probe.ts";
 import { ConfigError } from "../shared/config-env.ts";
-import { email, type IncomingEmail } from "../worker.ts";
+import { email, scheduled, type IncomingEmail } from "../worker.ts";
+import { MemoryR2 } from "./support/memory-r2.ts";
 import { streamOf } from "./support/streams.ts";
 
 const KEY = `eakey_${Buffer.from(crypto.getRandomValues(new Uint8Array(20))).toString("hex")}`;
@@ -109,6 +111,13 @@ describe("the Access service token (CF_ACCESS_CLIENT_ID, CF_ACCESS_CLIENT_SECRET
     expect(seen[0]!.get("cf-access-client-secret")).toBe(CLIENT_SECRET);
   });
 
+  test("set: the /edge/metrics probe of the host's /health carries both too (Access guards the whole hostname)", async () => {
+    await hostReachable(workerConfig(withToken()));
+    expect(seen).toHaveLength(1);
+    expect(seen[0]!.get("cf-access-client-id")).toBe(CLIENT_ID);
+    expect(seen[0]!.get("cf-access-client-secret")).toBe(CLIENT_SECRET);
+  });
+
   for (const [given, missing] of [
     ["CF_ACCESS_CLIENT_ID", "CF_ACCESS_CLIENT_SECRET"],
     ["CF_ACCESS_CLIENT_SECRET", "CF_ACCESS_CLIENT_ID"],
@@ -162,5 +171,53 @@ describe("the HOST binding (Workers VPC)", () => {
     const msg = incoming("denied");
     expect((await run(msg, env({ HOST: denied })))?.message).toContain("temporary failure");
     expect(msg.rejects).toEqual([]);
+  });
+});
+
+describe("a host that echoes the secrets it was sent (in a redirect's Location, in its reply)", () => {
+  const secrets = { KEY, CLIENT_ID, CLIENT_SECRET };
+  /** Nothing of any secret: neither whole, nor its first eight characters. */
+  const expectClean = (where: string, text: string) => {
+    for (const [name, secret] of Object.entries(secrets)) expect({ where, name, found: text.includes(secret.slice(0, 8)) }).toEqual({ where, name, found: false });
+  };
+  let echo: Server<undefined>;
+  let answer: () => Response;
+  beforeAll(() => {
+    echo = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: async (req) => (await req.arrayBuffer(), answer()) });
+  });
+  afterAll(() => echo.stop(true));
+  // What each request carried, said back in pieces: whole, a prefix, beside other text.
+  const echoed = `key=${KEY} id=${CLIENT_ID.slice(0, 12)}... secret "${CLIENT_SECRET}"`;
+
+  test("live and drained: the secrets reach no log line, no bounce, no R2 metadata and no notice", async () => {
+    const bucket = new MemoryR2();
+    const e = withToken({ DELL_API_ENDPOINT: `http://127.0.0.1:${echo.port}/api/v1/inbound-mail`, EDGE_SPOOL: bucket, POSTMASTER: `postmaster@kuma8088.com`, ALLOWED_RECIPIENTS: USER });
+    const from = lines.length;
+    // A redirect: held (never followed), its Location named.
+    answer = () => new Response(null, { status: 302, headers: { location: `https://login.example/?${echoed.replace(/ /g, "&")}` } });
+    expect(await run(incoming("redirect"), e)).toBeNull();
+    expect(lines.at(-1)).toContain("a redirect to https://login.example/?key=[redacted]");
+    // A temporary failure whose text echoes them: held.
+    answer = () => Response.json({ status: "deferred", error: "lmtp_deferred", message: `temporary failure: ${echoed}` }, { status: 503 });
+    expect(await run(incoming("deferred"), e)).toBeNull();
+    // A refusal: the bounce carries the host's reason.
+    answer = () => Response.json({ status: "rejected", error: "lmtp_rejected", message: `550 5.1.1 ${echoed}`, recipients: [{ address: USER, code: 550, enhanced: "5.1.1", reply: `550 5.1.1 ${echoed}` }] }, { status: 422 });
+    const refused = incoming("refused");
+    expect(await run(refused, e)).toBeNull();
+    expect(refused.rejects).toHaveLength(1);
+    expect(refused.rejects[0]).toContain("550 5.1.1 key=[redacted]");
+    // The drain: both held messages refused the same way: failed/ and a notice each.
+    await scheduled({ scheduledTime: Date.UTC(2026, 0, 1, 12, 1) }, e);
+    expect(bucket.keys("failed/")).toHaveLength(2);
+    const notices = bucket.keys("queue/").filter((k) => !k.endsWith(".retry"));
+    expect(notices).toHaveLength(2);
+
+    for (const r of refused.rejects) expectClean("bounce", r);
+    for (const l of lines.slice(from)) expectClean("log", l);
+    for (const key of bucket.keys()) {
+      expectClean(`metadata of ${key}`, JSON.stringify(bucket.objects.get(key)!.meta.customMetadata ?? {}));
+      expectClean(`bytes of ${key}`, new TextDecoder().decode(bucket.bytesOf(key)));
+    }
+    expect(new TextDecoder().decode(bucket.bytesOf(notices[0]!))).toContain("host reply:  550 5.1.1 key=[redacted] id=[redacted]... secret \"[redacted]\"");
   });
 });

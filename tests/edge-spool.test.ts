@@ -11,7 +11,8 @@ import { join } from "node:path";
 import { Budget } from "../edge/budget.ts";
 import { backoffMs, COST, drain, LOCK_LEASE_MS, MAX_LINKS, type DrainOptions, type DrainTrigger, type SendResult } from "../edge/drain.ts";
 import { runDrain } from "../edge/drain-runner.ts";
-import { headerBlock, summarizeHeaders } from "../edge/notice.ts";
+import PostalMime from "postal-mime";
+import { headerBlock, noticeMessage, summarizeHeaders } from "../edge/notice.ts";
 import { DAY, EdgeSpool, HOUR, MINUTE, NO_ANSWER_GRACE_MS, type HeldMessage } from "../edge/spool.ts";
 import { startFakeLmtp, type FakeLmtpServer } from "../fake-lmtp.ts";
 import { startServer, type RunningServer } from "../server.ts";
@@ -201,6 +202,21 @@ describe("email() with EDGE_SPOOL", () => {
     expect(heldKeys(bucket)).toHaveLength(1);
   });
 
+  test("RECIPIENT_DELIMITER: a delivery to user+tag@ teaches user@, once: in the next outage user@ and any other tag are held", async () => {
+    const bucket = new MemoryR2();
+    const [local, domain] = USER.split("@");
+    const e = (host: "real" | "stub") => env(bucket, host, { RECIPIENT_DELIMITER: "+" });
+    expect(await run(incoming(rfc822("tagged"), `${local}+news@${domain}`), e("real"))).toBeNull();
+    expect(await run(incoming(rfc822("another tag"), `${local}+shop@${domain}`), e("real"))).toBeNull();
+    expect(bucket.keys("known/")).toEqual([`known/${USER}`]);
+    expect(bucket.calls.filter((c) => c.startsWith("put known/"))).toHaveLength(1);
+    for (const to of [USER, `${local}+other@${domain}`]) {
+      const msg = incoming(rfc822(`held for ${to}`), to);
+      expect({ to, err: (await run(msg, e("stub")))?.message ?? null }).toEqual({ to, err: null });
+      expect(workerLines.at(-1)).toMatchObject({ outcome: "held", to });
+    }
+  });
+
   test("a 202 (queued on the host while Dovecot is down) teaches nothing: a random address stays unknown and is thrown back in the next outage", async () => {
     // The real host with its spool, in front of an LMTP server that answers 450 for now: it
     // cannot know who exists, queues the message for anyone and answers 202.
@@ -292,6 +308,20 @@ describe("email() with EDGE_SPOOL", () => {
     expect(msg.rejects).toEqual([]);
     expect(workerLines.at(-1)).toMatchObject({ outcome: "retry", held: false });
     expect(String(workerLines.at(-1)!.why_not_held)).toContain("internal error");
+  });
+
+  test("R2 failing on the marker after the message was written: thrown, and the written copy removed (the sender sends it again; no second copy later)", async () => {
+    const bucket = new MemoryR2();
+    await bucket.put("held", crypto.randomUUID(), { customMetadata: { empty: "1" } }); // a drain emptied the queue before
+    bucket.failPuts = "held";
+    const msg = incoming(rfc822("marker down"));
+    const err = await run(msg, env(bucket, "stub", { ALLOWED_RECIPIENTS: USER }));
+    expect(err?.message).toContain("temporary failure");
+    expect(msg.rejects).toEqual([]);
+    expect(workerLines.at(-1)).toMatchObject({ outcome: "retry", held: false });
+    // Left there, it would wait unseen behind a marker that says "empty", and go to the host
+    // after the next hold, beside the copy the sender's retry delivered.
+    expect(heldKeys(bucket)).toEqual([]);
   });
 
   test("a host refusal (422) is still a bounce in the session with the spool bound: nothing held", async () => {
@@ -489,16 +519,38 @@ describe("drain", () => {
     expect(h.bucket.keys("failed/")).toHaveLength(1);
   });
 
-  test("past the maximum age: failed/ and a notice, without another attempt", async () => {
-    const h = harness(1);
+  test("past the maximum age, the host back: delivered, never given up without an attempt", async () => {
+    const h = harness(3);
     await h.ready;
     h.advance(120 * HOUR);
     h.answer(() => CONFIRMED);
-    expect(await h.drain()).toMatchObject({ failed: 1 });
-    expect(h.sent).toEqual([]);
+    expect(await h.drain()).toMatchObject({ delivered: 3, failed: 0 });
+    expect(h.sent.map((s) => s.id)).toEqual(h.ids);
+    expect(h.bucket.keys("failed/")).toEqual([]);
+    expect(await h.held()).toEqual([]);
+  });
+
+  test("past the maximum age, the host still away: the probe fails, then failed/ and one notice each", async () => {
+    const h = harness(3);
+    await h.ready;
+    h.advance(120 * HOUR);
+    expect(await h.drain()).toMatchObject({ failed: 3, retried: 0, stopped: "host" });
+    expect(h.sent).toHaveLength(1); // the probe: the host did not answer
     const failed = await new EdgeSpool(h.bucket).failed();
-    expect(failed.map((f) => f.why)).toEqual(["expired"]);
-    expect((await h.held()).map((m) => m.kind)).toEqual(["notice"]);
+    expect(failed.map((f) => [f.id, f.why])).toEqual(h.ids.map((id) => [id, "expired"]));
+    expect((await h.held()).map((m) => [m.kind, m.noticeFor])).toEqual(h.ids.map((id) => ["notice", id]));
+  });
+
+  test("past the maximum age, the host answering for the message (a full mailbox): given up after that attempt, the others delivered", async () => {
+    const h = harness(2);
+    await h.ready;
+    const [full] = h.ids;
+    h.advance(120 * HOUR);
+    h.answer((m) => (m.id === full ? { outcome: "temporary", reply: "host answered 503: 452 4.2.2 Mailbox full", hostAnswered: true } : CONFIRMED));
+    expect(await h.drain("live")).toMatchObject({ delivered: 1, failed: 1 });
+    expect(h.sent.map((s) => s.id)).toEqual(h.ids);
+    const [failed] = await new EdgeSpool(h.bucket).failed();
+    expect(failed).toMatchObject({ id: full, why: "expired", lastReply: "host answered 503: 452 4.2.2 Mailbox full" });
   });
 
   test("a long non-ASCII envelope and a long reply fit R2's metadata: refused once, one notice, failed/ keeps it, the next runs add nothing", async () => {
@@ -586,6 +638,45 @@ describe("drain", () => {
     expect(h.sent.filter((s) => s.id === full)).toHaveLength(2);
   });
 
+  test("messages waiting out a backoff of their own at the head of the queue (a full mailbox) hide nothing behind them: the rest are delivered, then idle runs are one HEAD", async () => {
+    // 60 held for a full mailbox: with their .retry records, more than a page of the listing.
+    const h = harness(60, { to: "full@kuma8088.com" });
+    await h.ready;
+    h.answer((m) => (m.to === "full@kuma8088.com" ? { outcome: "temporary", reply: "host answered 503: 452 4.2.2 Mailbox full", hostAnswered: true } : CONFIRMED));
+    // Each was offered while the host was up and answered for it: each waits its backoff.
+    for (const m of (await new EdgeSpool(h.bucket).held(10)).messages) await new EdgeSpool(h.bucket).retryLater(m, "452 4.2.2 Mailbox full", h.now() + 5 * MINUTE, true, h.now());
+    const others: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      h.advance(1000);
+      const text = `Subject: behind ${i}\r\n\r\nx\r\n`;
+      others.push((await new EdgeSpool(h.bucket).hold(text, { from: SENDER, to: USER, size: text.length, reason: "host down", noAnswer: false }, h.now()))!);
+    }
+    h.sent.length = 0;
+    h.advance(MINUTE);
+    const run = await h.drain();
+    expect(run).toMatchObject({ delivered: 5, retried: 0, complete: true });
+    expect(h.sent.map((s) => s.id)).toEqual(others);
+    // Nothing is due before the first backoff ends: the cron runs until then are one HEAD each.
+    h.bucket.resetCounts();
+    h.advance(MINUTE);
+    expect(await h.drain()).toMatchObject({ state: "idle" });
+    expect(h.bucket.calls).toEqual(["head held"]);
+  });
+
+  test("a listing cut at a page's end leaves out the message whose .retry record may be on the next page: its backoff is never lost", async () => {
+    const h = harness(100);
+    await h.ready;
+    // The 100th message was tried: the first page (100 keys) ends with it, its record starts the next.
+    const last = (await new EdgeSpool(h.bucket).held(2)).messages[99]!;
+    await new EdgeSpool(h.bucket).retryLater(last, "452 4.2.2 Mailbox full", h.now() + HOUR, true, h.now());
+    const one = await new EdgeSpool(h.bucket).held(1);
+    expect(one.complete).toBe(false);
+    expect(one.messages.map((m) => m.id)).toEqual(h.ids.slice(0, 99));
+    const two = await new EdgeSpool(h.bucket).held(2);
+    expect(two.complete).toBe(true);
+    expect(two.messages[99]).toMatchObject({ id: last.id, attempts: 1, specific: true });
+  });
+
   test("a run that knows the host is up stops at a failure without the host's answer; a tunnel error leaves the message no backoff of its own, a timeout does", async () => {
     const h = harness(3);
     await h.ready;
@@ -664,6 +755,38 @@ describe("drain", () => {
     expect(Math.max(budget.used, ...runs.map((r) => r.used))).toBeLessThanOrEqual(50);
     expect(await h.marker()).toMatchObject({ empty: true });
     expect(h.bucket.keys()).toEqual(["held"]); // the lock released by the last run
+  });
+
+  test("the next run cannot be started (SELF answers 500, or throws): the run stays within its budget, leaves the lock to its lease, and the cron after it goes on", async () => {
+    for (const self of ["500", "throws"] as const) {
+      const h = harness(10);
+      await h.ready;
+      // Two confirmed, then refusals: the run ends on the budget with a give-up just before it.
+      let confirmations = 0;
+      h.answer((m) => (m.kind === "notice" || ++confirmations <= 2 ? CONFIRMED : { outcome: "permanent", reply: "422 550 5.1.1 User unknown" }));
+      let calls = 0;
+      const next = async (): Promise<boolean> => {
+        calls++;
+        if (self === "throws") throw new Error("internal error; reference = 0123");
+        return false;
+      };
+      h.bucket.resetCounts();
+      const budget = new Budget(21);
+      expect(await h.drain("live", { next }, budget)).toMatchObject({ delivered: 2, failed: 1, stopped: "budget", chained: false });
+      expect(calls).toBe(1);
+      expect({ self, used: h.bucket.calls.length + h.fetches() + calls }).toEqual({ self, used: budget.used });
+      expect({ self, used: budget.used }).toEqual({ self, used: 21 });
+      // The callee may hold the lock now (an error says nothing of it): never deleted under it.
+      expect(h.bucket.calls.filter((c) => c.startsWith("delete drain.lock"))).toEqual([]);
+      const marker = await h.marker();
+      expect(marker).toMatchObject({ empty: false });
+      expect(marker!.due).toBeLessThanOrEqual(h.now());
+      expect((await h.drain()).state).toBe("busy");
+      h.advance(LOCK_LEASE_MS);
+      h.answer(() => CONFIRMED);
+      while ((await h.drain()).remaining > 0) h.advance(MINUTE);
+      expect(await h.held()).toEqual([]);
+    }
   });
 
   test("a chain stops when the host stops confirming: the rest wait for the cron's probe", async () => {
@@ -983,6 +1106,22 @@ describe("the notice reads the header block only", () => {
     );
     expect(new TextDecoder().decode(headerBlock(raw))).not.toContain("body@evil");
     expect(await summarizeHeaders(raw)).toEqual({ messageId: "<abc@example.jp>", from: "山田 <yamada@example.jp>", subject: "日本語", date: "2025-03-01T03:00:00.000Z" });
+  });
+
+  test("a long non-ASCII Subject and RFC 2047 garbage: the notice's header lines stay within 78 characters, its encoded words within 75 (RFC 2047), and it reads back as written", async () => {
+    const subject = "日本語の件名".repeat(40);
+    const raw = new TextEncoder().encode(
+      `Subject: =?UTF-8?B?!!!?= =?x-unknown?Q?odd?= =?UTF-8?B?${Buffer.from(subject).toString("base64")}?=\r\nMessage-ID: <${"m".repeat(2000)}@example.jp>\r\nFrom: =?UTF-8?Q?a=0D=0Ab?= <x@example.jp>\r\n\r\nbody\r\n`,
+    );
+    const h = await summarizeHeaders(raw);
+    const failed = { id: "20260101T000000000Z-0a1b2c3d", from: SENDER, to: USER, size: raw.length, received: 0, since: 0, reason: "", kind: "mail", noAnswer: false, attempts: 1, next: 0, specific: false, lastReply: "422", failed: 0, why: "refused" } as const;
+    const text = noticeMessage(failed, h, POSTMASTER, Date.UTC(2026, 0, 1));
+    const head = text.slice(0, text.indexOf("\r\n\r\n"));
+    for (const line of head.split("\r\n")) expect({ line, length: line.length <= 78 }).toEqual({ line, length: true });
+    for (const word of head.match(/=\?[^?]*\?[BQ]\?[^?]*\?=/g) ?? []) expect(word.length).toBeLessThanOrEqual(75);
+    const parsed = await PostalMime.parse(text);
+    expect(parsed.subject).toBe(`Undelivered mail held at the edge: ${h.subject}`.slice(0, 200));
+    expect(parsed.subject!.length).toBe(200);
   });
 
   test("a decoded CR LF cannot add a line to the notice", async () => {

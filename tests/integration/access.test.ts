@@ -211,12 +211,13 @@ describe("Workers VPC: the HOST binding instead of the public hostname", () => {
 });
 
 describe("the secret in no log line", () => {
-  test("over the whole run, wrangler's and the Worker's output holds neither the secret, nor a prefix of it, nor the client id", () => {
+  test("over the whole run, wrangler's and the Worker's output holds neither the secret, nor a prefix of it, nor the client id, nor the key", () => {
     // Runs last: everything above has been printed by now.
     const out = worker.output() + vpcWorker.output();
     expect(out.length).toBeGreaterThan(0);
     expect(out).not.toContain(CLIENT_SECRET.slice(0, 8));
     expect(out).not.toContain(CLIENT_ID.slice(0, 8));
+    expect(out).not.toContain(KEY.slice(0, 8));
     for (const l of [...hostLines, ...vpcHostLines]) expect(JSON.stringify(l)).not.toContain(CLIENT_SECRET.slice(0, 8));
   });
 });
