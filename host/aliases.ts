@@ -169,6 +169,11 @@ export class AliasesFile {
         return;
       }
       if (text === this.text) return;
+      const unfinished = unfinishedFile(text);
+      if (unfinished) {
+        this.log({ event: "aliases_not_reloaded", file: this.path, error: unfinished, kept: this.map.size });
+        return;
+      }
       try {
         this.map = AliasMap.parse(text);
         this.text = text;
@@ -183,6 +188,20 @@ export class AliasesFile {
   close(): void {
     this.watcher?.close();
   }
+}
+
+/**
+ * Why a changed file looks like one still being written, or null. An editor that writes in place
+ * (nano, vim, `cat > aliases`) empties the file, then writes it a piece at a time, and each step is
+ * a change the folder watch reports: read then, the file is empty (every alias gone: mail to info@
+ * went to Dovecot as it is and bounced), or it ends inside a line, whose cut address is an address
+ * too. A whole file ends with a line end, as editors write it; one without (or empty) is not used
+ * until a later change makes it whole. At start-up any file that parses is taken.
+ */
+function unfinishedFile(text: string): string | null {
+  if (text === "") return "is empty, as a file still being written: kept the previous map (for no aliases at all, leave a comment line in it)";
+  if (!text.endsWith("\n")) return "does not end with a line end, as a file still being written: kept the previous map until it does";
+  return null;
 }
 
 /** The envelope's recipients expanded: the addresses to deliver to, and where each came from. */
