@@ -102,6 +102,19 @@ describe("the expansion and the answer", () => {
     expect([...e.original]).toEqual([["bob@example.test", "sales@example.test"]]);
   });
 
+  test("one address means one mailbox as Dovecot finds it (ASCII letters folded, nothing else): each gets its own copy, and a target goes on as written", () => {
+    // Before, toLowerCase() made one of each pair: the second was answered with the first's 250
+    // and never sent anything (the Kelvin sign "K" folds to "k"; Dovecot's %Lu does not).
+    const kelvin = "\u212Aim@example.test";
+    const e = expandRecipients(map, ["kim@example.test", kelvin, "\u00c4rger@example.test", "\u00e4rger@example.test", "KIM@example.test"]);
+    expect(e.to).toEqual(["kim@example.test", kelvin, "\u00c4rger@example.test", "\u00e4rger@example.test"]);
+    const folded = foldResults(e, e.to.map((a) => ok(a)));
+    expect(folded.map((r) => r.reply)).toEqual([...e.to, "kim@example.test"].map((a) => `250 2.0.0 <${a}> Saved`));
+    const team = AliasMap.parse("team@example.test \u00c4rger@example.test, Bob@Example.test\n");
+    expect(team.expand("TEAM@example.test")).toEqual(["\u00c4rger@example.test", "Bob@Example.test"]);
+    expect(expandRecipients(team, ["team@example.test", "bob@example.test"]).to).toEqual(["\u00c4rger@example.test", "Bob@Example.test"]);
+  });
+
   test("the answer keeps the sender's addresses: accepted when every address was; temporary if any is; refused when all are", () => {
     const e = expandRecipients(map, ["info@example.test", "sales@example.test", "carol@example.test"]);
     const all = foldResults(e, [ok("alice@example.test"), ok("bob@example.test"), ok("carol@example.test")]);
