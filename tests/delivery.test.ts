@@ -177,6 +177,23 @@ describe("temporary failure with a spool: 202, then delivered by the background 
     expect(m.relay_delivered_total).toBe(0);
   });
 
+  test("put off by its own mailbox (452 4.2.2 full): hurried once by the next live delivery, then it waits its backoff; not sent again with every live delivery", async () => {
+    const h = await host({ queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    const FULL = "full@example.test";
+    fake.behaviour.afterData = (a) => (a === FULL ? 452 : 250);
+    expect((await post(h, message("to-full"), FULL)).status).toBe(202);
+    for (let i = 0; i < 20; i++) {
+      expect((await post(h, message(`live-${i}`))).status).toBe(200);
+      await Bun.sleep(20); // a steady trickle of mail, not a burst
+    }
+    await Bun.sleep(300); // room for attempts that should not happen
+    // The first live success may hurry it once (LMTP works again); failing then too, it waits its
+    // backoff. Before, each live success made it due at once: 20 more uploads in a second.
+    expect(fake.commands.filter((c) => c.startsWith(`RCPT TO:<${FULL}>`)).length).toBeLessThanOrEqual(2);
+    expect(fake.received.map((r) => r.to)).toEqual(Array.from({ length: 20 }, () => [USER]));
+    expect(h.server.runner!.size).toBe(1);
+  });
+
   test("a UTF-8 sender: spooled (202) and delivered with its envelope intact once the server has been seen to offer SMTPUTF8; never seen: 503, not spooled", async () => {
     const sender = "jürgen@exämple.org";
     const utf8 = (h: Host, sent: Uint8Array<ArrayBuffer>) => post(h, sent, USER, { "X-Envelope-From": Buffer.from(sender, "utf8").toString("latin1") });
