@@ -19,7 +19,7 @@ import { readFileSync, watch, type FSWatcher } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { basename, dirname } from "node:path";
 import type { Deliverer, InboundMessage } from "../shared/app.ts";
-import { addressProblem, type RecipientResult } from "../shared/contract.ts";
+import { addressProblem, mailboxKey, type RecipientResult } from "../shared/contract.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { isAccepted, isPermanent, isTemporary } from "../shared/replies.ts";
 
@@ -59,7 +59,7 @@ export class AliasMap {
       }
       const earlier = entries.get(pattern);
       if (earlier) throw new AliasError(`line ${line}: ${key} is listed again (first on line ${earlier.line})`);
-      entries.set(pattern, { targets: rest.map((t) => t.toLowerCase()), line });
+      entries.set(pattern, { targets: rest, line });
     }
     const map = new AliasMap(entries);
     // Every key expanded once now: a loop or an expansion too large is refused here, not at delivery.
@@ -68,17 +68,19 @@ export class AliasMap {
   }
 
   /**
-   * The addresses `address` reaches, each once, in the order first reached; [address] when it is
-   * no alias. Exact lines first, then the domain's catch-all.
+   * The addresses `address` reaches, each once (one per mailbox), in the order first reached, as
+   * the file writes them; [address] when it is no alias. Exact lines first, then the domain's
+   * catch-all. A key matches in any case; which mailbox a target is stays Dovecot's to say.
    */
   expand(address: string): string[] {
     const a = address.toLowerCase();
+    if (!this.entryFor(a)) return [address];
     const known = this.memo.get(a);
     if (known) return known;
-    const out = new Set<string>();
+    const out = new Map<string, string>();
     this.walk(a, [], out, new Set());
     if (out.size > MAX_ADDRESSES) throw new AliasError(`line ${this.entryFor(a)!.line}: ${a} reaches more than ${MAX_ADDRESSES} addresses`);
-    const list = [...out];
+    const list = [...out.values()];
     this.memo.set(a, list);
     return list;
   }
@@ -88,25 +90,30 @@ export class AliasMap {
   }
 
   /**
-   * Depth first; `path` is the chain of aliases that led here (a target on it is a loop), `done`
-   * the aliases already expanded into `out` (reached again through another, they add nothing).
+   * Depth first from an alias (`key`, in lower case); `path` is the chain of aliases that led here
+   * (a target on it is a loop), `done` the aliases already expanded into `out` (reached again
+   * through another, they add nothing). `out`: each mailbox reached, with the address as written.
    */
-  private walk(address: string, path: string[], out: Set<string>, done: Set<string>): void {
-    const entry = this.entryFor(address);
-    if (!entry) {
-      out.add(address);
-      return;
-    }
-    if (done.has(address)) return;
+  private walk(key: string, path: string[], out: Map<string, string>, done: Set<string>): void {
+    const entry = this.entryFor(key)!;
+    if (done.has(key)) return;
     for (const target of entry.targets) {
       if (out.size > MAX_ADDRESSES) return;
-      if (target === address) out.add(target); // "user@x user@x, copy@y": delivered here too
-      else if (path.includes(target)) {
-        throw new AliasError(`line ${entry.line}: ${[...path, address, target].filter((a) => !a.startsWith("@")).join(" -> ")} is a loop`);
-      } else this.walk(target, [...path, address], out, done);
+      const t = target.toLowerCase();
+      // "user@x user@x, copy@y": delivered here too. A target that is no alias is delivered.
+      if (t === key || !this.entryFor(t)) reach(out, target);
+      else if (path.includes(t)) {
+        throw new AliasError(`line ${entry.line}: ${[...path, key, t].filter((a) => !a.startsWith("@")).join(" -> ")} is a loop`);
+      } else this.walk(t, [...path, key], out, done);
     }
-    done.add(address);
+    done.add(key);
   }
+}
+
+/** An address reached, once per mailbox (mailboxKey: Dovecot folds ASCII letters, nothing else), in the first form reached. */
+function reach(out: Map<string, string>, address: string): void {
+  const mailbox = mailboxKey(address);
+  if (!out.has(mailbox)) out.set(mailbox, address);
 }
 
 /** Lines without comments and blank lines, continuation lines joined, each with its first line number. */
@@ -169,6 +176,11 @@ export class AliasesFile {
         return;
       }
       if (text === this.text) return;
+      const unfinished = unfinishedFile(text);
+      if (unfinished) {
+        this.log({ event: "aliases_not_reloaded", file: this.path, error: unfinished, kept: this.map.size });
+        return;
+      }
       try {
         this.map = AliasMap.parse(text);
         this.text = text;
@@ -185,6 +197,20 @@ export class AliasesFile {
   }
 }
 
+/**
+ * Why a changed file looks like one still being written, or null. An editor that writes in place
+ * (nano, vim, `cat > aliases`) empties the file, then writes it a piece at a time, and each step is
+ * a change the folder watch reports: read then, the file is empty (every alias gone: mail to info@
+ * went to Dovecot as it is and bounced), or it ends inside a line, whose cut address is an address
+ * too. A whole file ends with a line end, as editors write it; one without (or empty) is not used
+ * until a later change makes it whole. At start-up any file that parses is taken.
+ */
+function unfinishedFile(text: string): string | null {
+  if (text === "") return "is empty, as a file still being written: kept the previous map (for no aliases at all, leave a comment line in it)";
+  if (!text.endsWith("\n")) return "does not end with a line end, as a file still being written: kept the previous map until it does";
+  return null;
+}
+
 /** The envelope's recipients expanded: the addresses to deliver to, and where each came from. */
 export interface Expansion {
   /** Each address reached, once, in order. */
@@ -196,19 +222,18 @@ export interface Expansion {
 }
 
 export function expandRecipients(map: AliasMap, recipients: readonly string[]): Expansion {
-  /** Lower case -> the form delivered to: an address reached twice, in any case, is delivered once. */
+  /** Mailbox -> the form delivered to: one reached twice, in any case of its ASCII letters, is delivered once. */
   const to = new Map<string, string>();
   const reached = new Map<string, string[]>();
   const original = new Map<string, string>();
-  const asSent = new Set(recipients.map((r) => r.toLowerCase()));
+  const asSent = new Set(recipients.map(mailboxKey));
   for (const recipient of recipients) {
-    const finals = map.expand(recipient);
     // Not an alias: the address goes on as the sender wrote it.
-    const addresses = finals.length === 1 && finals[0] === recipient.toLowerCase() ? [recipient] : finals;
+    const addresses = map.expand(recipient);
     reached.set(
       recipient,
       addresses.map((a) => {
-        const key = a.toLowerCase();
+        const key = mailboxKey(a);
         if (!to.has(key)) to.set(key, a);
         if (!asSent.has(key) && !original.has(a)) original.set(a, recipient);
         return to.get(key)!;
@@ -228,7 +253,8 @@ export function foldResults(expansion: Expansion, results: readonly RecipientRes
   const byAddress = new Map(results.map((r) => [r.address, r]));
   return [...expansion.reached].map(([recipient, addresses]) => {
     const rs = addresses.map((a) => byAddress.get(a)).filter((r): r is RecipientResult => r !== undefined);
-    if (addresses.length === 1 && addresses[0] === recipient && rs.length === 1) return rs[0]!;
+    // No alias (or its own mailbox in another case): its result as it is, under the sender's address.
+    if (addresses.length === 1 && mailboxKey(addresses[0]!) === mailboxKey(recipient) && rs.length === 1) return { ...rs[0]!, address: recipient };
     const via = ` (alias of ${addresses.join(", ")})`;
     const temporary = rs.find(isTemporary) ?? (rs.length < addresses.length ? undefined : null);
     if (temporary !== null) {

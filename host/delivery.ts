@@ -33,7 +33,7 @@ import { peekHeaders, type HeaderInfo } from "./message-headers.ts";
 import type { Metrics } from "./metrics.ts";
 import type { QueueRunner, SpoolDeliver } from "./queue-runner.ts";
 import { filterSpam, prepended, type SpamFilter } from "./spam-filter.ts";
-import { SpoolWriteError } from "./spool-file.ts";
+import { SpoolWriteError, type SpoolHeader } from "./spool-file.ts";
 import type { Spool } from "./spool.ts";
 import { OneAtATime, inEnvelopeOrder, repeatsOf, type Repeats } from "./repeats.ts";
 import { HELD_BYTES, type StagedMessage } from "./staged-message.ts";
@@ -114,7 +114,7 @@ export function deliverSpooled(h: HostDelivery, spool?: Spool): SpoolDeliver {
   return async (envelope, spooled, spooledSize, header) => {
     // A file spooled before digests were kept has none: its delivery is neither looked up nor
     // recorded (a repeat of it would be delivered again: a duplicate, never a loss).
-    const messageId = header.message_id ?? null;
+    const messageId = recordedAs(header);
     const sha256 = header.sha256 ?? null;
     // Recipients on record already (its state file lost after a partial delivery, or a removal
     // that failed before a restart) are not sent it again.
@@ -144,6 +144,19 @@ export function deliverSpooled(h: HostDelivery, spool?: Spool): SpoolDeliver {
     h.delivered.flush();
     return inEnvelopeOrder(envelope.to, earlier, results);
   };
+}
+
+/**
+ * What the record of deliveries knows a spooled message by: its Message-ID, so that a repeat
+ * after the spool delivered it is a duplicate; without one, its spool id. The bytes alone cannot
+ * tell it from an earlier message with the same bytes and no Message-ID, which is delivered again
+ * (repeats.ts): the runbook's test posted twice, the second while Dovecot was down, was answered
+ * 202 and then dropped from the spool as "delivered" on the first one's record. Only the spool's
+ * own deliveries of this file count for it: the recipients it is still to go to were not
+ * delivered on the live attempt.
+ */
+function recordedAs(header: SpoolHeader): string | null {
+  return header.message_id ?? (header.sha256 ? `spool ${header.id}` : null);
 }
 
 /** Who of these recipients had this message before, delivered or queued (repeats.ts); counted when one is queued. */

@@ -95,6 +95,15 @@ export class QueueRunner {
   private readonly decided = new Map<string, End>();
   private readonly running = new Set<string>();
   private readonly inFlight = new Set<Promise<void>>();
+  /** Made due by kick() and not attempted since. */
+  private readonly hurried = new Set<string>();
+  /**
+   * Whose last attempt was a hurried one, and failed: kick() leaves them to their backoff until
+   * an attempt on their own schedule. A message that fails for a reason of its own (a full
+   * mailbox, 452 4.2.2) was otherwise made due by every live delivery to another mailbox, and sent
+   * again with each of them.
+   */
+  private readonly hurriedInVain = new Set<string>();
   /** State files being written by add(): an attempt waits for its message's, so that removing
    * a delivered message cannot race with (and be undone by) the first state write. */
   private readonly saving = new Map<string, Promise<void>>();
@@ -232,14 +241,18 @@ export class QueueRunner {
     return null;
   }
 
-  /** LMTP works again: everything waiting for it is due now (not what waits for the disk). */
+  /**
+   * LMTP works again: everything waiting for it is due now, once per backoff (not what waits for
+   * the disk, nor what failed again when it was last hurried: see hurriedInVain).
+   */
   kick(): void {
     if (this.stopped) return;
     let any = false;
     for (const e of this.entries.values()) {
       const id = e.header.id;
-      if (e.state.next_at > Date.now() && !this.running.has(id) && !this.decided.has(id)) {
+      if (e.state.next_at > Date.now() && !this.running.has(id) && !this.decided.has(id) && !this.hurriedInVain.has(id)) {
         e.state.next_at = 0;
+        this.hurried.add(id);
         any = true;
       }
     }
@@ -288,6 +301,8 @@ export class QueueRunner {
     const digest = this.entries.get(id)?.header.sha256;
     this.entries.delete(id);
     this.decided.delete(id);
+    this.hurried.delete(id);
+    this.hurriedInVain.delete(id);
     const ids = digest ? this.byDigest.get(digest) : undefined;
     ids?.delete(id);
     if (ids?.size === 0) this.byDigest.delete(digest!);
@@ -412,6 +427,8 @@ export class QueueRunner {
   private async retryLater(id: string, state: SpoolState, reply: string): Promise<void> {
     const entry = this.entries.get(id);
     if (!entry) return;
+    if (this.hurried.delete(id)) this.hurriedInVain.add(id);
+    else this.hurriedInVain.delete(id);
     const attempts = state.attempts + 1;
     const next = { ...state, attempts, last_reply: reply, next_at: Date.now() + backoffMs(attempts, this.base, this.cap) };
     entry.state = next;

@@ -126,6 +126,8 @@ const isBlank = (b: number) => b === 0x20 || b === 0x09 || b === 0x0a || b === 0
 class JsonMessageReader {
   /** The fields read so far, the message field left out. */
   private readonly fields = new Map<string, unknown>();
+  /** Every field name read so far, the message field's too. */
+  private readonly names = new Set<string>();
   messageField: MessageField | null = null;
   /** The body has ended, and was one well-formed JSON value. */
   done = false;
@@ -226,6 +228,8 @@ class JsonMessageReader {
           if (this.state === "key-text") {
             const key = this.parseCollected();
             if (typeof key !== "string") throw malformed("a field name that is not a string");
+            if (this.names.has(key)) throw givenTwice(key);
+            this.names.add(key);
             this.key = key;
             this.state = "colon";
           } else {
@@ -640,6 +644,15 @@ class Base64Decoder {
 
 function malformed(detail: string): Refusal {
   return new Refusal(400, "malformed_json", `the request body is not valid JSON: ${detail}`);
+}
+
+/**
+ * RFC 8259 4: names within an object SHOULD be unique, and where they are not, readers differ.
+ * JSON.parse takes the last; a message that began streaming to delivery with the first "to" can
+ * only have that one. Refused, so that the envelope never depends on where the packets were cut.
+ */
+function givenTwice(name: string): Refusal {
+  return new Refusal(400, "invalid_request", `${JSON.stringify(name.slice(0, 100))} is given twice: each field may appear once (which one would count is not defined by JSON)`);
 }
 
 function notUtf8(): Refusal {

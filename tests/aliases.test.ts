@@ -3,7 +3,7 @@
 // answer in the sender's own addresses, reload on change, SIGHUP-style reload() and a bad file.
 
 import { afterAll, describe, expect, test } from "bun:test";
-import { mkdir, mkdtemp, rm, symlink, writeFile, rename } from "node:fs/promises";
+import { mkdir, mkdtemp, open, rm, symlink, writeFile, rename } from "node:fs/promises";
 import { join } from "node:path";
 import { AliasError, AliasMap, AliasesFile, MAX_ADDRESSES, expandRecipients, foldResults } from "../host/aliases.ts";
 import { fromEnv } from "../shared/config-env.ts";
@@ -102,6 +102,19 @@ describe("the expansion and the answer", () => {
     expect([...e.original]).toEqual([["bob@example.test", "sales@example.test"]]);
   });
 
+  test("one address means one mailbox as Dovecot finds it (ASCII letters folded, nothing else): each gets its own copy, and a target goes on as written", () => {
+    // Before, toLowerCase() made one of each pair: the second was answered with the first's 250
+    // and never sent anything (the Kelvin sign "K" folds to "k"; Dovecot's %Lu does not).
+    const kelvin = "\u212Aim@example.test";
+    const e = expandRecipients(map, ["kim@example.test", kelvin, "\u00c4rger@example.test", "\u00e4rger@example.test", "KIM@example.test"]);
+    expect(e.to).toEqual(["kim@example.test", kelvin, "\u00c4rger@example.test", "\u00e4rger@example.test"]);
+    const folded = foldResults(e, e.to.map((a) => ok(a)));
+    expect(folded.map((r) => r.reply)).toEqual([...e.to, "kim@example.test"].map((a) => `250 2.0.0 <${a}> Saved`));
+    const team = AliasMap.parse("team@example.test \u00c4rger@example.test, Bob@Example.test\n");
+    expect(team.expand("TEAM@example.test")).toEqual(["\u00c4rger@example.test", "Bob@Example.test"]);
+    expect(expandRecipients(team, ["team@example.test", "bob@example.test"]).to).toEqual(["\u00c4rger@example.test", "Bob@Example.test"]);
+  });
+
   test("the answer keeps the sender's addresses: accepted when every address was; temporary if any is; refused when all are", () => {
     const e = expandRecipients(map, ["info@example.test", "sales@example.test", "carol@example.test"]);
     const all = foldResults(e, [ok("alice@example.test"), ok("bob@example.test"), ok("carol@example.test")]);
@@ -151,6 +164,37 @@ describe("AliasesFile: loaded, reloaded, kept", () => {
       await file.reload();
       expect(file.current.expand("info@x.test")).toEqual(["carol@x.test"]);
     } finally {
+      file.close();
+    }
+  });
+
+  test("rewritten in place (nano, vim, `cat > aliases`): emptied, then cut mid-line, it is not used until whole; the previous map answers meanwhile", async () => {
+    const dir = await tempDir();
+    const path = join(dir, "aliases");
+    await writeFile(path, "info@x.test alice@x.test\nsales@x.test alice@x.test\n");
+    const log: LogLine[] = [];
+    const file = AliasesFile.open(path, (l) => void log.push(l));
+    const fh = await open(path, "r+");
+    try {
+      // Truncated first: before, info@ went to Dovecot as it is (550 unknown user: a bounce).
+      await fh.truncate(0);
+      await file.reload();
+      expect(file.current.expand("info@x.test")).toEqual(["alice@x.test"]);
+      // Then written a piece at a time: a piece may end mid-address, which is an address too.
+      await fh.write("info@x.test bob@x.test\nsales@x.test bob@x.t", 0);
+      await file.reload();
+      expect(file.current.expand("sales@x.test")).toEqual(["alice@x.test"]);
+      expect(log.filter((l) => l.event === "aliases_not_reloaded").map((l) => l.error)).toContain("does not end with a line end, as a file still being written: kept the previous map until it does");
+      expect(log.filter((l) => l.event === "aliases_not_reloaded").map((l) => l.error)).toContain("is empty, as a file still being written: kept the previous map (for no aliases at all, leave a comment line in it)");
+      await fh.write("est\n", 43);
+      await file.reload();
+      expect([file.current.expand("info@x.test"), file.current.expand("sales@x.test")]).toEqual([["bob@x.test"], ["bob@x.test"]]);
+      // A file of comments only is whole: no aliases.
+      await writeFile(path, "# none for now\n");
+      await file.reload();
+      expect(file.current.size).toBe(0);
+    } finally {
+      await fh.close();
       file.close();
     }
   });

@@ -177,6 +177,23 @@ describe("temporary failure with a spool: 202, then delivered by the background 
     expect(m.relay_delivered_total).toBe(0);
   });
 
+  test("put off by its own mailbox (452 4.2.2 full): hurried once by the next live delivery, then it waits its backoff; not sent again with every live delivery", async () => {
+    const h = await host({ queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+    const FULL = "full@example.test";
+    fake.behaviour.afterData = (a) => (a === FULL ? 452 : 250);
+    expect((await post(h, message("to-full"), FULL)).status).toBe(202);
+    for (let i = 0; i < 20; i++) {
+      expect((await post(h, message(`live-${i}`))).status).toBe(200);
+      await Bun.sleep(20); // a steady trickle of mail, not a burst
+    }
+    await Bun.sleep(300); // room for attempts that should not happen
+    // The first live success may hurry it once (LMTP works again); failing then too, it waits its
+    // backoff. Before, each live success made it due at once: 20 more uploads in a second.
+    expect(fake.commands.filter((c) => c.startsWith(`RCPT TO:<${FULL}>`)).length).toBeLessThanOrEqual(2);
+    expect(fake.received.map((r) => r.to)).toEqual(Array.from({ length: 20 }, () => [USER]));
+    expect(h.server.runner!.size).toBe(1);
+  });
+
   test("a UTF-8 sender: spooled (202) and delivered with its envelope intact once the server has been seen to offer SMTPUTF8; never seen: 503, not spooled", async () => {
     const sender = "jürgen@exämple.org";
     const utf8 = (h: Host, sent: Uint8Array<ArrayBuffer>) => post(h, sent, USER, { "X-Envelope-From": Buffer.from(sender, "utf8").toString("latin1") });
@@ -640,6 +657,18 @@ describe("duplicates", () => {
     expect(fake.received.length).toBe(2);
   });
 
+  test("the runbook's test posted twice, the second while Dovecot is down: that one is queued (202) and delivered from the spool, not taken for the first", async () => {
+    const h = await host();
+    const sent = enc.encode("Subject: no id, twice\r\n\r\nbody\r\n");
+    expect((await post(h, sent)).body.status).toBe("success");
+    fake.behaviour.rcpt = () => 450;
+    expect((await post(h, sent)).status).toBe(202);
+    fake.behaviour.rcpt = () => 250;
+    await until("the spool is empty", () => h.server.runner!.size === 0);
+    // Acknowledged 202, so delivered: the spool must not answer it from the first one's record.
+    expect(fake.received.map((r) => Buffer.from(r.data).toString("latin1"))).toEqual([sent, sent].map((m) => Buffer.from(m).toString("latin1")));
+  });
+
   test("some recipients had it: only the others are sent it; the answer says which was which", async () => {
     const h = await host();
     const sent = message("half-known");
@@ -747,29 +776,33 @@ describe("a repeat of a message the host already queued", () => {
 });
 
 describe("recipients on record are not sent a spooled message again", () => {
-  test("a partial delivery from the spool whose state file was then lost: after a restart only the recipient still to do is sent it", async () => {
-    const dir = await mkdtemp("/tmp/delivery-test-");
-    dirs.push(dir);
-    const h = await host({ dir, lmtpPort: await freePort() });
-    const sent = message("state-lost");
-    expect((await post(h, sent, `${USER}, alice@example.test`)).status).toBe(202);
-    await h.server.stop();
-    // Spooled for both; then one attempt delivers to USER and not to alice.
-    fake.behaviour.rcpt = (a) => (a === "alice@example.test" ? 450 : 250);
-    const partial = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
-    await until("USER delivered", () => fake.received.length === 1);
-    const [entry] = await partial.spool!.list();
-    await until("the state says so", async () => (await partial.spool!.read(entry!.header.id)).state.remaining.length === 1);
-    await partial.server.stop();
-    expect(entry!.header.to).toEqual([USER, "alice@example.test"]);
-    rmSync(join(dir, "queue", `${entry!.header.id}.state`));
+  for (const [label, sent] of [
+    ["", message("state-lost")],
+    [" (no Message-ID: the spool's own record)", enc.encode("Subject: state lost, no id\r\n\r\nbody\r\n")],
+  ] as const) {
+    test(`a partial delivery from the spool whose state file was then lost: after a restart only the recipient still to do is sent it${label}`, async () => {
+      const dir = await mkdtemp("/tmp/delivery-test-");
+      dirs.push(dir);
+      const h = await host({ dir, lmtpPort: await freePort() });
+      expect((await post(h, sent, `${USER}, alice@example.test`)).status).toBe(202);
+      await h.server.stop();
+      // Spooled for both; then one attempt delivers to USER and not to alice.
+      fake.behaviour.rcpt = (a) => (a === "alice@example.test" ? 450 : 250);
+      const partial = await host({ dir, queue: { baseBackoffMs: 60_000, maxBackoffMs: 60_000 } });
+      await until("USER delivered", () => fake.received.length === 1);
+      const [entry] = await partial.spool!.list();
+      await until("the state says so", async () => (await partial.spool!.read(entry!.header.id)).state.remaining.length === 1);
+      await partial.server.stop();
+      expect(entry!.header.to).toEqual([USER, "alice@example.test"]);
+      rmSync(join(dir, "queue", `${entry!.header.id}.state`));
 
-    fake.behaviour.rcpt = () => 250;
-    const again = await host({ dir });
-    await again.server.runner!.scanned();
-    await until("delivered", () => again.server.runner!.size === 0);
-    expect(fake.received.map((r) => r.to)).toEqual([[USER], ["alice@example.test"]]);
-  });
+      fake.behaviour.rcpt = () => 250;
+      const again = await host({ dir });
+      await again.server.runner!.scanned();
+      await until("delivered", () => again.server.runner!.size === 0);
+      expect(fake.received.map((r) => r.to)).toEqual([[USER], ["alice@example.test"]]);
+    });
+  }
 
   test("a spooled message whose every recipient is on record (delivered, the file not removed before a restart) is removed without LMTP", async () => {
     const dir = await mkdtemp("/tmp/delivery-test-");

@@ -235,6 +235,26 @@ describe("bad bodies: the status, code and words of the contract", () => {
     expect(refusal(await read(`{"from":"a@example.org","to":"u@example.com\\r\\nRCPT TO:<evil@x>","raw":"x"}`))).toMatchObject({ status: 400, code: "invalid_request" });
   });
 
+  test("a field given twice -> invalid_request naming it, wherever the chunks are cut: the envelope never depends on where the packets were split", async () => {
+    // JSON.parse takes the last "to"; a stream that began delivery with the first one cannot.
+    // Before, read whole this went to other@ and cut after the message to good@.
+    const twice = [
+      `{"from":"a@example.org","to":"good@example.com","raw":"Subject: x\\r\\n\\r\\nbody","to":"other@example.com"}`,
+      `{"from":"a@example.org","to":"good@example.com","to":"other@example.com","raw":"x"}`,
+      `{"from":"a@example.org","from":"b@example.org","to":"u@example.com","raw":"x"}`,
+      `{"raw":null,${envelope},"raw":"x"}`,
+      `{${envelope},"subject":"a","raw":"x","subject":"b"}`,
+      `{${envelope},"t\\u006f":"other@example.com","raw":"x"}`,
+    ];
+    for (const json of twice) {
+      for (const size of [1, 7, 60, 1000]) {
+        const got = await read(json, size);
+        expect(refusal(got)).toMatchObject({ status: 400, code: "invalid_request" });
+        expect((got as Refusal).message).toMatch(/^"(to|from|raw|subject)" is given twice: /);
+      }
+    }
+  });
+
   test("raw_base64 that is not base64: the words of base64Problem, at the right character", async () => {
     const b64 = (s: string) => read(`{${envelope},"raw_base64":${JSON.stringify(s)}}`, 3);
     expect(refusal(await b64(" ".repeat(100) + "!"))).toMatchObject({ message: 'raw_base64: is not base64: "!" at character 100 is not a base64 character' });

@@ -238,6 +238,25 @@ describe("retries", () => {
     await until("delivered", () => runner!.size === 0, 5_000);
   });
 
+  test("a kick hurries a message once per backoff: failing again when hurried, it waits for an attempt on its own schedule before another kick counts", async () => {
+    await spoolMessage("to a full mailbox");
+    const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 452, "4.2.2 Mailbox full")]);
+    runner = new QueueRunner(spool, deliver, { baseBackoffMs: 2_000, maxBackoffMs: 2_000 });
+    await runner.start();
+    await until("first attempt", () => calls.length === 1);
+    await Bun.sleep(50);
+    runner.kick();
+    await until("the hurried attempt", () => calls.length === 2);
+    await Bun.sleep(50); // its failure noted
+    for (let i = 0; i < 10; i++) runner.kick();
+    await Bun.sleep(100);
+    expect(calls.length).toBe(2); // kicks in vain until its own next attempt
+    await until("its own next attempt", () => calls.length === 3, 5_000);
+    await Bun.sleep(50);
+    runner.kick();
+    await until("hurried again after it", () => calls.length === 4, 5_000);
+  });
+
   test("messages added while running wait their first backoff, then go", async () => {
     const { calls, deliver } = scripted((c) => [reply(c.to[0]!, 250, "2.0.0 ok")]);
     runner = new QueueRunner(spool, deliver, { baseBackoffMs: 100 });
