@@ -89,7 +89,7 @@ test("served by the host: 401 with the challenge without the key (the app's erro
     expect(await refused.json()).toMatchObject({ error: "unauthorized" });
     const page = await fetch(`${host.url}/status`, { headers: basic("anyone", KEY) });
     expect(page.status).toBe(200);
-    expect(await page.text()).toContain('<code id="target">127.0.0.1:9</code>');
+    expect(await page.text()).toContain('<code id="target">lmtp://127.0.0.1:9</code>');
   } finally {
     await host.stop();
   }

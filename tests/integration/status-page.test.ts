@@ -95,7 +95,7 @@ test("after known deliveries the page renders on a phone, its numbers are /metri
 
   expect(await page.textContent("#spool-queued")).toBe("2");
   expect(await page.textContent("#spool-failed")).toBe("0");
-  expect(await page.textContent("#target")).toBe(`${fake.host}:${fake.port}`);
+  expect(await page.textContent("#target")).toBe(`lmtp://${fake.host}:${fake.port}`);
   expect(await page.textContent("#last-answer")).toContain("450");
   const body = (await page.textContent("body"))!;
   expect(body).toContain("<script>document.title='owned'</script>@evil.example → user@example.com");
