@@ -9,7 +9,7 @@
 import { Resolver } from "node:dns/promises";
 import { join } from "node:path";
 import { AccessCerts } from "./host/access-certs.ts";
-import { ServerEnv, type ServerConfig } from "./host/config.ts";
+import { ServerEnv, deliveryTarget, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { AliasesFile, expandAliases } from "./host/aliases.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
@@ -21,7 +21,7 @@ import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { statusApp } from "./host/status-http.ts";
-import { LmtpPool, describeTarget, lmtpTarget, targetUrl, type LmtpPoolOptions } from "./lmtp.ts";
+import { LmtpPool, describeTarget, targetUrl, type LmtpPoolOptions } from "./lmtp.ts";
 import { createApp, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
@@ -53,7 +53,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const event = stamped(log);
   // The runner below is made with these metrics; they read its stats only when rendered.
   const metrics = new Metrics(() => runner?.stats(), config.rspamd !== undefined);
-  const target = config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
+  const target = deliveryTarget(config);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
   // As ServerEnv says: a message is scanned whole, and past 1 MiB only the spool's tmp/ holds it.
