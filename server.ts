@@ -142,7 +142,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A delivery may wait on Dovecot's fsync with no bytes moving; don't cut it off at Bun's 10 s.
     idleTimeout: 60,
   });
-  const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
+  const url = httpUrl(server.hostname ?? config.host, server.port!);
   let monitor: ReturnType<typeof Bun.serve> | null = null;
   try {
     monitor = config.monitorPort ? Bun.serve({ hostname: config.host, port: config.monitorPort, fetch: monitorFetch(app), idleTimeout: 60 }) : null;
@@ -150,7 +150,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     server.stop(true);
     throw new ConfigError(`HOST=${config.host} MONITOR_PORT=${config.monitorPort} cannot be listened on: ${(e as Error).message}`);
   }
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(monitor ? { monitor: `http://${config.host}:${monitor.port}` } : {}), ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(monitor ? { monitor: httpUrl(config.host, monitor.port!) } : {}), ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
 
   let stopping: Promise<void> | null = null;
   return {
@@ -173,6 +173,11 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       return stopping;
     },
   };
+}
+
+/** A listener's URL; an IPv6 address in brackets. */
+function httpUrl(hostname: string, port: number): string {
+  return `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
 }
 
 /** The alias step before delivery (ALIASES_FILE), when there is a file. */
