@@ -8,7 +8,8 @@ import { INBOUND_PATH } from "../../shared/contract.ts";
 import { deliveryTarget, type ServerConfig } from "../config.ts";
 import { accessRefusal } from "./access.ts";
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
-import { accessHeaders, get, inFront, type Answer } from "./http-probe.ts";
+import { get, type Answer } from "../http-get.ts";
+import { accessHeaders, inFront } from "./http-probe.ts";
 
 const TUNNEL_FIX = "see examples/cloudflared-ingress.yml: the hostname's rule must come before the catch-all and name the relay's service and port";
 

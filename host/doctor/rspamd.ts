@@ -12,7 +12,7 @@
 // in options.inc turns the pattern off (no GTUBE symbol, a score like any message's).
 
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
-import { get } from "./http-probe.ts";
+import { get } from "../http-get.ts";
 import { RspamdClient, scanFailed, type ScanRequest, type Verdict } from "../spam-scan.ts";
 
 /** RFC 3833's test pattern that rspamd, like SpamAssassin, answers with reject. */
