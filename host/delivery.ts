@@ -185,7 +185,9 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
     h.lastAnswer?.note(results);
     return results;
   } catch (e) {
-    h.lastAnswer?.note(e as Error);
+    // The target's fault only: a body that failed (the sender's stream, a client gone) says
+    // nothing about the target, and /status would flag it as one.
+    if (e instanceof LmtpFault) h.lastAnswer?.note(e);
     throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
