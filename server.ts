@@ -9,7 +9,7 @@
 import { Resolver } from "node:dns/promises";
 import { join } from "node:path";
 import { AccessCerts } from "./host/access-certs.ts";
-import { ServerEnv, type ServerConfig } from "./host/config.ts";
+import { ServerEnv, deliveryTarget, type ServerConfig } from "./host/config.ts";
 import { openDeliveredLog, type DeliveredLog } from "./host/delivered-log.ts";
 import { AliasesFile, expandAliases } from "./host/aliases.ts";
 import { deliverNow, deliverNowOrSpool, deliverSpooled, type HostDelivery, type SpoolQueue } from "./host/delivery.ts";
@@ -21,7 +21,7 @@ import { RspamdClient } from "./host/spam-scan.ts";
 import { QueueRunner, type QueueRunnerOptions } from "./host/queue-runner.ts";
 import { Spool } from "./host/spool.ts";
 import { statusApp } from "./host/status-http.ts";
-import { LmtpPool, describeTarget, lmtpTarget, targetUrl, type LmtpPoolOptions } from "./lmtp.ts";
+import { LmtpPool, describeTarget, targetUrl, type LmtpPoolOptions } from "./lmtp.ts";
 import { createApp, type Deliverer } from "./shared/app.ts";
 import { ConfigError, fromEnv } from "./shared/config-env.ts";
 import { jsonLines, stamped, type LogWriter } from "./shared/log.ts";
@@ -53,7 +53,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
   const event = stamped(log);
   // The runner below is made with these metrics; they read its stats only when rendered.
   const metrics = new Metrics(() => runner?.stats(), config.rspamd !== undefined);
-  const target = config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
+  const target = deliveryTarget(config);
   const pool = new LmtpPool(target, { lhloName: "mail-relay", ...opts.lmtp });
 
   // As ServerEnv says: a message is scanned whole, and past 1 MiB only the spool's tmp/ holds it.
@@ -142,7 +142,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     // A delivery may wait on Dovecot's fsync with no bytes moving; don't cut it off at Bun's 10 s.
     idleTimeout: 60,
   });
-  const url = `http://${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`;
+  const url = httpUrl(server.hostname ?? config.host, server.port!);
   let monitor: ReturnType<typeof Bun.serve> | null = null;
   try {
     monitor = config.monitorPort ? Bun.serve({ hostname: config.host, port: config.monitorPort, fetch: monitorFetch(app), idleTimeout: 60 }) : null;
@@ -150,7 +150,7 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
     server.stop(true);
     throw new ConfigError(`HOST=${config.host} MONITOR_PORT=${config.monitorPort} cannot be listened on: ${(e as Error).message}`);
   }
-  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(monitor ? { monitor: `http://${config.host}:${monitor.port}` } : {}), ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
+  event({ event: "listening", url, lmtp: describeTarget(target), spool: config.spoolDir ?? null, max_message_bytes: config.maxMessageBytes, keys: config.apiKeys.length, access: config.access?.issuer ?? null, ...(monitor ? { monitor: httpUrl(config.host, monitor.port!) } : {}), ...(config.rspamd ? { rspamd: config.rspamd.url } : {}) });
 
   let stopping: Promise<void> | null = null;
   return {
@@ -173,6 +173,11 @@ export function startServer(config: ServerConfig, opts: ServerOptions = {}): Run
       return stopping;
     },
   };
+}
+
+/** A listener's URL; an IPv6 address in brackets. */
+function httpUrl(hostname: string, port: number): string {
+  return `http://${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
 }
 
 /** The alias step before delivery (ALIASES_FILE), when there is a file. */

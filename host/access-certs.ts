@@ -12,6 +12,7 @@
 
 import { createLocalJWKSet, errors, type JSONWebKeySet, type JWTHeaderParameters, type FlattenedJWSInput } from "jose";
 import type { LogWriter } from "../shared/log.ts";
+import { get } from "./http-get.ts";
 
 /** No key that fits and the certs could not be fetched: a temporary condition, not the token's fault. */
 export class CertsUnavailable extends Error {
@@ -93,17 +94,11 @@ export class AccessCerts {
 }
 
 async function fetchCerts(url: string, timeoutMs: number): Promise<JSONWebKeySet> {
-  let res: Response;
-  try {
-    res = await fetch(url, { headers: { accept: "application/json" }, redirect: "manual", signal: AbortSignal.timeout(timeoutMs) });
-  } catch (e) {
-    const err = e as Error;
-    throw new Error(err.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : err.message);
-  }
-  if (res.status !== 200) throw new Error(`HTTP ${res.status}`);
-  const body = (await res.json().catch(() => null)) as { keys?: unknown } | null;
-  if (!body || !Array.isArray(body.keys)) throw new Error("the answer is not a JSON Web Key Set (no keys array)");
-  return body as JSONWebKeySet;
+  const a = await get(new URL(url), timeoutMs, { accept: "application/json" });
+  if (typeof a === "string") throw new Error(a);
+  if (a.status !== 200) throw new Error(`HTTP ${a.status}`);
+  if (!a.json || !Array.isArray(a.json.keys)) throw new Error("the answer is not a JSON Web Key Set (no keys array)");
+  return a.json as unknown as JSONWebKeySet;
 }
 
 /**

@@ -81,7 +81,9 @@ export class AliasMap {
     this.walk(a, [], out, new Set());
     if (out.size > MAX_ADDRESSES) throw new AliasError(`line ${this.entryFor(a)!.line}: ${a} reaches more than ${MAX_ADDRESSES} addresses`);
     const list = [...out.values()];
-    this.memo.set(a, list);
+    // Kept for the file's own keys only: the addresses that reach a catch-all are as many as
+    // senders make up (a dictionary attack on the domain), and each kept would stay until a reload.
+    if (this.entries.has(a)) this.memo.set(a, list);
     return list;
   }
 

@@ -4,7 +4,7 @@
 import { z } from "zod";
 import { MIN_KEY_LENGTH, keyedUrl } from "../shared/config-env.ts";
 import { DEFAULT_MAX_MESSAGE_BYTES } from "../shared/contract.ts";
-import { parseDeliverTo, protocolOf, type LmtpTarget } from "../lmtp/target.ts";
+import { lmtpTarget, parseDeliverTo, protocolOf, type LmtpTarget } from "../lmtp/target.ts";
 
 const anyPort = z.coerce.number({ error: "must be a port number" }).int("must be a whole number").min(1, "must be 1-65535").max(65535, "must be 1-65535");
 const port = (fallback: number) => anyPort.default(fallback);
@@ -171,6 +171,11 @@ export interface ServerConfig {
   rspamd?: { url: string; timeoutMs: number };
   /** The Worker, whose edge spool /status lists (and the doctor checks). */
   edgeUrl?: string;
+}
+
+/** Where the host delivers: DELIVER_TO, or else LMTP_HOST and LMTP_PORT. */
+export function deliveryTarget(config: Pick<ServerConfig, "deliverTo" | "lmtpHost" | "lmtpPort">): LmtpTarget {
+  return config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
 }
 
 export interface AccessSettings {

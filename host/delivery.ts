@@ -21,7 +21,7 @@
 // delivered with the verdict's header fields on top. The digest stays that of the sender's bytes,
 // and the spool keeps those bytes: a retry from the spool is scanned again, as already accepted.
 
-import { BodyAborted, LmtpFault, formatReply, nonAscii, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
+import { BodyAborted, LmtpFault, formatReply, nonAscii, protocolOf, type LmtpEnvelope, type LmtpPool, type MessageBody } from "../lmtp.ts";
 import { Refusal, TemporaryFailure, type Deliverer, type InboundMessage } from "../shared/app.ts";
 import { BodyStalled } from "../shared/body-limit.ts";
 import type { RecipientResult } from "../shared/contract.ts";
@@ -185,7 +185,9 @@ async function lmtpTransaction(h: HostDelivery, envelope: LmtpEnvelope, body: Me
     h.lastAnswer?.note(results);
     return results;
   } catch (e) {
-    h.lastAnswer?.note(e as Error);
+    // The target's fault only: a body that failed (the sender's stream, a client gone) says
+    // nothing about the target, and /status would flag it as one.
+    if (e instanceof LmtpFault) h.lastAnswer?.note(e);
     throw e;
   } finally {
     h.metrics.observeDelivery((performance.now() - started) / 1000);
@@ -231,7 +233,7 @@ async function spoolTheRest(h: HostDelivery, queue: SpoolQueue, message: Inbound
   // seen to offer it would refuse it later, after the sender was told 202. Not spooled: the sender
   // retries, and hears the refusal with its reason once Dovecot answers.
   if ([envelope.from, ...to].some(nonAscii) && h.pool.offered("SMTPUTF8") !== true) {
-    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the LMTP server has not been seen to offer SMTPUTF8`);
+    throw new TemporaryFailure(`${why}; not spooled: the envelope has a non-ASCII address, and the ${protocolOf(h.pool.target).toUpperCase()} server has not been seen to offer SMTPUTF8`);
   }
   const sha256 = received.sha256();
   let header;

@@ -4,6 +4,7 @@
 // setting's name only.
 
 import { z } from "zod";
+import { get } from "./http-get.ts";
 
 const EdgeRow = z.object({
   id: z.string(),
@@ -44,19 +45,13 @@ export type EdgeQueueAnswer =
 export async function fetchEdgeQueue(edgeUrl: string, keys: [string, string][], timeoutMs = 5_000, headers: Record<string, string> = {}): Promise<EdgeQueueAnswer> {
   const url = new URL("/edge/queue", edgeUrl);
   for (const [keyName, key] of keys) {
-    let res: Response;
-    try {
-      res = await fetch(url, { headers: { ...headers, "x-api-key": key }, redirect: "manual", signal: AbortSignal.timeout(timeoutMs) });
-    } catch (e) {
-      const err = e as Error;
-      return { kind: "error", message: `${url.origin} cannot be reached: ${err.name === "TimeoutError" ? `no answer within ${timeoutMs} ms` : err.message}` };
-    }
-    const body = (await res.json().catch(() => null)) as { error?: unknown } | null;
-    if (res.status === 401) continue;
-    if (res.status === 404 && body?.error === "no_edge_spool") return { kind: "no_spool" };
-    if (res.status >= 300 && res.status < 400) return { kind: "error", message: `GET /edge/queue answered ${res.status}, a redirect to ${res.headers.get("location") ?? "nowhere"}` };
-    const listing = EdgeListing.safeParse(body);
-    if (!res.ok || !listing.success) return { kind: "error", message: `GET /edge/queue answered ${res.status}${listing.success ? "" : ", not the edge spool's listing"}` };
+    const a = await get(url, timeoutMs, { ...headers, "x-api-key": key });
+    if (typeof a === "string") return { kind: "error", message: `${url.origin} cannot be reached: ${a}` };
+    if (a.status === 401) continue;
+    if (a.status === 404 && a.json?.error === "no_edge_spool") return { kind: "no_spool" };
+    if (a.status >= 300 && a.status < 400) return { kind: "error", message: `GET /edge/queue answered ${a.status}, a redirect to ${a.location ?? "nowhere"}` };
+    const listing = EdgeListing.safeParse(a.json);
+    if (a.status < 200 || a.status > 299 || !listing.success) return { kind: "error", message: `GET /edge/queue answered ${a.status}${listing.success ? "" : ", not the edge spool's listing"}` };
     return { kind: "listing", listing: listing.data, keyName };
   }
   return { kind: "refused" };

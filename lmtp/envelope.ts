@@ -41,9 +41,9 @@ export type MessageBody = Uint8Array | ReadableStream<Uint8Array>;
 /** An address that needs SMTPUTF8 (RFC 6531): any character outside ASCII. */
 export const nonAscii = (address: string) => /[^\x00-\x7f]/.test(address);
 
-/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". */
-export function notSendable(address: string, what: string): LmtpReply {
-  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the LMTP server does not offer SMTPUTF8` };
+/** RFC 6531 3.7.4.1 / RFC 3463 X.6.7: "non-ASCII addresses not permitted for that sender/recipient". `server`: "LMTP" or "SMTP". */
+export function notSendable(address: string, what: string, server: string): LmtpReply {
+  return { code: 553, enhanced: "5.6.7", text: `<${address}>: non-ASCII ${what}, and the ${server} server does not offer SMTPUTF8` };
 }
 
 /** RFC 1870: the message is larger than the server's advertised SIZE; not offered at all. */

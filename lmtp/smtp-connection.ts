@@ -134,12 +134,12 @@ export class SmtpConnection {
     // takes a UTF-8 MAIL FROM and stores "Return-Path: <>"). Refused here for good, with the
     // reason; a non-ASCII sender refuses every recipient, a non-ASCII recipient only itself.
     if (!this.capabilities.has("SMTPUTF8")) {
-      if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address") }));
+      if (nonAscii(envelope.from)) return envelope.to.map((recipient) => ({ recipient, ...notSendable(envelope.from, "sender address", this.protocol) }));
       if (envelope.to.some(nonAscii)) {
         const sendable = envelope.to.filter((r) => !nonAscii(r));
         const replies = sendable.length ? await this.transaction({ ...envelope, to: sendable }, body, size, deadline, signal) : [];
         let next = 0;
-        return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address") } : replies[next++]!));
+        return envelope.to.map((recipient) => (nonAscii(recipient) ? { recipient, ...notSendable(recipient, "address", this.protocol) } : replies[next++]!));
       }
     }
     return this.transaction(envelope, body, size, deadline, signal);

@@ -1,6 +1,7 @@
 // How many transactions may be at one mailbox at once (MailboxTurns): one at a time for the final
 // dot of a named delivery, a share of the pool's connections for a whole delivery.
 
+import { mailboxKey } from "../shared/contract.ts";
 import { LmtpFault } from "./faults.ts";
 import { waitInLine } from "./timeouts.ts";
 
@@ -37,7 +38,7 @@ export class MailboxTurns {
    * so that a caller that finds them free goes on at once); else null, and nothing is taken.
    */
   takeNow(recipients: string[]): (() => void) | null {
-    const keys = [...new Set(recipients.map(mailboxKey))];
+    const keys = [...new Set(recipients.map(placeKey))];
     if (!keys.every((key) => (this.held.get(key)?.holders ?? 0) < this.each)) return null;
     for (const key of keys) {
       const place = this.held.get(key);
@@ -54,7 +55,7 @@ export class MailboxTurns {
 
   /** Resolves with a release function once the caller holds a place at every recipient's mailbox; rejects at the deadline. */
   async take(recipients: string[], deadline: number): Promise<() => void> {
-    const keys = [...new Set(recipients.map(mailboxKey))].sort();
+    const keys = [...new Set(recipients.map(placeKey))].sort();
     const taken: string[] = [];
     const release = () => {
       for (const key of taken.splice(0)) this.handOn(key);
@@ -94,12 +95,12 @@ export class MailboxTurns {
 }
 
 /**
- * Recipients that reach one mailbox share its places: ASCII letters in any case (Dovecot's %Lu
- * folds nothing else), with or without a "+detail" (Dovecot's usual recipient_delimiter). Aliases
- * that the userdb maps to one user are not known here.
+ * Recipients that reach one mailbox share its places: the mailbox as Dovecot finds it (mailboxKey:
+ * ASCII letters in any case), with or without a "+detail" (Dovecot's usual recipient_delimiter).
+ * Aliases that the userdb maps to one user are not known here.
  */
-function mailboxKey(address: string): string {
-  const a = address.replace(/[A-Z]+/g, (letters) => letters.toLowerCase());
+function placeKey(address: string): string {
+  const a = mailboxKey(address);
   const at = a.lastIndexOf("@");
   const local = at === -1 ? a : a.slice(0, at);
   const plus = local.indexOf("+");

@@ -223,7 +223,7 @@ export const InboundJsonBody = z
 export type InboundJsonBody = z.output<typeof InboundJsonBody>;
 
 /** Each character's value in the base64 alphabet (RFC 4648 section 4), or -1. */
-const BASE64_VALUE = (() => {
+export const BASE64_VALUE = (() => {
   const table = new Int8Array(128).fill(-1);
   const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
   for (let i = 0; i < alphabet.length; i++) table[alphabet.charCodeAt(i)] = i;

@@ -10,7 +10,7 @@
 // message streams on to delivery. A message that comes before them is held until they come, at
 // most RAW_FIRST_MAX_BYTES of it.
 
-import { InboundJsonBody, describeIssues, loneSurrogateAt, type InboundEnvelope } from "./contract.ts";
+import { BASE64_VALUE, InboundJsonBody, describeIssues, loneSurrogateAt, type InboundEnvelope } from "./contract.ts";
 import { Refusal, tooLarge } from "./refusal.ts";
 
 const MiB = 1024 * 1024;
@@ -574,13 +574,6 @@ class JsonString {
     );
   }
 }
-
-const BASE64_VALUE = (() => {
-  const table = new Int8Array(128).fill(-1);
-  const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  for (let i = 0; i < alphabet.length; i++) table[alphabet.charCodeAt(i)] = i;
-  return table;
-})();
 
 /**
  * raw_base64 decoded as it streams, by the rule of base64Problem (contract.ts): the RFC 4648

@@ -69,6 +69,15 @@ describe("AliasMap.parse and expand", () => {
     expect(both.expand("zed@catch.test")).toEqual(["alice@example.test"]);
   });
 
+  test("addresses made up for a catch-all domain are not kept: what the map holds stays the size of the file", () => {
+    const catchAll = AliasMap.parse("@catch.test alice@example.test\nbob@catch.test bob@example.test\n");
+    const held = () => (catchAll as unknown as { memo: Map<string, string[]> }).memo.size;
+    const before = held();
+    for (let i = 0; i < 10_000; i++) expect(catchAll.expand(`random${i}@catch.test`)).toEqual(["alice@example.test"]);
+    expect(held()).toBe(before);
+    expect(before).toBeLessThanOrEqual(2);
+  });
+
   test("a loop is refused with the line that closes it", () => {
     expect(refusedAt("# x\na@x.test b@x.test\nb@x.test c@x.test\nc@x.test a@x.test\n")).toBe("line 4: a@x.test -> b@x.test -> c@x.test -> a@x.test is a loop");
     // Through two catch-alls.

@@ -937,6 +937,19 @@ describe("the runbook's JSON body streams into delivery", () => {
     expect(fake.received).toEqual([]);
   });
 
+  test("such a refusal is the sender's fault, not the target's: /status does not show it as the delivery target's last answer", async () => {
+    const h = await host({ spool: false });
+    const json = `{"from":"sender@example.org","to":"${USER}","raw":"Subject: x\\r\\n\\r\\n${"y".repeat(2 * 1024 * 1024)}\\r\\n","timestamp":5}`;
+    expect((await postJson(h, json)).status).toBe(400);
+    const page = await (await fetch(`${h.server.url}/status`, { headers: { authorization: `Basic ${btoa(`ops:${KEY}`)}` } })).text();
+    expect(page).not.toContain("message stream failed");
+    expect(page).not.toContain("the delivery target's last answer was not a delivery");
+    // A delivery afterwards is the last answer, as ever.
+    expect((await post(h, message("after-refusal"))).status).toBe(200);
+    const after = await (await fetch(`${h.server.url}/status`, { headers: { authorization: `Basic ${btoa(`ops:${KEY}`)}` } })).text();
+    expect(after).toMatch(/id="last-answer">last answer, [^<]*<span class="ok reply">250 /);
+  });
+
   test("a message over the limit, escaped to 3 times its size in JSON: the host's own 413 naming the limit, with a body (never Bun's bare 413 and a cut connection)", async () => {
     const h = await host();
     const r = await postJson(h, `{"from": "sender@example.org", "to": "${USER}", "raw": "${"\\u0416".repeat(4 * 1024 * 1024 + 1)}"}`);

@@ -106,6 +106,18 @@ describe("MONITOR_PORT's setting", () => {
     expect(() => fromEnv(ServerEnv, { ...env, MONITOR_PORT: "http" })).toThrow(/MONITOR_PORT/);
     expect(fromEnv(ServerEnv, { ...env, MONITOR_PORT: "9101" }).monitorPort).toBe(9101);
   });
+  test("on an IPv6 HOST, the listening line's monitor URL has the address in brackets, as its url has", async () => {
+    const seen: LogLine[] = [];
+    const monitorPort = await freePort();
+    const v6 = startServer({ ...fromEnv(ServerEnv, { API_KEY: KEY, LMTP_HOST: fake.host, LMTP_PORT: String(fake.port), HOST: "::1", MONITOR_PORT: String(monitorPort) }), port: 0 }, { log: (l) => void seen.push(l) });
+    try {
+      expect(v6.url).toStartWith("http://[::1]:");
+      expect(seen.find((l) => l.event === "listening")).toMatchObject({ url: v6.url, monitor: `http://[::1]:${monitorPort}` });
+      expect((await fetch(`http://[::1]:${monitorPort}/health`)).status).toBe(200);
+    } finally {
+      await v6.stop();
+    }
+  });
   test("a port that cannot be listened on stops start-up naming MONITOR_PORT, and PORT is let go", async () => {
     const taken = Bun.serve({ hostname: "127.0.0.1", port: 0, fetch: () => new Response("x") });
     try {

@@ -157,6 +157,15 @@ describe("SMTP: one transaction", () => {
     await p.close();
   });
 
+  test("a non-ASCII address to an MTA without SMTPUTF8: refused 553 5.6.7, the reason naming the SMTP server, nothing sent", async () => {
+    const s = await start(mta(["PIPELINING", "8BITMIME"]));
+    const p = new LmtpPool(smtp(s), { timeouts: FAST });
+    const r = await p.deliver({ from: "jürgen@x.org", to: ["a@x.org"] }, bytes("Subject: x\r\n\r\nx\r\n"), null);
+    expect(r).toEqual([{ recipient: "a@x.org", code: 553, enhanced: "5.6.7", text: "<jürgen@x.org>: non-ASCII sender address, and the SMTP server does not offer SMTPUTF8" }]);
+    expect(s.lines.some((l) => l.startsWith("MAIL"))).toBe(false);
+    await p.close();
+  });
+
   test("XFORWARD when offered and the sending server is known: before MAIL, only the attributes offered, in xtext", async () => {
     const s = await start(mta(["PIPELINING", "XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT"]));
     const p = new LmtpPool(smtp(s), { timeouts: FAST });

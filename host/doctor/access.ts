@@ -15,7 +15,8 @@
 import { accessCertsReachable } from "../access-certs.ts";
 import type { AccessSettings } from "../config.ts";
 import type { DoctorPart, Finding, ServiceToken } from "./finding.ts";
-import { get, inFront, type Answer } from "./http-probe.ts";
+import { get, type Answer } from "../http-get.ts";
+import { inFront } from "./http-probe.ts";
 
 /** Access's Client ID: 32 hex characters and ".access" (tokens made before 2022 add the team's domain). */
 const CLIENT_ID = /^[0-9a-f]{32}\.access(\.[a-z0-9.-]+)?$/i;

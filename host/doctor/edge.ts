@@ -6,7 +6,8 @@
 import { fetchEdgeQueue } from "../edge-client.ts";
 import { age } from "../queue-cli.ts";
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
-import { accessHeaders, get } from "./http-probe.ts";
+import { get } from "../http-get.ts";
+import { accessHeaders } from "./http-probe.ts";
 
 const HOUR_S = 3600;
 

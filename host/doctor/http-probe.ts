@@ -1,32 +1,8 @@
-// One GET for the doctor: never follows a redirect (a redirect is a finding: Access' login page,
-// a wrong hostname), gives up after the doctor's limit, and reads the body as JSON if it is.
+// What the doctor makes of an answer from in front of the host, and the headers that carry the
+// Worker's Access service token. The GET itself is the host's own (../http-get.ts).
 
+import type { Answer } from "../http-get.ts";
 import type { ServiceToken } from "./finding.ts";
-
-export interface Answer {
-  status: number;
-  location: string | null;
-  json: Record<string, unknown> | null;
-  text: string;
-}
-
-/** The answer, or why none came (a string). */
-export async function get(url: URL, ms: number, headers: Record<string, string> = {}): Promise<Answer | string> {
-  let res: Response;
-  try {
-    res = await fetch(url, { headers, redirect: "manual", signal: AbortSignal.timeout(ms) });
-  } catch (e) {
-    const err = e as Error;
-    return err.name === "TimeoutError" ? `no answer within ${ms} ms` : err.message;
-  }
-  const text = await res.text().catch(() => "");
-  let json: Record<string, unknown> | null = null;
-  try {
-    const parsed: unknown = JSON.parse(text);
-    if (parsed && typeof parsed === "object" && !Array.isArray(parsed)) json = parsed as Record<string, unknown>;
-  } catch {}
-  return { status: res.status, location: res.headers.get("location"), json, text };
-}
 
 /** What a non-2xx answer from something in front of the host most likely means. */
 export function inFront(a: Answer): string {

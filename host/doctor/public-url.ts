@@ -3,12 +3,13 @@
 // which the host gives only to a caller with one of its keys: among them the delivery target, as
 // the host has it. With the Access service token set, both requests carry it, as the Worker's do.
 
-import { lmtpTarget, targetUrl } from "../../lmtp.ts";
+import { targetUrl } from "../../lmtp.ts";
 import { INBOUND_PATH } from "../../shared/contract.ts";
-import type { ServerConfig } from "../config.ts";
+import { deliveryTarget, type ServerConfig } from "../config.ts";
 import { accessRefusal } from "./access.ts";
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
-import { accessHeaders, get, inFront, type Answer } from "./http-probe.ts";
+import { get, type Answer } from "../http-get.ts";
+import { accessHeaders, inFront } from "./http-probe.ts";
 
 const TUNNEL_FIX = "see examples/cloudflared-ingress.yml: the hostname's rule must come before the catch-all and name the relay's service and port";
 
@@ -97,7 +98,7 @@ function refusedByHostDoor(a: Answer): Finding | null {
 /** The host behind PUBLIC_URL delivers where the settings here say: else this doctor checked another target, or PUBLIC_URL reaches another host. */
 function sameTarget(theirs: string, isUrl: boolean, config: ServerConfig | null): Finding[] {
   if (!config || !isUrl) return [];
-  const ours = targetUrl(config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort));
+  const ours = targetUrl(deliveryTarget(config));
   if (ours === theirs) return [];
   return [
     {

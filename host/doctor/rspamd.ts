@@ -12,6 +12,7 @@
 // in options.inc turns the pattern off (no GTUBE symbol, a score like any message's).
 
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
+import { get } from "../http-get.ts";
 import { RspamdClient, scanFailed, type ScanRequest, type Verdict } from "../spam-scan.ts";
 
 /** RFC 3833's test pattern that rspamd, like SpamAssassin, answers with reject. */
@@ -48,15 +49,10 @@ export const rspamd: DoctorPart = {
 
 /** Why GET /ping is not rspamd's "pong", or null. */
 async function pong(url: string, ms: number): Promise<string | null> {
-  try {
-    const res = await fetch(`${url.replace(/\/+$/, "")}/ping`, { redirect: "manual", signal: AbortSignal.timeout(ms) });
-    const text = await res.text();
-    if (res.status === 200 && text.trim() === "pong") return null;
-    return `GET /ping answered ${res.status} ${JSON.stringify(text.slice(0, 60))}, not rspamd's pong`;
-  } catch (e) {
-    const err = e as Error;
-    return `GET /ping: ${err.name === "TimeoutError" ? `no answer within ${ms} ms` : err.message}`;
-  }
+  const a = await get(new URL(`${url.replace(/\/+$/, "")}/ping`), ms);
+  if (typeof a === "string") return `GET /ping: ${a}`;
+  if (a.status === 200 && a.text.trim() === "pong") return null;
+  return `GET /ping answered ${a.status} ${JSON.stringify(a.text.slice(0, 60))}, not rspamd's pong`;
 }
 
 /**

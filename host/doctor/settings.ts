@@ -3,9 +3,9 @@
 // skipped), so that one run still reports everything else.
 
 import { z } from "zod";
-import { lmtpTarget, targetUrl } from "../../lmtp.ts";
+import { targetUrl } from "../../lmtp.ts";
 import { ConfigError, fromEnv, keyedUrl } from "../../shared/config-env.ts";
-import { ServerEnv, namedKeys, type ServerConfig } from "../config.ts";
+import { ServerEnv, deliveryTarget, namedKeys, type ServerConfig } from "../config.ts";
 import type { DoctorContext, Finding, ServiceToken } from "./finding.ts";
 
 /** A domain name in ASCII (an IDN as its xn-- form), at least two labels. */
@@ -82,5 +82,5 @@ function serviceToken(env: Record<string, string | undefined>, findings: Finding
 
 function describeConfig(c: ServerConfig, ctx: DoctorContext): string {
   const keys = ctx.keys.length === 1 ? "1 key" : `${ctx.keys.length} keys`;
-  return `the host's settings parse: ${keys}, target ${targetUrl(c.deliverTo ?? lmtpTarget(c.lmtpHost, c.lmtpPort))}, spool ${c.spoolDir ?? "off"}, listening on ${c.host}:${c.port}`;
+  return `the host's settings parse: ${keys}, target ${targetUrl(deliveryTarget(c))}, spool ${c.spoolDir ?? "off"}, listening on ${c.host}:${c.port}`;
 }

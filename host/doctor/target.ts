@@ -5,15 +5,15 @@
 // With ALIASES_FILE, postmaster@ is asked as the host would deliver it: expanded first.
 
 import { readFileSync } from "node:fs";
-import { LmtpFault, describeTarget, formatReply, lmtpTarget, probeLmtp, protocolOf, type TargetProbe } from "../../lmtp.ts";
+import { LmtpFault, describeTarget, formatReply, probeLmtp, protocolOf, type TargetProbe } from "../../lmtp.ts";
 import { replyClass } from "../../shared/replies.ts";
 import { AliasMap } from "../aliases.ts";
-import type { ServerConfig } from "../config.ts";
+import { deliveryTarget, type ServerConfig } from "../config.ts";
 import type { DoctorContext, DoctorPart, Finding } from "./finding.ts";
 
 /** The configured target's probe, and how to name it. */
 function targetClient(config: ServerConfig, ctx: DoctorContext): { name: string; probe: (addresses: string[]) => Promise<TargetProbe> } {
-  const target = config.deliverTo ?? lmtpTarget(config.lmtpHost, config.lmtpPort);
+  const target = deliveryTarget(config);
   const ms = ctx.timeoutMs;
   return { name: `${protocolOf(target).toUpperCase()} ${describeTarget(target)}`, probe: (addresses) => probeLmtp(target, addresses, { lhloName: "mail-relay-doctor", timeouts: { connect: ms, greeting: ms, command: ms } }) };
 }
