@@ -13,6 +13,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { LogLine } from "../shared/log.ts";
 import { freePort } from "./free-port.ts";
 
 export interface WranglerDev {
@@ -23,7 +24,7 @@ export interface WranglerDev {
   /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
   /** The JSON lines among it (the Worker's log), from an offset into output() on. */
-  logLines(from?: number): Record<string, unknown>[];
+  logLines(from?: number): LogLine[];
   stop(): Promise<void>;
 }
 
@@ -142,11 +143,15 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
     }
     await Bun.sleep(100);
   }
+  // With several Workers in one wrangler dev (alsoRun), each line starts with "[<name>] ": the
+  // relay's own lines are read without it, the others' left out.
+  const prefix = `[${(Bun.TOML.parse(readFileSync(join(root, "wrangler.toml"), "utf8")) as { name: string }).name}] `;
   const logLines = (from = 0) =>
     output()
       .slice(from)
       .split("\n")
+      .map((l) => (l.startsWith(prefix) ? l.slice(prefix.length) : l))
       .filter((l) => l.startsWith("{"))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+      .map((l) => JSON.parse(l) as LogLine);
   return { url, port, pid, output, logLines, stop };
 }
