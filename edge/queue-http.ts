@@ -15,7 +15,6 @@ import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
 import { valid } from "../shared/validate.ts";
 import type { WorkerConfig } from "./config.ts";
-import { Budget } from "./budget.ts";
 import { DRAIN_PATH } from "./drain-runner.ts";
 import { MAX_LINKS, type DrainSummary } from "./drain.ts";
 import { hostReachable } from "./host-probe.ts";
@@ -73,7 +72,7 @@ export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogW
     if (addresses.length > max) {
       return c.json({ status: "error", error: "too_many", message: `at most ${max} addresses per request (EDGE_SPOOL_SUBREQUESTS)`, max_per_request: max }, 413);
     }
-    const recorded = await new EdgeSpool(config.spool!, new Budget(config.subrequests)).record(addresses);
+    const recorded = await spool().record(addresses);
     log({ event: "edge_known_recorded", count: recorded });
     return c.json({ status: "ok", recorded });
   });
