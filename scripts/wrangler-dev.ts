@@ -75,7 +75,21 @@ function configFor(opts: WranglerDevOptions, dir: string): string | null {
   return path;
 }
 
+/**
+ * Starts it; when a port it was given by freePort was taken before workerd bound it (other test
+ * runs on the machine start servers too), once more with fresh ones.
+ */
 export async function startWranglerDev(opts: WranglerDevOptions): Promise<WranglerDev> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(opts);
+    } catch (e) {
+      if (attempt >= 3 || opts.port || !/Address already in use/.test((e as Error).message)) throw e;
+    }
+  }
+}
+
+async function startOnce(opts: WranglerDevOptions): Promise<WranglerDev> {
   const port = opts.port || (await freePort());
   // Its devtools port too: the default 9229 lets only one wrangler dev run at a time.
   const inspectorPort = await freePort();
