@@ -69,19 +69,28 @@ let cpuRows: WorkerCpuRow[] = [];
 let workerdRows: WorkerdCpuRow[] = [];
 let r2Rows: R2CostRow[] = [];
 
-/** Clears the mailbox, warms the path up (connections, JIT), clears again, runs, counts what was stored. */
-async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
+/**
+ * One run of `what`: clears the mailbox, warms the path up (connections, JIT), clears again, runs,
+ * counts what was stored; what failed goes to `failures`. `op` gets a tag per message set: one
+ * starting with "warm" for the warm-up (messagesFor builds as many as it needs), `run-...` for the run.
+ */
+async function measure(what: string, order: number, concurrency: number, op: (tag: string) => Promise<Operation> | Operation, serverPid?: number): Promise<{ result: LoadResult; stored: number }> {
   await backend.clear();
   const warm = await closedLoop(warmupFor(concurrency), concurrency, await op(`warm-${concurrency}-${order}`));
-  for (const x of warm.failures.slice(0, 3)) failures.push(`warm-up of ${path} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
+  for (const x of warm.failures.slice(0, 3)) failures.push(`warm-up of ${what} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
   await backend.clear();
   const result: LoadResult = await closedLoop(PER_RUN, concurrency, await op(`run-${concurrency}-${order}`), { serverPid });
   const stored = await backend.count();
-  for (const x of result.failures.slice(0, 5)) failures.push(`${path} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
-  if (result.failures.length > 5) failures.push(`${path} (concurrency ${concurrency}): ${result.failures.length - 5} more failed deliveries`);
-  if (stored !== result.ok) failures.push(`${path} (concurrency ${concurrency}): ${result.ok} deliveries answered OK but ${stored} messages are in the mailbox`);
+  for (const x of result.failures.slice(0, 5)) failures.push(`${what} (concurrency ${concurrency}) message ${x.index}: ${x.detail}`);
+  if (result.failures.length > 5) failures.push(`${what} (concurrency ${concurrency}): ${result.failures.length - 5} more failed deliveries`);
+  if (stored !== result.ok) failures.push(`${what} (concurrency ${concurrency}): ${result.ok} deliveries answered OK but ${stored} messages are in the mailbox`);
   // The JSON keeps the first few failures, not thousands of copies of the same one.
-  runs.push({ order, label, path, concurrency, stored, result: { ...result, failures: result.failures.slice(0, 10) } });
+  return { result: { ...result, failures: result.failures.slice(0, 10) }, stored };
+}
+
+async function measured(order: number, label: string, path: PathName, concurrency: number, op: (tag: string) => Promise<Operation>, serverPid?: number) {
+  const { result, stored } = await measure(path, order, concurrency, op, serverPid);
+  runs.push({ order, label, path, concurrency, stored, result });
   progress(
     `c=${concurrency} #${order} ${path}${path === "ceiling" ? ` ${label}` : ""}: ${result.perSecond.toFixed(0)} msg/s, p50 ${result.p50Ms.toFixed(2)} ms, p99 ${result.p99Ms.toFixed(2)} ms, stored ${stored}/${PER_RUN}`,
   );
@@ -141,9 +150,7 @@ try {
 
 // --- 4b: the spam filter: the host with RSPAMD_URL beside the same host without it -------------
 if (process.env.BENCH_SPAM !== "0") {
-  const spam = await spamFilterRuns({ backend, apiKey: API_KEY, perRun: PER_RUN, concurrency: CONCURRENCY, warmupFor, messagesFor, spoolDir, progress });
-  spamRuns = spam.runs;
-  failures.push(...spam.failures);
+  spamRuns = await spamFilterRuns({ backend, apiKey: API_KEY, perRun: PER_RUN, concurrency: CONCURRENCY, measure, messagesFor, spoolDir, progress, failures });
 }
 
 // --- 5: one 24 MiB message ------------------------------------------------------------------

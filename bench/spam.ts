@@ -5,7 +5,7 @@
 // its own dnsmasq (tests/support/rspamd.ts): no scan waits on a network. Order per concurrency:
 // without, with, with, without (drift hits both alike); each pair's mean is reported.
 
-import { closedLoop, type LoadResult } from "./load.ts";
+import type { LoadResult, Operation } from "./load.ts";
 import { relayRawOp } from "./paths.ts";
 import { spawnServer, type ServerChild } from "./server-child.ts";
 import { startRspamd, type RspamdInstance } from "../tests/support/rspamd.ts";
@@ -23,11 +23,13 @@ export interface SpamOptions {
   apiKey: string;
   perRun: number;
   concurrency: readonly number[];
-  warmupFor(concurrency: number): number;
+  /** One measured run, warm-up included, as the bench's other paths get (run.ts); its failures noted under `what`. */
+  measure(what: string, order: number, concurrency: number, op: (tag: string) => Operation, serverPid?: number): Promise<{ result: LoadResult; stored: number }>;
   /** The messages of one run, built before the clock starts. */
   messagesFor(tag: string, concurrency: number): Uint8Array<ArrayBuffer>[];
   spoolDir(name: string): string;
   progress(line: string): void;
+  failures: string[];
 }
 
 const SENDING_IP = "203.0.113.5";
@@ -43,9 +45,8 @@ function withReceived(m: Uint8Array): Uint8Array<ArrayBuffer> {
   return out;
 }
 
-export async function spamFilterRuns(o: SpamOptions): Promise<{ runs: SpamRun[]; failures: string[] }> {
+export async function spamFilterRuns(o: SpamOptions): Promise<SpamRun[]> {
   const runs: SpamRun[] = [];
-  const failures: string[] = [];
   let rspamd: RspamdInstance | null = null;
   const hosts: ServerChild[] = [];
   try {
@@ -63,24 +64,17 @@ export async function spamFilterRuns(o: SpamOptions): Promise<{ runs: SpamRun[];
         [3, withFilter, true],
         [4, without, false],
       ] as const) {
-        const messages = (tag: string) => o.messagesFor(`spam-${tag}-${c}-${order}`, c).map(withReceived);
-        await o.backend.clear();
-        const warm = await closedLoop(o.warmupFor(c), c, relayRawOp(host.url, o.apiKey, messages("warm")));
-        for (const x of warm.failures.slice(0, 3)) failures.push(`spam filter ${on ? "on" : "off"} warm-up (concurrency ${c}) message ${x.index}: ${x.detail}`);
-        await o.backend.clear();
-        const result = await closedLoop(o.perRun, c, relayRawOp(host.url, o.apiKey, messages("run")), { serverPid: host.pid });
-        const stored = await o.backend.count();
-        for (const x of result.failures.slice(0, 5)) failures.push(`spam filter ${on ? "on" : "off"} (concurrency ${c}) message ${x.index}: ${x.detail}`);
-        if (stored !== result.ok) failures.push(`spam filter ${on ? "on" : "off"} (concurrency ${c}): ${result.ok} deliveries answered OK but ${stored} messages are in the mailbox`);
-        runs.push({ concurrency: c, rspamd: on, stored, result: { ...result, failures: result.failures.slice(0, 10) } });
+        const op = (tag: string) => relayRawOp(host.url, o.apiKey, o.messagesFor(`${tag}-spam`, c).map(withReceived));
+        const { result, stored } = await o.measure(`spam filter ${on ? "on" : "off"}`, order, c, op, host.pid);
+        runs.push({ concurrency: c, rspamd: on, stored, result });
         o.progress(`c=${c} #${order} relay rfc822 ${on ? "with" : "without"} RSPAMD_URL: ${result.perSecond.toFixed(0)} msg/s, p50 ${result.p50Ms.toFixed(2)} ms, p99 ${result.p99Ms.toFixed(2)} ms, stored ${stored}/${o.perRun}`);
       }
     }
   } catch (e) {
-    failures.push(`spam filter: ${(e as Error).stack ?? e}`);
+    o.failures.push(`spam filter: ${(e as Error).stack ?? e}`);
   } finally {
     for (const h of hosts) await h.stop();
     await rspamd?.dispose();
   }
-  return { runs, failures };
+  return runs;
 }

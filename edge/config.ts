@@ -70,22 +70,20 @@ export const WorkerEnv = z
     subrequests: e.EDGE_SPOOL_SUBREQUESTS,
   }));
 
-/** The Worker's binding to itself (a service binding, `SELF`): what the drain needs of it. */
-export interface SelfBinding {
-  fetch(input: string, init?: RequestInit): Promise<Response>;
-}
-
-/** What the Worker needs of a binding that fetches: a vpc_services binding (Workers VPC), or a service binding standing in for one. */
-export interface HostBinding {
+/**
+ * What the Worker needs of a binding that fetches: HOST (vpc_services, Workers VPC, or a service
+ * binding standing in for one) and SELF (its service binding to itself).
+ */
+export interface FetchBinding {
   fetch(input: string, init?: RequestInit): Promise<Response>;
 }
 
 export type WorkerConfig = z.output<typeof WorkerEnv> & {
   spool: R2BucketLike | null;
   /** Bound: every request to the host goes through it (Workers VPC), not over the public hostname. */
-  host: HostBinding | null;
+  host: FetchBinding | null;
   /** The drain's binding to this Worker itself, to go on in a fresh invocation (edge/drain-runner.ts). */
-  self: SelfBinding | null;
+  self: FetchBinding | null;
 };
 
 /** "user+tag@example.com" -> "user@example.com" for a delimiter "+"; the address itself when it has no tag. */
@@ -106,14 +104,14 @@ export function workerConfig(env: Record<string, unknown>): WorkerConfig {
   const spool = (env.EDGE_SPOOL ?? null) as R2BucketLike | null;
   // Mail held at the edge can fail after the sender heard 250: someone must be told.
   if (spool && !config.postmaster) throw new ConfigError("worker configuration: POSTMASTER is not set (required with the EDGE_SPOOL bucket)");
-  if (env.HOST !== undefined && typeof (env.HOST as Partial<HostBinding>)?.fetch !== "function") {
+  if (env.HOST !== undefined && typeof (env.HOST as Partial<FetchBinding>)?.fetch !== "function") {
     throw new ConfigError("worker configuration: HOST must be a binding (vpc_services in wrangler.toml), not a variable");
   }
-  const host = (env.HOST ?? null) as HostBinding | null;
+  const host = (env.HOST ?? null) as FetchBinding | null;
   // Through the binding the request is encrypted to the tunnel whatever the scheme, and https://
   // would make cloudflared speak TLS to the host, which serves plain HTTP.
   if (!host && !isHttpsOrLocal(config.endpoint)) throw new ConfigError("worker configuration: DELL_API_ENDPOINT must be https:// (plain http only for localhost, or through the HOST binding)");
   // Optional: without it, a drain that runs out of subrequests goes on at the next cron run.
-  const self = (env.SELF ?? null) as SelfBinding | null;
+  const self = (env.SELF ?? null) as FetchBinding | null;
   return { ...config, spool, host, self: self && typeof self.fetch === "function" ? self : null };
 }

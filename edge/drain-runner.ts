@@ -6,7 +6,7 @@
 // Why a service binding rather than a Durable Object alarm or a Queue: docs/edge-spool.md.
 
 import { Budget } from "./budget.ts";
-import type { WorkerConfig } from "./config.ts";
+import type { FetchBinding, WorkerConfig } from "./config.ts";
 import { drain, type DrainSummary, type DrainTrigger } from "./drain.ts";
 import { sendHeld } from "./forward.ts";
 import { EdgeSpool } from "./spool.ts";
@@ -42,7 +42,7 @@ export async function runDrain(config: WorkerConfig, trigger: DrainTrigger, opts
 }
 
 /** The next run of a drain, in a fresh invocation of this Worker; true once it has taken over. */
-async function startNextRun(self: NonNullable<WorkerConfig["self"]>, apiKey: string, lock: string, link: number): Promise<boolean> {
+async function startNextRun(self: FetchBinding, apiKey: string, lock: string, link: number): Promise<boolean> {
   const res = await self.fetch(`https://edge${DRAIN_PATH}`, {
     method: "POST",
     headers: { "x-api-key": apiKey, "content-type": "application/json" },

@@ -194,6 +194,15 @@ export async function drain(spool: EdgeSpool, budget: Budget, opts: DrainOptions
       attempted++;
       try {
         const r = await attempt(spool, budget, m, opts, RUN_MS - (now() - started));
+        if (r === "gone") {
+          // Removed meanwhile (by hand: the lock keeps other runs away): its .retry record goes
+          // too. Nothing reached the host, so this says nothing of it: not a delivery, not an
+          // attempt (the next message is the probe).
+          await spool.delivered(m.id);
+          left.delete(m.id);
+          attempted--;
+          continue;
+        }
         if (r.outcome === "confirmed") {
           await spool.delivered(m.id);
           left.delete(m.id);
@@ -294,11 +303,10 @@ async function end(spool: EdgeSpool, marker: Marker | null, lease: Lease | null,
   }
 }
 
-async function attempt(spool: EdgeSpool, budget: Budget, m: HeldMessage, opts: DrainOptions, timeoutMs: number): Promise<SendResult> {
+async function attempt(spool: EdgeSpool, budget: Budget, m: HeldMessage, opts: DrainOptions, timeoutMs: number): Promise<SendResult | "gone"> {
   if (m.from === "?" || m.to === "?") return { outcome: "temporary", reply: "the envelope of this message is unreadable: see the listing", hostAnswered: true };
   const o = await spool.body(m.id);
-  // Gone meanwhile (delivered by another run, or removed by hand): nothing left to do.
-  if (!o) return { outcome: "confirmed", reply: "no longer in the edge spool" };
+  if (!o) return "gone";
   budget.spend(); // the fetch to the host
   try {
     return await opts.send(m, o.body, crypto.randomUUID(), timeoutMs);

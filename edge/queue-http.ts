@@ -15,8 +15,8 @@ import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
 import { valid } from "../shared/validate.ts";
 import type { WorkerConfig } from "./config.ts";
+import { DRAIN_PATH } from "./drain-runner.ts";
 import { MAX_LINKS, type DrainSummary } from "./drain.ts";
-import { Budget } from "./budget.ts";
 import { hostReachable } from "./host-probe.ts";
 import { EdgeSpool, isId, type HeldMessage } from "./spool.ts";
 
@@ -60,7 +60,7 @@ export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogW
     return c.text(lines.join("\n") + "\n", 200, { "content-type": PROMETHEUS_CONTENT_TYPE });
   });
   app.post("/edge/flush", async (c) => c.json({ status: "ok", ...(await runDrain()) }));
-  app.post("/edge/drain", valid("json", ChainedRun), async (c) => {
+  app.post(DRAIN_PATH, valid("json", ChainedRun), async (c) => {
     const run = c.req.valid("json");
     // Answered at once: the previous run ends, and this one runs after the answer (waitUntil).
     await afterAnswer(c, runDrain(run));
@@ -72,7 +72,7 @@ export function edgeQueueApp(config: WorkerConfig, runDrain: RunDrain, log: LogW
     if (addresses.length > max) {
       return c.json({ status: "error", error: "too_many", message: `at most ${max} addresses per request (EDGE_SPOOL_SUBREQUESTS)`, max_per_request: max }, 413);
     }
-    const recorded = await new EdgeSpool(config.spool!, new Budget(config.subrequests)).record(addresses);
+    const recorded = await spool().record(addresses);
     log({ event: "edge_known_recorded", count: recorded });
     return c.json({ status: "ok", recorded });
   });

@@ -13,6 +13,7 @@
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { LogLine } from "../shared/log.ts";
 import { freePort } from "./free-port.ts";
 
 export interface WranglerDev {
@@ -23,7 +24,7 @@ export interface WranglerDev {
   /** Everything wrangler and the Worker printed so far (stdout and stderr, colour codes removed). */
   output(): string;
   /** The JSON lines among it (the Worker's log), from an offset into output() on. */
-  logLines(from?: number): Record<string, unknown>[];
+  logLines(from?: number): LogLine[];
   stop(): Promise<void>;
 }
 
@@ -74,7 +75,21 @@ function configFor(opts: WranglerDevOptions, dir: string): string | null {
   return path;
 }
 
+/**
+ * Starts it; when a port it was given by freePort was taken before workerd bound it (other test
+ * runs on the machine start servers too), once more with fresh ones.
+ */
 export async function startWranglerDev(opts: WranglerDevOptions): Promise<WranglerDev> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startOnce(opts);
+    } catch (e) {
+      if (attempt >= 3 || opts.port || !/Address already in use/.test((e as Error).message)) throw e;
+    }
+  }
+}
+
+async function startOnce(opts: WranglerDevOptions): Promise<WranglerDev> {
   const port = opts.port || (await freePort());
   // Its devtools port too: the default 9229 lets only one wrangler dev run at a time.
   const inspectorPort = await freePort();
@@ -142,11 +157,15 @@ export async function startWranglerDev(opts: WranglerDevOptions): Promise<Wrangl
     }
     await Bun.sleep(100);
   }
+  // With several Workers in one wrangler dev (alsoRun), each line starts with "[<name>] ": the
+  // relay's own lines are read without it, the others' left out.
+  const prefix = `[${(Bun.TOML.parse(readFileSync(join(root, "wrangler.toml"), "utf8")) as { name: string }).name}] `;
   const logLines = (from = 0) =>
     output()
       .slice(from)
       .split("\n")
+      .map((l) => (l.startsWith(prefix) ? l.slice(prefix.length) : l))
       .filter((l) => l.startsWith("{"))
-      .map((l) => JSON.parse(l) as Record<string, unknown>);
+      .map((l) => JSON.parse(l) as LogLine);
   return { url, port, pid, output, logLines, stop };
 }

@@ -5,7 +5,7 @@
 
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, spyOn, test, type Mock } from "bun:test";
 import type { Server } from "bun";
-import { workerConfig, type HostBinding } from "../edge/config.ts";
+import { workerConfig, type FetchBinding } from "../edge/config.ts";
 import { fetchHost, sendHeld } from "../edge/forward.ts";
 import { hostReachable } from "../edge/host-probe.ts";
 import { ConfigError } from "../shared/config-env.ts";
@@ -75,7 +75,7 @@ async function run(msg: IncomingEmail, e: Record<string, unknown>): Promise<Erro
 }
 
 /** A binding standing in for Workers VPC: passes the request on to the test's host, and counts. */
-function binding(): HostBinding & { calls: string[] } {
+function binding(): FetchBinding & { calls: string[] } {
   const b = {
     calls: [] as string[],
     fetch(input: string, init?: RequestInit) {
@@ -164,7 +164,7 @@ describe("the HOST binding (Workers VPC)", () => {
   });
 
   test("fetchHost: the binding's answer is the Worker's answer (a 403 from Access stays a 403: temporary)", async () => {
-    const denied: HostBinding = { fetch: async () => new Response("Forbidden", { status: 403 }) };
+    const denied: FetchBinding = { fetch: async () => new Response("Forbidden", { status: 403 }) };
     const config = workerConfig(env({ HOST: denied }));
     const res = await fetchHost(config, config.endpoint, { method: "GET" });
     expect(res.status).toBe(403);

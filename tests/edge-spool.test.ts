@@ -416,6 +416,21 @@ describe("drain", () => {
     expect([1, 2, 3, 4, 5, 6, 20].map((n) => backoffMs(n) / MINUTE)).toEqual([5, 10, 20, 40, 60, 60, 60]);
   });
 
+  test("a held message removed between the listing and its attempt: no delivery logged, and the next one is the probe, whose timeout is not its own failure", async () => {
+    const h = harness(2);
+    await h.ready;
+    const [gone, next] = h.ids as [string, string];
+    const get = h.bucket.get.bind(h.bucket);
+    h.bucket.get = async (key, options) => (key === `queue/${gone}` ? null : get(key, options));
+    h.answer(() => ({ outcome: "temporary", reply: "host unreachable: no answer within 25000 ms", noAnswer: true }));
+    h.advance(MINUTE);
+    expect(await h.drain()).toMatchObject({ delivered: 0, retried: 1, stopped: "host" });
+    expect(h.sent.map((s) => s.id)).toEqual([next]);
+    expect(h.logs.filter((l) => l.event === "edge_delivered")).toEqual([]);
+    // The host never answered in this run: the timeout waits for the cron's probe, not a backoff of its own.
+    expect((await h.held()).map((m) => ({ id: m.id, specific: m.specific, attempts: m.attempts }))).toEqual([{ id: next, specific: false, attempts: 1 }]);
+  });
+
   test("host down: one attempt per run (the probe), the others untouched; the host back: everything in one run, oldest first; then an idle run is one HEAD", async () => {
     const h = harness(3);
     await h.ready;

@@ -119,16 +119,8 @@ function rfc822(from: string, subject: string): Uint8Array {
 
 const uniqueSender = (label: string) => `${label}-${crypto.randomUUID().slice(0, 8)}@example.org`;
 
-/** The Worker's JSON lines since `from`; with several Workers in one wrangler dev, each line starts with "[<name>] ". */
-function lines(w: WranglerDev, from = 0): LogLine[] {
-  return w
-    .output()
-    .slice(from)
-    .split("\n")
-    .map((l) => l.replace(/^\[mailserver-inbound-relay\] /, ""))
-    .filter((l) => l.startsWith("{"))
-    .map((l) => JSON.parse(l) as LogLine);
-}
+/** The Worker's JSON lines since `from` (an offset into its output). */
+const lines = (w: WranglerDev, from = 0) => w.logLines(from);
 
 async function send(w: WranglerDev, from: string, raw: Uint8Array): Promise<{ status: number; text: string; log: LogLine }> {
   const start = w.output().length;

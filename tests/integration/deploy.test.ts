@@ -5,7 +5,7 @@
 // with the token from worker.env; and a refused worker.env reaches no API at all.
 
 import { afterAll, beforeAll, expect, test } from "bun:test";
-import { chmodSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { newApiKey } from "../../scripts/keygen.ts";
@@ -19,10 +19,14 @@ const KEY = newApiKey();
 const TOKEN = `cf-token-${crypto.randomUUID()}`;
 let api: FakeCloudflareApi;
 let dir: string;
+/** The deploy's own TMPDIR: other test runs on the machine make their own relay-deploy- folders in the shared one. */
+let deployTmp: string;
 
 beforeAll(() => {
   api = startFakeCloudflareApi();
   dir = mkdtempSync(join(tmpdir(), "relay-deploy-test-"));
+  deployTmp = join(dir, "tmp");
+  mkdirSync(deployTmp);
 });
 afterAll(async () => {
   await api.stop();
@@ -34,7 +38,7 @@ async function deploy(envText: string, args: string[] = []) {
   const file = join(dir, `worker-${crypto.randomUUID()}.env`);
   writeFileSync(file, envText);
   chmodSync(file, 0o600);
-  const env: Record<string, string | undefined> = { ...process.env, WORKER_ENV_FILE: file, CLOUDFLARE_API_BASE_URL: api.baseUrl, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" };
+  const env: Record<string, string | undefined> = { ...process.env, WORKER_ENV_FILE: file, TMPDIR: deployTmp, CLOUDFLARE_API_BASE_URL: api.baseUrl, WRANGLER_SEND_METRICS: "false", CI: "true", NO_COLOR: "1" };
   delete env.CLOUDFLARE_API_TOKEN;
   delete env.CLOUDFLARE_ACCOUNT_ID;
   delete env.API_KEY;
@@ -84,7 +88,7 @@ test("one deploy uploads worker.env's values, the key as a secret, Workers Logs 
   expect(output).not.toContain(KEY.slice(0, 12));
   expect(output).toContain("https://mailserver-inbound-relay.relay-test.workers.dev");
   // The secrets file is gone.
-  expect(readdirSync(tmpdir()).filter((f) => f.startsWith("relay-deploy-") && !f.startsWith("relay-deploy-test-"))).toEqual([]);
+  expect(readdirSync(deployTmp).filter((f) => f.startsWith("relay-deploy-"))).toEqual([]);
 }, 90_000);
 
 test("--dry-run checks the same values and uploads nothing", async () => {

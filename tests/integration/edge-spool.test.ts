@@ -155,14 +155,7 @@ async function waitFor(what: string, cond: () => boolean | Promise<boolean>, ms 
 }
 
 /** The Worker's JSON lines since `from` (an offset into its output). */
-function lines(w: WranglerDev, from = 0): LogLine[] {
-  return w
-    .output()
-    .slice(from)
-    .split("\n")
-    .filter((l) => l.startsWith("{"))
-    .map((l) => JSON.parse(l) as LogLine);
-}
+const lines = (w: WranglerDev, from = 0) => w.logLines(from);
 
 interface Sent {
   status: number;
