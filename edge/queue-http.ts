@@ -10,6 +10,7 @@ import { Hono, type Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import { z } from "zod";
 import { addressProblem } from "../shared/contract.ts";
+import type { EdgeListing, EdgeRow } from "../shared/edge-listing.ts";
 import type { LogWriter } from "../shared/log.ts";
 import { apiKey } from "../shared/middleware/api-key.ts";
 import { PROMETHEUS_CONTENT_TYPE, metric } from "../shared/prometheus.ts";
@@ -106,10 +107,10 @@ async function afterAnswer(c: Context, work: Promise<unknown>): Promise<void> {
   else await logged;
 }
 
-async function edgeListing(spool: EdgeSpool) {
+async function edgeListing(spool: EdgeSpool): Promise<EdgeListing> {
   const now = Date.now();
   const [{ messages, complete }, failed] = await Promise.all([spool.held(10), spool.failed()]);
-  const row = (m: HeldMessage) => ({
+  const row = (m: HeldMessage): EdgeRow => ({
     id: m.id,
     kind: m.kind,
     from: m.from === "" ? "<>" : m.from,

@@ -3,32 +3,9 @@
 // Worker has one: each is tried in turn, and the answer says which one the Worker took, by the
 // setting's name only.
 
-import { z } from "zod";
+import { EdgeListing } from "../shared/edge-listing.ts";
 import { get } from "./http-get.ts";
 
-const EdgeRow = z.object({
-  id: z.string(),
-  kind: z.string(),
-  from: z.string(),
-  to: z.string(),
-  size: z.number(),
-  age_seconds: z.number(),
-  attempts: z.number(),
-  next_attempt: z.string().nullable(),
-  last_reply: z.string(),
-  why: z.string().optional(),
-});
-export type EdgeRow = z.infer<typeof EdgeRow>;
-
-export const EdgeListing = z.object({
-  held: z.number(),
-  oldest_held_age_seconds: z.number().nullable(),
-  failed: z.number(),
-  complete: z.boolean(),
-  messages: z.array(EdgeRow),
-  failed_messages: z.array(EdgeRow),
-});
-export type EdgeListing = z.infer<typeof EdgeListing>;
 
 export type EdgeQueueAnswer =
   | { kind: "listing"; listing: EdgeListing; keyName: string }

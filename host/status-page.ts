@@ -4,7 +4,8 @@
 // shown, never interpreted. Control characters are shown as \uXXXX (queue-cli's `shown`).
 
 import { html } from "hono/html";
-import type { EdgeQueueAnswer, EdgeRow } from "./edge-client.ts";
+import type { EdgeRow } from "../shared/edge-listing.ts";
+import type { EdgeQueueAnswer } from "./edge-client.ts";
 import type { TargetAnswer } from "./last-answer.ts";
 import type { Counter } from "./metrics.ts";
 import { age, shown } from "./queue-cli.ts";
